@@ -1,0 +1,256 @@
+"""Apply a plan to a live model: the one place that physically changes models.
+
+The edit is transactional: every replaced tensor, attribute, child module and optimizer entry is
+logged, the model is run on example inputs before and after, and any failure (exception, shape
+change, NaN, or output drift for a function-preserving plan) restores everything exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.graph import Group
+from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
+from ..layers import Residual, build_body
+from ..plan import GroupChange, NewLayer, Plan
+from . import optimizer as opt_utils
+from .modules import rederive_attrs, restore_attrs, snapshot_attrs
+from .tensors import Segment, expand_tensor, unit_order
+
+HISTORY_ATTR = "_firefly_history"
+
+
+def growth_history(model: nn.Module) -> list[dict[str, Any]]:
+    """The structural record (no tensors) of every plan applied to `model`, oldest first."""
+    return list(getattr(model, HISTORY_ATTR, []))
+
+
+def _owner(model: nn.Module, tensor: str) -> tuple[nn.Module, str, str]:
+    mod_name, _, attr = tensor.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        raise PlanError(f"the plan refers to {tensor!r}, which the model does not have; re-analyse the model") from None
+    if attr in module._parameters:
+        return module, "_parameters", attr
+    if attr in module._buffers:
+        return module, "_buffers", attr
+    raise PlanError(f"the plan refers to {tensor!r}, which the model does not have; re-analyse the model")
+
+
+def validate(change: GroupChange, approximate: bool) -> None:
+    """Refuse changes a group cannot take exactly unless the plan opted into approximation."""
+    g: Group = change.group
+    g.check_growable()
+    n_new = change.new.count if change.new else 0
+    for c in g.constraints:
+        if c.kind == "groupnorm":
+            cpg = c.channels_per_group
+            split_units = sorted(s.unit for s in change.splits)
+            whole = all(
+                all(u in split_units for u in range((s // cpg) * cpg, (s // cpg + 1) * cpg)) for s in split_units
+            )
+            if n_new % cpg or not whole or len(set(split_units)) != len(split_units):
+                raise ApproximationRequiredError(
+                    f"group {g.name!r} is normalised by GroupNorm {c.module!r} with {cpg} channels per group: "
+                    f"it grows by whole groups only (split every channel of a group, add multiples of {cpg})"
+                )
+        if c.kind == "layernorm" and not approximate:
+            units = sorted(s.unit for s in change.splits)
+            if n_new or units != list(range(g.width)):
+                raise ApproximationRequiredError(
+                    f"group {g.name!r} is normalised by LayerNorm {c.module!r}, which changes when units are added; "
+                    "duplicate every unit exactly once or pass approximate=True"
+                )
+
+
+class _Transaction:
+    """Undo log of everything an apply changed."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model = model
+        self.tensors: list[tuple[dict[str, Any], str, Any]] = []
+        self.attrs: list[tuple[nn.Module, dict[str, Any]]] = []
+        self.children: list[tuple[nn.Module, str, nn.Module]] = []
+        self.optimizer = optimizer
+        self.opt_snap = opt_utils.snapshot(optimizer) if optimizer is not None else None
+        self.history = list(getattr(model, HISTORY_ATTR, []))
+
+    def rollback(self) -> None:
+        for parent, name, child in reversed(self.children):
+            parent._modules[name] = child
+        for store, name, old in reversed(self.tensors):
+            store[name] = old
+        for m, attrs in reversed(self.attrs):
+            restore_attrs(m, attrs)
+        if self.optimizer is not None and self.opt_snap is not None:
+            opt_utils.restore(self.optimizer, self.opt_snap)
+        setattr(self.model, HISTORY_ATTR, self.history)
+
+
+def _inputs_for(model: nn.Module, example_inputs: Any, shapes: list[list[int]]) -> tuple[torch.Tensor, ...] | None:
+    """The given example inputs, or seeded random ones of the shapes the plan recorded."""
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            return (example_inputs,)
+        return tuple(example_inputs)
+    if not shapes:
+        return None
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes)
+
+
+def _run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    finally:
+        model.train(was_training)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat(o)]
+    return []
+
+
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    optimizer: torch.optim.Optimizer | None = None,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    record: bool = True,
+) -> nn.Module:
+    """Edit `model` in place as `plan` says; remap `optimizer`; verify on `example_inputs`; roll back on failure."""
+    for change in plan.changes:
+        validate(change, plan.approximate)
+    inputs = _inputs_for(model, example_inputs, plan.input_shapes) if verify else None
+    before = None
+    if verify and inputs is not None:
+        before = _flat(_run(model, inputs))
+    tx = _Transaction(model, optimizer)
+    try:
+        _apply_width(model, plan, optimizer, tx)
+        for layer in plan.layers:
+            _insert_layer(model, layer, optimizer, tx)
+        if verify and inputs is not None:
+            _verify(model, plan, inputs, before)
+    except GrowthError as e:
+        tx.rollback()
+        if isinstance(e, VerificationError):
+            raise
+        raise type(e)(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any failure inside torch becomes one clear line
+        tx.rollback()
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VerificationError(f"applying the plan failed ({type(e).__name__}: {msg}); model and optimizer restored") from None
+    if record:
+        setattr(model, HISTORY_ATTR, tx.history + [plan.to_dict(tensors=False)])
+    return model
+
+
+def _verify(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], before: list[torch.Tensor] | None) -> None:
+    try:
+        after = _flat(_run(model, inputs))
+    except Exception as e:  # noqa: BLE001
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VerificationError(f"the grown model fails on the example inputs ({type(e).__name__}: {msg}); "
+                                "model and optimizer restored") from None
+    if before is None:
+        return
+    if len(after) != len(before) or any(a.shape != b.shape for a, b in zip(after, before)):
+        raise VerificationError("the grown model's output shape changed; model and optimizer restored")
+    for a, b in zip(after, before):
+        if a.is_floating_point() and not torch.isfinite(a).all() and torch.isfinite(b).all():
+            raise VerificationError("the grown model outputs NaN/inf; model and optimizer restored")
+        if plan.function_preserving and a.is_floating_point():
+            drift = (a - b).abs().max().item() if a.numel() else 0.0
+            limit = plan.tolerance * (1.0 + b.abs().max().item() if b.numel() else 1.0)
+            if drift > limit:
+                raise VerificationError(
+                    f"plan declared function-preserving but outputs moved by {drift:.3g} (> {limit:.3g}); "
+                    "model and optimizer restored"
+                )
+
+
+def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+    edits: dict[str, dict[int, list[Segment]]] = defaultdict(lambda: defaultdict(list))
+    for change in plan.changes:
+        if change.added == 0:
+            continue
+        order = unit_order(change)
+        for m in change.group.members:
+            edits[m.tensor][m.dim].append(Segment(m, change, order))
+    touched: dict[str, nn.Module] = {}
+    for tensor_name, dims in edits.items():
+        module, store_name, attr = _owner(model, tensor_name)
+        store = getattr(module, store_name)
+        old = store[attr]
+        if old is None:
+            continue
+        with torch.no_grad():
+            value, maps = expand_tensor(old, dims)
+        mod_name = tensor_name.rpartition(".")[0]
+        if mod_name not in touched:
+            touched[mod_name] = module
+            tx.attrs.append((module, snapshot_attrs(module)))
+        if store_name == "_parameters":
+            new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+            if optimizer is not None:
+                opt_utils.replace_param(optimizer, old, new, maps)
+        else:
+            new = value.contiguous()
+        tx.tensors.append((store, attr, old))
+        store[attr] = new
+    for name, module in touched.items():
+        before = next(a for m, a in tx.attrs if m is module)
+        rederive_attrs(module, before)
+
+
+def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+    parent_name, _, child_name = layer.after.rpartition(".")
+    if not child_name:
+        raise PlanError("a new layer needs a submodule to follow; the model itself cannot be wrapped")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = parent._modules[child_name]
+    except (AttributeError, KeyError):
+        raise PlanError(f"no submodule {layer.after!r} to insert a layer after") from None
+    ref = next(iter(child.parameters()), None)
+    body = build_body(layer.spec)
+    if ref is not None:
+        body = body.to(device=ref.device, dtype=ref.dtype)
+    if layer.params:
+        own = body.state_dict()
+        missing = [k for k in own if k not in layer.params]
+        if missing:
+            raise PlanError(f"new layer after {layer.after!r}: params miss {missing[:3]}")
+        body.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in layer.params.items()})
+    new: nn.Module = Residual(body, layer.scale) if layer.kind == "residual" else body
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    tx.children.append((parent, child_name, child))
+    parent._modules[child_name] = nn.Sequential(child, new)
+    if optimizer is not None:
+        opt_utils.add_params(optimizer, list(new.parameters()), child)
+
+
+def clone_structure(plan: Plan) -> Plan:
+    """A copy of `plan` without its tensors: replays the same structure with default values."""
+    return Plan.from_dict(copy.deepcopy(plan.to_dict(tensors=False)))

@@ -1,0 +1,100 @@
+"""Function-preserving growth in one call, on top of plans: `widen` and `deepen`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis import GrowthGraph, analyze
+from ..analysis.graph import Boundary
+from ..errors import GrowthError
+from ..plan import GroupChange, NewLayer, NewUnits, Plan, Split
+from .apply import apply
+
+
+def spread_units(width: int, k: int) -> list[int]:
+    """k units to split, spread evenly over the group (cycling when k > width)."""
+    return [(i * width) // k % width if k <= width else i % width for i in range(k)]
+
+
+def plan_widen(
+    graph: GrowthGraph, sizes: dict[str, int], mode: str = "split", approximate: bool = False
+) -> Plan:
+    """A function-preserving plan adding `sizes[group]` units to each group."""
+    if mode not in ("split", "zero"):
+        raise GrowthError(f"widen mode must be 'split' or 'zero', not {mode!r}")
+    changes = []
+    for name, k in sizes.items():
+        group = graph[name]
+        group.check_growable()
+        if k < 0:
+            raise GrowthError(f"cannot widen group {name!r} by {k} units")
+        gn = next((c for c in group.constraints if c.kind == "groupnorm"), None)
+        if mode == "split":
+            units = list(range(k)) if gn is not None else spread_units(group.width, k)
+            changes.append(GroupChange(group, splits=[Split(u) for u in sorted(units)]))
+        else:
+            changes.append(GroupChange(group, new=NewUnits(k, init="random")))
+    return Plan(changes, function_preserving=True, approximate=approximate, method=f"widen-{mode}",
+                input_shapes=[list(s) for s in graph.input_shapes])
+
+
+def widen(
+    model: nn.Module,
+    example_inputs: Any,
+    sizes: dict[str, int],
+    mode: str = "split",
+    optimizer: torch.optim.Optimizer | None = None,
+    approximate: bool = False,
+) -> Plan:
+    """Add k units to each named group: Net2Net splits (mode="split") or new units with random incoming
+    and zero outgoing weights (mode="zero"). The function is preserved; returns the applied plan."""
+    graph = analyze(model, example_inputs)
+    plan = plan_widen(graph, sizes, mode, approximate)
+    if approximate:
+        plan.function_preserving = False
+    apply(model, plan, optimizer, example_inputs)
+    return plan
+
+
+def layer_spec(boundary: Boundary, kind: str = "residual", kernel_size: int = 3) -> dict[str, Any]:
+    """The spec of a new layer fitting a boundary's output (conv over channels or linear over features)."""
+    if boundary.channel_dim == boundary.ndim - 1 and boundary.ndim != 3 or boundary.ndim == 2:
+        return {"type": "linear_act" if kind == "residual" else "linear_identity", "features": boundary.channels}
+    if boundary.channel_dim == 1 and boundary.ndim in (3, 4, 5):
+        return {"type": "conv_bn_act" if kind == "residual" else "conv_identity", "channels": boundary.channels,
+                "dims": boundary.ndim - 2, "kernel_size": kernel_size}
+    if boundary.channel_dim == boundary.ndim - 1:
+        return {"type": "linear_act" if kind == "residual" else "linear_identity", "features": boundary.channels}
+    raise GrowthError(f"no new-layer type fits the output of {boundary.module!r} (shape {boundary.shape})")
+
+
+def plan_deepen(graph: GrowthGraph, after: list[str], kind: str = "residual", scale: float = 0.0) -> Plan:
+    layers = []
+    for name in after:
+        b = graph.boundaries.get(name)
+        if b is None:
+            raise GrowthError(
+                f"cannot insert a layer after {name!r}: it is not a module whose output carries one group's units; "
+                f"candidates: {', '.join(list(graph.boundaries)[:12])}"
+            )
+        layers.append(NewLayer(name, kind, layer_spec(b, kind), scale=scale))
+    return Plan(layers=layers, function_preserving=True, method=f"deepen-{kind}",
+                input_shapes=[list(s) for s in graph.input_shapes])
+
+
+def deepen(
+    model: nn.Module,
+    example_inputs: Any,
+    after: list[str],
+    optimizer: torch.optim.Optimizer | None = None,
+    kind: str = "residual",
+) -> Plan:
+    """Insert identity-at-init layers after the named modules: `z + 0·h(z)` (residual, default) or
+    Net2Net identity-initialised conv/linear + ReLU (kind="identity", needs non-negative inputs)."""
+    graph = analyze(model, example_inputs)
+    plan = plan_deepen(graph, after, kind)
+    apply(model, plan, optimizer, example_inputs)
+    return plan

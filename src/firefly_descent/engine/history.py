@@ -1,0 +1,96 @@
+"""Grown checkpoints that always reload: weights plus the structural growth history.
+
+`save` writes the state_dict, the history and the tensor shapes atomically; `load` builds the
+original model from its constructor, replays the history structurally (same edits, default
+values), then loads the weights - so a grown architecture rebuilds without pickled classes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import GrowthError
+from ..plan import Plan
+from .apply import HISTORY_ATTR, apply, growth_history
+from .modules import rederive_attrs, snapshot_attrs
+
+
+def replay_history(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
+    """Re-apply recorded growth to a freshly constructed `model` (structure only; load weights after)."""
+    for record in history:
+        apply(model, Plan.from_dict(record), verify=False)
+    return model
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str, extra: dict[str, Any] | None = None) -> None:
+    """Save weights + growth history + shapes (loadable with `torch.load(weights_only=True)`)."""
+    atomic_save(
+        {
+            "format": "firefly-descent/1",
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "history": growth_history(model),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+            "extra": extra or {},
+        },
+        path,
+    )
+
+
+def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    """Fallback without history: give every tensor its recorded shape (width growth only)."""
+    for name, shape in shapes.items():
+        mod_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(mod_name) if mod_name else model
+        except AttributeError:
+            raise GrowthError(f"checkpoint tensor {name!r} has no module in the model; it was grown deeper - "
+                              "load it with its growth history") from None
+        store = module._parameters if attr in module._parameters else module._buffers
+        old = store.get(attr)
+        if old is None or list(old.shape) == list(shape):
+            continue
+        before = snapshot_attrs(module)
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        store[attr] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        rederive_attrs(module, before)
+    return model
+
+
+def load(path: str, build: Callable[[], nn.Module], map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a grown model: `build()` the original, replay its history, load its weights."""
+    if not os.path.exists(path):
+        raise GrowthError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise GrowthError(f"{path} is not a firefly-descent checkpoint (no state_dict); save it with firefly_descent.save")
+    model = build()
+    if ckpt.get("history"):
+        replay_history(model, ckpt["history"])
+    else:
+        resize_to_shapes(model, ckpt.get("shapes", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    setattr(model, HISTORY_ATTR, list(ckpt.get("history", [])))
+    return model

@@ -1,0 +1,223 @@
+"""Expanding one tensor along the dims that follow growing groups.
+
+For every (tensor, dim) touched by a plan we build a *source map*: for each position of the new
+dim, whether it is an old position (kept), a twin of an old unit (copied), or part of a new unit
+(filled from the plan). The same maps remap optimizer state, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..analysis.graph import Member
+from ..errors import PlanError
+from ..plan import GroupChange
+
+OLD, TWIN, NEW = 0, 1, 2
+
+
+@dataclass
+class SourceMap:
+    """Per new position along one dim: kind (OLD/TWIN/NEW) and the old position it copies (-1 for NEW)."""
+
+    kind: torch.Tensor  # int64 [new_size]
+    src: torch.Tensor  # int64 [new_size]
+
+    @property
+    def size(self) -> int:
+        return int(self.kind.numel())
+
+
+def unit_order(change: GroupChange) -> list[tuple[int, int]]:
+    """The group's units after the change, as (kind, index): old unit i, twin of split i, new unit j."""
+    width = change.group.width
+    inserts: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    appended: list[tuple[int, int]] = []
+    for si, s in enumerate(change.splits):
+        if not 0 <= s.unit < width:
+            raise PlanError(f"group {change.group.name!r}: split of unit {s.unit} but the width is {width}")
+        (inserts[s.position] if s.position is not None and s.position < width else appended).append((TWIN, si))
+    if change.new is not None:
+        positions = change.new.positions
+        if positions is not None and len(positions) != change.new.count:
+            raise PlanError(f"group {change.group.name!r}: {change.new.count} new units but {len(positions)} positions")
+        for j in range(change.new.count):
+            p = positions[j] if positions is not None else None
+            (inserts[p] if p is not None and p < width else appended).append((NEW, j))
+    order: list[tuple[int, int]] = []
+    for i in range(width):
+        order += inserts.get(i, [])
+        order.append((OLD, i))
+    return order + appended
+
+
+@dataclass
+class Segment:
+    member: Member
+    change: GroupChange
+    order: list[tuple[int, int]]
+
+
+def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, torch.Tensor]:
+    """Source map of one dim and the multiplier of each new position (consumer halving)."""
+    kinds: list[int] = []
+    srcs: list[int] = []
+    scales: list[float] = []
+    p = 0
+    for seg in sorted(segments, key=lambda s: s.member.offset):
+        m, ch = seg.member, seg.change
+        end = m.offset + ch.group.width * m.inner
+        if m.offset < p or end > size:
+            raise PlanError(f"{m.tensor}: dim {m.dim} has size {size}, which does not fit group "
+                            f"{ch.group.name!r} (width {ch.group.width}); the plan is stale - re-analyse the model")
+        while p < m.offset:
+            kinds.append(OLD), srcs.append(p), scales.append(1.0)
+            p += 1
+        copies = defaultdict(lambda: 1)
+        for s in ch.splits:
+            copies[s.unit] += 1
+        for kind, idx in seg.order:
+            unit = idx if kind == OLD else ch.splits[idx].unit if kind == TWIN else -1
+            scale = 1.0 / copies[unit] if (m.role == "consumer" and unit >= 0) else 1.0
+            for r in range(m.inner):
+                kinds.append(kind)
+                srcs.append(m.offset + unit * m.inner + r if unit >= 0 else -1)
+                scales.append(scale)
+        p = end
+    while p < size:
+        kinds.append(OLD), srcs.append(p), scales.append(1.0)
+        p += 1
+    return SourceMap(torch.tensor(kinds), torch.tensor(srcs)), torch.tensor(scales, dtype=torch.float64)
+
+
+def gather(t: torch.Tensor, dim: int, smap: SourceMap, fill_new: bool = True, copy_twins: bool = True) -> torch.Tensor:
+    """Apply a source map to `t` along `dim`: old and (if `copy_twins`) twin positions copy, others are zero."""
+    idx = smap.src.clamp(min=0).to(t.device)
+    out = t.index_select(dim, idx)
+    keep = smap.kind == OLD
+    if copy_twins:
+        keep = keep | (smap.kind == TWIN)
+    if fill_new and not bool(keep.all()):
+        shape = [1] * t.dim()
+        shape[dim] = -1
+        out = out * keep.to(device=t.device, dtype=t.dtype).view(shape) if t.is_floating_point() else out
+    return out
+
+
+def map_slice(value: torch.Tensor, done: list[tuple[int, SourceMap]], offset_dims: int = 0) -> torch.Tensor:
+    """Bring a plan slice given in the old shape into the shape after the dims already expanded."""
+    for dim, smap in done:
+        value = gather(value, dim + offset_dims, smap)
+    return value
+
+
+def default_fill(member: Member, shape: tuple[int, ...], like: torch.Tensor, init: str) -> torch.Tensor:
+    """Values of new units for a member when the plan gives none."""
+    kind = member.kind
+    if kind in ("norm_weight", "running_var", "multiplicative"):
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
+    if member.role == "passthrough" and kind == "weight" or (member.role == "producer" and kind == "weight"
+                                                             and init == "random"):
+        fan_in = max(1, math.prod(shape[2:]) if len(shape) > 2 else 1)
+        if member.role == "producer":
+            fan_in = max(1, math.prod(like.shape) // max(1, like.shape[member.dim]))
+        bound = 1.0 / math.sqrt(fan_in)
+        return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def expand_tensor(
+    old: torch.Tensor, edits: dict[int, list[Segment]]
+) -> tuple[torch.Tensor, list[tuple[int, SourceMap]]]:
+    """The new value of one tensor after all group changes, and the source map of every expanded dim."""
+    t = old.detach()
+    done: list[tuple[int, SourceMap]] = []
+    for dim in sorted(edits):
+        segs = edits[dim]
+        smap, scale = build_source_map(t.shape[dim], segs)
+        new = gather(t, dim, smap, copy_twins=True)
+        if t.is_floating_point():
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            new = new * scale.to(device=t.device, dtype=t.dtype).view(shape)
+        new = new.clone()
+        # positions of every unit in the new dim, per segment
+        cursor = 0
+        positions: dict[int, list[int]] = {}
+        for k in range(smap.size):
+            positions.setdefault(k, [])
+        for seg in sorted(segs, key=lambda s: s.member.offset):
+            m, ch = seg.member, seg.change
+            # locate the segment's first position in the new dim: old positions before it are unchanged
+            start = _new_start(smap, m.offset, cursor)
+            unit_pos: dict[tuple[int, int], int] = {}
+            for n, key in enumerate(seg.order):
+                unit_pos[key] = start + n * m.inner
+            cursor = start + len(seg.order) * m.inner
+            slice_shape = list(t.shape)
+            slice_shape[dim] = m.inner
+            _fill_new_units(new, t, dim, m, ch, unit_pos, slice_shape, done)
+            _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, t)
+        t = new
+        done.append((dim, smap))
+    return t, done
+
+
+def _new_start(smap: SourceMap, old_offset: int, cursor: int) -> int:
+    # the first new position at or after `cursor` whose source is the segment's first old position
+    kinds, srcs = smap.kind.tolist(), smap.src.tolist()
+    for k in range(cursor, len(kinds)):
+        if kinds[k] == OLD and srcs[k] == old_offset:
+            return k
+        if kinds[k] != OLD or srcs[k] > old_offset:
+            return k
+    return cursor
+
+
+def _check(value: torch.Tensor, expected: list[int], what: str) -> None:
+    if list(value.shape) != expected:
+        raise PlanError(f"{what} has shape {list(value.shape)}, expected {expected}")
+
+
+def _fill_new_units(new, old, dim, m, ch, unit_pos, slice_shape, done) -> None:
+    if ch.new is None or ch.new.count == 0:
+        return
+    source = {"producer": ch.new.incoming, "consumer": ch.new.outgoing, "passthrough": ch.new.passthrough}.get(m.role, {})
+    count = ch.new.count
+    if m.tensor in source:
+        value = source[m.tensor].to(device=old.device, dtype=old.dtype)
+        _check(value, [count, *slice_shape], f"new units' values for {m.tensor}")
+        value = map_slice(value, done, offset_dims=1)
+    else:
+        shape = [count, *slice_shape]
+        for d, smap in done:
+            shape[d + 1] = smap.size
+        value = default_fill(m, tuple(shape), old, ch.new.init)
+    for j in range(count):
+        p = unit_pos[(NEW, j)]
+        new.narrow(dim, p, m.inner).copy_(value[j])
+
+
+def _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, old) -> None:
+    for si, s in enumerate(ch.splits):
+        d = s.directions.get(m.tensor)
+        if d is None or s.eps == 0:
+            continue
+        d = d.to(device=old.device, dtype=old.dtype)
+        _check(d, slice_shape, f"split direction for {m.tensor}")
+        d = map_slice(d, done) * s.eps
+        parent, twin = unit_pos[(OLD, s.unit)], unit_pos[(TWIN, si)]
+        new.narrow(dim, parent, m.inner).add_(d)
+        new.narrow(dim, twin, m.inner).sub_(d)
+
+
+def remap_state(value: torch.Tensor, maps: list[tuple[int, SourceMap]]) -> torch.Tensor:
+    """Optimizer state: old entries keep their values at their new positions, new entries (twins too) are zero."""
+    out = value.detach()
+    for dim, smap in maps:
+        out = gather(out, dim, smap, copy_twins=False)
+    return out.clone()

@@ -1,0 +1,58 @@
+"""Standard layers the engine inserts when it grows a model deeper.
+
+They are ordinary `nn.Module`s (no hooks or parametrisations), so grown models keep working with
+`state_dict`, `torch.compile`, `torch.export` and ONNX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+
+class Residual(nn.Module):
+    """z -> z + scale * body(z); exactly the identity when scale = 0."""
+
+    def __init__(self, body: nn.Module, scale: float = 0.0) -> None:
+        super().__init__()
+        self.body = body
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.scale * self.body(z)
+
+
+def build_body(spec: dict[str, Any]) -> nn.Module:
+    """A fresh block of standard layers from a plain-data spec.
+
+    conv_bn_act:   {"channels": C, "dims": 1|2, "kernel_size": 3, "act": "relu"}   (channels on dim 1)
+    linear_act:    {"features": C, "act": "relu"}                                 (features on the last dim)
+    conv_identity / linear_identity: identity-initialised conv/linear + ReLU (Net2Net deepening)
+    """
+    kind = spec.get("type")
+    act = ACTIVATIONS[spec.get("act", "relu")]
+    if kind in ("conv_bn_act", "conv_identity"):
+        c, k, dims = int(spec["channels"]), int(spec.get("kernel_size", 3)), int(spec.get("dims", 2))
+        conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        bn_t = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        if kind == "conv_bn_act":
+            return nn.Sequential(conv_t(c, c, k, padding=k // 2, bias=False), bn_t(c), act())
+        conv = conv_t(c, c, k, padding=k // 2, bias=True)
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight)
+            conv.bias.zero_()
+        return nn.Sequential(conv, nn.ReLU())
+    if kind in ("linear_act", "linear_identity"):
+        f = int(spec["features"])
+        lin = nn.Linear(f, f)
+        if kind == "linear_act":
+            return nn.Sequential(lin, act())
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(f))
+            lin.bias.zero_()
+        return nn.Sequential(lin, nn.ReLU())
+    raise ValueError(f"unknown new-layer type {kind!r}; use conv_bn_act, linear_act, conv_identity or linear_identity")

@@ -1,0 +1,139 @@
+"""The one interface every growth method implements.
+
+A `Grower` only *decides* what to grow: it writes a `Plan` and hands it to the
+engine (`firefly_descent.engine.apply`), which is the single place that edits
+models. `grow` returns a `GrowthReport` describing what happened.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GrowthReport:
+    """What one growth step did, printable and JSON-serialisable."""
+
+    method: str
+    units_split: dict[str, int] = field(default_factory=dict)
+    units_added: dict[str, int] = field(default_factory=dict)
+    layers_inserted: list[str] = field(default_factory=list)
+    widths_before: dict[str, int] = field(default_factory=dict)
+    widths_after: dict[str, int] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None
+    flops_after: int | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    predicted_loss_change: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured_loss_change(self) -> float | None:
+        if self.loss_before is None or self.loss_after is None:
+            return None
+        return self.loss_after - self.loss_before
+
+    @property
+    def total_time(self) -> float:
+        return float(sum(self.timings.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["measured_loss_change"] = self.measured_loss_change
+        d["total_time"] = self.total_time
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=float)
+
+    def __str__(self) -> str:
+        lines = [f"GrowthReport[{self.method}]"]
+        groups = sorted(set(self.widths_before) | set(self.widths_after))
+        for g in groups:
+            s, a = self.units_split.get(g, 0), self.units_added.get(g, 0)
+            wb, wa = self.widths_before.get(g, "?"), self.widths_after.get(g, "?")
+            if s or a or wb != wa:
+                lines.append(f"  {g:<40} {wb:>5} -> {wa:<5} (split {s}, new {a})")
+        for name in self.layers_inserted:
+            lines.append(f"  new layer after {name}")
+        lines.append(f"  params {self.params_before:,} -> {self.params_after:,}")
+        if self.flops_before is not None and self.flops_after is not None:
+            lines.append(f"  FLOPs  {self.flops_before:,} -> {self.flops_after:,}")
+        if self.loss_before is not None:
+            pred = self.predicted_loss_change
+            meas = self.measured_loss_change
+            lines.append(
+                f"  loss {self.loss_before:.4f} -> {self.loss_after if self.loss_after is not None else float('nan'):.4f}"
+                + (f" (predicted change {pred:+.4f}, measured {meas:+.4f})" if pred is not None and meas is not None else "")
+            )
+        if self.timings:
+            lines.append("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+class Grower(abc.ABC):
+    """Base class: subclasses implement `grow` and set `name`."""
+
+    name: str = "grower"
+
+    @abc.abstractmethod
+    def grow(
+        self,
+        model: nn.Module,
+        data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer | None = None,
+        example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+    ) -> GrowthReport:
+        """Grow `model` in place (remapping `optimizer` if given) and report what was done."""
+
+
+class Timer:
+    """`with Timer(report.timings, "step_one"):` records wall time of a block."""
+
+    def __init__(self, sink: dict[str, float], key: str) -> None:
+        self.sink, self.key = sink, key
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink[self.key] = self.sink.get(self.key, 0.0) + time.perf_counter() - self.t0
+
+
+_REGISTRY: dict[str, Callable[..., Grower]] = {}
+
+
+def register_grower(name: str) -> Callable[[Callable[..., Grower]], Callable[..., Grower]]:
+    """Class decorator: make a grower constructible by name (CLI, configs, benchmarks)."""
+
+    def deco(cls: Callable[..., Grower]) -> Callable[..., Grower]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def make_grower(name: str, **kwargs: Any) -> Grower:
+    """Build a registered grower by name, e.g. `make_grower("firefly", budget=0.35)`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown grower {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def available_growers() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,175 @@
+"""Reference architectures for growth experiments, built only from standard `torch.nn` modules.
+
+Every model is `torch.fx.symbolic_trace`-able (no data-dependent control flow, no
+hard-coded device) so the growth analysis can read its graph, and every builder
+takes `in_channels` (or `in_features`) and `num_classes`.
+
+    >>> from firefly_descent.models import build_model
+    >>> net = build_model("vgg19", widths=16, num_classes=10)   # the paper's start
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .mlp import MLP, ResidualBlock, ResidualMLP
+from .mobilenet import MobileNetV1, depthwise_separable
+from .resnet import BasicBlock, ResNet, resnet18, resnet_cifar
+from .transformer import Transformer, TransformerBlock
+from .vgg import VGG, VGG_CONFIGS
+
+__all__ = [
+    "MLP",
+    "VGG",
+    "VGG_CONFIGS",
+    "BasicBlock",
+    "MobileNetV1",
+    "ResNet",
+    "ResidualBlock",
+    "ResidualMLP",
+    "Transformer",
+    "TransformerBlock",
+    "available_models",
+    "build_model",
+    "depthwise_separable",
+    "model_spec",
+    "register_model",
+    "resnet18",
+    "resnet_cifar",
+]
+
+
+def _mlp(
+    in_features: int = 784,
+    hidden: Sequence[int] | int = 256,
+    num_classes: int = 10,
+    depth: int | None = None,
+    act: str = "relu",
+    norm: str | None = None,
+) -> nn.Module:
+    return MLP(in_features, hidden, num_classes, depth=depth, act=act, norm=norm)
+
+
+def _residual_mlp(
+    in_features: int = 784,
+    width: int = 128,
+    num_classes: int = 10,
+    depth: int = 2,
+    hidden: int | None = None,
+    act: str = "relu",
+    norm: str | None = None,
+) -> nn.Module:
+    return ResidualMLP(in_features, width, num_classes, depth=depth, hidden=hidden, act=act, norm=norm)
+
+
+def _vgg(config: str) -> Callable[..., nn.Module]:
+    def build(
+        in_channels: int = 3,
+        num_classes: int = 10,
+        widths: int | Sequence[int] | None = None,
+        width_multiplier: float = 1.0,
+        input_size: int = 32,
+        classifier: str = "conv1x1",
+        pool_to: int | None = None,
+        max_pools: int | None = None,
+        hidden: Sequence[int] = (),
+    ) -> nn.Module:
+        return VGG(
+            config,
+            in_channels,
+            num_classes,
+            widths,
+            width_multiplier,
+            input_size,
+            classifier,
+            pool_to,
+            max_pools,
+            hidden,
+        )
+
+    build.__doc__ = f"{config.upper()} with BatchNorm (see `VGG`)."
+    return build
+
+
+def _resnet_cifar(depth: int) -> Callable[..., nn.Module]:
+    def build(
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 16,
+        widths: Sequence[int] | None = None,
+    ) -> nn.Module:
+        return resnet_cifar(depth, in_channels, num_classes, width, widths)
+
+    build.__doc__ = f"CIFAR ResNet-{depth} (see `resnet_cifar`)."
+    return build
+
+
+def _resnet18(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    width: int = 64,
+    widths: Sequence[int] | None = None,
+) -> nn.Module:
+    return resnet18(in_channels, num_classes, width, widths)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    "residual-mlp": _residual_mlp,
+    "vgg11": _vgg("vgg11"),
+    "vgg16": _vgg("vgg16"),
+    "vgg19": _vgg("vgg19"),
+    "resnet20": _resnet_cifar(20),
+    "resnet56": _resnet_cifar(56),
+    "resnet18": _resnet18,
+    "mobilenetv1": MobileNetV1,
+    "transformer": Transformer,
+}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add a builder so configs and the CLI can refer to a user model by name."""
+    _REGISTRY[_key(name)] = builder
+
+
+def available_models() -> list[str]:
+    """Names accepted by `build_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, **kw: Any) -> nn.Module:
+    """Build a reference model by name (case-insensitive, `_` ≡ `-`) with keyword options.
+
+    Unknown names or options raise a `ValueError`/`TypeError` naming the valid ones,
+    so config typos fail loudly instead of silently using defaults.
+    """
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+    builder = _REGISTRY[key]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kw) - set(params))
+        if bad:
+            raise TypeError(f"model {key!r} got unknown options {bad}; valid: {sorted(params)}")
+    return builder(**kw)
+
+
+def model_spec(name: str) -> dict[str, Any]:
+    """The keyword options of a model and their defaults (for `firefly models` listings and configs)."""
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in inspect.signature(_REGISTRY[key]).parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }

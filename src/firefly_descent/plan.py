@@ -1,0 +1,189 @@
+"""Plans: pure, printable, serialisable descriptions of a growth step.
+
+A plan never holds tensors of the live model. It names groups (and embeds a snapshot of each
+group's members, so applying it needs no re-analysis), says which units are split along which
+direction, which new units are added with which incoming/outgoing weights, and which new layers
+are inserted where. Every growth method writes a plan; `engine.apply` is the only reader.
+
+Shapes of the tensors a plan carries (one group unit's *slice* of a member tensor is the tensor
+narrowed to that unit's `inner` positions along the member's dim, in the model's current shape):
+  Split.directions[tensor]    one slice          (added to the parent, subtracted from the twin, times eps)
+  NewUnits.incoming[tensor]   [count, *slice]    producer slices (incoming weights, bias)
+  NewUnits.outgoing[tensor]   [count, *slice]    consumer slices (outgoing weights)
+  NewUnits.passthrough[tensor] [count, *slice]   depthwise filters etc.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .analysis.graph import Group
+
+
+@dataclass
+class Split:
+    """Split unit `unit` into parent θ + eps·δ and twin θ − eps·δ, consumers' weights halved and shared."""
+
+    unit: int
+    directions: dict[str, torch.Tensor] = field(default_factory=dict)
+    eps: float = 1.0
+    position: int | None = None  # where the twin goes (before old unit `position`); None = appended
+
+
+@dataclass
+class NewUnits:
+    """Add `count` fresh units: incoming weights from `incoming`, outgoing from `outgoing` (zeros if absent)."""
+
+    count: int
+    incoming: dict[str, torch.Tensor] = field(default_factory=dict)
+    outgoing: dict[str, torch.Tensor] = field(default_factory=dict)
+    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: list[int] | None = None  # per unit, insert before old unit p; None = appended
+    init: str = "zero"  # default for missing incoming weights: "zero" or "random" (kaiming-uniform)
+
+
+@dataclass
+class GroupChange:
+    """All changes to one group."""
+
+    group: Group
+    splits: list[Split] = field(default_factory=list)
+    new: NewUnits | None = None
+
+    @property
+    def added(self) -> int:
+        return len(self.splits) + (self.new.count if self.new else 0)
+
+
+@dataclass
+class NewLayer:
+    """Insert a layer after module `after`.
+
+    kind "residual": z -> z + scale·h(z), h built from `spec` (identity when scale = 0).
+    kind "identity": z -> h(z) with h identity-initialised (Net2Net deepening; needs z >= 0 for ReLU).
+    `params` optionally gives h's state_dict; `scale` the residual scale.
+    """
+
+    after: str
+    kind: str = "residual"
+    spec: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale: float = 0.0
+
+
+@dataclass
+class Plan:
+    """A complete growth step: group changes and new layers, applied atomically by the engine."""
+
+    changes: list[GroupChange] = field(default_factory=list)
+    layers: list[NewLayer] = field(default_factory=list)
+    function_preserving: bool = True  # the engine verifies outputs are unchanged (to tolerance)
+    approximate: bool = False  # opt-in for changes that cannot be exact (LayerNorm over new units)
+    method: str = "manual"
+    tolerance: float = 1e-4
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # model tensor shapes the plan was made for
+    input_shapes: list[list[int]] = field(default_factory=list)  # for verification when no inputs are given
+
+    def is_empty(self) -> bool:
+        return not self.layers and all(c.added == 0 for c in self.changes)
+
+    def explain(self) -> str:
+        """Human-readable summary of the plan."""
+        lines = [f"Plan from {self.method}: {len(self.changes)} group(s), {len(self.layers)} new layer(s)"
+                 + (" [function-preserving]" if self.function_preserving else "")
+                 + (" [approximate]" if self.approximate else "")]
+        for c in self.changes:
+            n_new = c.new.count if c.new else 0
+            eps = [s.eps for s in c.splits if s.directions]
+            pert = f", perturbed x{len(eps)} (max eps {max(eps):.3g})" if eps else ""
+            units = ", ".join(str(s.unit) for s in c.splits[:8]) + (" …" if len(c.splits) > 8 else "")
+            lines.append(
+                f"  {c.group.name:<32} width {c.group.width:>5} -> {c.group.width + c.added:<5}"
+                f" split {len(c.splits)}{f' [{units}]' if c.splits else ''}{pert}, new {n_new}"
+            )
+        for layer in self.layers:
+            desc = layer.spec.get("type", "?")
+            lines.append(f"  new {layer.kind} layer {desc} after {layer.after!r} (scale {layer.scale:g})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def to_dict(self, tensors: bool = True) -> dict[str, Any]:
+        """Plain data (tensors kept as CPU tensors unless `tensors=False`, then dropped)."""
+
+        def t(d: dict[str, torch.Tensor]) -> dict[str, Any]:
+            return {k: v.detach().cpu() for k, v in d.items()} if tensors else {}
+
+        return {
+            "method": self.method,
+            "function_preserving": self.function_preserving,
+            "approximate": self.approximate,
+            "tolerance": self.tolerance,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "input_shapes": [list(x) for x in self.input_shapes],
+            "changes": [
+                {
+                    "group": c.group.to_dict(),
+                    "splits": [
+                        {"unit": s.unit, "eps": s.eps, "position": s.position, "directions": t(s.directions)}
+                        for s in c.splits
+                    ],
+                    "new": None if c.new is None else {
+                        "count": c.new.count,
+                        "positions": c.new.positions,
+                        "init": c.new.init,
+                        "incoming": t(c.new.incoming),
+                        "outgoing": t(c.new.outgoing),
+                        "passthrough": t(c.new.passthrough),
+                    },
+                }
+                for c in self.changes
+            ],
+            "layers": [
+                {"after": ly.after, "kind": ly.kind, "spec": dict(ly.spec), "scale": ly.scale, "params": t(ly.params)}
+                for ly in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        changes = []
+        for c in d["changes"]:
+            new = c.get("new")
+            changes.append(GroupChange(
+                group=Group.from_dict(c["group"]),
+                splits=[Split(s["unit"], dict(s.get("directions", {})), s.get("eps", 1.0), s.get("position"))
+                        for s in c["splits"]],
+                new=None if new is None else NewUnits(
+                    new["count"], dict(new.get("incoming", {})), dict(new.get("outgoing", {})),
+                    dict(new.get("passthrough", {})), new.get("positions"), new.get("init", "zero")),
+            ))
+        layers = [NewLayer(ly["after"], ly["kind"], dict(ly["spec"]), dict(ly.get("params", {})), ly["scale"])
+                  for ly in d.get("layers", [])]
+        return cls(changes, layers, d.get("function_preserving", True), d.get("approximate", False),
+                   d.get("method", "manual"), d.get("tolerance", 1e-4),
+                   {k: list(v) for k, v in d.get("shapes", {}).items()},
+                   [list(x) for x in d.get("input_shapes", [])])
+
+    def save(self, path: str) -> None:
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        return cls.from_dict(torch.load(path, weights_only=True))
+
+    def to_bytes(self) -> bytes:
+        """Serialise (e.g. to broadcast a plan from rank 0 to other processes)."""
+        buf = io.BytesIO()
+        torch.save(self.to_dict(), buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Plan:
+        return cls.from_dict(torch.load(io.BytesIO(data), weights_only=True))

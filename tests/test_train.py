@@ -1,0 +1,422 @@
+"""Training loop, configs, schedules and checkpoints (fast: tiny digits MLPs, seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from firefly_descent.methods.base import _REGISTRY, Grower, GrowthReport
+from firefly_descent.train import (
+    Config,
+    ConfigError,
+    DeviceLoader,
+    LRSchedule,
+    config_from_dict,
+    growth_epochs,
+    list_checkpoints,
+    load_checkpoint,
+    load_config,
+    named_configs,
+    refresh_batchnorm,
+    resume,
+    train,
+)
+from firefly_descent.train.checkpoint import rebuild_model
+from firefly_descent.train.config import ScheduleConfig, apply_overrides
+
+# --------------------------------------------------------------------------- fake growers
+
+
+class NoopGrower(Grower):
+    """Touches nothing; counts the batches it was given."""
+
+    name = "test-noop"
+
+    def grow(self, model, data, loss_fn, optimizer=None, example_inputs=None) -> GrowthReport:  # type: ignore[override]
+        n = sum(1 for _ in data)
+        return GrowthReport(method=self.name, extra={"batches": n})
+
+
+class WidenGrower(Grower):
+    """Adds 2 random-init units to every growable group through the engine (consumes the RNG)."""
+
+    name = "test-widen"
+
+    def __init__(self, units: int = 2, deepen: bool = False) -> None:
+        self.units, self.deepen = units, deepen
+
+    def grow(self, model, data, loss_fn, optimizer=None, example_inputs=None) -> GrowthReport:  # type: ignore[override]
+        from firefly_descent.analysis import analyze
+        from firefly_descent.engine import deepen, widen
+
+        x = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        before = {n: g.width for n, g in analyze(model, x).groups.items() if not g.blocked}
+        params_before = sum(p.numel() for p in model.parameters())
+        widen(model, x, {n: self.units for n in before}, mode="zero", optimizer=optimizer)
+        layers = []
+        if self.deepen:
+            first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+            deepen(model, x, [first], optimizer=optimizer)
+            layers.append(first)
+        after = {n: g.width for n, g in analyze(model, x).groups.items() if not g.blocked}
+        return GrowthReport(
+            method=self.name,
+            units_added={n: self.units for n in before},
+            layers_inserted=layers,
+            widths_before=before,
+            widths_after=after,
+            params_before=params_before,
+            params_after=sum(p.numel() for p in model.parameters()),
+        )
+
+
+class ValGrower(NoopGrower):
+    name = "test-val"
+    needs_validation = True
+
+    def grow(self, model, data, loss_fn, optimizer=None, example_inputs=None) -> GrowthReport:  # type: ignore[override]
+        n_val = sum(1 for _ in self.val_data)  # type: ignore[attr-defined]
+        return GrowthReport(method=self.name, extra={"val_batches": n_val})
+
+
+@pytest.fixture(autouse=True)
+def fake_growers():
+    added = {"test-noop": NoopGrower, "test-widen": WidenGrower, "test-val": ValGrower}
+    saved = {k: _REGISTRY[k] for k in added if k in _REGISTRY}
+    _REGISTRY.update(added)
+    yield
+    for k in added:
+        _REGISTRY.pop(k, None)
+    _REGISTRY.update(saved)
+
+
+def tiny(**sections: Any) -> dict[str, Any]:
+    """A seconds-long digits MLP config; keyword sections are merged over the defaults."""
+    cfg: dict[str, Any] = {
+        "name": "tiny",
+        "data": {"name": "digits", "batch_size": 64},
+        "model": {"name": "mlp", "kwargs": {"hidden": [8, 8]}},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"name": "cosine"},
+        "growth": {"method": "test-widen", "every": 1, "max_growths": 2},
+        "train": {"epochs": 4, "seed": 0},
+        "checkpoint": {"keep_last": 100},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_TIMING = {"epoch_time", "eval_time", "elapsed", "growth_time", "time", "grow_time", "bn_refresh_time", "timings",
+           "total_time"}  # fmt: skip
+
+
+def strip_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir)["model_state"]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_defaults_and_named_configs_validate():
+    assert isinstance(config_from_dict({}), Config)
+    names = named_configs()
+    for required in ("fashion-vgg-firefly", "fashion-vgg-static", "mnist1d-mlp-firefly", "digits-mlp-firefly"):
+        assert required in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+
+
+def test_overrides_are_yaml_parsed():
+    cfg = load_config(tiny(), ["optim.lr=0.01", "model.kwargs.hidden=[4, 4]", "growth.at=[1,2]", "growth.every=null"])
+    assert cfg.optim.lr == 0.01 and cfg.model.kwargs["hidden"] == [4, 4] and cfg.growth.at == [1, 2]
+    assert apply_overrides({}, ["a.b.c=yes"]) == {"a": {"b": {"c": True}}}
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("optim.lrr=0.1", "optim.lrr", "allowed keys"),
+        ("bogus=1", "bogus", "allowed keys"),
+        ("data.batch_size=abc", "data.batch_size", "expected int"),
+        ("train.epochs=2.5", "train.epochs", "expected int"),
+        ("schedule.restart_after_growth=3", "schedule.restart_after_growth", "expected bool"),
+        ("optim.name=sgdd", "optim.name", "sgd, adam, adamw"),
+        ("schedule.name=linear", "schedule.name", "step, cosine, constant"),
+        ("train.epochs=-1", "train.epochs", ">= 1"),
+        ("growth.every=0", "growth.every", ">= 1"),
+        ("growth.every=null;growth.at=[2, 9]", "growth.at", "1..3"),
+        ("growth.warmup_epochs=7", "growth.every", "beyond the run"),
+        ("growth.max_params=-5", "growth.max_params", ">= 1"),
+        ("growth.max_growths=-1", "growth.max_growths", ">= 0"),
+        ("schedule.milestones=[0.5, 2]", "schedule.milestones", "(0, 1)"),
+    ],
+)
+def test_config_errors_name_the_key(override, key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny(), override.split(";"))
+    msg = str(e.value)
+    assert msg.startswith(key + ":") or msg.startswith(key + "["), msg
+    assert hint in msg and "\n" not in msg
+
+
+def test_growth_epoch_semantics():
+    def epochs(**g: Any) -> list[int]:
+        return growth_epochs(config_from_dict(tiny(growth={"every": None, "max_growths": None, **g},
+                                                   train={"epochs": 10})))  # fmt: skip
+
+    assert epochs(every=3) == [3, 6, 9]
+    assert epochs(every=3, warmup_epochs=2) == [2, 5, 8]
+    assert epochs(every=2, max_growths=2) == [2, 4]
+    assert epochs(at=[7, 1]) == [1, 7]
+    with pytest.raises(ConfigError, match="growth.at: give growth.every or growth.at"):
+        config_from_dict(tiny(growth={"every": 2, "at": [3]}))
+    with pytest.raises(ConfigError, match="^growth.every: method 'firefly' needs a schedule"):
+        config_from_dict(tiny(growth={"method": "firefly", "every": None}))
+
+
+def test_impossible_budget_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^growth.max_params: 100 is not above the initial model's"):
+        train(tiny(growth={"max_params": 100}), out, progress=False)
+    assert not out.exists()
+
+
+def test_unknown_method_model_and_dataset_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    for cfg, key in [
+        (tiny(growth={"method": "nope"}), "growth.method"),
+        (tiny(model={"name": "nope"}), "model.name"),
+        (tiny(model={"kwargs": {"bogus": 1}}), "model.kwargs"),
+        (tiny(data={"name": "nope"}), "data"),
+        (tiny(data={"name": "fashion-mnist", "root": str(tmp_path / "missing")}), "data"),
+        (tiny(growth={"method": "test-val"}), "data.val_fraction"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            train(cfg, out, progress=False)
+        assert str(e.value).startswith(key), str(e.value)
+        assert not out.exists()
+
+
+# --------------------------------------------------------------------------- schedule and helpers
+
+
+def test_lr_schedule_step_cosine_and_restart():
+    step = LRSchedule(ScheduleConfig(name="step", milestones=[0.5, 0.75], gamma=0.1), 1.0, 0, 8)
+    assert [round(step.lr_at(e), 6) for e in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    cos = LRSchedule(ScheduleConfig(name="cosine", min_lr=0.0), 1.0, 0, 2)
+    assert cos.lr_at(0, 0, 10) == pytest.approx(1.0)
+    assert cos.lr_at(1, 0, 10) == pytest.approx(0.5)
+    assert cos.lr_at(1, 9, 10) < 0.03
+    cos.new_phase(2, 4)  # restart after a growth at epoch 2
+    assert cos.lr_at(2, 0, 10) == pytest.approx(1.0)
+    const = LRSchedule(ScheduleConfig(name="constant"), 0.3, 0, 5)
+    assert const.lr_at(4, 3, 5) == 0.3
+
+
+def test_refresh_batchnorm_is_cumulative_and_restores_momentum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=0.3))
+    batches = [(torch.randn(16, 4) * 2 + 1, torch.zeros(16)) for _ in range(3)]
+    model.eval()
+    assert refresh_batchnorm(model, batches, torch.device("cpu"), max_batches=2) == 1
+    bn = model[1]
+    assert bn.momentum == 0.3 and not model.training
+    with torch.no_grad():
+        means = [model[0](x).mean(0) for x, _ in batches[:2]]
+    torch.testing.assert_close(bn.running_mean, (means[0] + means[1]) / 2)
+
+
+def test_device_loader_limits_and_moves():
+    data = [(torch.ones(2, 3), torch.zeros(2)) for _ in range(5)]
+    loader = DeviceLoader(data, torch.device("cpu"), max_batches=3)
+    assert len(loader) == 3 and sum(1 for _ in loader) == 3
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_train_end_to_end_files_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny(checkpoint={"keep_last": 2}), out, progress=False)
+    assert summary["epochs"] == 4 and summary["num_growths"] == 2
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "params", "flops", "lr", "epoch_time",
+                "growth_time"):  # fmt: skip
+        assert key in rows[0]
+    assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] == rows[3]["params"]
+    assert rows[1]["growth_time"] > 0 and rows[0]["growth_time"] == 0
+    growths = read_jsonl(out / "growth.jsonl")
+    assert [g["epoch"] for g in growths] == [1, 2]
+    assert growths[0]["widths_after"] and growths[0]["params_after"] > growths[0]["params_before"]
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 2  # keep_last
+    raw = torch.load(ckpts[-1], weights_only=True)
+    assert raw["epoch"] == 4 and len(raw["growth_history"]) == 2
+    assert isinstance(raw["rng"]["torch"], torch.Tensor)
+    # the grown checkpoint rebuilds from constructor + history with identical outputs
+    ckpt = load_checkpoint(out)
+    model = rebuild_model(ckpt).eval()
+    x = ckpt["example_inputs"]
+    with torch.no_grad():
+        y1 = model(x)
+    assert state_equal(model.state_dict(), ckpt["model_state"])
+    model2 = rebuild_model(load_checkpoint(ckpts[-1])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2(x), y1, rtol=0, atol=0)
+
+
+def test_same_seed_is_deterministic_and_seed_matters(tmp_path):
+    a = train(tiny(), tmp_path / "a", progress=False)
+    b = train(tiny(), tmp_path / "b", progress=False)
+    c = train(tiny(train={"seed": 1}), tmp_path / "c", progress=False)
+    assert state_equal(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    assert a["final_test_loss"] == b["final_test_loss"]
+    assert c["final_test_loss"] != a["final_test_loss"]
+
+
+def test_refuses_existing_run_dir(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(train={"epochs": 1}, growth={"every": None, "max_growths": 0}), out, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(), out, progress=False)
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        1,  # after epoch 1 ("trained"; its growth is still pending)
+        2,  # right after growth 1 (the "g" checkpoint)
+        5,  # after epoch 3
+    ],
+)
+def test_resume_from_any_checkpoint_matches_uninterrupted(tmp_path, keep):
+    cfg = tiny(optim={"name": "adam", "lr": 0.01}, growth={"kwargs": {"deepen": True}})
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    ckpts = list_checkpoints(out)
+    assert [p.name[12:] for p in ckpts] == ["e0001.pt", "e0001g.pt", "e0002.pt", "e0002g.pt", "e0003.pt", "e0004.pt"]
+    for p in ckpts[keep:]:
+        p.unlink()  # as if the process had been killed after checkpoint `keep`
+    (out / "summary.json").unlink()
+    got = resume(out, progress=False)
+    assert state_equal(final_state(out), final_state(tmp_path / "ref"))
+    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "growth.jsonl"))
+    assert got["final_test_loss"] == ref["final_test_loss"]
+
+
+def test_resume_of_finished_run_is_a_noop(tmp_path):
+    out = tmp_path / "run"
+    first = train(tiny(), out, progress=False)
+    before = final_state(out)
+    again = resume(out, progress=False)
+    assert again["final_test_loss"] == first["final_test_loss"]
+    assert state_equal(before, final_state(out))
+
+
+def test_validation_split_and_needs_validation(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(data={"val_fraction": 0.2}, growth={"method": "test-val"}, train={"epochs": 2}), out, progress=False)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert "val_acc" in rows[0]
+    assert read_jsonl(out / "growth.jsonl")[0]["extra"]["val_batches"] > 0
+
+
+def test_param_target_stops_growth_and_lr_continues(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(growth={"max_params": 800, "max_growths": None}, train={"epochs": 5}), out, progress=False)
+    growths = read_jsonl(out / "growth.jsonl")
+    assert len(growths) == 1 and growths[0]["params"] >= 800
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[-1]["lr"] < 0.01  # the last phase ran to the end of the run (cosine annealed)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
+def test_optimizers_and_label_smoothing(tmp_path, optim):
+    cfg = tiny(
+        optim={"name": optim, "lr": 0.05 if optim == "sgd" else 0.01, "label_smoothing": 0.1},
+        schedule={"name": "step", "restart_after_growth": False},
+        train={"epochs": 3},
+    )
+    summary = train(cfg, tmp_path / optim, progress=False)
+    assert summary["final_test_acc"] > 0.2
+
+
+def test_regression_dataset(tmp_path):
+    cfg = tiny(data={"name": "teacher-student"}, growth={"method": "test-noop"}, train={"epochs": 2})
+    summary = train(cfg, tmp_path / "reg", progress=False)
+    assert summary["final_test_acc"] is None and summary["final_test_loss"] is not None
+
+
+def test_vgg_with_batchnorm_refresh(tmp_path):
+    cfg = tiny(
+        model={"name": "vgg11", "kwargs": {"widths": 4, "max_pools": 2}},
+        growth={"max_growths": 1, "refresh_bn": True, "refresh_bn_batches": 3},
+        train={"epochs": 2},
+    )
+    out = tmp_path / "vgg"
+    train(cfg, out, progress=False)
+    g = read_jsonl(out / "growth.jsonl")[0]
+    assert g["bn_layers_refreshed"] > 0
+    ckpt = load_checkpoint(out)
+    model = rebuild_model(ckpt).eval()
+    assert state_equal(model.state_dict(), ckpt["model_state"])
+
+
+# --------------------------------------------------------------------------- the real growers
+
+
+def _real_growers() -> list[str]:
+    try:
+        import firefly_descent.methods as methods
+    except ImportError:
+        return []
+    if not hasattr(methods, "available_growers"):
+        return []
+    return [n for n in methods.available_growers() if not n.startswith("test-")]
+
+
+@pytest.mark.parametrize("method", _real_growers() or ["(none registered)"])
+def test_each_grower_end_to_end(tmp_path, method):
+    if method == "(none registered)":
+        pytest.skip("firefly_descent.methods has no growers yet")
+    from firefly_descent.methods import make_grower
+
+    needs_val = bool(getattr(make_grower(method), "needs_validation", False))
+    cfg = tiny(
+        data={"val_fraction": 0.2 if needs_val else 0.0},
+        growth={"method": method, "every": 1, "max_growths": 1, "data_batches": 4},
+        train={"epochs": 2},
+    )
+    out = tmp_path / method
+    summary = train(cfg, out, progress=False)
+    assert summary["num_growths"] == 1
+    growths = read_jsonl(out / "growth.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
+    if method not in ("static", "none"):
+        assert growths[0]["params"] > rows[0]["params"], growths[0]
+    ckpt = load_checkpoint(out)
+    model = rebuild_model(ckpt).eval()
+    assert state_equal(model.state_dict(), ckpt["model_state"])
