@@ -116,8 +116,17 @@ def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-_TIMING = {"epoch_time", "eval_time", "elapsed", "growth_time", "time", "grow_time", "bn_refresh_time", "timings",
-           "total_time"}  # fmt: skip
+_TIMING = {
+    "epoch_time",
+    "eval_time",
+    "elapsed",
+    "growth_time",
+    "time",
+    "grow_time",
+    "bn_refresh_time",
+    "timings",
+    "total_time",
+}
 
 
 def strip_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,7 +147,12 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_defaults_and_named_configs_validate():
     assert isinstance(config_from_dict({}), Config)
     names = named_configs()
-    for required in ("fashion-vgg-firefly", "fashion-vgg-static", "mnist1d-mlp-firefly", "digits-mlp-firefly"):
+    for required in (
+        "fashion-vgg-firefly",
+        "fashion-vgg-static",
+        "mnist1d-mlp-firefly",
+        "digits-mlp-firefly",
+    ):
         assert required in names
     for name in names:
         cfg = load_config(name)
@@ -146,7 +160,9 @@ def test_defaults_and_named_configs_validate():
 
 
 def test_overrides_are_yaml_parsed():
-    cfg = load_config(tiny(), ["optim.lr=0.01", "model.kwargs.hidden=[4, 4]", "growth.at=[1,2]", "growth.every=null"])
+    cfg = load_config(
+        tiny(), ["optim.lr=0.01", "model.kwargs.hidden=[4, 4]", "growth.at=[1,2]", "growth.every=null"]
+    )
     assert cfg.optim.lr == 0.01 and cfg.model.kwargs["hidden"] == [4, 4] and cfg.growth.at == [1, 2]
     assert apply_overrides({}, ["a.b.c=yes"]) == {"a": {"b": {"c": True}}}
 
@@ -180,8 +196,8 @@ def test_config_errors_name_the_key(override, key, hint):
 
 def test_growth_epoch_semantics():
     def epochs(**g: Any) -> list[int]:
-        return growth_epochs(config_from_dict(tiny(growth={"every": None, "max_growths": None, **g},
-                                                   train={"epochs": 10})))  # fmt: skip
+        cfg = tiny(growth={"every": None, "max_growths": None, **g}, train={"epochs": 10})
+        return growth_epochs(config_from_dict(cfg))
 
     assert epochs(every=3) == [3, 6, 9]
     assert epochs(every=3, warmup_epochs=2) == [2, 5, 8]
@@ -260,9 +276,18 @@ def test_train_end_to_end_files_and_checkpoints(tmp_path):
     assert summary["epochs"] == 4 and summary["num_growths"] == 2
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "params", "flops", "lr", "epoch_time",
-                "growth_time"):  # fmt: skip
-        assert key in rows[0]
+    keys = (
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "params",
+        "flops",
+        "lr",
+        "epoch_time",
+        "growth_time",
+    )
+    assert all(k in rows[0] for k in keys)
     assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] == rows[3]["params"]
     assert rows[1]["growth_time"] > 0 and rows[0]["growth_time"] == 0
     growths = read_jsonl(out / "growth.jsonl")
@@ -316,14 +341,25 @@ def test_resume_from_any_checkpoint_matches_uninterrupted(tmp_path, keep):
     out = tmp_path / "run"
     train(cfg, out, progress=False)
     ckpts = list_checkpoints(out)
-    assert [p.name[12:] for p in ckpts] == ["e0001.pt", "e0001g.pt", "e0002.pt", "e0002g.pt", "e0003.pt", "e0004.pt"]
+    assert [p.name[12:] for p in ckpts] == [
+        "e0001.pt",
+        "e0001g.pt",
+        "e0002.pt",
+        "e0002g.pt",
+        "e0003.pt",
+        "e0004.pt",
+    ]
     for p in ckpts[keep:]:
         p.unlink()  # as if the process had been killed after checkpoint `keep`
     (out / "summary.json").unlink()
     got = resume(out, progress=False)
     assert state_equal(final_state(out), final_state(tmp_path / "ref"))
-    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
-    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "growth.jsonl"))
+    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(
+        read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    )
+    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(
+        read_jsonl(tmp_path / "ref" / "growth.jsonl")
+    )
     assert got["final_test_loss"] == ref["final_test_loss"]
 
 
@@ -338,7 +374,11 @@ def test_resume_of_finished_run_is_a_noop(tmp_path):
 
 def test_validation_split_and_needs_validation(tmp_path):
     out = tmp_path / "run"
-    train(tiny(data={"val_fraction": 0.2}, growth={"method": "test-val"}, train={"epochs": 2}), out, progress=False)
+    train(
+        tiny(data={"val_fraction": 0.2}, growth={"method": "test-val"}, train={"epochs": 2}),
+        out,
+        progress=False,
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     assert "val_acc" in rows[0]
     assert read_jsonl(out / "growth.jsonl")[0]["extra"]["val_batches"] > 0

@@ -26,6 +26,30 @@ class Residual(nn.Module):
         return z + self.scale * self.body(z)
 
 
+def body_members(spec: dict[str, Any], prefix: str = "") -> list[Any]:
+    """The (tensor, dim, role) members of a body built from `spec` that follow its channel group:
+    its output units are tied to the boundary's group (residual add) and it reads that group."""
+    from .analysis.graph import Member
+
+    kind = spec.get("type")
+    if kind in ("conv_bn_act",):
+        return [
+            Member(f"{prefix}0.weight", 0, "producer", "weight", f"{prefix}0"),
+            Member(f"{prefix}0.weight", 1, "consumer", "weight", f"{prefix}0"),
+            Member(f"{prefix}1.weight", 0, "norm", "norm_weight", f"{prefix}1"),
+            Member(f"{prefix}1.bias", 0, "norm", "norm_bias", f"{prefix}1"),
+            Member(f"{prefix}1.running_mean", 0, "norm", "running_mean", f"{prefix}1"),
+            Member(f"{prefix}1.running_var", 0, "norm", "running_var", f"{prefix}1"),
+        ]
+    if kind in ("linear_act", "conv_identity", "linear_identity"):
+        return [
+            Member(f"{prefix}0.weight", 0, "producer", "weight", f"{prefix}0"),
+            Member(f"{prefix}0.bias", 0, "producer", "bias", f"{prefix}0"),
+            Member(f"{prefix}0.weight", 1, "consumer", "weight", f"{prefix}0"),
+        ]
+    raise ValueError(f"unknown new-layer type {kind!r}")
+
+
 def build_body(spec: dict[str, Any]) -> nn.Module:
     """A fresh block of standard layers from a plain-data spec.
 

@@ -20,7 +20,7 @@ from ..layers import Residual, build_body
 from ..plan import GroupChange, NewLayer, Plan
 from . import optimizer as opt_utils
 from .modules import rederive_attrs, restore_attrs, snapshot_attrs
-from .tensors import Segment, expand_tensor, unit_order
+from .tensors import Expansion, Segment, build_source_map, expand_tensor, unit_order
 
 HISTORY_ATTR = "_firefly_history"
 
@@ -189,7 +189,8 @@ def _verify(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], befo
                 )
 
 
-def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+def plan_edits(plan: Plan) -> dict[str, dict[int, list[Segment]]]:
+    """Per tensor and dim, the group segments a plan changes."""
     edits: dict[str, dict[int, list[Segment]]] = defaultdict(lambda: defaultdict(list))
     for change in plan.changes:
         if change.added == 0:
@@ -197,6 +198,26 @@ def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer 
         order = unit_order(change)
         for m in change.group.members:
             edits[m.tensor][m.dim].append(Segment(m, change, order))
+    return edits
+
+
+def plan_expansions(model: nn.Module, plan: Plan) -> dict[str, list[Expansion]]:
+    """The source maps `apply` will use for every tensor, computed without changing anything."""
+    out: dict[str, list[Expansion]] = {}
+    for tensor_name, dims in plan_edits(plan).items():
+        module, store_name, attr = _owner(model, tensor_name)
+        shape = list(getattr(module, store_name)[attr].shape)
+        maps = []
+        for dim in sorted(dims):
+            smap, scale = build_source_map(shape[dim], dims[dim])
+            shape[dim] = smap.size
+            maps.append((dim, smap, scale))
+        out[tensor_name] = maps
+    return out
+
+
+def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+    edits = plan_edits(plan)
     touched: dict[str, nn.Module] = {}
     for tensor_name, dims in edits.items():
         module, store_name, attr = _owner(model, tensor_name)

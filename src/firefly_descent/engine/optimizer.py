@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tensors import SourceMap, remap_state
+from .tensors import Expansion, remap_state
 
 
 def snapshot(optimizer: torch.optim.Optimizer) -> tuple[list[list[Any]], dict[Any, Any]]:
@@ -24,7 +24,7 @@ def restore(optimizer: torch.optim.Optimizer, snap: tuple[list[list[Any]], dict[
 
 
 def replace_param(
-    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, maps: list[tuple[int, SourceMap]]
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, maps: list[Expansion]
 ) -> None:
     for g in optimizer.param_groups:
         g["params"] = [new if p is old else p for p in g["params"]]

@@ -55,6 +55,9 @@ def unit_order(change: GroupChange) -> list[tuple[int, int]]:
     return order + appended
 
 
+Expansion = tuple[int, SourceMap, torch.Tensor]  # (dim, source map, per-position multiplier)
+
+
 @dataclass
 class Segment:
     member: Member
@@ -94,24 +97,38 @@ def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, tor
     return SourceMap(torch.tensor(kinds), torch.tensor(srcs)), torch.tensor(scales, dtype=torch.float64)
 
 
-def gather(t: torch.Tensor, dim: int, smap: SourceMap, fill_new: bool = True, copy_twins: bool = True) -> torch.Tensor:
-    """Apply a source map to `t` along `dim`: old and (if `copy_twins`) twin positions copy, others are zero."""
+def gather(
+    t: torch.Tensor,
+    dim: int,
+    smap: SourceMap,
+    fill_new: bool = True,
+    copy_twins: bool = True,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply a source map to `t` along `dim`: old and (if `copy_twins`) twin positions copy the old
+    position (times `scale`, e.g. consumer halving), new positions are zero. Differentiable."""
     idx = smap.src.clamp(min=0).to(t.device)
     out = t.index_select(dim, idx)
     keep = smap.kind == OLD
     if copy_twins:
         keep = keep | (smap.kind == TWIN)
+    mult = None
     if fill_new and not bool(keep.all()):
+        mult = keep.to(torch.float64)
+    if scale is not None and not bool((scale == 1).all()):
+        mult = scale if mult is None else mult * scale
+    if mult is not None and t.is_floating_point():
         shape = [1] * t.dim()
         shape[dim] = -1
-        out = out * keep.to(device=t.device, dtype=t.dtype).view(shape) if t.is_floating_point() else out
+        out = out * mult.to(device=t.device, dtype=t.dtype).view(shape)
     return out
 
 
-def map_slice(value: torch.Tensor, done: list[tuple[int, SourceMap]], offset_dims: int = 0) -> torch.Tensor:
-    """Bring a plan slice given in the old shape into the shape after the dims already expanded."""
-    for dim, smap in done:
-        value = gather(value, dim + offset_dims, smap)
+def map_slice(value: torch.Tensor, done: list[Expansion], offset_dims: int = 0) -> torch.Tensor:
+    """Bring a plan slice given in the old shape through the dims already expanded, transformed exactly
+    like the tensor itself (twins copied, consumer splits halved, new positions zero)."""
+    for dim, smap, scale in done:
+        value = gather(value, dim + offset_dims, smap, scale=scale)
     return value
 
 
@@ -130,21 +147,14 @@ def default_fill(member: Member, shape: tuple[int, ...], like: torch.Tensor, ini
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def expand_tensor(
-    old: torch.Tensor, edits: dict[int, list[Segment]]
-) -> tuple[torch.Tensor, list[tuple[int, SourceMap]]]:
+def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[torch.Tensor, list[Expansion]]:
     """The new value of one tensor after all group changes, and the source map of every expanded dim."""
     t = old.detach()
-    done: list[tuple[int, SourceMap]] = []
+    done: list[Expansion] = []
     for dim in sorted(edits):
         segs = edits[dim]
         smap, scale = build_source_map(t.shape[dim], segs)
-        new = gather(t, dim, smap, copy_twins=True)
-        if t.is_floating_point():
-            shape = [1] * t.dim()
-            shape[dim] = -1
-            new = new * scale.to(device=t.device, dtype=t.dtype).view(shape)
-        new = new.clone()
+        new = gather(t, dim, smap, copy_twins=True, scale=scale).clone()
         # positions of every unit in the new dim, per segment
         cursor = 0
         positions: dict[int, list[int]] = {}
@@ -163,7 +173,7 @@ def expand_tensor(
             _fill_new_units(new, t, dim, m, ch, unit_pos, slice_shape, done)
             _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, t)
         t = new
-        done.append((dim, smap))
+        done.append((dim, smap, scale))
     return t, done
 
 
@@ -194,7 +204,7 @@ def _fill_new_units(new, old, dim, m, ch, unit_pos, slice_shape, done) -> None:
         value = map_slice(value, done, offset_dims=1)
     else:
         shape = [count, *slice_shape]
-        for d, smap in done:
+        for d, smap, _ in done:
             shape[d + 1] = smap.size
         value = default_fill(m, tuple(shape), old, ch.new.init)
     for j in range(count):
@@ -215,9 +225,9 @@ def _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, old) -> None:
         new.narrow(dim, twin, m.inner).sub_(d)
 
 
-def remap_state(value: torch.Tensor, maps: list[tuple[int, SourceMap]]) -> torch.Tensor:
+def remap_state(value: torch.Tensor, maps: list[Expansion]) -> torch.Tensor:
     """Optimizer state: old entries keep their values at their new positions, new entries (twins too) are zero."""
     out = value.detach()
-    for dim, smap in maps:
+    for dim, smap, _ in maps:
         out = gather(out, dim, smap, copy_twins=False)
     return out.clone()

@@ -1,0 +1,310 @@
+"""Firefly's over-grown network, built with the engine.
+
+The engine first widens a copy of the model with *every* candidate switched off: each unit split
+with a zero direction (parent and twin identical, consumers halved) and K new units with zero
+incoming and outgoing weights, so the copy computes exactly f_t. Then each touched tensor gets a
+`torch.nn.utils.parametrize` parametrisation that adds the candidates' trainable perturbations,
+each scaled by a per-candidate gate `alpha + g_i`:
+
+  split i   parent rows  + (alpha + g_i) v_i,   twin rows  - (alpha + g_i) v_i
+  new j     incoming rows  d_j (ungated),        outgoing columns  (alpha + g_j) u_j
+  layer l   z + (alpha + g_l) s_l h_l(z)   (a separate copy with all new-layer candidates)
+
+v, d, u live in the *original* coordinates of every other dim and are mapped into the over-grown
+tensor exactly as the engine maps plan slices, so a kept candidate's trained values can be handed
+to the engine as a plan for the original model unchanged. With g = 0 as a leaf tensor, one
+backward pass gives dL/dg_i for all candidates at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+
+from ...analysis import Group, GrowthGraph
+from ...engine import apply, layer_spec, plan_deepen, plan_expansions
+from ...engine.tensors import NEW, OLD, TWIN, Expansion, gather, unit_order
+from ...layers import Residual
+from ...plan import GroupChange, NewUnits, Plan, Split
+
+
+class GateBank:
+    """Per-candidate gates shared by all tensors of a candidate: multiplier = alpha + g."""
+
+    def __init__(self) -> None:
+        self.alpha = 1.0
+        self.gates: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, n: int, device: torch.device) -> None:
+        self.gates[key] = torch.zeros(n, device=device)
+
+    def mult(self, key: str) -> torch.Tensor:
+        return self.alpha + self.gates[key]
+
+    def reset(self, requires_grad: bool) -> None:
+        for k, g in self.gates.items():
+            self.gates[k] = torch.zeros_like(g).requires_grad_(requires_grad)
+
+
+@dataclass
+class _Contribution:
+    dim: int
+    value: nn.Parameter  # [n, *slice in original coordinates]
+    positions: torch.Tensor  # [n * inner] positions along dim in the over-grown tensor
+    inner: int
+    gate: str | None  # gate key, or None (ungated)
+    sign: float
+    others: list[Expansion]  # expansions of the other dims
+
+
+class CandidatePerturbation(nn.Module):
+    """Parametrisation W -> W + sum of gated candidate perturbations (see module docstring)."""
+
+    def __init__(self, bank: GateBank) -> None:
+        super().__init__()
+        self.bank = bank
+        self.values = nn.ParameterList()
+        self.contribs: list[_Contribution] = []
+
+    def add(self, c: _Contribution) -> None:
+        if not any(c.value is v for v in self.values):
+            self.values.append(c.value)
+        self.contribs.append(c)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        out = w
+        for c in self.contribs:
+            v = c.value
+            if c.gate is not None:
+                m = self.bank.mult(c.gate)
+                v = v * m.view(-1, *([1] * (v.dim() - 1)))
+            if c.sign != 1.0:
+                v = v * c.sign
+            for dim, smap, scale in c.others:
+                v = gather(v, dim + 1, smap, scale=scale)
+            v = v.movedim(0, c.dim).flatten(c.dim, c.dim + 1)  # [.., n*inner, ..]
+            out = out.index_add(c.dim, c.positions.to(w.device), v)
+        return out
+
+
+@dataclass
+class WidthCandidates:
+    """The over-grown copy for width candidates and handles on its trainable values."""
+
+    net: nn.Module
+    bank: GateBank
+    groups: list[Group]
+    width: dict[str, int]
+    new_count: dict[str, int]
+    split_dirs: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [W, *slice]
+    new_in: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [K, *slice]
+    new_out: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [K, *slice]
+
+    def trainables(self) -> list[nn.Parameter]:
+        out = []
+        for d in (self.split_dirs, self.new_in, self.new_out):
+            for per in d.values():
+                out += list(per.values())
+        return out
+
+
+def _segment_starts(size: int, segs: list[Any]) -> dict[int, int]:
+    """New-coordinate start of each segment (keyed by id) along one dim, walking like the engine."""
+    starts, p, q = {}, 0, 0
+    for seg in sorted(segs, key=lambda s: s.member.offset):
+        q += seg.member.offset - p
+        starts[id(seg)] = q
+        q += len(seg.order) * seg.member.inner
+        p = seg.member.offset + seg.change.group.width * seg.member.inner
+    return starts
+
+
+def _positions(start: int, order: list[tuple[int, int]], keys: list[tuple[int, int]], inner: int) -> torch.Tensor:
+    index = {k: n for n, k in enumerate(order)}
+    pos = [start + index[k] * inner + r for k in keys for r in range(inner)]
+    return torch.tensor(pos, dtype=torch.long)
+
+
+def _slice_shape(shape: list[int], dim: int, inner: int) -> list[int]:
+    s = list(shape)
+    s[dim] = inner
+    return s
+
+
+def build_width_candidates(
+    model: nn.Module,
+    graph: GrowthGraph,
+    groups: list[Group],
+    new_count: dict[str, int],
+    splits: bool,
+    example_inputs: tuple[torch.Tensor, ...],
+    init: dict[str, float],
+    generator: torch.Generator,
+) -> WidthCandidates:
+    """Deep-copy `model`, switch on every width candidate (off), and parametrise the perturbations."""
+    from ...engine.apply import plan_edits
+
+    changes = []
+    for g in groups:
+        k = new_count.get(g.name, 0)
+        changes.append(GroupChange(
+            g,
+            splits=[Split(i) for i in range(g.width)] if splits else [],
+            new=NewUnits(k) if k else None,
+        ))
+    plan = Plan(changes, function_preserving=True, method="firefly-candidates")
+    net = copy.deepcopy(model)
+    if hasattr(net, "_firefly_history"):
+        net._firefly_history = []
+    expansions = plan_expansions(net, plan)
+    edits = plan_edits(plan)
+    orig_shapes = {name: list(t.shape) for name, t in list(net.named_parameters()) + list(net.named_buffers())}
+    apply(net, plan, example_inputs=example_inputs, record=False)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    device = next(net.parameters()).device
+    bank = GateBank()
+    cands = WidthCandidates(net, bank, groups, {g.name: g.width for g in groups}, dict(new_count))
+    perts: dict[str, CandidatePerturbation] = {}
+
+    def pert(tensor: str) -> CandidatePerturbation:
+        if tensor not in perts:
+            perts[tensor] = CandidatePerturbation(bank)
+        return perts[tensor]
+
+    def rand(shape: list[int], kind: str) -> torch.Tensor:
+        if kind == "uniform_split":
+            return (torch.rand(shape, generator=generator) * 2 - 1) * init["split"]
+        if kind == "normal_in":
+            return torch.randn(shape, generator=generator) * init["new_in"]
+        return (torch.rand(shape, generator=generator) * 2 - 1) * init["new_out"]
+
+    for change in changes:
+        g = change.group
+        order = unit_order(change)
+        K = change.new.count if change.new else 0
+        if splits:
+            bank.add(f"split:{g.name}", g.width, device)
+        if K:
+            bank.add(f"new:{g.name}", K, device)
+        cands.split_dirs[g.name], cands.new_in[g.name], cands.new_out[g.name] = {}, {}, {}
+        for m in g.members:
+            if m.role not in ("producer", "consumer") or m.kind != "weight":
+                continue
+            segs = edits[m.tensor][m.dim]
+            seg = next(s for s in segs if s.member == m and s.change is change)
+            start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
+            others = [e for e in expansions[m.tensor] if e[0] != m.dim]
+            shape = _slice_shape(orig_shapes[m.tensor], m.dim, m.inner)
+            if m.role == "producer":
+                if splits:
+                    v = nn.Parameter(rand([g.width, *shape], "uniform_split").to(device))
+                    cands.split_dirs[g.name][m.tensor] = v
+                    pos_parent = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner)
+                    pos_twin = _positions(start, order, [(TWIN, i) for i in range(g.width)], m.inner)
+                    pert(m.tensor).add(_Contribution(m.dim, v, pos_parent, m.inner, f"split:{g.name}", 1.0, others))
+                    pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, f"split:{g.name}", -1.0, others))
+                if K:
+                    d = nn.Parameter(rand([K, *shape], "normal_in").to(device))
+                    cands.new_in[g.name][m.tensor] = d
+                    pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
+                    pert(m.tensor).add(_Contribution(m.dim, d, pos_new, m.inner, None, 1.0, others))
+            elif K:
+                u = nn.Parameter(rand([K, *shape], "uniform_out").to(device))
+                cands.new_out[g.name][m.tensor] = u
+                pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
+                pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others))
+    for tensor, p in perts.items():
+        mod_name, _, attr = tensor.rpartition(".")
+        module = net.get_submodule(mod_name) if mod_name else net
+        parametrize.register_parametrization(module, attr, p)
+    return cands
+
+
+def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], list[int]]]) -> list[GroupChange]:
+    """Group changes for the original model: kept splits with trained directions, kept new units with
+    their trained incoming and (gated, alpha = 1) outgoing weights."""
+    changes = []
+    for g in cands.groups:
+        split_units, new_units = kept.get(g.name, ([], []))
+        if not split_units and not new_units:
+            continue
+        splits = [
+            Split(i, {t: v[i].detach().clone() for t, v in cands.split_dirs[g.name].items()}, eps=1.0)
+            for i in sorted(split_units)
+        ]
+        new = None
+        if new_units:
+            idx = torch.tensor(sorted(new_units), dtype=torch.long)
+            new = NewUnits(
+                len(new_units),
+                incoming={t: v.detach()[idx.to(v.device)].clone() for t, v in cands.new_in[g.name].items()},
+                outgoing={t: v.detach()[idx.to(v.device)].clone() for t, v in cands.new_out[g.name].items()},
+            )
+        changes.append(GroupChange(g, splits=splits, new=new))
+    return changes
+
+
+class _GatedScale(nn.Module):
+    def __init__(self, bank: GateBank, key: str, index: int) -> None:
+        super().__init__()
+        self.bank, self.key, self.index = bank, key, index
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.bank.mult(self.key)[self.index] * s
+
+
+@dataclass
+class DepthCandidates:
+    """The copy with every new-layer candidate inserted; `layers[i]` is the Residual after `after[i]`."""
+
+    net: nn.Module
+    bank: GateBank
+    after: list[str]
+    specs: list[dict[str, Any]]
+    layers: list[Residual]
+
+    def trainables(self) -> list[nn.Parameter]:
+        out = []
+        for layer in self.layers:
+            out += list(layer.body.parameters())
+            out.append(layer.parametrizations.scale.original)
+        return out
+
+
+def build_depth_candidates(
+    model: nn.Module,
+    graph: GrowthGraph,
+    after: list[str],
+    example_inputs: tuple[torch.Tensor, ...],
+    init_scale: float,
+) -> DepthCandidates:
+    net = copy.deepcopy(model)
+    if hasattr(net, "_firefly_history"):
+        net._firefly_history = []
+    plan = plan_deepen(graph, after, "residual", scale=0.0)
+    apply(net, plan, example_inputs=example_inputs, record=False)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    bank = GateBank()
+    device = next(net.parameters()).device
+    bank.add("layer", len(after), device)
+    layers = []
+    for i, name in enumerate(after):
+        seq = net.get_submodule(name)
+        layer = seq[1]
+        assert isinstance(layer, Residual)
+        for p in layer.body.parameters():
+            p.requires_grad_(True)
+        with torch.no_grad():
+            layer.scale.fill_(init_scale)
+        layer.scale.requires_grad_(True)
+        parametrize.register_parametrization(layer, "scale", _GatedScale(bank, "layer", i))
+        layers.append(layer)
+    specs = [layer_spec(graph.boundaries[a]) for a in after]
+    return DepthCandidates(net, bank, list(after), specs, layers)
