@@ -117,6 +117,7 @@ class Boundary:
     channel_dim: int
     ndim: int
     shape: tuple[int, ...]
+    node: str = ""  # the traced node producing the output (boundaries sharing it are the same place)
 
 
 @dataclass

@@ -723,7 +723,7 @@ class _Analysis:
                 continue
             d, dl = dims[0]
             g = self.find(dl[0][0])
-            out[path] = Boundary(path, self.names[g], s[d], d, len(s), s)
+            out[path] = Boundary(path, self.names[g], s[d], d, len(s), s, node.name)
         return out
 
 

@@ -140,6 +140,10 @@ def apply(
     """Edit `model` in place as `plan` says; remap `optimizer`; verify on `example_inputs`; roll back on failure."""
     for change in plan.changes:
         validate(change, plan.approximate)
+    afters = [layer.after for layer in plan.layers]
+    for a in afters:
+        if afters.count(a) > 1 or any(o.startswith(a + ".") for o in afters):
+            raise PlanError(f"new layers after {a!r} and inside it overlap; insert them in separate plans")
     inputs = _inputs_for(model, example_inputs, plan.input_shapes) if verify else None
     before = None
     if verify and inputs is not None:

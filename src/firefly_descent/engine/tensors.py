@@ -168,7 +168,7 @@ def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[t
             for n, key in enumerate(seg.order):
                 unit_pos[key] = start + n * m.inner
             cursor = start + len(seg.order) * m.inner
-            slice_shape = list(t.shape)
+            slice_shape = list(old.shape)  # plan slices are given in the model's current (old) shape
             slice_shape[dim] = m.inner
             _fill_new_units(new, t, dim, m, ch, unit_pos, slice_shape, done)
             _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, t)

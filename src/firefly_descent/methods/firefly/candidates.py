@@ -28,7 +28,7 @@ from torch import nn
 
 from ...analysis import Group, GrowthGraph
 from ...engine import apply, layer_spec, plan_deepen, plan_expansions
-from ...engine.tensors import NEW, OLD, TWIN, Expansion, gather, unit_order
+from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...layers import Residual
 from ...plan import GroupChange, NewUnits, Plan, Split
 
@@ -40,8 +40,8 @@ class GateBank:
         self.alpha = 1.0
         self.gates: dict[str, torch.Tensor] = {}
 
-    def add(self, key: str, n: int, device: torch.device) -> None:
-        self.gates[key] = torch.zeros(n, device=device)
+    def add(self, key: str, n: int, like: torch.Tensor) -> None:
+        self.gates[key] = torch.zeros(n, device=like.device, dtype=like.dtype)
 
     def mult(self, key: str) -> torch.Tensor:
         return self.alpha + self.gates[key]
@@ -70,25 +70,40 @@ class CandidatePerturbation(nn.Module):
         self.bank = bank
         self.values = nn.ParameterList()
         self.contribs: list[_Contribution] = []
+        self.ops: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
 
     def add(self, c: _Contribution) -> None:
         if not any(c.value is v for v in self.values):
             self.values.append(c.value)
         self.contribs.append(c)
+        # precompute index and multiplier of every other-dim expansion (done once, used every forward)
+        ops = []
+        for dim, smap, scale in c.others:
+            keep = ((smap.kind == OLD) | (smap.kind == TWIN)).to(torch.float64) * scale
+            shape = [1] * (c.value.dim())
+            shape[dim + 1] = -1
+            ops.append((dim + 1, smap.src.clamp(min=0), keep.view(shape)))
+        self.ops.append(ops)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w
-        for c in self.contribs:
+        for c, ops in zip(self.contribs, self.ops):
             v = c.value
             if c.gate is not None:
                 m = self.bank.mult(c.gate)
                 v = v * m.view(-1, *([1] * (v.dim() - 1)))
             if c.sign != 1.0:
                 v = v * c.sign
-            for dim, smap, scale in c.others:
-                v = gather(v, dim + 1, smap, scale=scale)
+            for dim, idx, mult in ops:
+                if idx.device != v.device:
+                    idx, mult = idx.to(v.device), mult.to(v.device)
+                v = v.index_select(dim, idx) * mult.to(v.dtype)
             v = v.movedim(0, c.dim).flatten(c.dim, c.dim + 1)  # [.., n*inner, ..]
-            out = out.index_add(c.dim, c.positions.to(w.device), v)
+            # place rows by a gather from [v; 0] (index_add stalls in multi-threaded CPU runs under load)
+            zero = torch.zeros_like(v.narrow(c.dim, 0, 1))
+            place = torch.full((w.shape[c.dim],), v.shape[c.dim], dtype=torch.long, device=w.device)
+            place[c.positions.to(w.device)] = torch.arange(v.shape[c.dim], device=w.device)
+            out = out + torch.cat([v, zero], dim=c.dim).index_select(c.dim, place)
         return out
 
 
@@ -167,7 +182,8 @@ def build_width_candidates(
     apply(net, plan, example_inputs=example_inputs, record=False)
     for p in net.parameters():
         p.requires_grad_(False)
-    device = next(net.parameters()).device
+    ref = next(net.parameters())
+    device = ref.device
     bank = GateBank()
     cands = WidthCandidates(net, bank, groups, {g.name: g.width for g in groups}, dict(new_count))
     perts: dict[str, CandidatePerturbation] = {}
@@ -179,19 +195,21 @@ def build_width_candidates(
 
     def rand(shape: list[int], kind: str) -> torch.Tensor:
         if kind == "uniform_split":
-            return (torch.rand(shape, generator=generator) * 2 - 1) * init["split"]
-        if kind == "normal_in":
-            return torch.randn(shape, generator=generator) * init["new_in"]
-        return (torch.rand(shape, generator=generator) * 2 - 1) * init["new_out"]
+            t = (torch.rand(shape, generator=generator) * 2 - 1) * init["split"]
+        elif kind == "normal_in":
+            t = torch.randn(shape, generator=generator) * init["new_in"]
+        else:
+            t = (torch.rand(shape, generator=generator) * 2 - 1) * init["new_out"]
+        return t.to(ref.dtype)
 
     for change in changes:
         g = change.group
         order = unit_order(change)
         K = change.new.count if change.new else 0
         if splits:
-            bank.add(f"split:{g.name}", g.width, device)
+            bank.add(f"split:{g.name}", g.width, ref)
         if K:
-            bank.add(f"new:{g.name}", K, device)
+            bank.add(f"new:{g.name}", K, ref)
         cands.split_dirs[g.name], cands.new_in[g.name], cands.new_out[g.name] = {}, {}, {}
         for m in g.members:
             if m.role not in ("producer", "consumer") or m.kind != "weight":
@@ -292,8 +310,7 @@ def build_depth_candidates(
     for p in net.parameters():
         p.requires_grad_(False)
     bank = GateBank()
-    device = next(net.parameters()).device
-    bank.add("layer", len(after), device)
+    bank.add("layer", len(after), next(net.parameters()))
     layers = []
     for i, name in enumerate(after):
         seq = net.get_submodule(name)

@@ -1,0 +1,289 @@
+"""Plumbing shared by the baseline growers: setup, seeded randomness, random unit draws, slices, depth.
+
+Every baseline only *writes a plan*; `apply_and_report` hands it to the engine. Randomness comes
+from a `torch.Generator` seeded by the grower's `seed` and the number of growth steps the model
+has already taken, so a run is reproducible and a resumed run draws the same units as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...analysis import GrowthGraph, analyze
+from ...analysis.graph import Group, Member
+from ...budget import Budget, group_unit_costs
+from ...engine import growth_history, layer_spec
+from ...errors import GrowthError
+from ...layers import build_body
+from ...plan import NewLayer, Plan
+from ..base import Grower, GrowthReport, LossFn, Timer
+from ..common import apply_and_report, example_from, mean_loss, model_device, start_report, take_batches
+
+RELU_LIKE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: an identity-initialised Linear/Conv + ReLU after them is exact
+
+
+@dataclass
+class Context:
+    """Everything a baseline needs for one growth step."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    device: torch.device
+    batches: list[tuple[Any, Any]]
+    x: tuple[torch.Tensor, ...]
+    graph: GrowthGraph
+    groups: list[Group]  # growable groups this method may grow
+    report: GrowthReport
+    gen: torch.Generator
+    skipped: dict[str, str] = field(default_factory=dict)  # group -> why this method leaves it alone
+
+
+class BaselineGrower(Grower):
+    """Common constructor arguments and the begin/finish steps of every baseline.
+
+    budget: anything `Budget.parse` accepts (0.35 = 35 % of the growable units, "params:N", ...).
+    seed:   all randomness derives from it (and the model's growth-step count).
+    batches: how many batches of `data` the method reads (None = all).
+    groups: restrict growth to these group names (default: every growable group, one global pool).
+    """
+
+    name = "baseline"
+
+    def __init__(
+        self,
+        budget: Any = 0.35,
+        seed: int = 0,
+        batches: int | None = 8,
+        groups: list[str] | None = None,
+    ) -> None:
+        self.budget = Budget.parse(budget)
+        self.seed = int(seed)
+        self.batches = batches
+        self.group_names = list(groups) if groups is not None else None
+        self.last_plan: Plan | None = None
+
+    # ---- steps shared by all baselines ---------------------------------------------------------
+    def begin(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFn,
+        example_inputs: Any,
+        n_batches: int | None = None,
+    ) -> Context:
+        """Read batches, analyse the model, measure the loss before growth, seed the generator."""
+        device = model_device(model)
+        timings: dict[str, float] = {}
+        with Timer(timings, "analyze"):
+            batches = take_batches(data, self.batches if n_batches is None else n_batches, device)
+            x = tuple(t.to(device) for t in example_from(batches, example_inputs))
+            graph = analyze(model, x)
+        groups = graph.growable()
+        if self.group_names is not None:
+            for n in self.group_names:
+                graph[n].check_growable()  # unknown or blocked names raise here
+            groups = [g for g in groups if g.name in self.group_names]
+        report = start_report(self.name, model, graph, x)
+        report.timings.update(timings)
+        with Timer(report.timings, "eval"):
+            report.loss_before = mean_loss(model, batches, loss_fn)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(growth_history(model)))
+        return Context(model, loss_fn, device, batches, x, graph, groups, report, gen)
+
+    def finish(self, ctx: Context, plan: Plan, optimizer: torch.optim.Optimizer | None) -> GrowthReport:
+        """Apply the plan through the engine and record the loss after growth."""
+        report = ctx.report
+        self.last_plan = plan  # what was applied (inspection, tests, logging)
+        apply_and_report(ctx.model, plan, report, ctx.x, optimizer)
+        with Timer(report.timings, "eval"):
+            report.loss_after = mean_loss(ctx.model, ctx.batches, ctx.loss_fn)
+        if ctx.skipped:
+            report.extra["skipped_groups"] = dict(ctx.skipped)
+        report.extra["seed"] = self.seed
+        return report
+
+    def make_plan(self, ctx: Context, changes: list, layers: list | None = None, preserving: bool = True) -> Plan:
+        return Plan(list(changes), list(layers or []), function_preserving=preserving, method=self.name,
+                    input_shapes=[list(s) for s in ctx.graph.input_shapes])
+
+
+# ---- slices -------------------------------------------------------------------------------------
+def slice_shape(model: nn.Module, member: Member) -> list[int]:
+    """Shape of one unit's slice of `member` (the tensor with its dim narrowed to `inner`)."""
+    t = tensor_of(model, member.tensor)
+    shape = list(t.shape)
+    shape[member.dim] = member.inner
+    return shape
+
+
+def unit_slice(model: nn.Module, member: Member, unit: int) -> torch.Tensor:
+    """Unit `unit`'s slice of `member` (a view of the live tensor: read only)."""
+    t = tensor_of(model, member.tensor)
+    return t.detach().narrow(member.dim, member.offset + unit * member.inner, member.inner)
+
+
+def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    mod, _, attr = name.rpartition(".")
+    owner = model.get_submodule(mod) if mod else model
+    t = getattr(owner, attr)
+    if not isinstance(t, torch.Tensor):
+        raise GrowthError(f"{name!r} is not a tensor of the model; re-analyse the model")
+    return t
+
+
+def layernorm_reason(group: Group) -> str | None:
+    if any(c.kind == "layernorm" for c in group.constraints):
+        return "normalised by LayerNorm: adding or splitting some units cannot keep the function"
+    return None
+
+
+# ---- random draws under a budget (Net2Net, random growth, NASH) -----------------------------------
+def random_units(
+    groups: list[Group],
+    costs: dict[str, float],
+    budget: Budget,
+    gen: torch.Generator,
+    repeat: bool = True,
+) -> dict[str, list[int]]:
+    """Draw uniformly random units from the pool of all units of `groups` until the budget is used.
+
+    Each draw takes a unit whose cost still fits its pool (one global pool, or per-group pools when
+    `budget.per_group`); units of GroupNorm-normalised groups come in whole GroupNorm groups.
+    Draws run in passes over a fresh random permutation of the pool; a later pass may pick a unit
+    again (split it twice) when `repeat` and the budget exceeds the pool.
+    """
+    items: list[tuple[str, tuple[int, ...], float]] = []
+    no_repeat: set[str] = set()
+    for g in groups:
+        cpg = next((c.channels_per_group for c in g.constraints if c.kind == "groupnorm"), None)
+        if cpg is not None:
+            no_repeat.add(g.name)  # GroupNorm groups split whole groups, each channel at most once
+        step = cpg or 1
+        for start in range(0, g.width, step):
+            block = tuple(range(start, min(start + step, g.width)))
+            items.append((g.name, block, costs[g.name] * len(block)))
+    if budget.per_group:
+        left = {g.name: budget.group_limit(g, groups) for g in groups}
+    else:
+        left = {"*": budget.limit(groups)}
+    chosen: dict[str, list[int]] = {g.name: [] for g in groups}
+    taken: set[tuple[str, tuple[int, ...]]] = set()
+    while items:
+        added = False
+        for i in torch.randperm(len(items), generator=gen).tolist():
+            name, block, cost = items[i]
+            key = name if budget.per_group else "*"
+            if (name in no_repeat and (name, block) in taken) or cost > left[key] + 1e-9:
+                continue
+            left[key] -= cost
+            chosen[name] += list(block)
+            taken.add((name, block))
+            added = True
+        if not added or not repeat:
+            break
+    return {n: sorted(u) for n, u in chosen.items() if u}
+
+
+def unit_costs(ctx: Context, budget: Budget, groups: list[Group] | None = None) -> dict[str, float]:
+    """Cost of one unit of each group in the budget's currency (measured, see `budget`)."""
+    return group_unit_costs(budget, ctx.groups if groups is None else groups, ctx.model, ctx.x)
+
+
+def uniform(shape: list[int] | tuple[int, ...], bound: float, gen: torch.Generator) -> torch.Tensor:
+    """U(-bound, bound) drawn on the CPU from `gen` (reproducible on every device)."""
+    return (torch.rand(tuple(shape), generator=gen, dtype=torch.float64) * 2 - 1).float() * bound
+
+
+def normal(shape: list[int] | tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).float()
+
+
+def fan_in(shape: list[int] | tuple[int, ...]) -> int:
+    """Fan-in of one unit's producer slice (every element of the slice feeds the unit)."""
+    return max(1, math.prod(shape))
+
+
+# ---- depth ---------------------------------------------------------------------------------------
+def call_counts(model: nn.Module, x: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """How often each submodule runs in one forward pass (modules reused twice cannot host a new layer)."""
+    counts: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(
+                lambda _m, _i, _o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def depth_boundaries(ctx: Context, kind: str) -> list[str]:
+    """Modules after which a new layer may go: activation modules (kind "identity": ReLU/ReLU6 only,
+    whose outputs are >= 0), run exactly once per forward, on a group that does not reach the output."""
+    counts = call_counts(ctx.model, ctx.x)
+    modules = dict(ctx.model.named_modules())
+    ok = {n for n, g in ctx.graph.groups.items() if g.growable or "model output" not in (g.blocked or ("", ""))[1]}
+    acts = RELU_LIKE if kind == "identity" else RELU_LIKE + (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh,
+                                                             nn.Hardswish)
+    out = []
+    for b in ctx.graph.boundaries.values():
+        m = modules.get(b.module)
+        if m is None or b.group not in ok or counts.get(b.module, 0) != 1 or not isinstance(m, acts):
+            continue
+        try:
+            layer_spec(b, "identity" if kind == "identity" else "residual")
+        except GrowthError:
+            continue
+        out.append(b.module)
+    return out
+
+
+def new_layers(
+    ctx: Context,
+    after: list[str],
+    kind: str,
+    gen: torch.Generator,
+    added: dict[str, int] | None = None,
+) -> list[NewLayer]:
+    """Identity-at-init layers after `after`: Net2Net identity (Linear/Conv + ReLU, needs z >= 0) or
+    a residual branch with scale 0. Widths follow the width growth of the same plan (`added`); the
+    residual branch's parameters are drawn from `gen` so the plan is reproducible."""
+    modules = dict(ctx.model.named_modules())
+    layers = []
+    for name in after:
+        b = ctx.graph.boundaries.get(name)
+        if b is None:
+            raise GrowthError(f"cannot insert a layer after {name!r}: not a module whose output carries one "
+                              f"group's units; candidates: {', '.join(depth_boundaries(ctx, 'residual')[:12])}")
+        k = kind
+        if k == "auto":
+            k = "identity" if isinstance(modules.get(name), RELU_LIKE) else "residual"
+        if k == "identity" and not isinstance(modules.get(name), RELU_LIKE):
+            raise GrowthError(f"an identity layer after {name!r} needs non-negative inputs (a ReLU before it); "
+                              "use kind 'residual'")
+        spec = dict(layer_spec(b, k))
+        extra = (added or {}).get(b.group or "", 0)
+        key = "channels" if "channels" in spec else "features"
+        spec[key] = int(spec[key]) + extra
+        params: dict[str, torch.Tensor] = {}
+        if k == "residual":
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                params = {n: t.detach().clone() for n, t in build_body(spec).state_dict().items()}
+        layers.append(NewLayer(name, k, spec, params, scale=0.0))
+    return layers

@@ -1,0 +1,89 @@
+"""Random growth: new units with random incoming and zero (or small random) outgoing weights.
+
+Units are placed like Net2Net's draws: uniformly at random over the pool of all units of the
+growable groups until the budget is used, each draw adding one new unit to the drawn unit's
+group. Incoming weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default kaiming-uniform
+init of Linear/Conv, a = sqrt(5)), bias 0, fresh BatchNorm channels, depthwise filters of the
+same law; outgoing weights 0 (function exactly preserved) or U(-out_scale, out_scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...plan import GroupChange, NewUnits
+from ..base import GrowthReport, LossFn, Timer, register_grower
+from ._common import BaselineGrower, Context, fan_in, layernorm_reason, random_units, slice_shape, uniform, unit_costs
+
+
+def random_new_units(ctx: Context, budget: Any, gen: torch.Generator, out_scale: float) -> list[GroupChange]:
+    """The plan's group changes: random new units under `budget` (see module docstring)."""
+    pool = []
+    for g in ctx.groups:
+        why = layernorm_reason(g)
+        if why:
+            ctx.skipped[g.name] = why
+        else:
+            pool.append(g)
+    if not pool:
+        return []
+    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen)
+    changes = []
+    for g in pool:
+        k = len(chosen.get(g.name, []))
+        if k == 0:
+            continue
+        incoming: dict[str, torch.Tensor] = {}
+        outgoing: dict[str, torch.Tensor] = {}
+        passthrough: dict[str, torch.Tensor] = {}
+        for m in g.members:
+            shape = slice_shape(ctx.model, m)
+            if m.role in ("producer", "passthrough") and m.kind == "weight":
+                value = uniform([k, *shape], 1.0 / math.sqrt(fan_in(shape)), gen)
+                (incoming if m.role == "producer" else passthrough)[m.tensor] = value
+            elif m.role == "consumer" and out_scale > 0:
+                outgoing[m.tensor] = uniform([k, *shape], out_scale, gen)
+        changes.append(GroupChange(g, new=NewUnits(k, incoming, outgoing, passthrough, init="zero")))
+    return changes
+
+
+@register_grower("random")
+class RandomGrowth(BaselineGrower):
+    """Random new units under the budget.
+
+    kwargs: budget=0.35, seed=0, out_scale=0.0 (0 = exactly function-preserving), batches=8, groups=None.
+    """
+
+    name = "random"
+
+    def __init__(
+        self,
+        budget: Any = 0.35,
+        seed: int = 0,
+        out_scale: float = 0.0,
+        batches: int | None = 8,
+        groups: list[str] | None = None,
+    ) -> None:
+        super().__init__(budget, seed, batches, groups)
+        if out_scale < 0:
+            raise ValueError(f"out_scale must be >= 0, not {out_scale}")
+        self.out_scale = float(out_scale)
+
+    def grow(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer | None = None,
+        example_inputs: Any = None,
+    ) -> GrowthReport:
+        ctx = self.begin(model, data, loss_fn, example_inputs)
+        with Timer(ctx.report.timings, "search"):
+            changes = random_new_units(ctx, self.budget, ctx.gen, self.out_scale)
+            plan = self.make_plan(ctx, changes, preserving=self.out_scale == 0)
+        return self.finish(ctx, plan, optimizer)

@@ -1,0 +1,337 @@
+"""Firefly neural architecture descent (Wu, Liu, Stone, Liu, NeurIPS 2020).
+
+Step one: switch every candidate on (the over-grown network) and optimise the candidates'
+directions and scales for a short time, old weights and BatchNorm statistics frozen.
+Step two: score each candidate by an integrated gradient of the loss along its scale
+(sampled at `score_points`), keep the best under the budget, and materialise them on the
+original model through the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...analysis import analyze
+from ...budget import Budget, Candidate, count_flops, group_unit_costs, meta_copy, select
+from ...errors import GrowthError
+from ...layers import body_members, build_body
+from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
+from ..base import Grower, GrowthReport, LossFn, Timer, register_grower
+from ..common import apply_and_report, as_inputs, example_from, mean_loss, model_device, start_report, take_batches
+from .candidates import (
+    DepthCandidates,
+    GateBank,
+    WidthCandidates,
+    build_depth_candidates,
+    build_width_candidates,
+    materialize_width,
+)
+
+CANDIDATE_SETS = ("width", "splits", "new", "depth", "all")
+
+
+@dataclass
+class FireflyConfig:
+    """All knobs of the method; `PRESETS` holds named defaults."""
+
+    candidates: str = "width"  # width | splits | new | depth | all  (ablation switches)
+    new_units: float = 0.5  # new-unit candidates per group: fraction of its width (< 1) or a count (>= 1)
+    depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
+    step_one_steps: int | None = 40  # optimiser steps of step one; None = one pass over the data
+    step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
+    lr: float = 1e-2
+    rmsprop_alpha: float = 0.9
+    momentum: float = 0.1
+    split_penalty: float = 1e-2  # L2 penalty on split directions
+    new_penalty: float = 1e-4  # L2 penalty on new incoming weights
+    max_norm: float | None = None  # optional per-candidate norm projection after each step
+    init_split: float = 0.1  # split directions ~ U(-a, a)
+    init_new_in: float = 0.1  # new incoming ~ N(0, a^2)
+    init_new_out: float = 0.01  # new outgoing ~ U(-a, a)
+    init_layer_scale: float = 0.01
+    score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
+    score_batches: int | None = 8  # None = one pass over the data
+    allow_increase: bool = False
+    seed: int = 0
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the authors' released code (klightz/Firefly): one pass of RMSprop, gradient at the end point
+    "paper-code": dict(
+        new_units=70, step_one_steps=None, step_one_optimizer="rmsprop", lr=1e-3, rmsprop_alpha=0.9,
+        momentum=0.1, split_penalty=1e-2, new_penalty=1e-4, init_split=0.1, init_new_in=0.1,
+        init_new_out=0.01, score_points=[1.0], score_batches=None,
+    ),
+}
+
+
+def midpoints(n: int) -> list[float]:
+    """alpha_k = (2k - 1) / (2n), k = 1..n: the midpoint rule for the path integral."""
+    return [(2 * k - 1) / (2 * n) for k in range(1, n + 1)]
+
+
+@register_grower("firefly")
+class Firefly(Grower):
+    """Firefly descent: grow wider (splits, new units) and/or deeper (new layers) under a budget."""
+
+    name = "firefly"
+
+    def __init__(self, budget: Any = 0.35, preset: str = "default", per_group: bool = False, **overrides: Any):
+        if preset not in PRESETS:
+            raise GrowthError(f"unknown Firefly preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **overrides}
+        unknown = set(values) - set(FireflyConfig.__dataclass_fields__)
+        if unknown:
+            raise GrowthError(f"unknown Firefly option(s) {sorted(unknown)}; known: "
+                              f"{', '.join(sorted(FireflyConfig.__dataclass_fields__))}")
+        self.config = FireflyConfig(**values)
+        if self.config.candidates not in CANDIDATE_SETS:
+            raise GrowthError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {self.config.candidates!r}")
+        if isinstance(self.config.score_points, int):
+            self.config.score_points = midpoints(self.config.score_points)
+        if not self.config.score_points or any(not 0 <= a <= 1 for a in self.config.score_points):
+            raise GrowthError("score_points must be values in [0, 1] (or an int n for n midpoints)")
+        self.budget = Budget.parse(budget)
+        if per_group:
+            self.budget.per_group = True
+        self.preset = preset
+        self.last_scores: list[Candidate] = []
+
+    # ---- public entry point ------------------------------------------------------------------------
+    def grow(
+        self,
+        model: nn.Module,
+        data: Any,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer | None = None,
+        example_inputs: Any = None,
+    ) -> GrowthReport:
+        cfg = self.config
+        device = model_device(model)
+        n_needed = None if cfg.step_one_steps is None or cfg.score_batches is None else max(
+            cfg.step_one_steps, cfg.score_batches)
+        batches = take_batches(data, n_needed, device)
+        x = example_from(batches, example_inputs)
+        graph = analyze(model, x)
+        groups = [g for g in graph.growable() if not g.constraints]
+        if not groups and cfg.candidates != "depth":
+            raise GrowthError("the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow")
+        report = start_report(f"firefly[{self.preset}]", model, graph, x)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        score_batches = batches if cfg.score_batches is None else batches[: cfg.score_batches]
+        report.loss_before = mean_loss(model, score_batches, loss_fn)
+
+        use_splits = cfg.candidates in ("width", "splits", "all")
+        use_new = cfg.candidates in ("width", "new", "all")
+        use_depth = cfg.candidates in ("depth", "all")
+        candidates: list[Candidate] = []
+        costs = group_unit_costs(self.budget, groups, model, x)
+        width_c: WidthCandidates | None = None
+        depth_c: DepthCandidates | None = None
+
+        if use_splits or use_new:
+            new_count = {g.name: self._new_count(g.width) if use_new else 0 for g in groups}
+            with Timer(report.timings, "build"):
+                width_c = build_width_candidates(
+                    model, graph, groups, new_count, use_splits, x,
+                    {"split": cfg.init_split, "new_in": cfg.init_new_in, "new_out": cfg.init_new_out}, gen)
+            with Timer(report.timings, "step_one"):
+                self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
+            with Timer(report.timings, "step_two"):
+                scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
+            for g in groups:
+                if use_splits:
+                    for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
+                        candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
+                if new_count[g.name]:
+                    for j, s in enumerate(scores[f"new:{g.name}"].tolist()):
+                        candidates.append(Candidate("new", g.name, j, s, costs[g.name]))
+        if use_depth:
+            after = cfg.depth_after or default_depth_boundaries(graph, model)
+            if after:
+                with Timer(report.timings, "build"):
+                    depth_c = build_depth_candidates(model, graph, after, x, cfg.init_layer_scale)
+                with Timer(report.timings, "step_one"):
+                    self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
+                with Timer(report.timings, "step_two"):
+                    scores = self._scores(depth_c.net, depth_c.bank, score_batches, loss_fn)
+                layer_costs = self._layer_costs(model, x, depth_c)
+                for i, s in enumerate(scores["layer"].tolist()):
+                    candidates.append(Candidate("layer", after[i], i, s, layer_costs[i]))
+
+        kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
+        self.last_scores = candidates
+        report.predicted_loss_change = float(sum(c.score for c in kept))
+        report.extra.update({
+            "candidates": len(candidates), "kept": len(kept), "budget": self.budget.__dict__,
+            "budget_limit": self.budget.limit(groups),
+        })
+        plan = self._materialize(graph, width_c, depth_c, kept, x)
+        for net in (width_c.net if width_c else None, depth_c.net if depth_c else None):
+            if net is not None:
+                del net
+        apply_and_report(model, plan, report, x, optimizer)
+        report.loss_after = mean_loss(model, score_batches, loss_fn)
+        return report
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _new_count(self, width: int) -> int:
+        k = self.config.new_units
+        return int(k) if k >= 1 else max(1, math.ceil(k * width))
+
+    def _step_one(
+        self, net: nn.Module, params: list[nn.Parameter], width_c: WidthCandidates | None,
+        batches: list[tuple[Any, Any]], loss_fn: LossFn, bn_train: DepthCandidates | None = None,
+    ) -> None:
+        """Optimise the candidates with all of them on (alpha = 1), old weights and BN statistics frozen."""
+        cfg = self.config
+        net.eval()
+        if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
+            for layer in bn_train.layers:
+                layer.body.train()
+        if cfg.step_one_optimizer == "rmsprop":
+            opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
+        elif cfg.step_one_optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=cfg.lr)
+        elif cfg.step_one_optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            raise GrowthError(f"step_one_optimizer must be adam, rmsprop or sgd, not {cfg.step_one_optimizer!r}")
+        bank = width_c.bank if width_c is not None else bn_train.bank  # type: ignore[union-attr]
+        bank.alpha = 1.0
+        bank.reset(requires_grad=False)
+        steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps
+        penalised = []
+        if width_c is not None:
+            penalised = [(v, cfg.split_penalty) for per in width_c.split_dirs.values() for v in per.values()]
+            penalised += [(v, cfg.new_penalty) for per in width_c.new_in.values() for v in per.values()]
+        for x, y in itertools.islice(itertools.cycle(batches), steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(*as_inputs(x)), y)
+            for v, lam in penalised:
+                loss = loss + lam * v.pow(2).sum()
+            loss.backward()
+            opt.step()
+            if cfg.max_norm is not None:
+                with torch.no_grad():
+                    for v in params:
+                        if v.dim() > 1:
+                            norms = v.flatten(1).norm(dim=1).clamp(min=1e-12)
+                            v.mul_((cfg.max_norm / norms).clamp(max=1.0).view(-1, *([1] * (v.dim() - 1))))
+        for p in params:
+            p.requires_grad_(False)
+        net.eval()
+
+    def _scores(self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn) -> dict[str, torch.Tensor]:
+        """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
+        net.eval()
+        total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
+        count = 0
+        for alpha in self.config.score_points:
+            bank.alpha = float(alpha)
+            for x, y in batches:
+                bank.reset(requires_grad=True)
+                keys = list(bank.gates)
+                loss = loss_fn(net(*as_inputs(x)), y)
+                grads = torch.autograd.grad(loss, [bank.gates[k] for k in keys], allow_unused=True)
+                for k, gr in zip(keys, grads):
+                    if gr is not None:
+                        total[k] += gr.detach()
+                count += 1
+        bank.alpha = 1.0
+        bank.reset(requires_grad=False)
+        return {k: v / max(1, count) for k, v in total.items()}
+
+    def _layer_costs(self, model: nn.Module, x: tuple[torch.Tensor, ...], depth_c: DepthCandidates) -> list[float]:
+        if self.budget.currency == "units":
+            return [float(s.get("channels", s.get("features", 1))) for s in depth_c.specs]
+        if self.budget.currency == "params":
+            return [float(sum(p.numel() for p in layer.body.parameters()) + 1) for layer in depth_c.layers]
+        from ...engine import apply
+
+        base = count_flops(model, x)
+        out = []
+        for after, spec in zip(depth_c.after, depth_c.specs):
+            meta = meta_copy(model)
+            apply(meta, Plan(layers=[NewLayer(after, "residual", spec)], function_preserving=False),
+                  verify=False, record=False)
+            out.append(float(max(1, count_flops(meta, x) - base)))
+        return out
+
+    def _materialize(
+        self, graph: Any, width_c: WidthCandidates | None, depth_c: DepthCandidates | None,
+        kept: list[Candidate], x: tuple[torch.Tensor, ...],
+    ) -> Plan:
+        by_group: dict[str, tuple[list[int], list[int]]] = {}
+        for c in kept:
+            if c.kind in ("split", "new"):
+                s, n = by_group.setdefault(c.group, ([], []))
+                (s if c.kind == "split" else n).append(c.index)
+        changes = materialize_width(width_c, by_group) if width_c is not None else []
+        layers = []
+        if depth_c is not None:
+            change_of = {c.group.name: c for c in changes}
+            for c in kept:
+                if c.kind != "layer":
+                    continue
+                layer = depth_c.layers[c.index]
+                spec = dict(depth_c.specs[c.index])
+                params = {k: v.detach().clone() for k, v in layer.body.state_dict().items()}
+                boundary = graph.boundaries[c.group]
+                change = change_of.get(boundary.group) if boundary.group else None
+                if change is not None and change.added:
+                    spec, params = _widen_body(spec, params, change)
+                scale = float(layer.parametrizations.scale.original.detach())
+                layers.append(NewLayer(c.group, "residual", spec, params, scale))
+        return Plan(changes, layers, function_preserving=False, method=f"firefly[{self.preset}]",
+                    input_shapes=[list(t.shape) for t in x])
+
+
+def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: GroupChange) -> tuple[dict, dict]:
+    """A kept new layer sits on a group that also grows: widen its body with the same unit changes
+    (twins copied, inputs halved, new units zero) so it acts on the grown group as it did before."""
+    from ...analysis.graph import Group
+    from ...engine import apply
+
+    body = build_body(spec)
+    body.load_state_dict(params)
+    group = Group("body", change.group.width, body_members(spec))
+    plan = Plan([GroupChange(group, splits=[Split(s.unit, position=s.position) for s in change.splits],
+                             new=NewUnits(change.new.count, positions=change.new.positions) if change.new else None)],
+                function_preserving=False)
+    apply(body, plan, verify=False, record=False)
+    new_spec = dict(spec)
+    key = "channels" if "channels" in spec else "features"
+    new_spec[key] = int(spec[key]) + change.added
+    return new_spec, {k: v.detach().clone() for k, v in body.state_dict().items()}
+
+
+def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
+    """Where new layers may go by default: after each block or activation that is an element of a
+    Sequential/ModuleList (the stages of the network), one per distinct output tensor, never nested,
+    never on a group that reaches the model output."""
+    ok = {n for n, g in graph.groups.items() if g.growable or "model output" not in g.blocked[1]}
+    modules = dict(model.named_modules())
+    out: list[str] = []
+    seen: set[str] = set()
+    for b in graph.boundaries.values():
+        parent = modules.get(b.module.rpartition(".")[0]) if "." in b.module else None
+        m = modules.get(b.module)
+        if b.group not in ok or m is None or not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        is_block = any(True for _ in m.children())
+        is_act = isinstance(m, (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh))
+        if not (is_block or is_act) or b.node in seen:
+            continue
+        if any(b.module.startswith(o + ".") or o.startswith(b.module + ".") for o in out):
+            continue
+        seen.add(b.node)
+        out.append(b.module)
+    return out

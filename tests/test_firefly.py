@@ -1,0 +1,295 @@
+"""Firefly descent: gates are exact derivatives, the over-grown net is f_t when switched off,
+selection is a sort, materialisation matches the over-grown net, and it beats random growth."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import ZOO, randomize_norm_stats
+
+import firefly_descent as ff
+from firefly_descent.budget import Budget, Candidate, select
+from firefly_descent.methods import Firefly, make_grower
+from firefly_descent.methods.firefly.candidates import build_depth_candidates, build_width_candidates
+from firefly_descent.methods.firefly.descent import default_depth_boundaries
+
+
+def _data(model, x, n_batches=4, batch=16, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    n_cls = model(*x).shape[1]
+    return [
+        (torch.randn(batch, *x[0].shape[1:], generator=gen, dtype=dtype),
+         torch.randint(0, n_cls, (batch,), generator=gen))
+        for _ in range(n_batches)
+    ]
+
+
+def _width_candidates(name, dtype=torch.float64, new_units=2):
+    model, x = ZOO[name]()
+    randomize_norm_stats(model, seed=1)
+    model = model.to(dtype).eval()
+    x = tuple(t.to(dtype) for t in x)
+    graph = ff.analyze(model, x)
+    groups = [g for g in graph.growable() if not g.constraints]
+    init = {"split": 0.3, "new_in": 0.3, "new_out": 0.1}
+    cands = build_width_candidates(model, graph, groups, {g.name: new_units for g in groups}, True, x, init,
+                                   torch.Generator().manual_seed(0))
+    return model, x, cands
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_flatten", "resnet_basic"])
+def test_gate_gradient_equals_finite_difference(name):
+    model, x, cands = _width_candidates(name)
+    data = _data(model, x, n_batches=1, dtype=torch.float64)
+    xb, yb = data[0]
+    bank = cands.bank
+    for alpha in (0.5, 1.0):
+        bank.alpha = alpha
+        bank.reset(requires_grad=True)
+        keys = list(bank.gates)
+        loss = F.cross_entropy(cands.net(xb), yb)
+        grads = dict(zip(keys, torch.autograd.grad(loss, [bank.gates[k] for k in keys])))
+        for key in keys:
+            for i in (0, bank.gates[key].numel() - 1):
+                h = 1e-5
+                vals = []
+                for sign in (1, -1):
+                    bank.reset(requires_grad=False)
+                    bank.gates[key][i] = sign * h
+                    with torch.no_grad():
+                        vals.append(F.cross_entropy(cands.net(xb), yb).item())
+                fd = (vals[0] - vals[1]) / (2 * h)
+                # float64 central difference: error O(h^2) + rounding ~1e-10
+                assert abs(grads[key][i].item() - fd) <= 1e-7 + 1e-5 * abs(fd), (key, i, alpha)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_basic", "concat", "mobilenetv2"])
+def test_overgrown_net_is_f_t_when_switched_off(name):
+    model, x, cands = _width_candidates(name)
+    fresh = tuple(torch.randn_like(t) for t in x)
+    cands.bank.alpha = 0.0
+    with torch.no_grad():
+        assert (cands.net(*fresh) - model(*fresh)).abs().max().item() < 1e-12
+    cands.bank.alpha = 1.0  # switched on: the function moves
+    with torch.no_grad():
+        assert (cands.net(*fresh) - model(*fresh)).abs().max().item() > 1e-6
+
+
+def test_split_gradient_is_zero_at_zero_but_integrated_score_is_not():
+    model, x, cands = _width_candidates("mlp")
+    data = _data(model, x, n_batches=2, dtype=torch.float64)
+    f = Firefly(score_points=[0.0])
+    at_zero = f._scores(cands.net, cands.bank, data, F.cross_entropy)
+    f = Firefly(score_points=4)
+    integrated = f._scores(cands.net, cands.bank, data, F.cross_entropy)
+    for key in at_zero:
+        if key.startswith("split:"):
+            assert at_zero[key].abs().max().item() < 1e-12
+            assert integrated[key].abs().max().item() > 1e-8
+        else:
+            assert at_zero[key].abs().max().item() > 1e-8  # new units are first order
+
+
+def test_selection_is_a_sort_under_each_budget():
+    torch.manual_seed(0)
+    groups = ff.analyze(*ZOO["mlp"]()).growable()
+    cands = [Candidate("split" if i % 2 else "new", groups[i % 2].name, i, float(torch.randn(())), float(1 + i % 3))
+             for i in range(12)]
+    # units (each candidate one unit): the eta most negative scores = the best subset by brute force
+    unit_cands = [Candidate(c.kind, c.group, c.index, c.score, 1.0) for c in cands]
+    budget = Budget("units", 4)
+    kept = select(unit_cands, budget, groups)
+    negative = [c for c in unit_cands if c.score < 0]
+    best = min((s for r in range(0, 5) for s in itertools.combinations(negative, r)), key=lambda s: sum(c.score for c in s))
+    assert sorted(kept, key=id) == sorted(best, key=id)
+    # ratio: eta = int(0.35 * total units)
+    budget = Budget("ratio", 0.35)
+    eta = int(0.35 * sum(g.width for g in groups))
+    assert [c.index for c in select(unit_cands, budget, groups)] == [
+        c.index for c in sorted(negative, key=lambda c: c.score)][:eta]
+    negative = [c for c in cands if c.score < 0]
+    # params / flops: best predicted decrease per unit of cost, greedily while it fits
+    for kind in ("params", "flops"):
+        budget = Budget(kind, 5)
+        kept = select(cands, budget, groups)
+        left, expect = 5.0, []
+        for c in sorted(negative, key=lambda c: c.score / c.cost):
+            if c.cost <= left:
+                expect.append(c)
+                left -= c.cost
+        assert kept == expect
+    assert all(c.score < 0 for c in select(cands, Budget("units", 100), groups))
+    assert len(select(cands, Budget("units", 100), groups, allow_increase=True)) == len(cands)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_flatten", "resnet_basic", "concat"])
+def test_materialised_net_equals_overgrown_net_with_unselected_off(name):
+    torch.manual_seed(0)
+    model, x = ZOO[name]()
+    randomize_norm_stats(model, seed=2)
+    model = model.double().eval()
+    x = tuple(t.double() for t in x)
+    data = _data(model, x, n_batches=3, dtype=torch.float64)
+    grower = Firefly(budget=0.5, step_one_steps=5, score_batches=2, seed=3)
+    captured = {}
+    original = grower._materialize
+
+    def spy(graph, width_c, depth_c, kept, xx):
+        captured["cands"], captured["kept"] = width_c, kept
+        return original(graph, width_c, depth_c, kept, xx)
+
+    grower._materialize = spy
+    grower.grow(model, data, F.cross_entropy)
+    cands, kept = captured["cands"], captured["kept"]
+    assert kept, "nothing was selected"
+    bank = cands.bank
+    bank.alpha = 0.0
+    bank.reset(requires_grad=False)
+    for c in kept:  # gate multiplier = 0 + 1 for kept candidates, 0 for the rest
+        bank.gates[f"{c.kind}:{c.group}"][c.index] = 1.0
+    fresh = tuple(torch.randn_like(t) for t in x)
+    with torch.no_grad():
+        assert (cands.net(*fresh) - model(*fresh)).abs().max().item() < 1e-9
+
+
+def test_depth_candidates_are_identity_at_zero_and_can_be_kept():
+    model, x = ZOO["resnet_basic"]()
+    randomize_norm_stats(model, seed=0)
+    model.eval()
+    graph = ff.analyze(model, x)
+    after = default_depth_boundaries(graph, model)
+    assert after
+    depth = build_depth_candidates(model, graph, after, x, init_scale=0.5)
+    depth.bank.alpha = 0.0
+    with torch.no_grad():
+        assert torch.equal(depth.net(*x), model(*x))
+    depth.bank.alpha = 1.0
+    with torch.no_grad():
+        assert not torch.equal(depth.net(*x), model(*x))
+    data = _data(model, x, n_batches=3)
+    grower = Firefly(candidates="all", budget=0.5, step_one_steps=5, score_batches=2, allow_increase=True)
+    report = grower.grow(model, data, F.cross_entropy)
+    assert report.layers_inserted or report.units_added or report.units_split
+    model(*x)  # the grown model runs
+
+
+def test_report_is_printable_and_json():
+    model, x = ZOO["vgg_gap"]()
+    data = _data(model, x)
+    report = Firefly(step_one_steps=3, score_batches=2).grow(model, data, F.cross_entropy)
+    text = str(report)
+    assert "params" in text and "loss" in text
+    d = json.loads(report.to_json())
+    assert d["params_after"] > d["params_before"]
+    assert {"step_one", "step_two", "apply"} <= set(d["timings"])
+    assert d["predicted_loss_change"] < 0
+
+
+def test_deterministic_for_a_fixed_seed():
+    outs = []
+    for _ in range(2):
+        model, x = ZOO["vgg_gap"]()
+        data = _data(model, x)
+        Firefly(step_one_steps=4, score_batches=2, seed=7).grow(model, data, F.cross_entropy)
+        outs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_optimizer_remapped_and_grown_model_trains():
+    model, x = ZOO["mlp_bn"]()
+    data = _data(model, x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for xb, yb in data:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    Firefly(step_one_steps=4, score_batches=2).grow(model, data, F.cross_entropy, optimizer=opt)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    before = F.cross_entropy(model(data[0][0]), data[0][1]).item()
+    for _ in range(5):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    assert F.cross_entropy(model(data[0][0]), data[0][1]).item() < before
+
+
+def test_paper_code_preset_and_bad_options():
+    f = Firefly(preset="paper-code")
+    assert f.config.score_points == [1.0] and f.config.new_units == 70 and f.config.step_one_steps is None
+    with pytest.raises(ff.GrowthError, match="unknown Firefly option"):
+        Firefly(stepone=3)
+    with pytest.raises(ff.GrowthError, match="preset"):
+        Firefly(preset="nope")
+    with pytest.raises(ff.GrowthError, match="budget"):
+        Firefly(budget="bananas")
+
+
+# ---- the toy experiment: teacher-student regression, one hidden layer ---------------------------------
+
+
+class Student(nn.Module):
+    def __init__(self, hidden: int = 2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, hidden)
+        self.act = nn.Tanh()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _teacher_data():
+    gen = torch.Generator().manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 1))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        x = torch.randn(512, 8, generator=gen)
+        y = teacher(x)
+    return [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+
+
+def _train(model, data, steps=150, lr=1e-2):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _, (x, y) in zip(range(steps), itertools.cycle(data)):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _full_loss(model, data):
+    with torch.no_grad():
+        return sum(F.mse_loss(model(x), y).item() for x, y in data) / len(data)
+
+
+def test_toy_firefly_beats_random_growth():
+    data = _teacher_data()
+    torch.manual_seed(0)
+    base = Student(2)
+    _train(base, data)
+    growers = {
+        "firefly": lambda: Firefly(budget="units:2", step_one_steps=60, lr=2e-2, score_batches=4, seed=0),
+        "random-new": lambda: make_grower("random", budget="units:2", seed=0),
+        "random-split": lambda: make_grower("net2net", budget="units:2", noise=0.1, seed=0),
+    }
+    losses = {}
+    for name, make in growers.items():
+        model = copy.deepcopy(base)
+        curve = []
+        for _ in range(3):
+            make().grow(model, data, F.mse_loss)
+            curve.append(_full_loss(model, data))  # loss right after growth
+            _train(model, data)
+        losses[name] = curve
+    # after each growth Firefly's loss is lower than both random growths (fixed seeds; margin 2 %)
+    for r in range(3):
+        assert losses["firefly"][r] < 0.98 * losses["random-new"][r], losses
+        assert losses["firefly"][r] < 0.98 * losses["random-split"][r], losses
