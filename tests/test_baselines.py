@@ -59,7 +59,7 @@ def _data(model, x, n=2, bs=6, seed=1, dtype=torch.float32):
     """Random classification batches shaped like the model's example input."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        classes = model(*x).shape[1]
+        classes = copy.deepcopy(model).eval()(*x).shape[1]  # a copy: train-mode BN would update statistics
     return [(torch.randn((bs, *x[0].shape[1:]), generator=g, dtype=dtype),
              torch.randint(0, classes, (bs,), generator=g)) for _ in range(n)]
 
@@ -159,51 +159,60 @@ def test_net2net_noise_and_deepening():
 
 # ---- splitting ----------------------------------------------------------------------------------
 def _tiny(kind, act):
+    """(model, inputs, split layer): a float64 net whose group "0" has a split-able unit layer."""
     torch.manual_seed(0)
     if kind == "mlp":
         model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), act, nn.Linear(4, 2))
-        x = torch.randn(5, 3)
-    else:
+        x, layer = torch.randn(5, 3), "0"
+    elif kind == "conv":
         model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), act, nn.Flatten(1),
                               nn.Linear(3 * 4 * 4, 2))
-        x = torch.randn(5, 2, 4, 4)
+        x, layer = torch.randn(5, 2, 4, 4), "0"
+    else:  # depthwise: the unit is the depthwise neuron "3" (its 3x3 filter + bias over its own channel)
+        model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(),
+                              nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.BatchNorm2d(3), act,
+                              nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        x, layer = torch.randn(5, 2, 4, 4), "3"
     randomize_norm_stats(model, seed=4)
     model = model.double()
-    return model, (x.double(),)
+    return model, (x.double(),), layer
 
 
-def _split_loss(model, x, data, unit, v, eps):
-    """Mean loss after splitting `unit` of the first layer into θ ± eps·v (outgoing halved) via the engine."""
+def _split_loss(model, x, data, layer, unit, v, eps):
+    """Mean loss after splitting `unit` of group "0" into θ ± eps·v (θ: `layer`'s filter and bias,
+    outgoing weights halved) through the engine."""
     m = copy.deepcopy(model)
-    w = m[0].weight
+    w = m.get_submodule(layer).weight
     n = w[0].numel()
-    dirs = {"0.weight": v[:n].reshape(1, *w.shape[1:]), "0.bias": v[n:n + 1]}
+    dirs = {f"{layer}.weight": v[:n].reshape(1, *w.shape[1:]), f"{layer}.bias": v[n:n + 1]}
     group = analyze(m, x)["0"]
     plan = Plan([GroupChange(group, splits=[Split(unit, dirs, eps=eps)])], function_preserving=False)
     apply(m, plan, None, x)
     return mean_loss(m, data, F.cross_entropy)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "depthwise"])
 def test_splitting_matrix_matches_finite_difference(kind):
     """d²L/dε² at 0 of L(θ+εv, θ−εv, outgoing halved) equals vᵀ S v (derivation in splitting.py)."""
-    model, x = _tiny(kind, nn.Softplus(beta=2.0))
+    model, x, layer = _tiny(kind, nn.Softplus(beta=2.0))
     data = _data(model, x, n=2, bs=7, dtype=torch.float64)
     S = SplittingExact().matrices(model, data, F.cross_entropy, example_inputs=x)["0"]
     D = S.shape[-1]
+    assert D == model.get_submodule(layer).weight[0].numel() + 1
     g = torch.Generator().manual_seed(5)
     h = 1e-3
     l0 = mean_loss(model, data, F.cross_entropy)
     for unit in (0, 2):
         for v in (torch.randn(D, generator=g, dtype=torch.float64), torch.linalg.eigh(S[unit])[1][:, 0]):
-            fd = (_split_loss(model, x, data, unit, v, h) - 2 * l0 + _split_loss(model, x, data, unit, v, -h)) / h**2
-            exact = float(v @ S[unit] @ v)
-            assert fd == pytest.approx(exact, rel=1e-5, abs=1e-9)
+            plus = _split_loss(model, x, data, layer, unit, v, h)
+            minus = _split_loss(model, x, data, layer, unit, v, -h)
+            fd = (plus - 2 * l0 + minus) / h**2
+            assert fd == pytest.approx(float(v @ S[unit] @ v), rel=1e-5, abs=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "depthwise"])
 def test_splitting_fast_matches_exact(kind):
-    model, x = _tiny(kind, nn.ReLU())
+    model, x, _ = _tiny(kind, nn.ReLU())
     data = _data(model, x, n=2, bs=7, dtype=torch.float64)
     exact = SplittingExact().analyse(model, data, F.cross_entropy, example_inputs=x)["0"]
     fast = SplittingFast(iters=60, tol=1e-12).analyse(model, data, F.cross_entropy, example_inputs=x)["0"]
@@ -212,10 +221,14 @@ def test_splitting_fast_matches_exact(kind):
     assert (cos > 1 - 1e-4).all()
     # chunking under a small memory limit changes nothing; a limit below one D×D matrix refuses
     D = exact[1].shape[1]
-    chunked = SplittingExact(memory_limit=2 * D * D * 8).analyse(model, data, F.cross_entropy, example_inputs=x)
+    chunked = SplittingExact(memory_limit=2 * D * D * 16).analyse(model, data, F.cross_entropy, example_inputs=x)
     assert torch.allclose(chunked["0"][0], exact[0], rtol=1e-10)
-    with pytest.raises(GrowthError, match=r"group '0'.*D=%d" % D):
-        SplittingExact(memory_limit=D * D * 8 - 1).analyse(model, data, F.cross_entropy, example_inputs=x)
+    with pytest.raises(GrowthError, match=rf"group '0'.*D={D}"):
+        SplittingExact(memory_limit=D * D * 16 - 1).analyse(model, data, F.cross_entropy, example_inputs=x)
+    # fast without caching (each product re-reads the batches) agrees too
+    streamed = SplittingFast(iters=60, tol=1e-12, memory_limit=D * D * 8 * 4).analyse(
+        model, data, F.cross_entropy, example_inputs=x)
+    assert torch.allclose(streamed["0"][0], exact[0], rtol=1e-6, atol=1e-12)
 
 
 def test_splitting_picks_most_negative_and_refuses_named_unfit_group():
@@ -229,8 +242,23 @@ def test_splitting_picks_most_negative_and_refuses_named_unfit_group():
     assert chosen == sorted((n, i) for _, n, i in ranked)
     assert report.predicted_loss_change < 0
     resnet, rx = ZOO["resnet_basic"]()
-    with pytest.raises(GrowthError, match="stem.0"):
-        SplittingExact(groups=["stem.0"]).grow(resnet, _data(resnet, rx), F.cross_entropy, example_inputs=rx)
+    for cls in (SplittingExact, GradMax):  # residual-tied producers: refused when named, skipped otherwise
+        with pytest.raises(GrowthError, match="stem.0.*producers"):
+            cls(groups=["stem.0"]).grow(resnet, _data(resnet, rx), F.cross_entropy, example_inputs=rx)
+
+
+def test_energy_aware_ranks_by_eigenvalue_per_flop():
+    model, x = ZOO["vgg_flatten"]()
+    data = _data(model, x)
+    eigs = SplittingFast().analyse(copy.deepcopy(model), data, F.cross_entropy, example_inputs=x)
+    grower = SplittingFast(budget="units:3", energy_aware=True)
+    report = grower.grow(model, data, F.cross_entropy, example_inputs=x)
+    energy = report.extra["energy"]
+    assert len(set(energy.values())) > 1  # groups differ in FLOPs per unit
+    ranked = sorted((float(v) / energy[n], n, i) for n, (vals, _) in eigs.items()
+                    for i, v in enumerate(vals) if v < 0)[:3]
+    chosen = sorted((c.group.name, s.unit) for c in grower.last_plan.changes for s in c.splits)
+    assert chosen == sorted((n, i) for _, n, i in ranked)
 
 
 # ---- GradMax ------------------------------------------------------------------------------------
@@ -238,9 +266,9 @@ def _direct_m(model, data, producer, consumer, conv):
     """E[∂L/∂z_{l+1} x_lᵀ] computed directly (conv: over positions, 1×1 consumer, unfold of x_l)."""
     total = 0
     for xb, yb in data:
-        cap = {}
-        h1 = producer.register_forward_hook(lambda m, i, o: cap.__setitem__("x", i[0]))
-        h2 = consumer.register_forward_hook(lambda m, i, o: cap.__setitem__("z", o))
+        cap: dict[str, torch.Tensor] = {}
+        h1 = producer.register_forward_hook(lambda m, i, o, cap=cap: cap.__setitem__("x", i[0]))
+        h2 = consumer.register_forward_hook(lambda m, i, o, cap=cap: cap.__setitem__("z", o))
         loss = F.cross_entropy(model(xb), yb)
         h1.remove(), h2.remove()
         (gz,) = torch.autograd.grad(loss, cap["z"])
@@ -270,10 +298,10 @@ def test_gradmax_outgoing_is_top_singular_vectors(conv):
     producer, consumer = (model[0], model[2]) if conv else (model.net[0], model.net[2])
     direct = _direct_m(model, data, producer, consumer, conv)
     group = "0" if conv else "net.0"
-    M = GradMax().matrices(model, data, F.cross_entropy, example_inputs=x)[group]
+    M = GradMax(batches=None).matrices(model, data, F.cross_entropy, example_inputs=x)[group]
     assert torch.allclose(M, direct, atol=1e-10)
     U, S, _ = torch.linalg.svd(direct)
-    grower = GradMax(budget="units:2", groups=[group])
+    grower = GradMax(budget="units:2", groups=[group], batches=None)
     ref = copy.deepcopy(model)
     report = grower.grow(model, data, F.cross_entropy, example_inputs=x)
     new = grower.last_plan.changes[0].new

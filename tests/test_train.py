@@ -330,6 +330,7 @@ def test_refuses_existing_run_dir(tmp_path):
 @pytest.mark.parametrize(
     "keep",
     [
+        0,  # killed during epoch 1, before any checkpoint: resume starts over from config.yaml
         1,  # after epoch 1 ("trained"; its growth is still pending)
         2,  # right after growth 1 (the "g" checkpoint)
         5,  # after epoch 3
@@ -439,7 +440,8 @@ def _real_growers() -> list[str]:
 
 
 @pytest.mark.parametrize("method", _real_growers() or ["(none registered)"])
-def test_each_grower_end_to_end(tmp_path, method):
+def test_each_grower_end_to_end_and_exact_resume(tmp_path, method):
+    """Every registered grower trains end to end, rebuilds from its checkpoint, and resumes exactly."""
     if method == "(none registered)":
         pytest.skip("firefly_descent.methods has no growers yet")
     from firefly_descent.methods import make_grower
@@ -460,3 +462,11 @@ def test_each_grower_end_to_end(tmp_path, method):
     ckpt = load_checkpoint(out)
     model = rebuild_model(ckpt).eval()
     assert state_equal(model.state_dict(), ckpt["model_state"])
+    # kill before the growth (keep only the epoch-1 checkpoint) and resume: same weights, same metrics
+    final = ckpt["model_state"]
+    ckpts = list_checkpoints(out)
+    for p in ckpts[1:]:
+        p.unlink()
+    resume(out, progress=False)
+    assert state_equal(final_state(out), final)
+    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(rows)

@@ -175,7 +175,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         groups = graph.groups.values() if isinstance(graph.groups, dict) else graph.groups
         for g in groups:
             blocked = getattr(g, "blocked", None)
-            note = f"  (blocked: {blocked})" if blocked else ""
+            if isinstance(blocked, (tuple, list)) and blocked:
+                blocked = blocked[-1]
+            note = f"  (fixed: {blocked})" if blocked else ""
             print(f"  {g.name:<48} {g.width:>6}{note}")
     except Exception as e:  # analysis is informative here; never fail inspect over it
         print(f"  unavailable ({type(e).__name__}: {' '.join(str(e).split())[:200]})")

@@ -20,6 +20,7 @@ machine: a run killed mid-epoch restarts that epoch from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -186,9 +187,7 @@ def evaluate(
 
 
 @torch.no_grad()
-def refresh_batchnorm(
-    model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None
-) -> int:
+def refresh_batchnorm(model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None) -> int:
     """Recompute BatchNorm running statistics as a cumulative average over `loader` batches.
 
     Runs the model in train mode under `no_grad` with ``momentum=None``, then restores every
@@ -197,9 +196,7 @@ def refresh_batchnorm(
     bns = [
         m
         for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.running_mean is not None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
     if not bns:
         return 0
@@ -270,12 +267,23 @@ def _growers() -> tuple[Any, Any]:
     return make_grower, available_growers
 
 
+def _accepts_seed(method: str) -> bool:
+    from firefly_descent.methods.base import _REGISTRY
+
+    factory = _REGISTRY.get(method)
+    if factory is None:
+        return False
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return "seed" in params
+
+
 # --------------------------------------------------------------------------- setup
 
 
-def build_model_for(
-    cfg: Config, input_shape: tuple[int, ...], num_classes: int
-) -> tuple[nn.Module, dict[str, Any]]:
+def build_model_for(cfg: Config, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """Build the configured model, filling shape options (``in_features``, ``in_channels``,
     ``input_size``, ``num_classes``) from the dataset unless given. Returns (model, kwargs)."""
     from firefly_descent.models import available_models, build_model, model_spec
@@ -284,9 +292,7 @@ def build_model_for(
     try:
         spec = model_spec(name)
     except ValueError:
-        raise ConfigError(
-            f"model.name: unknown model {name!r}; allowed: {', '.join(available_models())}"
-        ) from None
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(available_models())}") from None
     kw = dict(cfg.model.kwargs)
     if "num_classes" in spec and "num_classes" not in kw:
         kw["num_classes"] = int(num_classes)
@@ -367,35 +373,29 @@ def prepare(cfg: Config) -> RunSetup:
     g = cfg.growth
     make_grower, available_growers = _growers()
     if g.method not in available_growers():
-        raise ConfigError(
-            f"growth.method: unknown method {g.method!r}; allowed: {', '.join(available_growers())}"
-        )
+        raise ConfigError(f"growth.method: unknown method {g.method!r}; allowed: {', '.join(available_growers())}")
+    kwargs = dict(g.kwargs)
+    if "seed" not in kwargs and _accepts_seed(g.method):
+        kwargs["seed"] = t.seed  # growth randomness follows the run's seed unless set explicitly
     try:
-        grower = make_grower(g.method, **g.kwargs)
+        grower = make_grower(g.method, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
     if getattr(grower, "needs_validation", False) and val_loader is None:
         raise ConfigError(
-            f"data.val_fraction: growth method {g.method!r} selects on validation data; "
-            "set data.val_fraction > 0"
+            f"data.val_fraction: growth method {g.method!r} selects on validation data; set data.val_fraction > 0"
         )
 
     example_inputs = bundle.example_inputs(8).clone().to(device)
     params = _count_params(model)
     if g.max_params is not None and g.max_params <= params:
-        raise ConfigError(
-            f"growth.max_params: {g.max_params:,} is not above the initial model's {params:,} parameters"
-        )
+        raise ConfigError(f"growth.max_params: {g.max_params:,} is not above the initial model's {params:,} parameters")
     if g.max_flops is not None:
         flops = _count_flops(model, example_inputs)
         if flops is None:
-            raise ConfigError(
-                "growth.max_flops: FLOP counting is unavailable for this model; use growth.max_params"
-            )
+            raise ConfigError("growth.max_flops: FLOP counting is unavailable for this model; use growth.max_params")
         if g.max_flops <= flops:
-            raise ConfigError(
-                f"growth.max_flops: {g.max_flops:,} is not above the initial model's {flops:,} FLOPs"
-            )
+            raise ConfigError(f"growth.max_flops: {g.max_flops:,} is not above the initial model's {flops:,} FLOPs")
     return RunSetup(
         cfg=cfg,
         device=device,
@@ -545,6 +545,7 @@ class _Run:
             "optim_param_names": self._param_names(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "grower_state": self._grower_state(),
             "rng": capture_rng(self.loader_gen),
             "epoch": self.epochs_done,
             "grown": self.growth_done_for_epoch,
@@ -568,6 +569,10 @@ class _Run:
         prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
         return path
 
+    def _grower_state(self) -> Any:
+        fn = getattr(self.s.grower, "state_dict", None)
+        return fn() if callable(fn) else None
+
     def load_state(self, ckpt: dict[str, Any]) -> None:
         """Restore everything from a checkpoint onto the freshly prepared setup."""
         _replay_history(self.model, ckpt.get("growth_history") or [])
@@ -585,6 +590,8 @@ class _Run:
         self.schedule.load_state_dict(ckpt["schedule"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("grower_state") is not None and callable(getattr(self.s.grower, "load_state_dict", None)):
+            self.s.grower.load_state_dict(ckpt["grower_state"])
         self.epochs_done = int(ckpt["epoch"])
         self.growth_done_for_epoch = bool(ckpt["grown"])
         self.step = int(ckpt["step"])
@@ -611,9 +618,7 @@ class _Run:
             grower.val_data = DeviceLoader(s.val_loader, self.device)
         t0 = time.perf_counter()
         self.model.train()
-        report = grower.grow(
-            self.model, data, self.loss_fn, optimizer=self.optimizer, example_inputs=s.example_inputs
-        )
+        report = grower.grow(self.model, data, self.loss_fn, optimizer=self.optimizer, example_inputs=s.example_inputs)
         self.model.train()
         self._sync_optimizer()
         grow_time = time.perf_counter() - t0
@@ -736,11 +741,7 @@ class _Run:
             while True:
                 E = self.epochs_done
                 if not self.growth_done_for_epoch:
-                    if (
-                        self.num_growths < len(s.planned)
-                        and s.planned[self.num_growths] == E
-                        and self._may_grow_more()
-                    ):
+                    if self.num_growths < len(s.planned) and s.planned[self.num_growths] == E and self._may_grow_more():
                         self.growth_done_for_epoch = True
                         self.grow()
                         self.save_checkpoint(after_growth=True)
@@ -798,7 +799,8 @@ class _Run:
             parts.append(f"val {fmt(row['val_loss'], row['val_acc'])}")
         parts.append(f"params {row['params']:,}")
         parts.append(f"lr {row['lr']:.3g}")
-        parts.append(f"{row['epoch_time']:.1f}s")
+        t = row["epoch_time"]
+        parts.append(f"{t:.2f}s" if t < 10 else f"{t:.0f}s")
         self.log(" | ".join(parts))
         if self.writer is not None:
             for k in (
@@ -868,10 +870,13 @@ def train(
             return _resume(Path(out_dir), progress)
     cfg = load_config(config, overrides)
     run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(cfg)
-    if list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
-        raise CheckpointError(
-            f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out"
-        )
+    return _start(cfg, run_dir, progress)
+
+
+def _start(cfg: Config, run_dir: Path, progress: bool, restart: bool = False) -> dict[str, Any]:
+    metrics = run_dir / "metrics.jsonl"
+    if list_checkpoints(run_dir) or (not restart and metrics.is_file() and metrics.stat().st_size > 0):
+        raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
     setup = prepare(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(
@@ -899,6 +904,13 @@ def _resume(run_dir: Path, progress: bool) -> dict[str, Any]:
         raise CheckpointError(f"{run_dir}: no such run directory")
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
+        if (run_dir / "config.yaml").is_file():  # killed during the first epoch: start over
+            try:
+                raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                raw = None
+            if isinstance(raw, dict):
+                return _start(config_from_dict(raw), run_dir, progress, restart=True)
         raise CheckpointError(f"{run_dir}: no checkpoints to resume from")
     ckpt = None
     for path in reversed(ckpts):
@@ -915,7 +927,5 @@ def _resume(run_dir: Path, progress: bool) -> dict[str, Any]:
     run.load_state(ckpt)
     run._open_tensorboard()
     if run.epochs_done < cfg.train.epochs or not run.growth_done_for_epoch:
-        run.log(
-            f"resuming {cfg.name} from {Path(ckpt['path']).name} (epoch {run.epochs_done}, step {run.step})"
-        )
+        run.log(f"resuming {cfg.name} from {Path(ckpt['path']).name} (epoch {run.epochs_done}, step {run.step})")
     return run.run()

@@ -151,13 +151,15 @@ def random_units(
     budget: Budget,
     gen: torch.Generator,
     repeat: bool = True,
+    pool_groups: list[Group] | None = None,
 ) -> dict[str, list[int]]:
     """Draw uniformly random units from the pool of all units of `groups` until the budget is used.
 
     Each draw takes a unit whose cost still fits its pool (one global pool, or per-group pools when
     `budget.per_group`); units of GroupNorm-normalised groups come in whole GroupNorm groups.
     Draws run in passes over a fresh random permutation of the pool; a later pass may pick a unit
-    again (split it twice) when `repeat` and the budget exceeds the pool.
+    again (split it twice) when `repeat` and the budget exceeds the pool. `pool_groups` (default
+    `groups`) sizes a ratio budget, so groups a method cannot grow still count toward the pool.
     """
     items: list[tuple[str, tuple[int, ...], float]] = []
     no_repeat: set[str] = set()
@@ -169,10 +171,11 @@ def random_units(
         for start in range(0, g.width, step):
             block = tuple(range(start, min(start + step, g.width)))
             items.append((g.name, block, costs[g.name] * len(block)))
+    sizing = pool_groups if pool_groups is not None else groups
     if budget.per_group:
-        left = {g.name: budget.group_limit(g, groups) for g in groups}
+        left = {g.name: budget.group_limit(g, sizing) for g in groups}
     else:
-        left = {"*": budget.limit(groups)}
+        left = {"*": budget.limit(sizing)}
     chosen: dict[str, list[int]] = {g.name: [] for g in groups}
     taken: set[tuple[str, tuple[int, ...]]] = set()
     while items:

@@ -1,17 +1,19 @@
 """Per-unit data for the splitting and GradMax baselines, read with temporary hooks.
 
 Both methods look at a unit i as  x --producer--> h_i --BatchNorm (optional)--> y_i --activation--> a_i.
-`find_paths` finds, for each group, the producer (one Linear or ungrouped Conv1d/Conv2d), its
-BatchNorm and the activation *module* that follows it in execution order; groups that do not have
-this shape (several producers tied by a residual add, units that pass through a depthwise layer, no
-activation module right after the producer, LayerNorm/GroupNorm, ...) are reported with a reason
-and left alone. `verify_paths` checks numerically that the activation's input really is the
-BatchNorm of the producer's output (y = c·h + d), so a wrong guess can never go unnoticed.
+`find_paths` finds, for each group, the producer (one Linear or ungrouped Conv1d/Conv2d, or for
+groups that pass through a depthwise conv, that depthwise conv: see `find_paths`), its BatchNorm
+and the activation *module* that follows it in execution order; groups that do not have this shape
+(several producers tied by a residual add, no activation module right after the producer,
+LayerNorm/GroupNorm, ...) are reported with a reason and left alone. `verify_paths` checks
+numerically that the activation's input really is the BatchNorm of the producer's output
+(y = c·h + d), so a wrong guess can never go unnoticed.
 
 `collect` runs the model in eval mode (BatchNorm statistics frozen, so BN is the per-unit affine map
 y = c·h + d) and yields, per batch and group, with positions (batch × spatial) as rows:
   X  [n, D]  the producer's input patch of every output position (F.unfold for convs), plus a
              column of ones when the producer has a bias: a unit's incoming weights are a vector in R^D
+             ([n, C, D] for a depthwise producer: unit c's patch of its own channel)
   y  [n, C]  the activation's input
   g  [n, C]  dL/da, the loss gradient at the activation's *output*: the forward hook returns
              `a + z` with z a zero leaf tensor and dL/dz is read with `torch.autograd.grad`, which is
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...analysis.graph import Group
+from ...analysis.graph import Group, Member
 from ...errors import GrowthError
 from ..base import LossFn
 from ..common import as_inputs
@@ -53,6 +55,7 @@ class UnitPath:
     norm: str | None
     act: str
     act_call: int
+    depthwise: bool = False  # the unit is a depthwise neuron: its input is its own channel only
 
     def weight_numel(self, model: nn.Module) -> int:
         w = model.get_submodule(self.producer).weight
@@ -98,11 +101,13 @@ def _leaf_call_order(model: nn.Module, x: tuple[torch.Tensor, ...]) -> list[str]
     return order
 
 
-def _producer_reason(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear):
+def _producer_reason(m: nn.Module, depthwise: bool = False) -> str | None:
+    if isinstance(m, nn.Linear) and not depthwise:
         return None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-        if m.groups != 1:
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        if depthwise and not (m.groups == m.in_channels == m.out_channels):
+            return "its per-channel layer is not a depthwise convolution with one filter per channel"
+        if not depthwise and m.groups != 1:
             return "its producer is a grouped convolution"
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             return "its producer uses non-zero or string padding"
@@ -110,10 +115,38 @@ def _producer_reason(m: nn.Module) -> str | None:
     return f"its producer is a {type(m).__name__} (Linear, Conv1d or Conv2d needed)"
 
 
+def _structure(g: Group) -> tuple[str | None, list[Member], list[Member], bool]:
+    """(reason it does not fit, weight members, bias members, depthwise) of the unit's computing layer."""
+    role = "producer"
+    depthwise = any(m.role == "passthrough" for m in g.members)
+    if depthwise:
+        role = "passthrough"  # the unit is the depthwise neuron; the layer before it is copied exactly
+        if len({m.module for m in g.members if m.role == "passthrough"}) != 1:
+            return "its units pass through several per-channel layers", [], [], True
+    weights = [m for m in g.members if m.role == role and m.kind == "weight"]
+    biases = [m for m in g.members if m.role == role and m.kind != "weight"]
+    if any(m.role == "elementwise" for m in g.members):
+        return "its units are combined elementwise with a parameter", weights, biases, depthwise
+    if g.constraints:
+        return f"it is normalised by {g.constraints[0].kind}", weights, biases, depthwise
+    if not depthwise and len(weights) != 1:
+        return f"it has {len(weights)} producers (residual add or concatenation)", weights, biases, depthwise
+    if len(weights) != 1 or weights[0].dim != 0 or weights[0].inner != 1 or any(
+            b.module != weights[0].module for b in biases):
+        return "its producer layout is not [units, fan-in]", weights, biases, depthwise
+    return None, weights, biases, depthwise
+
+
 def find_paths(
-    model: nn.Module, groups: list[Group], x: tuple[torch.Tensor, ...], method: str
+    model: nn.Module, groups: list[Group], x: tuple[torch.Tensor, ...], method: str, depthwise: bool = True
 ) -> tuple[dict[str, UnitPath], dict[str, str]]:
-    """Paths of the groups that fit `producer -> (BatchNorm) -> activation`, and why the others do not."""
+    """Paths of the groups that fit `producer -> (BatchNorm) -> activation`, and why the others do not.
+
+    In a group whose units pass through a depthwise convolution (MobileNet), the unit is the
+    depthwise neuron (its k×k filter over its own channel); the layer before it is copied exactly
+    by a split, so the split pair's outputs still meet only in the (halved) consumer. With
+    `depthwise=False` such groups are skipped.
+    """
     order = _leaf_call_order(model, x)
     modules = dict(model.named_modules())
     counts: dict[str, int] = defaultdict(int)
@@ -122,45 +155,34 @@ def find_paths(
     paths: dict[str, UnitPath] = {}
     skipped: dict[str, str] = {}
     for g in groups:
-        why = None
-        weights = [m for m in g.members if m.role == "producer" and m.kind == "weight"]
-        biases = [m for m in g.members if m.role == "producer" and m.kind != "weight"]
-        norms = {m.module for m in g.members if m.role == "norm"}
-        if any(m.role == "passthrough" for m in g.members):
+        why, weights, biases, dw = _structure(g)
+        if why is None and dw and not depthwise:
             why = "its units pass through a per-channel (depthwise) layer before their consumers"
-        elif any(m.role == "elementwise" for m in g.members):
-            why = "its units are combined elementwise with a parameter"
-        elif g.constraints:
-            why = f"it is normalised by {g.constraints[0].kind}"
-        elif len(weights) != 1:
-            why = f"it has {len(weights)} producers (residual add or concatenation)"
-        elif weights[0].dim != 0 or weights[0].inner != 1 or any(b.module != weights[0].module for b in biases):
-            why = "its producer layout is not [units, fan-in]"
-        elif len(norms) > 1:
-            why = "it has several normalisation layers"
         if why is None:
             pname = weights[0].module
-            why = _producer_reason(modules[pname])
+            why = _producer_reason(modules[pname], dw)
         if why is None:
-            norm = next(iter(norms), None)
-            if norm is not None:
-                nm = modules[norm]
-                if not isinstance(nm, nn.modules.batchnorm._BatchNorm) or nm.running_mean is None:
-                    why = "its normalisation is not a BatchNorm with running statistics"
-            if why is None and (counts[pname] != 1 or (norm is not None and counts[norm] != 1)):
-                why = "its producer or BatchNorm runs more than once per forward"
-            if why is None:
+            norms = {m.module for m in g.members if m.role == "norm"}
+            if counts[pname] != 1:
+                why = "its producer runs more than once per forward"
+            else:
                 i = order.index(pname) + 1
+                norm = order[i] if i < len(order) and order[i] in norms else None
                 if norm is not None:
-                    if i >= len(order) or order[i] != norm:
-                        why = "its BatchNorm does not directly follow the producer"
+                    nm = modules[norm]
+                    if not isinstance(nm, nn.modules.batchnorm._BatchNorm) or nm.running_mean is None:
+                        why = "its normalisation is not a BatchNorm with running statistics"
+                    elif counts[norm] != 1:
+                        why = "its BatchNorm runs more than once per forward"
                     i += 1
+                elif not dw and norms:
+                    why = "its normalisation layer does not directly follow the producer"
                 if why is None and (i >= len(order) or not isinstance(modules[order[i]], ACTIVATIONS)):
                     why = "no activation module directly follows the producer (and its BatchNorm)"
                 if why is None:
                     act = order[i]
-                    paths[g.name] = UnitPath(g, pname, weights[0].tensor, biases[0].tensor if biases else None,
-                                             norm, act, order[:i].count(act))
+                    bias = biases[0].tensor if biases else None
+                    paths[g.name] = UnitPath(g, pname, weights[0].tensor, bias, norm, act, order[:i].count(act), dw)
         if why is not None:
             skipped[g.name] = f"{method} does not apply: {why}"
     return paths, skipped
@@ -188,7 +210,8 @@ def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
 
 
 def patches(model: nn.Module, path: UnitPath, inp: torch.Tensor) -> torch.Tensor:
-    """The producer's input as rows [positions, D] in the order of `_rows` of its output."""
+    """The producer's input as rows in the order of `_rows` of its output: [positions, D] shared by all
+    units, or [positions, C, D] for a depthwise producer (each unit sees its own channel)."""
     p = model.get_submodule(path.producer)
     if isinstance(p, nn.Linear):
         X = inp.reshape(-1, inp.shape[-1])
@@ -198,10 +221,14 @@ def patches(model: nn.Module, path: UnitPath, inp: torch.Tensor) -> torch.Tensor
             k, d, pad, s = (1, *p.kernel_size), (1, *p.dilation), (0, *p.padding), (1, *p.stride)
         else:
             k, d, pad, s = p.kernel_size, p.dilation, p.padding, p.stride
-        cols = F.unfold(inp, k, dilation=d, padding=pad, stride=s)  # [B, D, L]
-        X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        cols = F.unfold(inp, k, dilation=d, padding=pad, stride=s)  # [B, C_in*kk, L]
+        if path.depthwise:
+            B, _, L = cols.shape
+            X = cols.reshape(B, p.out_channels, -1, L).permute(0, 3, 1, 2).reshape(B * L, p.out_channels, -1)
+        else:
+            X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if path.bias:
-        X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
+        X = torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=X.dtype, device=X.device)], -1)
     return X
 
 

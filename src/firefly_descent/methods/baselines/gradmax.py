@@ -78,7 +78,7 @@ class GradMax(BaselineGrower):
 
     # ---- the gradient-correlation matrix -----------------------------------------------------------
     def paths(self, ctx: Context) -> dict[str, UnitPath]:
-        paths, skipped = find_paths(ctx.model, ctx.groups, ctx.x, self.name)
+        paths, skipped = find_paths(ctx.model, ctx.groups, ctx.x, self.name, depthwise=False)
         skipped.update(verify_paths(ctx.model, paths, ctx.batches[0], self.name))
         ref = next(ctx.model.parameters())
         for n, p in list(paths.items()):

@@ -66,7 +66,7 @@ class NASH(BaselineGrower):
     kwargs: budget=0.35, seed=0, children=8, child_steps=20, child_lr=0.05, momentum=0.9,
     weight_decay=5e-4, noise=0.01 (Net2Net symmetry-breaking noise, relative std), width_prob=1.0,
     depth_prob=0.5, deepen_kind="auto", val_fraction=0.2 (used only without val_data),
-    val_batches=None (all of val_data), batches=None (all of data), groups=None.
+    val_batches=None (all of val_data), batches=20 (of data: child training + carving), groups=None.
     """
 
     name = "nash"
@@ -87,7 +87,7 @@ class NASH(BaselineGrower):
         deepen_kind: str = "auto",
         val_fraction: float = 0.2,
         val_batches: int | None = None,
-        batches: int | None = None,
+        batches: int | None = 20,
         groups: list[str] | None = None,
     ) -> None:
         super().__init__(budget, seed, batches, groups)

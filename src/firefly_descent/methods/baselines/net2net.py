@@ -51,7 +51,7 @@ def split_changes(
             pool.append(g)
     if not pool:
         return []
-    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen)
+    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)
     changes = []
     for g in pool:
         units = chosen.get(g.name, [])

@@ -32,7 +32,7 @@ def random_new_units(ctx: Context, budget: Any, gen: torch.Generator, out_scale:
             pool.append(g)
     if not pool:
         return []
-    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen)
+    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)
     changes = []
     for g in pool:
         k = len(chosen.get(g.name, []))

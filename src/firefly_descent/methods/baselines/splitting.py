@@ -9,9 +9,12 @@ The first-order terms cancel, so the product term of the downstream Hessian vani
 i.e. L(split) ≈ L + ½ε² vᵀS_i v: the best direction is the eigenvector of S_i's minimum eigenvalue
 λ_i, and splitting helps only when λ_i < 0 (predicted change ½ε²λ_i). E is the mean over the
 growth batches of the batch-mean loss; x is the producer's input patch (conv: per output
-position, sums over positions) with a 1 appended for a bias. For ReLU-like activations σ'' is
-replaced by the second derivative of softplus(β=3) as in the authors' code (ReLU6 / Hardtanh:
-the difference of two such terms at the two kinks; LeakyReLU: scaled by 1 − slope); smooth
+position, sums over positions) with a 1 appended for a bias. In groups that pass through a depthwise
+conv (MobileNet) the unit is the depthwise neuron (θ_i its k×k filter, x the patch of its own
+channel): the layer before it is copied exactly, so the pair still meets only in the halved consumer.
+For ReLU-like activations σ'' is replaced by the second derivative of softplus(β=3) as in the
+authors' code (ReLU6 / Hardtanh: the difference of two such terms at the two kinks; LeakyReLU:
+scaled by 1 − slope); smooth
 activations use their exact σ'' (autograd). BatchNorm is taken in eval mode (frozen statistics):
 that is what makes it the per-unit affine map above.
 
@@ -85,7 +88,8 @@ def exact_eigs(
 ) -> tuple[Eigs, dict[str, torch.Tensor]]:
     """Minimum eigenpair of every unit's splitting matrix, forming S_i in chunks of units.
 
-    A chunk holds k matrices of D×D; k shrinks so that k·D²·itemsize ≤ `memory_limit`; a group
+    A chunk holds k matrices of D×D; k shrinks so that k·D²·(itemsize + 8) ≤ `memory_limit` (the
+    matrices are decomposed in float64, where LAPACK converges reliably); a group
     whose single matrix exceeds the limit raises GrowthError. Each chunk round re-reads the batches
     (one forward/backward per batch), so memory never holds more than one chunk per group.
     """
@@ -93,10 +97,12 @@ def exact_eigs(
     plan: dict[str, tuple[int, int, int]] = {}  # group -> (C, D, chunk)
     for n, p in paths.items():
         D, C = p.dim(model), p.group.width
-        one = D * D * itemsize
+        one = D * D * (itemsize + 8)  # accumulated in the model's dtype, decomposed in float64
         if one > memory_limit:
-            raise GrowthError(f"splitting-exact: group {n!r} has fan-in D={D}; one {D}x{D} splitting matrix needs "
-                              f"{one:,} bytes > memory_limit {memory_limit:,}; raise memory_limit or use splitting-fast")
+            raise GrowthError(
+                f"splitting-exact: group {n!r} has fan-in D={D}; one {D}x{D} splitting matrix needs "
+                f"{one:,} bytes > memory_limit {memory_limit:,}; raise memory_limit or use splitting-fast"
+            )
         plan[n] = (C, D, max(1, min(C, memory_limit // one)))
     rounds = max((math.ceil(C / k) for C, _, k in plan.values()), default=0)
     vals: dict[str, list[torch.Tensor]] = {n: [] for n in paths}
@@ -110,20 +116,26 @@ def exact_eigs(
                 d = stats[n]
                 w = unit_weights(model, paths[n], d, beta)[:, u0:u1]
                 X = d.X
-                D, k = X.shape[1], u1 - u0
+                D, k = X.shape[-1], u1 - u0
                 acc = S.get(n)
                 if acc is None:
                     acc = S[n] = torch.zeros(k, D, D, dtype=X.dtype, device=X.device)
+                D = X.shape[-1]
                 m = _position_chunk(X.shape[0], k * D * itemsize, memory_limit)
                 for p0 in range(0, X.shape[0], m):
-                    Xc = X[p0:p0 + m]
-                    acc += torch.einsum("mkd,me->kde", Xc[:, None, :] * w[p0:p0 + m, :, None], Xc)
+                    if X.dim() == 2:  # every unit sees the same patch
+                        Xc = X[p0:p0 + m]
+                        acc += torch.einsum("mkd,me->kde", Xc[:, None, :] * w[p0:p0 + m, :, None], Xc)
+                    else:  # depthwise: unit c sees its own channel's patch
+                        Xc = X[p0:p0 + m, u0:u1]
+                        acc += torch.einsum("mkd,mke->kde", Xc * w[p0:p0 + m, :, None], Xc)
         for n, acc in S.items():
             acc /= len(batches)
             acc = 0.5 * (acc + acc.transpose(1, 2))
-            ev, V = torch.linalg.eigh(acc)
-            vals[n].append(ev[:, 0])
-            vecs[n].append(V[:, :, 0])
+            # float64: LAPACK's float32 eigh fails to converge on some ill-conditioned S
+            ev, V = torch.linalg.eigh(acc.double())
+            vals[n].append(ev[:, 0].to(acc.dtype))
+            vecs[n].append(V[:, :, 0].to(acc.dtype))
             if return_matrices:
                 mats[n].append(acc)
     eigs = {n: (torch.cat(vals[n]), torch.cat(vecs[n])) for n in paths if vals[n]}
@@ -180,8 +192,12 @@ def fast_eigs(
                 m = _position_chunk(X.shape[0], C * k * X.element_size(), memory_limit)
                 for p0 in range(0, X.shape[0], m):
                     Xc = X[p0:p0 + m]
-                    P = torch.einsum("nd,cdk->nck", Xc, q) * w[p0:p0 + m, :, None]
-                    out[n] += torch.einsum("nck,nd->cdk", P, Xc)
+                    if X.dim() == 2:
+                        P = torch.einsum("nd,cdk->nck", Xc, q) * w[p0:p0 + m, :, None]
+                        out[n] += torch.einsum("nck,nd->cdk", P, Xc)
+                    else:
+                        P = torch.einsum("ncd,cdk->nck", Xc, q) * w[p0:p0 + m, :, None]
+                        out[n] += torch.einsum("nck,ncd->cdk", P, Xc)
         return {n: v / nb for n, v in out.items()}
 
     V, SV, P = {}, {}, {}
@@ -204,7 +220,8 @@ def fast_eigs(
         SQ = matvec(Q)
         for n in V:
             T = Q[n].transpose(1, 2) @ SQ[n]
-            ev, Y = torch.linalg.eigh(0.5 * (T + T.transpose(1, 2)))
+            ev, Y = torch.linalg.eigh((0.5 * (T + T.transpose(1, 2))).double())
+            ev, Y = ev.to(T.dtype), Y.to(T.dtype)
             y = Y[:, :, :1]  # [C, k', 1]
             P[n] = Q[n][:, :, 1:] @ y[:, 1:]
             V[n] = Q[n] @ y
@@ -282,6 +299,7 @@ class _Splitting(BaselineGrower):
             flops = group_unit_costs(Budget("flops", 1.0), [paths[n].group for n in eigs], ctx.model, ctx.x)
             mean = sum(flops.values()) / len(flops)
             energy = {n: f / mean for n, f in flops.items()}
+            ctx.report.extra["energy"] = energy
         cands = []
         for n, (vals, _) in eigs.items():
             for i, lam in enumerate(vals.tolist()):
