@@ -231,6 +231,18 @@ def test_splitting_fast_matches_exact(kind):
     assert torch.allclose(streamed["0"][0], exact[0], rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [SplittingExact, SplittingFast])
+def test_splitting_predicted_change_matches_measured(cls):
+    """End to end on a smooth net: the applied splits lower the loss by Σ ½ε²λ_i (+ O(ε⁴))."""
+    model, x, _ = _tiny("conv", nn.Softplus(beta=2.0))
+    data = _data(model, x, n=2, bs=7, dtype=torch.float64)
+    report = cls(budget="units:2", eps=1e-2, relative_eps=False).grow(
+        model, data, F.cross_entropy, example_inputs=x)
+    assert sum(report.units_split.values()) == 2
+    assert report.predicted_loss_change < 0
+    assert report.measured_loss_change == pytest.approx(report.predicted_loss_change, rel=1e-3)
+
+
 def test_splitting_picks_most_negative_and_refuses_named_unfit_group():
     model, x = ZOO["mlp"]()
     data = _data(model, x)

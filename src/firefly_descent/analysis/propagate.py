@@ -603,6 +603,9 @@ class _Analysis:
         if isinstance(self.env.get(x), tuple):
             return self.env[x][idx]
         s = self.shape(x)
+        if s is None:  # an element of an opaque module's tuple output: fixed
+            out_s = self.shape(node)
+            return self.fixed(len(out_s)) if out_s is not None else None
         lay = self.env.get(x) or self.fixed(len(s))
         idx = idx if isinstance(idx, tuple) else (idx,)
         out: Layout = []

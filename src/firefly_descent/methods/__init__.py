@@ -4,9 +4,6 @@ from . import firefly  # noqa: F401  (registers "firefly")
 from .base import Grower, GrowthReport, available_growers, make_grower, register_grower
 from .firefly import Firefly
 
-try:  # the baselines register themselves on import
-    from . import baselines  # noqa: F401
-except ImportError:  # pragma: no cover - while the package is being assembled
-    pass
+from . import baselines  # noqa: F401,E402  (registers the baselines)
 
 __all__ = ["Firefly", "Grower", "GrowthReport", "available_growers", "make_grower", "register_grower"]
