@@ -215,12 +215,31 @@ def test_console_script_module_entry():
 # --------------------------------------------------------------------------- kill and resume
 
 
-def test_killed_run_resumes_to_identical_result(runner, tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", tiny(train={"epochs": 4}, growth={"at": [1, 3]}))
-    ref = tmp_path / "ref"
-    res = run_cli(runner, "train", str(cfg), "--out", str(ref))
-    assert res.returncode == 0, res.stderr
+KILL_CFG = tiny(train={"epochs": 4}, growth={"at": [1, 3]})
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference: the kill-test config run start to finish without interruption."""
+    tmp = tmp_path_factory.mktemp("ref")
+    runner = tmp / "firefly_runner.py"
+    runner.write_text(RUNNER)
+    ref = tmp / "ref"
+    res = run_cli(runner, "train", str(write_cfg(tmp / "c.yaml", KILL_CFG)), "--out", str(ref))
+    assert res.returncode == 0, res.stderr
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("trigger", "delay"),
+    [
+        ("e0001.pt", 0.0),  # right after the first checkpoint: during growth 1 or early in epoch 2
+        ("e0001g.pt", 0.05),  # after the post-growth checkpoint: mid-epoch 2 (45 batches x 10 ms)
+    ],
+)
+def test_killed_run_resumes_to_identical_result(runner, tmp_path, uninterrupted, trigger, delay):
+    ref = uninterrupted
+    cfg = write_cfg(tmp_path / "c.yaml", KILL_CFG)
     out = tmp_path / "killed"
     env = {**os.environ, "FIREFLY_TEST_SLOW": "0.01"}
     proc = subprocess.Popen(
@@ -231,11 +250,11 @@ def test_killed_run_resumes_to_identical_result(runner, tmp_path):
     )
     try:
         deadline = time.time() + 120
-        while not any(p.name.endswith("g.pt") for p in list_checkpoints(out)):  # after epoch 1 + growth 1
+        while not any(p.name.endswith(trigger) for p in list_checkpoints(out)):
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             assert time.time() < deadline
-            time.sleep(0.005)
-        time.sleep(0.05)  # now inside epoch 2 (45 batches x 10 ms)
+            time.sleep(0.002)
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -338,10 +357,7 @@ def _has(method: str) -> bool:
 @pytest.mark.skipif(not _has("firefly"), reason="the firefly grower is not available yet")
 def test_named_digits_config_end_to_end(tmp_path, capsys):
     out = tmp_path / "digits"
-    assert (
-        main(["train", "digits-mlp-firefly", "--set", "train.epochs=3", "--out", str(out), "--no-progress"])
-        == 0
-    )
+    assert main(["train", "digits-mlp-firefly", "--set", "train.epochs=3", "--out", str(out), "--no-progress"]) == 0
     assert "done:" in capsys.readouterr().out
     growths = read_jsonl(out / "growth.jsonl")
     assert len(growths) == 1 and growths[0]["params"] > growths[0]["params_before"]

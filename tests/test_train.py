@@ -160,9 +160,7 @@ def test_defaults_and_named_configs_validate():
 
 
 def test_overrides_are_yaml_parsed():
-    cfg = load_config(
-        tiny(), ["optim.lr=0.01", "model.kwargs.hidden=[4, 4]", "growth.at=[1,2]", "growth.every=null"]
-    )
+    cfg = load_config(tiny(), ["optim.lr=0.01", "model.kwargs.hidden=[4, 4]", "growth.at=[1,2]", "growth.every=null"])
     assert cfg.optim.lr == 0.01 and cfg.model.kwargs["hidden"] == [4, 4] and cfg.growth.at == [1, 2]
     assert apply_overrides({}, ["a.b.c=yes"]) == {"a": {"b": {"c": True}}}
 
@@ -355,12 +353,8 @@ def test_resume_from_any_checkpoint_matches_uninterrupted(tmp_path, keep):
     (out / "summary.json").unlink()
     got = resume(out, progress=False)
     assert state_equal(final_state(out), final_state(tmp_path / "ref"))
-    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(
-        read_jsonl(tmp_path / "ref" / "metrics.jsonl")
-    )
-    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(
-        read_jsonl(tmp_path / "ref" / "growth.jsonl")
-    )
+    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "metrics.jsonl"))
+    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(read_jsonl(tmp_path / "ref" / "growth.jsonl"))
     assert got["final_test_loss"] == ref["final_test_loss"]
 
 
@@ -470,3 +464,20 @@ def test_each_grower_end_to_end_and_exact_resume(tmp_path, method):
     resume(out, progress=False)
     assert state_equal(final_state(out), final)
     assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(rows)
+
+
+def test_callbacks_see_epochs_growths_and_end(tmp_path):
+    seen: list[tuple[str, Any]] = []
+
+    class Recorder:
+        def on_epoch_end(self, row, model):
+            seen.append(("epoch", row["epoch"]))
+
+        def on_growth(self, record, model):
+            seen.append(("growth", record["epoch"]))
+
+        def on_train_end(self, summary, model):
+            seen.append(("end", summary["epochs"]))
+
+    train(tiny(train={"epochs": 3}), tmp_path / "cb", progress=False, callbacks=[Recorder()])
+    assert seen == [("epoch", 1), ("growth", 1), ("epoch", 2), ("growth", 2), ("epoch", 3), ("end", 3)]

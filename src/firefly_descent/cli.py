@@ -62,16 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="output directory (default ./firefly-report)")
 
     i = sub.add_parser("inspect", help="describe a checkpoint: architecture, widths, params, FLOPs, growth")
-    i.add_argument(
-        "checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)"
-    )
+    i.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)")
 
-    e = sub.add_parser(
-        "export", help="export a checkpoint as model.safetensors + architecture.json + config.yaml"
-    )
-    e.add_argument(
-        "checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)"
-    )
+    e = sub.add_parser("export", help="export a checkpoint as model.safetensors + architecture.json + config.yaml")
+    e.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)")
     e.add_argument("out_dir", type=Path)
     return p
 

@@ -196,9 +196,7 @@ def _plot_curves(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
         ep = [row["epoch"] for row in r.metrics]
         if not ep:
             continue
-        (line,) = ax_loss.plot(
-            ep, [row.get("test_loss") for row in r.metrics], marker=".", label=f"{label} test"
-        )
+        (line,) = ax_loss.plot(ep, [row.get("test_loss") for row in r.metrics], marker=".", label=f"{label} test")
         color = line.get_color()
         ax_loss.plot(
             ep,

@@ -222,9 +222,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 out.append(_coerce(v, item, f"{key}[{i}]"))
             except _Mismatch:
-                raise ConfigError(
-                    f"{key}[{i}]: expected {_describe(item)}, got {type(v).__name__} {v!r}"
-                ) from None
+                raise ConfigError(f"{key}[{i}]: expected {_describe(item)}, got {type(v).__name__} {v!r}") from None
         return out
     if origin is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
@@ -354,9 +352,7 @@ def validate(cfg: Config) -> None:
         g.warmup_epochs is None or g.warmup_epochs >= 0,
         f"growth.warmup_epochs: must be an integer >= 0, got {g.warmup_epochs}",
     )
-    need(
-        not (g.every is not None and g.at is not None), "growth.at: give growth.every or growth.at, not both"
-    )
+    need(not (g.every is not None and g.at is not None), "growth.at: give growth.every or growth.at, not both")
     need(
         g.warmup_epochs is None or g.every is not None,
         "growth.warmup_epochs: only used with growth.every (set growth.every or drop warmup_epochs)",
@@ -378,9 +374,7 @@ def validate(cfg: Config) -> None:
             f"growth.every: first growth would be after epoch {first}, beyond the run "
             f"(train.epochs={t.epochs}); {allowed} for the first growth",
         )
-    need(
-        g.max_growths is None or g.max_growths >= 0, f"growth.max_growths: must be >= 0, got {g.max_growths}"
-    )
+    need(g.max_growths is None or g.max_growths >= 0, f"growth.max_growths: must be >= 0, got {g.max_growths}")
     need(g.max_params is None or g.max_params >= 1, f"growth.max_params: must be >= 1, got {g.max_params}")
     need(g.max_flops is None or g.max_flops >= 1, f"growth.max_flops: must be >= 1, got {g.max_flops}")
     need(
@@ -391,7 +385,7 @@ def validate(cfg: Config) -> None:
         g.data_batches is None or g.data_batches >= 1,
         f"growth.data_batches: must be null or >= 1, got {g.data_batches}",
     )
-    if g.method not in ("static", "none") and g.max_growths != 0:
+    if g.method != "static" and g.max_growths != 0:
         need(
             g.every is not None or g.at is not None,
             f"growth.every: method {g.method!r} needs a schedule; set growth.every or growth.at",
@@ -449,9 +443,7 @@ def load_raw(source: str | Path) -> dict[str, Any]:
     entry = _configs_dir() / f"{source}.yaml"
     if not entry.is_file():
         names = ", ".join(named_configs()) or "(none)"
-        raise ConfigError(
-            f"config: {str(source)!r} is neither a YAML file nor a named config; named: {names}"
-        )
+        raise ConfigError(f"config: {str(source)!r} is neither a YAML file nor a named config; named: {names}")
     raw = _read_yaml(entry.read_text(encoding="utf-8"), f"config {source}")
     raw.setdefault("name", str(source))
     return raw
@@ -483,9 +475,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(
-                    f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {'.'.join(path)}"
-                )
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {'.'.join(path)}")
             node = nxt
         node[path[-1]] = value
     return out

@@ -27,7 +27,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -426,8 +426,9 @@ def _loader_generator(loader: Any) -> torch.Generator | None:
 class _Run:
     """Mutable state of one run plus the operations on it (kept private; use `train`/`resume`)."""
 
-    def __init__(self, setup: RunSetup, run_dir: Path, progress: bool) -> None:
+    def __init__(self, setup: RunSetup, run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> None:
         self.s = setup
+        self.callbacks = list(callbacks)
         self.cfg = setup.cfg
         self.run_dir = run_dir
         self.model = setup.model
@@ -450,6 +451,12 @@ class _Run:
         self._params = _count_params(self.model)
         self._flops = _count_flops(self.model, setup.example_inputs)
         self.schedule = LRSchedule.from_config(self.cfg, self._phase_end(0))
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if callable(fn):
+                fn(payload, self.model)
 
     # ---- growth bookkeeping
 
@@ -655,6 +662,7 @@ class _Run:
         )
         self.growths.append(rec)
         self._append_jsonl("growth.jsonl", rec)
+        self._emit("on_growth", rec)
         self.elapsed += time.perf_counter() - t0
         if cfg.schedule.restart_after_growth:
             self.schedule.new_phase(E, self._phase_end(E))
@@ -772,6 +780,7 @@ class _Run:
                 self._append_jsonl("metrics.jsonl", row)
                 self._log_epoch(row)
                 self.save_checkpoint()
+                self._emit("on_epoch_end", row)
                 ebar.update(1)
         finally:
             ebar.close()
@@ -782,6 +791,7 @@ class _Run:
         tmp = self.run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
         os.replace(tmp, self.run_dir / "summary.json")
+        self._emit("on_train_end", summary)
         return summary
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
@@ -855,6 +865,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     overrides: tuple[str, ...] | list[str] = (),
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Train (and grow) a model as configured; return the final metrics.
 
@@ -862,18 +873,23 @@ def train(
     are ``key.sub=value`` strings. Everything is validated (including loading the data and
     building model and grower) before `out_dir` is created. With ``resume=True`` and an
     `out_dir` holding checkpoints, continue that run instead (see `resume`).
+
+    `callbacks` are objects with any of ``on_epoch_end(row, model)``, ``on_growth(record, model)``
+    and ``on_train_end(summary, model)``; each receives the dict also written to disk.
     """
     if resume:
         if out_dir is None:
             raise CheckpointError("resume: a run directory is required")
         if list_checkpoints(out_dir):
-            return _resume(Path(out_dir), progress)
+            return _resume(Path(out_dir), progress, callbacks)
     cfg = load_config(config, overrides)
     run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(cfg)
-    return _start(cfg, run_dir, progress)
+    return _start(cfg, run_dir, progress, callbacks)
 
 
-def _start(cfg: Config, run_dir: Path, progress: bool, restart: bool = False) -> dict[str, Any]:
+def _start(
+    cfg: Config, run_dir: Path, progress: bool, callbacks: Sequence[Any] = (), restart: bool = False
+) -> dict[str, Any]:
     metrics = run_dir / "metrics.jsonl"
     if list_checkpoints(run_dir) or (not restart and metrics.is_file() and metrics.stat().st_size > 0):
         raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
@@ -884,7 +900,7 @@ def _start(cfg: Config, run_dir: Path, progress: bool, restart: bool = False) ->
     )
     for name in ("metrics.jsonl", "growth.jsonl", "train.log"):
         (run_dir / name).write_text("", encoding="utf-8")
-    run = _Run(setup, run_dir, progress)
+    run = _Run(setup, run_dir, progress, callbacks)
     run._open_tensorboard()
     run.log(
         f"run {cfg.name}: {cfg.model.name} on {setup.bundle.name} ({len(setup.bundle.train)} train), "
@@ -894,12 +910,12 @@ def _start(cfg: Config, run_dir: Path, progress: bool, restart: bool = False) ->
     return run.run()
 
 
-def resume(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def resume(run_dir: str | Path, progress: bool = True, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Continue a run from its newest complete checkpoint, exactly as if never interrupted."""
-    return _resume(Path(run_dir), progress)
+    return _resume(Path(run_dir), progress, callbacks)
 
 
-def _resume(run_dir: Path, progress: bool) -> dict[str, Any]:
+def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     ckpts = list_checkpoints(run_dir)
@@ -910,7 +926,7 @@ def _resume(run_dir: Path, progress: bool) -> dict[str, Any]:
             except yaml.YAMLError:
                 raw = None
             if isinstance(raw, dict):
-                return _start(config_from_dict(raw), run_dir, progress, restart=True)
+                return _start(config_from_dict(raw), run_dir, progress, callbacks, restart=True)
         raise CheckpointError(f"{run_dir}: no checkpoints to resume from")
     ckpt = None
     for path in reversed(ckpts):
@@ -923,7 +939,7 @@ def _resume(run_dir: Path, progress: bool) -> dict[str, Any]:
         raise CheckpointError(f"{run_dir}: no readable checkpoint")
     cfg = config_from_dict(ckpt["config"])
     setup = prepare(cfg)
-    run = _Run(setup, run_dir, progress)
+    run = _Run(setup, run_dir, progress, callbacks)
     run.load_state(ckpt)
     run._open_tensorboard()
     if run.epochs_done < cfg.train.epochs or not run.growth_done_for_epoch:

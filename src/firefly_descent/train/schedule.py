@@ -50,9 +50,7 @@ class LRSchedule:
         p = min(max(p, 0.0), 1.0)
         return c.min_lr + (self.base_lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
 
-    def apply(
-        self, optimizer: torch.optim.Optimizer, epoch: int, batch: int = 0, batches_per_epoch: int = 1
-    ) -> float:
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, batch: int = 0, batches_per_epoch: int = 1) -> float:
         """Set the learning rate of every param group and return it."""
         lr = self.lr_at(epoch, batch, batches_per_epoch)
         for group in optimizer.param_groups:

@@ -44,6 +44,7 @@ class FireflyConfig:
     new_units: float = 0.5  # new-unit candidates per group: fraction of its width (< 1) or a count (>= 1)
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
     step_one_steps: int | None = 40  # optimiser steps of step one; None = one pass over the data
+    sample_size: int | None = None  # use at most this many samples of each batch in steps one and two
     step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 1e-2
     rmsprop_alpha: float = 0.9
@@ -119,6 +120,9 @@ class Firefly(Grower):
             cfg.step_one_steps, cfg.score_batches)
         batches = take_batches(data, n_needed, device)
         x = example_from(batches, example_inputs)
+        if cfg.sample_size is not None:
+            batches = [(tuple(t[: cfg.sample_size] for t in as_inputs(xb)) if not isinstance(xb, torch.Tensor)
+                        else xb[: cfg.sample_size], yb[: cfg.sample_size]) for xb, yb in batches]
         graph = analyze(model, x)
         groups = [g for g in graph.growable() if not g.constraints]
         if not groups and cfg.candidates != "depth":
