@@ -50,9 +50,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=15)
     args = ap.parse_args()
     torch.manual_seed(0)
-    results: dict = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                     "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    results: dict = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     # 1. analysis time of torchvision resnet50 (224x224 example, meta-device tracing)
     r50 = torchvision.models.resnet50(weights=None)

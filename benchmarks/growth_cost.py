@@ -48,10 +48,13 @@ def setup(cfg: dict, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(cfg["images"], cfg["channels"], cfg["size"], cfg["size"], generator=gen)
     y = torch.randint(0, 10, (cfg["images"],), generator=gen)
-    loader = [(x[i:i + cfg["batch"]].to(device), y[i:i + cfg["batch"]].to(device))
-              for i in range(0, cfg["images"], cfg["batch"])]
-    model = build_model(cfg["model"], in_channels=cfg["channels"], num_classes=10, widths=cfg["width"],
-                        input_size=cfg["size"]).to(device)
+    loader = [
+        (x[i : i + cfg["batch"]].to(device), y[i : i + cfg["batch"]].to(device))
+        for i in range(0, cfg["images"], cfg["batch"])
+    ]
+    model = build_model(
+        cfg["model"], in_channels=cfg["channels"], num_classes=10, widths=cfg["width"], input_size=cfg["size"]
+    ).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, opt, loader, device
 
@@ -109,10 +112,17 @@ def main() -> None:
         print(memory_probe(cfg, args._probe))
         return
     methods = [m for m in args.methods.split(",") if m]
-    results = {"command": " ".join(["python"] + sys.argv), "preset": args.preset, "config": cfg,
-               "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "cpus": os.cpu_count(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-               "methods": {}}
+    results = {
+        "command": " ".join(["python"] + sys.argv),
+        "preset": args.preset,
+        "config": cfg,
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "methods": {},
+    }
     for name in methods:
         grower_name, kw = METHODS[name]
         model, opt, loader, _ = setup(cfg)
@@ -122,19 +132,30 @@ def main() -> None:
         report = make_grower(grower_name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
         grow = time.perf_counter() - t0
         epoch_after = train_epoch(model, opt, loader)
-        row = {"epoch_s": epoch, "growth_s": grow, "growth_over_epoch": grow / epoch,
-               "epoch_after_growth_s": epoch_after, "params_before": report.params_before,
-               "params_after": report.params_after, "timings": report.timings}
+        row = {
+            "epoch_s": epoch,
+            "growth_s": grow,
+            "growth_over_epoch": grow / epoch,
+            "epoch_after_growth_s": epoch_after,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "timings": report.timings,
+        }
         if not args.no_memory:
             probe = [sys.executable, __file__, "--preset", args.preset, "--_probe"]
             train_mem = int(subprocess.check_output(probe + ["train"], text=True).strip().splitlines()[-1])
             grow_mem = int(subprocess.check_output(probe + [name], text=True).strip().splitlines()[-1])
-            row.update(train_step_peak_bytes=train_mem, growth_peak_bytes=grow_mem,
-                       growth_over_train_memory=grow_mem / max(1, train_mem))
+            row.update(
+                train_step_peak_bytes=train_mem,
+                growth_peak_bytes=grow_mem,
+                growth_over_train_memory=grow_mem / max(1, train_mem),
+            )
         results["methods"][name] = row
-        print(f"{name:20s} epoch {epoch:7.2f}s  growth {grow:8.2f}s  ratio {grow / epoch:7.2f}"
-              + (f"  memory x{row['growth_over_train_memory']:.2f}" if "growth_over_train_memory" in row else ""),
-              flush=True)
+        print(
+            f"{name:20s} epoch {epoch:7.2f}s  growth {grow:8.2f}s  ratio {grow / epoch:7.2f}"
+            + (f"  memory x{row['growth_over_train_memory']:.2f}" if "growth_over_train_memory" in row else ""),
+            flush=True,
+        )
     out = args.out or f"benchmarks/results/growth_cost_{args.preset}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -78,16 +78,35 @@ def main() -> None:
             acc_grown = accuracy(model, test)
             epoch(model, o, train)
             acc_ft = accuracy(model, test)
-            row = dict(seed=seed, variant=name, epoch_s=t_epoch, growth_s=grow_s, growth_over_epoch=grow_s / t_epoch,
-                       acc_before=acc0, acc_after_growth=acc_grown, acc_after_finetune=acc_ft,
-                       params_before=rep.params_before, params_after=rep.params_after,
-                       loss_before=rep.loss_before, loss_after=rep.loss_after)
+            row = dict(
+                seed=seed,
+                variant=name,
+                epoch_s=t_epoch,
+                growth_s=grow_s,
+                growth_over_epoch=grow_s / t_epoch,
+                acc_before=acc0,
+                acc_after_growth=acc_grown,
+                acc_after_finetune=acc_ft,
+                params_before=rep.params_before,
+                params_after=rep.params_after,
+                loss_before=rep.loss_before,
+                loss_after=rep.loss_after,
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "command": "python " + " ".join(sys.argv),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "date": time.strftime("%Y-%m-%d"),
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

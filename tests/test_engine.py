@@ -98,7 +98,10 @@ def test_concat_consumer_offsets():
     model, x = ZOO["concat"]()
     graph = ff.analyze(model, x)
     offsets = sorted(
-        (m.offset, g.name) for g in graph.groups.values() for m in g.members if m.tensor == "conv_c.weight" and m.dim == 1
+        (m.offset, g.name)
+        for g in graph.groups.values()
+        for m in g.members
+        if m.tensor == "conv_c.weight" and m.dim == 1
     )
     assert len(offsets) == 2 and offsets[0][0] == 0 and offsets[1][0] > 0
 
@@ -279,8 +282,13 @@ def test_plan_is_serialisable_and_explains(tmp_path):
     graph = ff.analyze(model, x)
     g = graph["net.0"]
     plan = Plan(
-        [GroupChange(g, splits=[Split(1, {"net.0.weight": torch.randn(1, 6)}, eps=0.1)],
-                     new=NewUnits(2, incoming={"net.0.weight": torch.randn(2, 1, 6)}))],
+        [
+            GroupChange(
+                g,
+                splits=[Split(1, {"net.0.weight": torch.randn(1, 6)}, eps=0.1)],
+                new=NewUnits(2, incoming={"net.0.weight": torch.randn(2, 1, 6)}),
+            )
+        ],
         function_preserving=False,
     )
     text = plan.explain()
@@ -304,9 +312,16 @@ def test_split_direction_and_new_unit_values_land_where_planned():
     w2 = model.net[2].weight.detach().clone()
     d = torch.randn(1, w.shape[1])
     inc, out = torch.randn(1, 1, w.shape[1]), torch.randn(1, w2.shape[0], 1)
-    plan = Plan([GroupChange(g, splits=[Split(2, {"net.0.weight": d}, eps=0.5)],
-                             new=NewUnits(1, incoming={"net.0.weight": inc}, outgoing={"net.2.weight": out}))],
-                function_preserving=False)
+    plan = Plan(
+        [
+            GroupChange(
+                g,
+                splits=[Split(2, {"net.0.weight": d}, eps=0.5)],
+                new=NewUnits(1, incoming={"net.0.weight": inc}, outgoing={"net.2.weight": out}),
+            )
+        ],
+        function_preserving=False,
+    )
     ff.apply(model, plan, example_inputs=x)
     W, W2 = model.net[0].weight, model.net[2].weight
     width = w.shape[0]

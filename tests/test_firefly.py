@@ -24,8 +24,10 @@ def _data(model, x, n_batches=4, batch=16, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     n_cls = model(*x).shape[1]
     return [
-        (torch.randn(batch, *x[0].shape[1:], generator=gen, dtype=dtype),
-         torch.randint(0, n_cls, (batch,), generator=gen))
+        (
+            torch.randn(batch, *x[0].shape[1:], generator=gen, dtype=dtype),
+            torch.randint(0, n_cls, (batch,), generator=gen),
+        )
         for _ in range(n_batches)
     ]
 
@@ -38,8 +40,9 @@ def _width_candidates(name, dtype=torch.float64, new_units=2):
     graph = ff.analyze(model, x)
     groups = [g for g in graph.growable() if not g.constraints]
     init = {"split": 0.3, "new_in": 0.3, "new_out": 0.1}
-    cands = build_width_candidates(model, graph, groups, {g.name: new_units for g in groups}, True, x, init,
-                                   torch.Generator().manual_seed(0))
+    cands = build_width_candidates(
+        model, graph, groups, {g.name: new_units for g in groups}, True, x, init, torch.Generator().manual_seed(0)
+    )
     return model, x, cands
 
 
@@ -99,20 +102,25 @@ def test_split_gradient_is_zero_at_zero_but_integrated_score_is_not():
 def test_selection_is_a_sort_under_each_budget():
     torch.manual_seed(0)
     groups = ff.analyze(*ZOO["mlp"]()).growable()
-    cands = [Candidate("split" if i % 2 else "new", groups[i % 2].name, i, float(torch.randn(())), float(1 + i % 3))
-             for i in range(12)]
+    cands = [
+        Candidate("split" if i % 2 else "new", groups[i % 2].name, i, float(torch.randn(())), float(1 + i % 3))
+        for i in range(12)
+    ]
     # units (each candidate one unit): the eta most negative scores = the best subset by brute force
     unit_cands = [Candidate(c.kind, c.group, c.index, c.score, 1.0) for c in cands]
     budget = Budget("units", 4)
     kept = select(unit_cands, budget, groups)
     negative = [c for c in unit_cands if c.score < 0]
-    best = min((s for r in range(0, 5) for s in itertools.combinations(negative, r)), key=lambda s: sum(c.score for c in s))
+    best = min(
+        (s for r in range(0, 5) for s in itertools.combinations(negative, r)), key=lambda s: sum(c.score for c in s)
+    )
     assert sorted(kept, key=id) == sorted(best, key=id)
     # ratio: eta = int(0.35 * total units)
     budget = Budget("ratio", 0.35)
     eta = int(0.35 * sum(g.width for g in groups))
     assert [c.index for c in select(unit_cands, budget, groups)] == [
-        c.index for c in sorted(negative, key=lambda c: c.score)][:eta]
+        c.index for c in sorted(negative, key=lambda c: c.score)
+    ][:eta]
     negative = [c for c in cands if c.score < 0]
     # params / flops: best predicted decrease per unit of cost, greedily while it fits
     for kind in ("params", "flops"):
@@ -254,7 +262,7 @@ def _teacher_data():
             p.copy_(torch.randn(p.shape, generator=gen))
         x = torch.randn(512, 8, generator=gen)
         y = teacher(x)
-    return [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+    return [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
 
 
 def _train(model, data, steps=150, lr=1e-2):

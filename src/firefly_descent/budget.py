@@ -129,9 +129,7 @@ class Budget:
         return float(self.amount) * group.width / total
 
 
-def group_unit_costs(
-    budget: Budget, groups: list[Group], model: nn.Module, example_inputs: Any
-) -> dict[str, float]:
+def group_unit_costs(budget: Budget, groups: list[Group], model: nn.Module, example_inputs: Any) -> dict[str, float]:
     """Cost of one unit of each group in the budget's currency."""
     if budget.currency == "units":
         return {g.name: 1.0 for g in groups}

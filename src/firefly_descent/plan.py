@@ -93,9 +93,11 @@ class Plan:
 
     def explain(self) -> str:
         """Human-readable summary of the plan."""
-        lines = [f"Plan from {self.method}: {len(self.changes)} group(s), {len(self.layers)} new layer(s)"
-                 + (" [function-preserving]" if self.function_preserving else "")
-                 + (" [approximate]" if self.approximate else "")]
+        lines = [
+            f"Plan from {self.method}: {len(self.changes)} group(s), {len(self.layers)} new layer(s)"
+            + (" [function-preserving]" if self.function_preserving else "")
+            + (" [approximate]" if self.approximate else "")
+        ]
         for c in self.changes:
             n_new = c.new.count if c.new else 0
             eps = [s.eps for s in c.splits if s.directions]
@@ -134,7 +136,9 @@ class Plan:
                         {"unit": s.unit, "eps": s.eps, "position": s.position, "directions": t(s.directions)}
                         for s in c.splits
                     ],
-                    "new": None if c.new is None else {
+                    "new": None
+                    if c.new is None
+                    else {
                         "count": c.new.count,
                         "positions": c.new.positions,
                         "init": c.new.init,
@@ -156,20 +160,39 @@ class Plan:
         changes = []
         for c in d["changes"]:
             new = c.get("new")
-            changes.append(GroupChange(
-                group=Group.from_dict(c["group"]),
-                splits=[Split(s["unit"], dict(s.get("directions", {})), s.get("eps", 1.0), s.get("position"))
-                        for s in c["splits"]],
-                new=None if new is None else NewUnits(
-                    new["count"], dict(new.get("incoming", {})), dict(new.get("outgoing", {})),
-                    dict(new.get("passthrough", {})), new.get("positions"), new.get("init", "zero")),
-            ))
-        layers = [NewLayer(ly["after"], ly["kind"], dict(ly["spec"]), dict(ly.get("params", {})), ly["scale"])
-                  for ly in d.get("layers", [])]
-        return cls(changes, layers, d.get("function_preserving", True), d.get("approximate", False),
-                   d.get("method", "manual"), d.get("tolerance", 1e-4),
-                   {k: list(v) for k, v in d.get("shapes", {}).items()},
-                   [list(x) for x in d.get("input_shapes", [])])
+            changes.append(
+                GroupChange(
+                    group=Group.from_dict(c["group"]),
+                    splits=[
+                        Split(s["unit"], dict(s.get("directions", {})), s.get("eps", 1.0), s.get("position"))
+                        for s in c["splits"]
+                    ],
+                    new=None
+                    if new is None
+                    else NewUnits(
+                        new["count"],
+                        dict(new.get("incoming", {})),
+                        dict(new.get("outgoing", {})),
+                        dict(new.get("passthrough", {})),
+                        new.get("positions"),
+                        new.get("init", "zero"),
+                    ),
+                )
+            )
+        layers = [
+            NewLayer(ly["after"], ly["kind"], dict(ly["spec"]), dict(ly.get("params", {})), ly["scale"])
+            for ly in d.get("layers", [])
+        ]
+        return cls(
+            changes,
+            layers,
+            d.get("function_preserving", True),
+            d.get("approximate", False),
+            d.get("method", "manual"),
+            d.get("tolerance", 1e-4),
+            {k: list(v) for k, v in d.get("shapes", {}).items()},
+            [list(x) for x in d.get("input_shapes", [])],
+        )
 
     def save(self, path: str) -> None:
         torch.save(self.to_dict(), path)

@@ -31,7 +31,8 @@ class Member:
     tensor: str  # qualified name, e.g. "features.0.weight"
     dim: int
     role: str
-    kind: str  # fill rule for new units: weight, bias, norm_weight, norm_bias, running_mean, running_var, additive, multiplicative
+    # fill rule for new units: weight, bias, norm_weight, norm_bias, running_mean, running_var, additive, multiplicative
+    kind: str
     module: str  # qualified name of the owning module
     offset: int = 0
     inner: int = 1
@@ -132,9 +133,7 @@ class GrowthGraph:
         try:
             return self.groups[name]
         except KeyError:
-            raise GrowthError(
-                f"no group named {name!r}; known groups: {', '.join(self.groups) or '(none)'}"
-            ) from None
+            raise GrowthError(f"no group named {name!r}; known groups: {', '.join(self.groups) or '(none)'}") from None
 
     def growable(self) -> list[Group]:
         return [g for g in self.groups.values() if g.growable]

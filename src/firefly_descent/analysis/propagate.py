@@ -55,14 +55,44 @@ def register_module_rule(module_type: type[nn.Module], rule: ModuleRule) -> None
 
 
 UNARY_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.ELU, nn.Softplus, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softsign,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Hardtanh,
+    nn.SELU,
+    nn.CELU,
+    nn.Softsign,
 )
 POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.ZeroPad2d,
 )
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -72,18 +102,72 @@ MULTIPLICATIVE_FUNCS = {operator.mul, operator.truediv, torch.mul, torch.div, op
 ADDITIVE_METHODS = {"add", "sub", "add_", "sub_"}
 MULTIPLICATIVE_METHODS = {"mul", "div", "mul_", "div_"}
 UNARY_FUNCS = {
-    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
-    torch.tanh, F.tanh, F.leaky_relu, F.elu, F.softplus, F.mish, F.dropout, F.dropout1d, F.dropout2d,
-    torch.nn.functional.hardtanh, torch.abs, torch.neg, torch.exp, operator.neg, F.selu, torch.square,
-    torch.clamp, torch.clip, torch.sqrt, torch.rsqrt,
+    torch.relu,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.softplus,
+    F.mish,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    torch.nn.functional.hardtanh,
+    torch.abs,
+    torch.neg,
+    torch.exp,
+    operator.neg,
+    F.selu,
+    torch.square,
+    torch.clamp,
+    torch.clip,
+    torch.sqrt,
+    torch.rsqrt,
 }
 UNARY_METHODS = {
-    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half", "to", "type_as",
-    "detach", "abs", "neg", "exp", "clamp", "clamp_", "square", "sqrt", "pow", "__pow__", "requires_grad_",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "to",
+    "type_as",
+    "detach",
+    "abs",
+    "neg",
+    "exp",
+    "clamp",
+    "clamp_",
+    "square",
+    "sqrt",
+    "pow",
+    "__pow__",
+    "requires_grad_",
 }
 POOL_FUNCS = {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.interpolate,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.interpolate,
 }
 REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod", "norm", "argmax"}
 SOFTMAX = {"softmax", "log_softmax"}
@@ -237,8 +321,11 @@ class _Analysis:
             if len(dl) != len(first) or any(
                 (a[0] is None) != (b[0] is None) or a[1] != b[1] for a, b in zip(dl, first)
             ):
-                self.block_layout([first, dl], "UnsupportedOpError",
-                                  f"{source_of(node)} combines tensors whose units are laid out differently")
+                self.block_layout(
+                    [first, dl],
+                    "UnsupportedOpError",
+                    f"{source_of(node)} combines tensors whose units are laid out differently",
+                )
                 return first
             for a, b in zip(dl, first):
                 if a[0] is not None:
@@ -248,8 +335,9 @@ class _Analysis:
                 kind = "multiplicative" if op_kind == "mul" else "additive"
                 self.add_members(first, str(src.target), dim, "elementwise", kind, str(src.target).rpartition(".")[0])
             else:
-                self.block_layout([first], "FrozenGroupError",
-                                  f"{source_of(node)} combines its units with a fixed-width tensor")
+                self.block_layout(
+                    [first], "FrozenGroupError", f"{source_of(node)} combines its units with a fixed-width tensor"
+                )
         return tuple((self.find(g) if g is not None else None, n) for g, n in first)
 
     def elementwise(self, node: fx.Node, op_kind: str = "add") -> Layout | None:
@@ -270,8 +358,9 @@ class _Analysis:
                 if s[k] == out_shape[d]:
                     contributions.append((lay[k], a, k))
                 elif lay[k] is not None:
-                    self.block_layout([lay[k]], "FrozenGroupError",
-                                      f"{source_of(node)} broadcasts a size-{s[k]} growable dim")
+                    self.block_layout(
+                        [lay[k]], "FrozenGroupError", f"{source_of(node)} broadcasts a size-{s[k]} growable dim"
+                    )
             out.append(self.unify(node, contributions, op_kind))
         return out
 
@@ -281,7 +370,7 @@ class _Analysis:
         n = len(s)
         start, end = self.norm_dim(start, n), self.norm_dim(end, n)
         merged = self.merge(node, s, lay, list(range(start, end + 1)))
-        return lay[:start] + [merged] + lay[end + 1:]
+        return lay[:start] + [merged] + lay[end + 1 :]
 
     def merge(self, node: fx.Node, s: tuple[int, ...], lay: Layout, dims: list[int]) -> DimLayout:
         grow = [d for d in dims if lay[d] is not None]
@@ -289,8 +378,11 @@ class _Analysis:
             return None
         d0 = grow[0]
         if len(grow) > 1 or any(s[d] != 1 for d in dims if d < d0):
-            self.block_layout([lay[d] for d in grow], "UnsupportedOpError",
-                              f"{source_of(node)} reshapes a grown dim that is not the outermost of the merged dims")
+            self.block_layout(
+                [lay[d] for d in grow],
+                "UnsupportedOpError",
+                f"{source_of(node)} reshapes a grown dim that is not the outermost of the merged dims",
+            )
             return None
         mult = math.prod(s[d] for d in dims if d > d0)
         return tuple((g, k * mult) for g, k in lay[d0])  # type: ignore[union-attr]
@@ -325,8 +417,11 @@ class _Analysis:
                 if len(big_out) == 1 and len(big_in) == 1 and s_in[big_in[0]] == s_out[big_out[0]]:
                     out[big_out[0]] = lay[big_in[0]]
                 else:
-                    self.block_layout([lay[d] for d in grown], "UnsupportedOpError",
-                                      f"{source_of(node)} splits a grown dim into several dims")
+                    self.block_layout(
+                        [lay[d] for d in grown],
+                        "UnsupportedOpError",
+                        f"{source_of(node)} splits a grown dim into several dims",
+                    )
         return out
 
     def reduce(self, node: fx.Node, x: fx.Node, dims: Any, keepdim: bool, name: str) -> Layout | None:
@@ -339,9 +434,12 @@ class _Analysis:
         dims = [self.norm_dim(d, len(s)) for d in dims]
         for d in dims:
             if lay[d] is not None:
-                self.block_layout([lay[d]], "ReductionOverGrownDimError",
-                                  f"{name} over dim {d} at {source_of(node)} reduces over the units, "
-                                  "so every new unit would change it")
+                self.block_layout(
+                    [lay[d]],
+                    "ReductionOverGrownDimError",
+                    f"{name} over dim {d} at {source_of(node)} reduces over the units, "
+                    "so every new unit would change it",
+                )
         out_shape = self.shape(node)
         if out_shape is None:
             return None
@@ -433,8 +531,9 @@ class _Analysis:
                 if isinstance(m, nn.GroupNorm):
                     groups = {self.find(g) for g, _ in dl if g is not None}
                     if len(dl) != 1:
-                        self.block_layout([dl], "UnsupportedOpError",
-                                          f"GroupNorm {name!r} normalises a concatenation of groups")
+                        self.block_layout(
+                            [dl], "UnsupportedOpError", f"GroupNorm {name!r} normalises a concatenation of groups"
+                        )
                     for g in groups:
                         self.constraints[g].append(Constraint("groupnorm", name, m.num_channels // m.num_groups))
                 elif m.track_running_stats and m.running_mean is not None:
@@ -443,11 +542,14 @@ class _Analysis:
             return list(lay)
         if isinstance(m, nn.LayerNorm):
             k = len(m.normalized_shape)
-            normed = lay[len(lay) - k:]
+            normed = lay[len(lay) - k :]
             if any(d is not None for d in normed):
                 if k != 1:
-                    self.block_layout(normed, "UnsupportedOpError",
-                                      f"LayerNorm {name!r} normalises several dims including a grown one")
+                    self.block_layout(
+                        normed,
+                        "UnsupportedOpError",
+                        f"LayerNorm {name!r} normalises several dims including a grown one",
+                    )
                 else:
                     dl = normed[0]
                     if m.weight is not None:
@@ -469,14 +571,19 @@ class _Analysis:
         if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             d = self.norm_dim(m.dim if m.dim is not None else -1, len(s))
             if lay[d] is not None:
-                self.block_layout([lay[d]], "ReductionOverGrownDimError",
-                                  f"softmax over dim {d} at {source_of(node)} normalises over the units")
+                self.block_layout(
+                    [lay[d]],
+                    "ReductionOverGrownDimError",
+                    f"softmax over dim {d} at {source_of(node)} normalises over the units",
+                )
             return list(lay)
         if isinstance(m, nn.MultiheadAttention):
             for a in self.tensor_args(node):
-                self.block_layout(self.env.get(a), "FrozenGroupError",
-                                  f"nn.MultiheadAttention {name!r} has a fixed embedding width "
-                                  "(register a module rule to grow it)")
+                self.block_layout(
+                    self.env.get(a),
+                    "FrozenGroupError",
+                    f"nn.MultiheadAttention {name!r} has a fixed embedding width (register a module rule to grow it)",
+                )
             return None
         return self.block_unknown(node, f"module {name!r} ({type(m).__name__})")
 
@@ -484,8 +591,9 @@ class _Analysis:
         args = list(node.args)
         tm = node.meta.get("tensor_meta")
         multi = isinstance(tm, (tuple, list))
-        out_shapes = [tuple(t.shape) if isinstance(t, TensorMetadata) else None for t in tm] if multi else [
-            self.shape(node)]
+        out_shapes = (
+            [tuple(t.shape) if isinstance(t, TensorMetadata) else None for t in tm] if multi else [self.shape(node)]
+        )
         outs: list[Layout | None] = [self.fixed(len(s)) if s is not None else None for s in out_shapes]
         handled: set[tuple[int, int]] = set()
         for arg_i, dim, params in rule.consumes:
@@ -516,8 +624,11 @@ class _Analysis:
                 lay = self.env.get(a) or []
                 for d, dl in enumerate(lay):
                     if dl is not None and (i, d) not in handled:
-                        self.block_layout([dl], "UnsupportedOpError",
-                                          f"module rule of {name!r} does not say how input {i} dim {d} grows")
+                        self.block_layout(
+                            [dl],
+                            "UnsupportedOpError",
+                            f"module rule of {name!r} does not say how input {i} dim {d} grows",
+                        )
         return tuple(outs) if multi else outs[0]
 
     # ---- functions and methods --------------------------------------------------------------------
@@ -612,7 +723,7 @@ class _Analysis:
         d = 0
         for k, it in enumerate(idx):
             if it is Ellipsis:
-                rest = len(idx) - k - 1 - sum(1 for i in idx[k + 1:] if i is None)
+                rest = len(idx) - k - 1 - sum(1 for i in idx[k + 1 :] if i is None)
                 while d < len(s) - rest:
                     out.append(lay[d])
                     d += 1
@@ -623,8 +734,7 @@ class _Analysis:
                 d += 1
             elif isinstance(it, (int, slice)):
                 if lay[d] is not None:
-                    self.block_layout([lay[d]], "UnsupportedOpError",
-                                      f"{source_of(node)} indexes into a grown dim")
+                    self.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} indexes into a grown dim")
                 if isinstance(it, slice):
                     out.append(None)
                 d += 1
@@ -638,8 +748,11 @@ class _Analysis:
         lay = self.env.get(x) or self.fixed(len(s))
         d = self.norm_dim(dim if dim is not None else -1, len(s))
         if lay[d] is not None:
-            self.block_layout([lay[d]], "ReductionOverGrownDimError",
-                              f"softmax over dim {d} at {source_of(node)} normalises over the units")
+            self.block_layout(
+                [lay[d]],
+                "ReductionOverGrownDimError",
+                f"softmax over dim {d} at {source_of(node)} normalises over the units",
+            )
         return list(lay)
 
     def transpose(self, node: fx.Node, x: fx.Node, a: int, b: int) -> Layout:
@@ -694,8 +807,15 @@ class _Analysis:
             members = list(dict.fromkeys(self.members[gid]))
             constraints = list(dict.fromkeys(self.constraints[gid]))
             name = self.names[gid]
-            groups[name] = Group(name, self.widths[gid], members, constraints, self.blocked[gid],
-                                 list(dict.fromkeys(self.producers[gid])), self.channel_dims[gid])
+            groups[name] = Group(
+                name,
+                self.widths[gid],
+                members,
+                constraints,
+                self.blocked[gid],
+                list(dict.fromkeys(self.producers[gid])),
+                self.channel_dims[gid],
+            )
         return GrowthGraph(groups, self.boundaries(), input_shapes)
 
     def boundaries(self) -> dict[str, Boundary]:
@@ -703,7 +823,7 @@ class _Analysis:
         nodes = list(self.gm.graph.nodes)
         inside: dict[str, list[fx.Node]] = {}
         for node in nodes:
-            for path in (node.meta.get("nn_module_stack") or {}):
+            for path in node.meta.get("nn_module_stack") or {}:
                 inside.setdefault(path, []).append(node)
             if node.op == "call_module":
                 inside.setdefault(str(node.target), [])

@@ -163,7 +163,9 @@ def apply(
     except Exception as e:  # noqa: BLE001 - any failure inside torch becomes one clear line
         tx.rollback()
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise VerificationError(f"applying the plan failed ({type(e).__name__}: {msg}); model and optimizer restored") from None
+        raise VerificationError(
+            f"applying the plan failed ({type(e).__name__}: {msg}); model and optimizer restored"
+        ) from None
     if record:
         setattr(model, HISTORY_ATTR, tx.history + [plan.to_dict(tensors=False)])
     return model
@@ -174,8 +176,9 @@ def _verify(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], befo
         after = _flat(_run(model, inputs))
     except Exception as e:  # noqa: BLE001
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise VerificationError(f"the grown model fails on the example inputs ({type(e).__name__}: {msg}); "
-                                "model and optimizer restored") from None
+        raise VerificationError(
+            f"the grown model fails on the example inputs ({type(e).__name__}: {msg}); model and optimizer restored"
+        ) from None
     if before is None:
         return
     if len(after) != len(before) or any(a.shape != b.shape for a, b in zip(after, before)):
@@ -243,7 +246,7 @@ def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer 
             new = value.contiguous()
         tx.tensors.append((store, attr, old))
         store[attr] = new
-    for name, module in touched.items():
+    for module in touched.values():
         before = next(a for m, a in tx.attrs if m is module)
         rederive_attrs(module, before)
 

@@ -19,9 +19,7 @@ def spread_units(width: int, k: int) -> list[int]:
     return [(i * width) // k % width if k <= width else i % width for i in range(k)]
 
 
-def plan_widen(
-    graph: GrowthGraph, sizes: dict[str, int], mode: str = "split", approximate: bool = False
-) -> Plan:
+def plan_widen(graph: GrowthGraph, sizes: dict[str, int], mode: str = "split", approximate: bool = False) -> Plan:
     """A function-preserving plan adding `sizes[group]` units to each group."""
     if mode not in ("split", "zero"):
         raise GrowthError(f"widen mode must be 'split' or 'zero', not {mode!r}")
@@ -37,8 +35,13 @@ def plan_widen(
             changes.append(GroupChange(group, splits=[Split(u) for u in sorted(units)]))
         else:
             changes.append(GroupChange(group, new=NewUnits(k, init="random")))
-    return Plan(changes, function_preserving=True, approximate=approximate, method=f"widen-{mode}",
-                input_shapes=[list(s) for s in graph.input_shapes])
+    return Plan(
+        changes,
+        function_preserving=True,
+        approximate=approximate,
+        method=f"widen-{mode}",
+        input_shapes=[list(s) for s in graph.input_shapes],
+    )
 
 
 def widen(
@@ -64,8 +67,12 @@ def layer_spec(boundary: Boundary, kind: str = "residual", kernel_size: int = 3)
     if boundary.channel_dim == boundary.ndim - 1 and boundary.ndim != 3 or boundary.ndim == 2:
         return {"type": "linear_act" if kind == "residual" else "linear_identity", "features": boundary.channels}
     if boundary.channel_dim == 1 and boundary.ndim in (3, 4, 5):
-        return {"type": "conv_bn_act" if kind == "residual" else "conv_identity", "channels": boundary.channels,
-                "dims": boundary.ndim - 2, "kernel_size": kernel_size}
+        return {
+            "type": "conv_bn_act" if kind == "residual" else "conv_identity",
+            "channels": boundary.channels,
+            "dims": boundary.ndim - 2,
+            "kernel_size": kernel_size,
+        }
     if boundary.channel_dim == boundary.ndim - 1:
         return {"type": "linear_act" if kind == "residual" else "linear_identity", "features": boundary.channels}
     raise GrowthError(f"no new-layer type fits the output of {boundary.module!r} (shape {boundary.shape})")
@@ -81,8 +88,12 @@ def plan_deepen(graph: GrowthGraph, after: list[str], kind: str = "residual", sc
                 f"candidates: {', '.join(list(graph.boundaries)[:12])}"
             )
         layers.append(NewLayer(name, kind, layer_spec(b, kind), scale=scale))
-    return Plan(layers=layers, function_preserving=True, method=f"deepen-{kind}",
-                input_shapes=[list(s) for s in graph.input_shapes])
+    return Plan(
+        layers=layers,
+        function_preserving=True,
+        method=f"deepen-{kind}",
+        input_shapes=[list(s) for s in graph.input_shapes],
+    )
 
 
 def deepen(

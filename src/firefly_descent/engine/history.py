@@ -66,8 +66,10 @@ def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Modul
         try:
             module = model.get_submodule(mod_name) if mod_name else model
         except AttributeError:
-            raise GrowthError(f"checkpoint tensor {name!r} has no module in the model; it was grown deeper - "
-                              "load it with its growth history") from None
+            raise GrowthError(
+                f"checkpoint tensor {name!r} has no module in the model; it was grown deeper - "
+                "load it with its growth history"
+            ) from None
         store = module._parameters if attr in module._parameters else module._buffers
         old = store.get(attr)
         if old is None or list(old.shape) == list(shape):
@@ -85,7 +87,9 @@ def load(path: str, build: Callable[[], nn.Module], map_location: str | torch.de
         raise GrowthError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise GrowthError(f"{path} is not a firefly-descent checkpoint (no state_dict); save it with firefly_descent.save")
+        raise GrowthError(
+            f"{path} is not a firefly-descent checkpoint (no state_dict); save it with firefly_descent.save"
+        )
     model = build()
     if ckpt.get("history"):
         replay_history(model, ckpt["history"])

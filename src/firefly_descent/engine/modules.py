@@ -8,8 +8,17 @@ from torch import nn
 
 from ..analysis.propagate import MODULE_RULES
 
-_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features",
-          "num_channels", "num_groups", "normalized_shape")
+_ATTRS = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "num_channels",
+    "num_groups",
+    "normalized_shape",
+)
 
 
 def snapshot_attrs(m: nn.Module) -> dict[str, Any]:
@@ -61,14 +70,20 @@ def check_attrs(model: nn.Module) -> list[str]:
             m.weight.shape[0] != m.out_channels or m.weight.shape[1] * m.groups != m.in_channels
         ):
             bad.append(name)
-        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None and (
-            m.running_mean.shape[0] != m.num_features
+        elif (
+            isinstance(m, nn.modules.batchnorm._NormBase)
+            and m.running_mean is not None
+            and (m.running_mean.shape[0] != m.num_features)
         ):
             bad.append(name)
-        elif isinstance(m, nn.GroupNorm) and m.weight is not None and (
-            m.weight.shape[0] != m.num_channels or m.num_channels % m.num_groups
+        elif (
+            isinstance(m, nn.GroupNorm)
+            and m.weight is not None
+            and (m.weight.shape[0] != m.num_channels or m.num_channels % m.num_groups)
         ):
             bad.append(name)
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None and tuple(m.weight.shape) != tuple(m.normalized_shape):
+        elif (
+            isinstance(m, nn.LayerNorm) and m.weight is not None and tuple(m.weight.shape) != tuple(m.normalized_shape)
+        ):
             bad.append(name)
     return bad

@@ -75,8 +75,10 @@ def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, tor
         m, ch = seg.member, seg.change
         end = m.offset + ch.group.width * m.inner
         if m.offset < p or end > size:
-            raise PlanError(f"{m.tensor}: dim {m.dim} has size {size}, which does not fit group "
-                            f"{ch.group.name!r} (width {ch.group.width}); the plan is stale - re-analyse the model")
+            raise PlanError(
+                f"{m.tensor}: dim {m.dim} has size {size}, which does not fit group "
+                f"{ch.group.name!r} (width {ch.group.width}); the plan is stale - re-analyse the model"
+            )
         while p < m.offset:
             kinds.append(OLD), srcs.append(p), scales.append(1.0)
             p += 1
@@ -137,8 +139,11 @@ def default_fill(member: Member, shape: tuple[int, ...], like: torch.Tensor, ini
     kind = member.kind
     if kind in ("norm_weight", "running_var", "multiplicative"):
         return torch.ones(shape, dtype=like.dtype, device=like.device)
-    if member.role == "passthrough" and kind == "weight" or (member.role == "producer" and kind == "weight"
-                                                             and init == "random"):
+    if (
+        member.role == "passthrough"
+        and kind == "weight"
+        or (member.role == "producer" and kind == "weight" and init == "random")
+    ):
         fan_in = max(1, math.prod(shape[2:]) if len(shape) > 2 else 1)
         if member.role == "producer":
             fan_in = max(1, math.prod(like.shape) // max(1, like.shape[member.dim]))
@@ -196,7 +201,9 @@ def _check(value: torch.Tensor, expected: list[int], what: str) -> None:
 def _fill_new_units(new, old, dim, m, ch, unit_pos, slice_shape, done) -> None:
     if ch.new is None or ch.new.count == 0:
         return
-    source = {"producer": ch.new.incoming, "consumer": ch.new.outgoing, "passthrough": ch.new.passthrough}.get(m.role, {})
+    source = {"producer": ch.new.incoming, "consumer": ch.new.outgoing, "passthrough": ch.new.passthrough}.get(
+        m.role, {}
+    )
     count = ch.new.count
     if m.tensor in source:
         value = source[m.tensor].to(device=old.device, dtype=old.dtype)

@@ -75,9 +75,14 @@ class GrowthReport:
         if self.loss_before is not None:
             pred = self.predicted_loss_change
             meas = self.measured_loss_change
+            after = self.loss_after if self.loss_after is not None else float("nan")
             lines.append(
-                f"  loss {self.loss_before:.4f} -> {self.loss_after if self.loss_after is not None else float('nan'):.4f}"
-                + (f" (predicted change {pred:+.4f}, measured {meas:+.4f})" if pred is not None and meas is not None else "")
+                f"  loss {self.loss_before:.4f} -> {after:.4f}"
+                + (
+                    f" (predicted change {pred:+.4f}, measured {meas:+.4f})"
+                    if pred is not None and meas is not None
+                    else ""
+                )
             )
         if self.timings:
             lines.append("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))

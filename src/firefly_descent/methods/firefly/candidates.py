@@ -167,11 +167,13 @@ def build_width_candidates(
     changes = []
     for g in groups:
         k = new_count.get(g.name, 0)
-        changes.append(GroupChange(
-            g,
-            splits=[Split(i) for i in range(g.width)] if splits else [],
-            new=NewUnits(k) if k else None,
-        ))
+        changes.append(
+            GroupChange(
+                g,
+                splits=[Split(i) for i in range(g.width)] if splits else [],
+                new=NewUnits(k) if k else None,
+            )
+        )
     plan = Plan(changes, function_preserving=True, method="firefly-candidates")
     net = copy.deepcopy(model)
     if hasattr(net, "_firefly_history"):

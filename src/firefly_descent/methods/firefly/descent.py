@@ -66,9 +66,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # the authors' released code (klightz/Firefly): one pass of RMSprop, gradient at the end point
     "paper-code": dict(
-        new_units=70, step_one_steps=None, step_one_optimizer="rmsprop", lr=1e-3, rmsprop_alpha=0.9,
-        momentum=0.1, split_penalty=1e-2, new_penalty=1e-4, init_split=0.1, init_new_in=0.1,
-        init_new_out=0.01, score_points=[1.0], score_batches=None,
+        new_units=70,
+        step_one_steps=None,
+        step_one_optimizer="rmsprop",
+        lr=1e-3,
+        rmsprop_alpha=0.9,
+        momentum=0.1,
+        split_penalty=1e-2,
+        new_penalty=1e-4,
+        init_split=0.1,
+        init_new_in=0.1,
+        init_new_out=0.01,
+        score_points=[1.0],
+        score_batches=None,
     ),
 }
 
@@ -90,8 +100,10 @@ class Firefly(Grower):
         values = {**PRESETS[preset], **overrides}
         unknown = set(values) - set(FireflyConfig.__dataclass_fields__)
         if unknown:
-            raise GrowthError(f"unknown Firefly option(s) {sorted(unknown)}; known: "
-                              f"{', '.join(sorted(FireflyConfig.__dataclass_fields__))}")
+            raise GrowthError(
+                f"unknown Firefly option(s) {sorted(unknown)}; known: "
+                f"{', '.join(sorted(FireflyConfig.__dataclass_fields__))}"
+            )
         self.config = FireflyConfig(**values)
         if self.config.candidates not in CANDIDATE_SETS:
             raise GrowthError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {self.config.candidates!r}")
@@ -116,17 +128,29 @@ class Firefly(Grower):
     ) -> GrowthReport:
         cfg = self.config
         device = model_device(model)
-        n_needed = None if cfg.step_one_steps is None or cfg.score_batches is None else max(
-            cfg.step_one_steps, cfg.score_batches)
+        n_needed = (
+            None
+            if cfg.step_one_steps is None or cfg.score_batches is None
+            else max(cfg.step_one_steps, cfg.score_batches)
+        )
         batches = take_batches(data, n_needed, device)
         x = example_from(batches, example_inputs)
         if cfg.sample_size is not None:
-            batches = [(tuple(t[: cfg.sample_size] for t in as_inputs(xb)) if not isinstance(xb, torch.Tensor)
-                        else xb[: cfg.sample_size], yb[: cfg.sample_size]) for xb, yb in batches]
+            batches = [
+                (
+                    tuple(t[: cfg.sample_size] for t in as_inputs(xb))
+                    if not isinstance(xb, torch.Tensor)
+                    else xb[: cfg.sample_size],
+                    yb[: cfg.sample_size],
+                )
+                for xb, yb in batches
+            ]
         graph = analyze(model, x)
         groups = [g for g in graph.growable() if not g.constraints]
         if not groups and cfg.candidates != "depth":
-            raise GrowthError("the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow")
+            raise GrowthError(
+                "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
+            )
         report = start_report(f"firefly[{self.preset}]", model, graph, x)
         gen = torch.Generator().manual_seed(cfg.seed)
         score_batches = batches if cfg.score_batches is None else batches[: cfg.score_batches]
@@ -144,8 +168,15 @@ class Firefly(Grower):
             new_count = {g.name: self._new_count(g.width) if use_new else 0 for g in groups}
             with Timer(report.timings, "build"):
                 width_c = build_width_candidates(
-                    model, graph, groups, new_count, use_splits, x,
-                    {"split": cfg.init_split, "new_in": cfg.init_new_in, "new_out": cfg.init_new_out}, gen)
+                    model,
+                    graph,
+                    groups,
+                    new_count,
+                    use_splits,
+                    x,
+                    {"split": cfg.init_split, "new_in": cfg.init_new_in, "new_out": cfg.init_new_out},
+                    gen,
+                )
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
             with Timer(report.timings, "step_two"):
@@ -173,10 +204,14 @@ class Firefly(Grower):
         kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
         self.last_scores = candidates
         report.predicted_loss_change = float(sum(c.score for c in kept))
-        report.extra.update({
-            "candidates": len(candidates), "kept": len(kept), "budget": self.budget.__dict__,
-            "budget_limit": self.budget.limit(groups),
-        })
+        report.extra.update(
+            {
+                "candidates": len(candidates),
+                "kept": len(kept),
+                "budget": self.budget.__dict__,
+                "budget_limit": self.budget.limit(groups),
+            }
+        )
         plan = self._materialize(graph, width_c, depth_c, kept, x)
         for net in (width_c.net if width_c else None, depth_c.net if depth_c else None):
             if net is not None:
@@ -191,8 +226,13 @@ class Firefly(Grower):
         return int(k) if k >= 1 else max(1, math.ceil(k * width))
 
     def _step_one(
-        self, net: nn.Module, params: list[nn.Parameter], width_c: WidthCandidates | None,
-        batches: list[tuple[Any, Any]], loss_fn: LossFn, bn_train: DepthCandidates | None = None,
+        self,
+        net: nn.Module,
+        params: list[nn.Parameter],
+        width_c: WidthCandidates | None,
+        batches: list[tuple[Any, Any]],
+        loss_fn: LossFn,
+        bn_train: DepthCandidates | None = None,
     ) -> None:
         """Optimise the candidates with all of them on (alpha = 1), old weights and BN statistics frozen."""
         cfg = self.config
@@ -233,7 +273,9 @@ class Firefly(Grower):
             p.requires_grad_(False)
         net.eval()
 
-    def _scores(self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    def _scores(
+        self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn
+    ) -> dict[str, torch.Tensor]:
         """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
         net.eval()
         total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
@@ -264,14 +306,22 @@ class Firefly(Grower):
         out = []
         for after, spec in zip(depth_c.after, depth_c.specs):
             meta = meta_copy(model)
-            apply(meta, Plan(layers=[NewLayer(after, "residual", spec)], function_preserving=False),
-                  verify=False, record=False)
+            apply(
+                meta,
+                Plan(layers=[NewLayer(after, "residual", spec)], function_preserving=False),
+                verify=False,
+                record=False,
+            )
             out.append(float(max(1, count_flops(meta, x) - base)))
         return out
 
     def _materialize(
-        self, graph: Any, width_c: WidthCandidates | None, depth_c: DepthCandidates | None,
-        kept: list[Candidate], x: tuple[torch.Tensor, ...],
+        self,
+        graph: Any,
+        width_c: WidthCandidates | None,
+        depth_c: DepthCandidates | None,
+        kept: list[Candidate],
+        x: tuple[torch.Tensor, ...],
     ) -> Plan:
         by_group: dict[str, tuple[list[int], list[int]]] = {}
         for c in kept:
@@ -294,8 +344,13 @@ class Firefly(Grower):
                     spec, params = _widen_body(spec, params, change)
                 scale = float(layer.parametrizations.scale.original.detach())
                 layers.append(NewLayer(c.group, "residual", spec, params, scale))
-        return Plan(changes, layers, function_preserving=False, method=f"firefly[{self.preset}]",
-                    input_shapes=[list(t.shape) for t in x])
+        return Plan(
+            changes,
+            layers,
+            function_preserving=False,
+            method=f"firefly[{self.preset}]",
+            input_shapes=[list(t.shape) for t in x],
+        )
 
 
 def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: GroupChange) -> tuple[dict, dict]:
@@ -307,9 +362,16 @@ def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: G
     body = build_body(spec)
     body.load_state_dict(params)
     group = Group("body", change.group.width, body_members(spec))
-    plan = Plan([GroupChange(group, splits=[Split(s.unit, position=s.position) for s in change.splits],
-                             new=NewUnits(change.new.count, positions=change.new.positions) if change.new else None)],
-                function_preserving=False)
+    plan = Plan(
+        [
+            GroupChange(
+                group,
+                splits=[Split(s.unit, position=s.position) for s in change.splits],
+                new=NewUnits(change.new.count, positions=change.new.positions) if change.new else None,
+            )
+        ],
+        function_preserving=False,
+    )
     apply(body, plan, verify=False, record=False)
     new_spec = dict(spec)
     key = "channels" if "channels" in spec else "features"
