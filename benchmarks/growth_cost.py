@@ -14,9 +14,9 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -71,12 +71,6 @@ def train_epoch(model, opt, loader) -> float:
     return time.perf_counter() - t0
 
 
-def peak_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def current_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated()
@@ -84,19 +78,52 @@ def current_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA's allocator high-water mark, or on CPU the resident set
+    sampled every 0.5 ms by a thread (torch releases the GIL inside ops, so the sampler sees their peaks)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.base = current_bytes()
+        self.peak = self.base
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, current_bytes())
+                time.sleep(0.0005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
 def memory_probe(cfg: dict, what: str) -> int:
-    """Run in a fresh process: peak memory above the resident baseline (model + data, nothing run yet)
-    during one training step or one growth step."""
+    """Run in a fresh process: peak memory above the resident baseline (model and data loaded, nothing run)
+    during one training step or one growth step. Measured from cold in both cases: a warm-up would leave
+    freed blocks in the resident set and hide the training step's own peak."""
     model, opt, loader, _ = setup(cfg)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    base = current_bytes()
-    if what == "train":
-        train_epoch(model, opt, loader[:1])
-    else:
-        name, kw = METHODS[what]
-        make_grower(name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
-    return peak_bytes() - base
+    with PeakMemory() as mem:
+        if what == "train":
+            train_epoch(model, opt, loader[:1])
+        else:
+            name, kw = METHODS[what]
+            make_grower(name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
+    return mem.delta
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ products S_i v = E[∂L/∂a_i σ''(y_i) c_i² x (xᵀv)].
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -254,8 +255,9 @@ class _Splitting(BaselineGrower):
         self.eps, self.relative_eps = float(eps), bool(relative_eps)
         self.memory_limit, self.beta, self.energy_aware = int(memory_limit), float(beta), bool(energy_aware)
 
+    @abc.abstractmethod
     def eigs(self, ctx: Context, paths: dict[str, UnitPath]) -> Eigs:
-        raise NotImplementedError
+        """Minimum eigenvalue and eigenvector of every unit's splitting matrix (exact or matrix-free)."""
 
     def paths(self, ctx: Context) -> dict[str, UnitPath]:
         """Groups this method can score; a group named in `groups=` that does not fit raises."""

@@ -43,8 +43,8 @@ class FireflyConfig:
     candidates: str = "width"  # width | splits | new | depth | all  (ablation switches)
     new_units: float = 0.5  # new-unit candidates per group: fraction of its width (< 1) or a count (>= 1)
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
-    step_one_steps: int | None = 40  # optimiser steps of step one; None = one pass over the data
-    sample_size: int | None = None  # use at most this many samples of each batch in steps one and two
+    step_one_steps: int | None = 10  # optimiser steps of step one; None = one pass over the data
+    sample_size: int | None = 32  # use at most this many samples of each batch in steps one and two
     step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 1e-2
     rmsprop_alpha: float = 0.9
@@ -57,7 +57,7 @@ class FireflyConfig:
     init_new_out: float = 0.01  # new outgoing ~ U(-a, a)
     init_layer_scale: float = 0.01
     score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
-    score_batches: int | None = 8  # None = one pass over the data
+    score_batches: int | None = 2  # None = one pass over the data
     allow_increase: bool = False
     seed: int = 0
 
@@ -67,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released code (klightz/Firefly): one pass of RMSprop, gradient at the end point
     "paper-code": dict(
         new_units=70,
+        sample_size=None,
         step_one_steps=None,
         step_one_optimizer="rmsprop",
         lr=1e-3,

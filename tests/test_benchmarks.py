@@ -1,0 +1,105 @@
+"""The benchmark harness (benchmarks/suites.py, benchmarks/make_docs.py) on a tiny slice of suite B.
+
+Runs the quick preset of suite B with two methods plus the replay control, one seed and a few hundred
+MNIST-1D samples (seconds): result files are written atomically with their provenance, a re-run skips
+them, and make_docs writes the tables and PNGs with "not run" entries for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+suites = pytest.importorskip("suites")
+make_docs = pytest.importorskip("make_docs")
+
+TINY = ["--set", "data.kwargs.num_samples=300", "--set", "train.epochs=2", "--set", "growth.at=[1]"]
+
+
+def _argv(tmp: Path, methods: str) -> list[str]:
+    return [
+        "--suite",
+        "B",
+        "--preset",
+        "quick",
+        "--methods",
+        methods,
+        "--seeds",
+        "0",
+        "--results",
+        str(tmp / "results"),
+        "--runs",
+        str(tmp / "runs"),
+        *TINY,
+    ]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bench")
+    # the replay control comes first on the command line but runs after the firefly run it replays
+    assert suites.main(_argv(tmp, "firefly-arch-from-scratch,firefly,static-small")) == 0
+    return tmp
+
+
+def test_result_files_record_provenance(bench: Path) -> None:
+    folder = bench / "results" / "B"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["firefly-arch-from-scratch-s0.json", "firefly-s0.json", "static-small-s0.json"]
+    rec = json.loads((folder / "firefly-s0.json").read_text())
+    assert rec["format"] == suites.FORMAT and rec["preset"] == "quick" and rec["seed"] == 0
+    assert rec["command"].startswith("python benchmarks/suites.py --suite B")
+    assert rec["config"]["growth"]["method"] == "firefly" and rec["config"]["data"]["kwargs"]["num_samples"] == 300
+    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["growth"]["at"] == [1]
+    assert [m["epoch"] for m in rec["metrics"]] == [1, 2]
+    assert all(m["test_acc"] is not None and m["params"] > 0 and m["flops"] > 0 for m in rec["metrics"])
+    assert len(rec["growths"]) == 1 and rec["growth_times_s"][0] > 0
+    assert [r["round"] for r in rec["rounds"]] == [0, 1]
+    assert rec["rounds"][1]["params"] > rec["rounds"][0]["params"]
+    assert rec["final_architecture"]["growth_history"]
+    assert rec["env"]["torch"] and rec["wall_time_s"] > 0 and rec["date"]
+    # the replay control: the firefly run's final architecture, never grown
+    scratch = json.loads((folder / "firefly-arch-from-scratch-s0.json").read_text())
+    assert scratch["config"]["model"]["name"] == "replayed-architecture"
+    assert scratch["summary"]["params"] == rec["summary"]["params"]
+    assert all(m["params"] == rec["summary"]["params"] for m in scratch["metrics"])
+    assert not list(folder.glob(".*"))  # no temporary files left behind
+
+
+def test_rerun_skips_finished(bench: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (bench / "results" / "B").iterdir()}
+    assert suites.main(_argv(bench, "firefly,static-small")) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip B/") == 2 and "0 run, 2 skipped, 0 failed" in out
+    assert {p: p.stat().st_mtime_ns for p in (bench / "results" / "B").iterdir()} == before
+
+
+def test_replay_without_its_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert suites.main(_argv(tmp_path, "firefly-arch-from-scratch")) == 0
+    assert "needs the finished firefly run" in capsys.readouterr().out
+    assert not (tmp_path / "results" / "B").exists() or not list((tmp_path / "results" / "B").glob("*.json"))
+
+
+def test_make_docs_tables_plots_and_not_run(bench: Path) -> None:
+    out = bench / "docs" / "benchmarks.md"
+    disc = bench / "discussion.md"
+    disc.write_text("Our reading of the numbers.\n")
+    text = make_docs.generate(bench / "results", "quick", out, bench / "docs" / "img", disc, ["B", "C"])
+    assert out.read_text() == text
+    assert "## Suite B" in text and "| `firefly` | 1 (0) |" in text
+    assert "| `net2net` | 0 | not run |" in text  # missing methods are listed, never estimated
+    assert "**Not run:**" in text and "`gradmax` (seeds 0)" in text
+    assert "_Growth-time bar chart: not run (no results)._" in text  # suite C has no results here
+    assert "Our reading of the numbers." in text
+    assert (bench / "docs" / "img" / "suite-B-acc-vs-params.png").stat().st_size > 1000
+    assert "](img/suite-B-acc-vs-params.png)" in text
+    # without discussion.md the previous discussion is preserved
+    text2 = make_docs.generate(bench / "results", "quick", out, bench / "docs" / "img", bench / "none.md", ["B"])
+    assert "Our reading of the numbers." in text2
