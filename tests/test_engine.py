@@ -341,3 +341,64 @@ def test_grown_model_exports_and_compiles_cleanly():
     exported = torch.export.export(model, x)
     with torch.no_grad():
         assert torch.allclose(exported.module()(*x), model(*x), atol=1e-6)
+
+
+class ScaledLinear(nn.Module):
+    """An opaque module (functional forward) the analysis has no rule for until one is registered."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.gain = nn.Parameter(torch.ones(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight) * self.gain
+
+
+class OpaqueNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.mid = ScaledLinear(6, 7)
+        self.fc2 = nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.mid(torch.relu(self.fc1(x)))))
+
+
+def test_registered_module_rule_grows_an_opaque_module():
+    x = (torch.randn(3, 5),)
+    model = OpaqueNet()
+    # without a rule the functional linear is unknown: fc1's units are blocked at that op
+    assert not ff.analyze(model, x)["fc1"].growable
+
+    def rederive(m: ScaledLinear) -> None:
+        m.n_out, m.n_in = m.weight.shape
+
+    ff.register_module_rule(
+        ScaledLinear,
+        ff.ModuleRule(consumes=[(0, -1, [("weight", 1)])], produces=[(None, -1, [("weight", 0), ("gain", 0)])],
+                      rederive=rederive),
+    )
+    try:
+        graph = ff.analyze(model, x)
+        assert graph["fc1"].growable and graph["mid"].growable
+        ref = copy.deepcopy(model)
+        ff.widen(model, x, {"fc1": 2, "mid": 3})
+        assert model.mid.weight.shape == (10, 8) and model.mid.n_out == 10
+        fresh = torch.randn(4, 5)
+        with torch.no_grad():
+            assert (model(fresh) - ref(fresh)).abs().max() < 1e-6
+    finally:
+        from firefly_descent.analysis.propagate import MODULE_RULES
+
+        MODULE_RULES.pop(ScaledLinear, None)
+
+
+def test_excluded_module_freezes_only_its_groups():
+    model, x = ZOO["resnet_basic"]()
+    graph = ff.analyze(model, x, exclude=["layer2"])
+    blocked = [g for g in graph.groups.values() if g.blocked and "excluded" in g.blocked[1]]
+    assert blocked and any(g.growable for g in graph.groups.values())
+    with pytest.raises(ff.FrozenGroupError, match="excluded"):
+        blocked[0].check_growable()

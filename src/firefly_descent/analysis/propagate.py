@@ -590,7 +590,7 @@ class _Analysis:
     def module_rule(self, node: fx.Node, m: nn.Module, name: str, rule: ModuleRule) -> Any:
         args = list(node.args)
         tm = node.meta.get("tensor_meta")
-        multi = isinstance(tm, (tuple, list))
+        multi = isinstance(tm, (tuple, list)) and not isinstance(tm, TensorMetadata)
         out_shapes = (
             [tuple(t.shape) if isinstance(t, TensorMetadata) else None for t in tm] if multi else [self.shape(node)]
         )
