@@ -99,10 +99,10 @@ def main() -> None:
                 acc_before=acc0,
                 acc_after_growth=acc_grown,
                 acc_after_finetune=acc_ft,
-                params_before=rep.params_before,
-                params_after=rep.params_after,
-                loss_before=rep.loss_before,
-                loss_after=rep.loss_after,
+                finetune_curve=accs,
+                params_after=sum(p.numel() for p in model.parameters()),
+                loss_before=rep.loss_before if rep else None,
+                loss_after=rep.loss_after if rep else None,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)

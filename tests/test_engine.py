@@ -377,8 +377,9 @@ def test_registered_module_rule_grows_an_opaque_module():
 
     ff.register_module_rule(
         ScaledLinear,
-        ff.ModuleRule(consumes=[(0, -1, [("weight", 1)])], produces=[(None, -1, [("weight", 0), ("gain", 0)])],
-                      rederive=rederive),
+        ff.ModuleRule(
+            consumes=[(0, -1, [("weight", 1)])], produces=[(None, -1, [("weight", 0), ("gain", 0)])], rederive=rederive
+        ),
     )
     try:
         graph = ff.analyze(model, x)

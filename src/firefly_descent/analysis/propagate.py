@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
-from .trace import source_of
+from .trace import NO_SOURCE, source_of
 
 Seg = tuple[Any, int]  # (group id, inner) or (None, fixed size)
 DimLayout = tuple[Seg, ...] | None
@@ -191,6 +191,7 @@ class _Analysis:
         self.producers: list[list[str]] = []
         self.channel_dims: list[list[tuple[str, int]]] = []
         self.env: dict[fx.Node, Any] = {}
+        self.used_sources = False  # a block reason needed the user's source line
 
     # ---- union-find over groups -------------------------------------------------------------
     def new_group(self, width: int, name: str) -> int:
@@ -232,6 +233,7 @@ class _Analysis:
         g = self.find(g)
         if self.blocked[g] is None:
             self.blocked[g] = (kind, reason)
+            self.used_sources |= NO_SOURCE in reason
 
     def block_layout(self, layout: Any, kind: str, reason: str) -> None:
         for g in self.groups_in(layout):
@@ -867,4 +869,8 @@ def analyze(
     gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded)
     a = _Analysis(gm, excluded)
     a.run()
+    if a.used_sources:  # a reason quotes user code: trace again, recording stack traces (slow, so only now)
+        gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, stack_traces=True)
+        a = _Analysis(gm, excluded)
+        a.run()
     return a.result([tuple(t.shape) for t in _as_tuple(example_inputs)])

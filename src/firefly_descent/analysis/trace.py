@@ -44,9 +44,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaves: Sequence[type[nn.Module]], leaf_names: set[str]) -> None:
+    def __init__(self, extra_leaves: Sequence[type[nn.Module]], leaf_names: set[str], stack_traces: bool) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces
         self.extra_leaves = tuple(extra_leaves)
         self.leaf_names = leaf_names
 
@@ -69,11 +69,12 @@ def trace_with_shapes(
     example_inputs: object,
     extra_leaves: Sequence[type[nn.Module]] = (),
     leaf_names: set[str] | None = None,
+    stack_traces: bool = False,
 ) -> fx.GraphModule:
     """Trace a meta copy of `model` and annotate every node with its output shape (`node.meta['tensor_meta']`)."""
     inputs = _as_tuple(example_inputs)
     meta_model = meta_copy(model)
-    tracer = _Tracer(extra_leaves, leaf_names or set())
+    tracer = _Tracer(extra_leaves, leaf_names or set(), stack_traces)
     try:
         graph = tracer.trace(meta_model)
     except fx.proxy.TraceError as e:
@@ -104,8 +105,14 @@ def _user_frame_of_exception(e: BaseException) -> str:
     return f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
 
 
+NO_SOURCE = "(source line not recorded)"
+
+
 def source_of(node: fx.Node) -> str:
-    """`file.py:12 `code`` of the user's line that created `node`, for error messages."""
+    """`file.py:12 `code`` of the user's line that created `node`, for error messages (a marker when the
+    graph was traced without stack traces; `analyze` then traces again with them)."""
+    if node.stack_trace is None:
+        return f"node {node.name} {NO_SOURCE}"
     trace = node.stack_trace or ""
     lines = trace.splitlines()
     for i, line in enumerate(lines):
@@ -118,4 +125,4 @@ def source_of(node: fx.Node) -> str:
                 continue
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{os.path.basename(path)}:{lineno} `{code}`"
-    return f"node {node.name}"
+    return f"node {node.name} ({node.target})"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis import GrowthGraph, analyze
+from ..analysis import GrowthGraph
 from ..budget import count_flops, count_params
 from ..engine import apply
 from ..errors import GrowthError
@@ -91,9 +91,9 @@ def apply_and_report(
         if c.new is not None and c.new.count:
             report.units_added[c.group.name] = report.units_added.get(c.group.name, 0) + c.new.count
     report.layers_inserted += [layer.after for layer in plan.layers]
-    after = analyze(model, x)
-    report.widths_after = {g.name: g.width for g in after.growable()}
-    for name, w in report.widths_before.items():  # groups renamed by depth growth keep their old width
-        report.widths_after.setdefault(name, w + report.units_split.get(name, 0) + report.units_added.get(name, 0))
+    report.widths_after = {
+        name: w + report.units_split.get(name, 0) + report.units_added.get(name, 0)
+        for name, w in report.widths_before.items()
+    }
     report.params_after = count_params(model)
     report.flops_after = count_flops(model, x)
