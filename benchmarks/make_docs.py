@@ -86,14 +86,21 @@ def _fmt(values: Sequence[float | None], kind: str) -> str:
     conv: dict[str, Callable[[float], str]] = {
         "pct": lambda v: f"{100 * v:.2f}",
         "int": lambda v: f"{v:,.0f}",
-        "flops": lambda v: f"{v / 1e6:.2f}",
         "s": lambda v: f"{v:.2f}" if v < 100 else f"{v:.0f}",
-        "min": lambda v: f"{v / 60:.1f}",
         "mb": lambda v: f"{v / 2**20:.1f}",
         "x": lambda v: f"{v:.2f}",
+        "si": _si,
     }
     f = conv[kind]
     return f"{f(mean)} ± {f(sd)}" if sd is not None else f(mean)
+
+
+def _si(v: float) -> str:
+    """1234 -> 1.23 k, 4.5e6 -> 4.50 M."""
+    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{suffix}"
+    return f"{v:.0f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -192,7 +199,8 @@ def plot_bars(
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(pairs) + 2), 4.5))
     means = [st[0] for _, st in pairs]
     errs = [st[1] or 0.0 for _, st in pairs]
-    ax.bar(range(len(pairs)), means, yerr=errs, capsize=3, color="tab:blue")
+    bars = ax.bar(range(len(pairs)), means, yerr=errs, capsize=3, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{m:.3g}" for m in means], fontsize=7, padding=2)
     ax.set_xticks(range(len(pairs)))
     ax.set_xticklabels([lab for lab, _ in pairs], rotation=35, ha="right", fontsize=8)
     if log and min(means) > 0:
@@ -270,9 +278,9 @@ def _training_section(
                 _fmt([s.get("final_test_acc") for s in sm], "pct"),
                 _fmt([s.get("best_test_acc") for s in sm], "pct"),
                 _fmt([s.get("params") for s in sm], "int"),
-                _fmt([s.get("flops") for s in sm], "flops"),
+                _fmt([s.get("flops") for s in sm], "si"),
                 _fmt([s.get("growth_time") for s in sm], "s"),
-                _fmt([r.get("wall_time_s") for r in recs], "min"),
+                _fmt([r.get("wall_time_s") for r in recs], "s"),
                 m.note,
             ]
         )
@@ -285,19 +293,21 @@ def _training_section(
             "final test acc (%)",
             "best test acc (%)",
             "params",
-            "MFLOPs / sample",
+            "FLOPs / sample",
             "total growth time (s)",
-            "wall time (min)",
+            "wall time (s)",
             "notes",
         ],
         rows,
     )
     lines.append("")
+    if not ok:
+        return lines + ["_Per-round table and plots: not run (no results)._", ""]
     lines.append("#### At each growth round (mean ± std over seeds)")
     lines.append("")
     lines.append(
         'Round 0 is the starting network; round k is the network right after the k-th growth. "acc after '
-        'growth" is measured right after growing (BatchNorm statistics refreshed, before any training); "acc '
+        'growth" is measured right after growing (after the BatchNorm refresh, if any; before any training); "acc '
         'end of round" at the last epoch before the next growth (or the last epoch).'
     )
     lines.append("")
@@ -314,7 +324,7 @@ def _training_section(
                     str(r["round"]),
                     str(r["epoch"]) if r["round"] else "start",
                     _fmt(r["params"], "int"),
-                    _fmt(r["flops"], "flops"),
+                    _fmt(r["flops"], "si"),
                     _fmt(r["acc_after"], "pct") if r["round"] else "–",
                     _fmt(r["acc"], "pct"),
                     _fmt(r["time"], "s") if r["round"] else "–",
@@ -327,7 +337,7 @@ def _training_section(
             "round",
             "after epoch",
             "params",
-            "MFLOPs / sample",
+            "FLOPs / sample",
             "acc after growth (%)",
             "acc end of round (%)",
             "growth time (s)",

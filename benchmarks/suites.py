@@ -3,10 +3,13 @@
 Every training run goes through the library's own `firefly_descent.train.train` with a config dict; each
 (suite, method, seed) writes one JSON result file, atomically, and finished runs are skipped when re-run::
 
-    python benchmarks/suites.py --suite A --preset quick                 # seconds to minutes
-    python benchmarks/suites.py --suite A --preset full                  # about 3 h on 2 CPU cores (estimate)
+    python benchmarks/suites.py --suite A --preset quick                 # measured: ~40 s (B 14 s, C 60 s, D 9 s)
+    python benchmarks/suites.py --suite A --preset full                  # estimate: ~2.7 h (B ~20 min, C ~20, D ~6)
     python benchmarks/suites.py --suite B --preset full --seeds 0 1 --methods firefly,net2net
     python benchmarks/suites.py --list                                   # suites, methods, sizes
+
+Each run uses one torch thread by default (``--threads``), so two suites can run side by side on 2 cores.
+The full-preset times are estimates from per-step times measured on this 2-core CPU, not measurements.
 
 Suites:
     A  CNN width growth on Fashion-MNIST: VGG-11 (BN, 1x1-conv classifier) from 8 channels, 0.35 budget.
@@ -49,6 +52,9 @@ FORMAT = "firefly-bench/1"
 PRESETS = ("quick", "full")
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 BUDGET = 0.35
+# One intra-op thread by default: on 2 shared cores, OpenMP's spinning threads stall 10-100x as soon as
+# another process competes for a core, and one thread per run lets two suites run side by side.
+THREADS = 1
 
 __all__ = [
     "FORMAT",
@@ -165,7 +171,7 @@ def _base_a(preset: str) -> dict[str, Any]:
     }
 
 
-A_FULL_WIDTH = 32
+A_FULL_WIDTH = 64
 
 
 def _base_mnist1d(preset: str, model: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +220,7 @@ SUITES: dict[str, Suite] = {
             **_growers_width(),
             **_controls(
                 {"widths": A_FULL_WIDTH, "classifier": "conv1x1"},
-                f"width {A_FULL_WIDTH} in every conv (the widest affordable on 2 CPU cores; the paper's is 64)",
+                f"width {A_FULL_WIDTH} in every conv (8x the start; the widest affordable on 2 CPU cores)",
             ),
         },
         seeds={"quick": [0], "full": [0, 1, 2]},
@@ -263,9 +269,10 @@ SUITES: dict[str, Suite] = {
         name="D",
         title="Depth growth: Firefly with depth + width candidates vs width only (residual MLP, MNIST-1D)",
         description=(
-            "Residual MLP (stem of width 16, one residual block) on MNIST-1D, grown by the same 0.35 budget after "
-            "epochs 12, 24 and 36 of 60. `firefly-all` lets new residual layers compete with splits and new "
-            "neurons for the budget (a layer costs its width in units); `firefly-width` grows only wider; "
+            "Residual MLP (stem of width 16, two residual blocks of hidden width 16) on MNIST-1D, grown by the "
+            "same 0.35 budget after epochs 12, 24 and 36 of 60. `firefly-all` lets new residual layers compete with "
+            "splits and new neurons for the budget (a layer costs its width in units; the network starts with 48 "
+            "growable units, so a round's budget of 16 units affords one new layer); `firefly-width` grows only wider; "
             "`firefly-depth` only deeper."
         ),
         methods={
@@ -346,6 +353,7 @@ def build_config(
     preset: str,
     overrides: Sequence[str] = (),
     results: Path | None = None,
+    threads: int | None = THREADS,
 ) -> dict[str, Any]:
     """The full resolved training config (a plain dict) of one run; raises `SkipRun` when it cannot run yet."""
     from firefly_descent.train import config_to_dict, load_config
@@ -357,6 +365,7 @@ def build_config(
     raw = s.base(preset)
     raw["name"] = f"bench-{suite}-{method}-s{seed}"
     raw["train"]["seed"] = int(seed)
+    raw["train"]["threads"] = threads
     kwargs = dict(m.kwargs)
     if m.grower != "static":
         kwargs.setdefault("seed", int(seed))
@@ -467,9 +476,13 @@ def rounds_of(metrics: list[dict[str, Any]], growths: list[dict[str, Any]]) -> l
     return out
 
 
-def _run_command(suite: str, method: str, seed: int, preset: str, results: Path, overrides: Sequence[str]) -> str:
+def _run_command(
+    suite: str, method: str, seed: int, preset: str, results: Path, overrides: Sequence[str], threads: int | None
+) -> str:
     parts = ["python", "benchmarks/suites.py", "--suite", suite, "--preset", preset]
     parts += ["--methods", method, "--seeds", str(seed), "--results", _rel(results)]
+    if threads != THREADS:
+        parts += ["--threads", str(threads or 0)]
     for o in overrides:
         parts += ["--set", o]
     return shlex.join(parts)
@@ -509,11 +522,12 @@ def run_training(
     overrides: Sequence[str],
     command: str,
     progress: bool = False,
+    threads: int | None = THREADS,
 ) -> dict[str, Any]:
     """Train one (suite, method, seed) through `firefly_descent.train.train`; return its result record."""
     from firefly_descent.train import train
 
-    cfg = build_config(suite, method, seed, preset, overrides, results)
+    cfg = build_config(suite, method, seed, preset, overrides, results, threads)
     run_dir = runs / preset / suite / f"{method}-s{seed}"
     saved = run_dir / "config.yaml"
     if saved.is_file():
@@ -523,6 +537,9 @@ def run_training(
             same = False
         if not same:  # a scratch folder from another config: start over
             shutil.rmtree(run_dir)
+    from firefly_descent.train import list_checkpoints
+
+    resumed = bool(list_checkpoints(run_dir))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
     summary = train(cfg, run_dir, resume=True, progress=progress)
@@ -536,7 +553,7 @@ def run_training(
         "seed": int(seed),
         "preset": preset,
         "command": command,
-        "rerun": _run_command(suite, method, seed, preset, results, overrides),
+        "rerun": _run_command(suite, method, seed, preset, results, overrides, threads),
         "overrides": list(overrides),
         "method_note": SUITES[suite].methods[method].note,
         "config": cfg,
@@ -545,7 +562,8 @@ def run_training(
         "growths": growths,
         "rounds": rounds_of(metrics, growths),
         "final_architecture": _final_architecture(run_dir),
-        "wall_time_s": wall,
+        "wall_time_s": wall,  # this invocation (data loading included); summary.total_time spans resumes
+        "resumed": resumed,
         "epoch_times_s": [r.get("epoch_time") for r in metrics],
         "growth_times_s": [g.get("time") for g in growths],
         "started": started,
@@ -573,9 +591,18 @@ COST_PRESETS = {"quick": "quick", "full": "fashion-vgg11"}
 
 
 def run_cost(
-    method: str, seed: int, preset: str, results: Path, overrides: Sequence[str], command: str, memory: bool = True
+    method: str,
+    seed: int,
+    preset: str,
+    results: Path,
+    overrides: Sequence[str],
+    command: str,
+    memory: bool = True,
+    threads: int | None = THREADS,
 ) -> dict[str, Any]:
     """Suite C: growth_cost.py's time and memory measurement of one method (see its module docstring)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     gc = _growth_cost_module()
     cost_preset = COST_PRESETS[preset]
     cfg = dict(gc.PRESETS[cost_preset])
@@ -605,8 +632,8 @@ def run_cost(
         "timings": report.timings,
     }
     if memory:
-        train_mem = _probe(cost_preset, "train", seed)
-        grow_mem = _probe(cost_preset, method, seed)
+        train_mem = _probe(cost_preset, "train", seed, threads)
+        grow_mem = _probe(cost_preset, method, seed, threads)
         row.update(
             train_step_peak_bytes=train_mem,
             growth_peak_bytes=grow_mem,
@@ -619,10 +646,16 @@ def run_cost(
         "seed": int(seed),
         "preset": preset,
         "command": command,
-        "rerun": _run_command("C", method, seed, preset, results, overrides),
+        "rerun": _run_command("C", method, seed, preset, results, overrides, threads),
         "overrides": list(overrides),
         "method_note": SUITES["C"].methods[method].note,
-        "config": {"growth_cost_preset": cost_preset, **cfg, "grower": grower_name, "grower_kwargs": kw},
+        "config": {
+            "growth_cost_preset": cost_preset,
+            **cfg,
+            "grower": grower_name,
+            "grower_kwargs": kw,
+            "threads": torch.get_num_threads(),
+        },
         "cost": _jsonable(row),
         "wall_time_s": time.perf_counter() - t_start,
         "started": started,
@@ -631,23 +664,27 @@ def run_cost(
     }
 
 
-_TRAIN_PROBES: dict[tuple[str, int], int] = {}
+_TRAIN_PROBES: dict[tuple[str, int, int | None], int] = {}
 
 
-def _probe(cost_preset: str, what: str, seed: int) -> int:
+def _probe(cost_preset: str, what: str, seed: int, threads: int | None = THREADS) -> int:
     """Peak memory of one training step or growth step, in a fresh process (growth_cost.memory_probe);
     the training-step probe is measured once per (preset, seed) and process."""
-    if what == "train" and (cost_preset, seed) in _TRAIN_PROBES:
-        return _TRAIN_PROBES[(cost_preset, seed)]
+    key = (cost_preset, seed, threads)
+    if what == "train" and key in _TRAIN_PROBES:
+        return _TRAIN_PROBES[key]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", cost_preset, what, str(seed)]
+    cmd += ["--threads", str(threads or 0)]
     out = subprocess.check_output(cmd, text=True, cwd=str(ROOT))
     value = int(out.strip().splitlines()[-1])
     if what == "train":
-        _TRAIN_PROBES[(cost_preset, seed)] = value
+        _TRAIN_PROBES[key] = value
     return value
 
 
-def _probe_main(cost_preset: str, what: str, seed: str) -> None:
+def _probe_main(cost_preset: str, what: str, seed: str, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     gc = _growth_cost_module()
     if what != "train":
         name, kw = gc.METHODS[what]
@@ -683,7 +720,6 @@ def warm_up(growers: Sequence[str]) -> float:
     return time.perf_counter() - t0
 
 
-
 def _ordered(suite: Suite, methods: Sequence[str]) -> list[str]:
     """Methods in suite order, so a replay control runs after the run it replays."""
     order = list(suite.methods)
@@ -701,6 +737,7 @@ def run_suite(
     command: str = "",
     memory: bool = True,
     progress: bool = False,
+    threads: int | None = THREADS,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[str]]:
     """Run every missing (method, seed) of a suite; return {"done": [...], "skipped": [...], "failed": [...]}."""
@@ -710,6 +747,8 @@ def run_suite(
     seeds = list(seeds) if seeds is not None else s.seeds[preset]
     methods = _ordered(s, methods if methods is not None else list(s.methods))
     status: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    if threads is not None:
+        torch.set_num_threads(threads)
     warmed = False
     for seed in seeds:
         for method in methods:
@@ -730,9 +769,11 @@ def run_suite(
             failed = result_path(results, suite, method, seed, failed=True)
             try:
                 if s.base is None:
-                    rec = run_cost(method, seed, preset, results, overrides, command, memory=memory)
+                    rec = run_cost(method, seed, preset, results, overrides, command, memory, threads)
                 else:
-                    rec = run_training(suite, method, seed, preset, results, runs, overrides, command, progress)
+                    rec = run_training(
+                        suite, method, seed, preset, results, runs, overrides, command, progress, threads
+                    )
             except SkipRun as e:
                 log(f"skip {tag}: {e}")
                 status["skipped"].append(tag)
@@ -811,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
         help="override a value of every run's training config (e.g. data.kwargs.num_samples=300); repeatable",
     )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, default=THREADS, help=f"torch intra-op threads, 0 = torch's default (default {THREADS})"
+    )
     ap.add_argument("--no-memory", action="store_true", help="suite C: skip the memory probes")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--list", action="store_true", help="list suites, methods and preset sizes")
@@ -822,8 +866,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 if any run failed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    threads = args.threads or None
     if args._probe:
-        _probe_main(*args._probe)
+        _probe_main(*args._probe, threads)
         return 0
     if args.list or not args.suite:
         print(describe())
@@ -848,6 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=command,
         memory=not args.no_memory,
         progress=args.progress,
+        threads=threads,
     )
     print(
         f"suite {args.suite} ({args.preset}): {len(status['done'])} run, {len(status['skipped'])} skipped, "
