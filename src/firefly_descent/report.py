@@ -95,7 +95,10 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
                 "final_test_loss": last.get("test_loss"),
                 "params": last.get("params"),
                 "flops": last.get("flops"),
-                "growths": len(r.growths),
+                # growth steps that changed the model (the static control records no-op steps)
+                "growths": sum(
+                    1 for g in r.growths if g.get("params_after") != g.get("params_before") or g.get("layers_inserted")
+                ),
                 "total_time": last.get("elapsed"),
                 "growth_time": float(sum(g.get("time", g.get("total_time", 0.0)) or 0.0 for g in r.growths)),
             }
