@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -289,41 +288,6 @@ SUITES: dict[str, Suite] = {
         },
     ),
 }
-
-
-# --------------------------------------------------------------------------- replayed architecture
-
-
-def replayed_architecture(
-    base: str = "mlp", base_kwargs: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None
-) -> nn.Module:
-    """A grown run's final architecture: build `base`, replay its structural growth `history`, re-initialise.
-
-    The replayed growth is forgotten afterwards (the model is "native" to this builder), so checkpoints of
-    the from-scratch run resume without replaying it twice.
-    """
-    from firefly_descent.engine import replay_history
-    from firefly_descent.engine.apply import HISTORY_ATTR
-    from firefly_descent.models import build_model
-    from firefly_descent.models._common import init_weights
-
-    model = build_model(base, **(base_kwargs or {}))
-    replay_history(model, list(history or []))
-    setattr(model, HISTORY_ATTR, [])
-    for m in model.modules():
-        if m is not model and callable(getattr(m, "reset_parameters", None)):
-            m.reset_parameters()
-    init_weights(model)
-    return model
-
-
-def _register_models() -> None:
-    from firefly_descent.models import register_model
-
-    register_model("replayed-architecture", replayed_architecture)
-
-
-_register_models()
 
 
 # --------------------------------------------------------------------------- configs

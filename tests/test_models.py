@@ -27,6 +27,11 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = {
     "resnet56": (dict(width=2, num_classes=10), (2, 3, 16, 16), (2, 10)),
     "resnet18": (dict(width=4, num_classes=100), (2, 3, 32, 32), (2, 100)),
     "mobilenetv1": (dict(width=8, num_classes=100), (2, 3, 32, 32), (2, 100)),
+    "replayed-architecture": (
+        dict(base="mlp", base_kwargs=dict(in_features=12, hidden=[6], num_classes=3)),
+        (2, 12),
+        (2, 3),
+    ),
     "transformer": (
         dict(in_channels=3, input_size=32, patch_size=8, d_model=16, num_heads=2, depth=2, num_classes=10),
         (2, 3, 32, 32),
@@ -185,3 +190,18 @@ def test_zoo_is_deterministic_and_partitioned() -> None:
     assert torch.equal(state, torch.get_rng_state())
     assert torch.equal(x1[0], x2[0])
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_replayed_architecture_rebuilds_a_grown_shape_freshly(tmp_path) -> None:
+    import firefly_descent as ff
+
+    base_kwargs = dict(in_features=12, hidden=[6], num_classes=3)
+    grown = build_model("mlp", **base_kwargs)
+    x = torch.randn(2, 12)
+    ff.widen(grown, x, {ff.analyze(grown, x).growable()[0].name: 4})
+    scratch = build_model(
+        "replayed-architecture", base="mlp", base_kwargs=base_kwargs, history=ff.growth_history(grown)
+    )
+    assert [p.shape for p in scratch.parameters()] == [p.shape for p in grown.parameters()]
+    assert ff.growth_history(scratch) == []
+    assert not any(torch.equal(a, b) for a, b in zip(scratch.parameters(), grown.parameters()) if a.dim() > 1)

@@ -32,18 +32,27 @@ def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
 
 
 def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
-    """FLOPs of one forward pass (per sample by default), counted on a meta copy of the model."""
+    """FLOPs of one forward pass (per sample by default), counted by `torch.utils.flop_counter`.
+
+    A model on the meta device is counted as it is; a real model runs one sample (eval mode, no grad),
+    which is much cheaper than deep-copying it to the meta device.
+    """
     inputs = _as_tuple(example_inputs)
-    meta = meta_copy(model)
-    meta_inputs = [torch.empty_like(t, device="meta") for t in inputs]
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:
+        run = [torch.empty_like(t, device="meta") for t in inputs]
+    else:
+        run = [t[:1] if per_sample and t.dim() > 0 else t for t in inputs]
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        was = meta.training
-        meta.eval()
-        meta(*meta_inputs)
-        meta.train(was)
+    was = model.training
+    model.eval()
+    try:
+        with counter, torch.no_grad():
+            model(*run)
+    finally:
+        model.train(was)
     total = counter.get_total_flops()
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
+    batch = run[0].shape[0] if run and run[0].dim() > 0 else 1
     return int(total // max(1, batch)) if per_sample else int(total)
 
 
@@ -65,7 +74,7 @@ def unit_flop_cost(group: Group, model: nn.Module, example_inputs: Any, base: in
     from .plan import GroupChange, NewUnits, Plan
 
     meta = meta_copy(model)
-    base = count_flops(model, example_inputs) if base is None else base
+    base = count_flops(meta, example_inputs) if base is None else base
     apply(meta, Plan([GroupChange(group, new=NewUnits(1))], function_preserving=False), verify=False, record=False)
     return max(0, count_flops(meta, example_inputs) - base)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ._common import init_weights
 from .mlp import MLP, ResidualBlock, ResidualMLP
 from .mobilenet import MobileNetV1, depthwise_separable
 from .resnet import BasicBlock, ResNet, resnet18, resnet_cifar
@@ -117,6 +118,48 @@ def _resnet18(
     return resnet18(in_channels, num_classes, width, widths)
 
 
+def replayed_architecture(
+    base: str = "mlp",
+    base_kwargs: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    run: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """A grown model's final architecture, freshly initialised: the "trained from scratch" control.
+
+    Builds `base(**base_kwargs)`, replays the structural growth `history` and re-initialises every layer.
+    `run` reads all three from a training run directory (or one checkpoint file) instead. The replayed
+    growth is not kept as history, so the new model is an ordinary (ungrown) model of that shape.
+    """
+    from ..engine import replay_history
+    from ..engine.apply import HISTORY_ATTR
+
+    if run is not None:
+        import os
+
+        path = run
+        if os.path.isdir(run):
+            folder = os.path.join(run, "checkpoints")
+            names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+            if not names:
+                raise ValueError(f"no checkpoint in {folder}; pass a run directory with checkpoints or a .pt file")
+            path = os.path.join(folder, names[-1])
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        base, base_kwargs = ckpt["model"]["name"], dict(ckpt["model"]["kwargs"])
+        history = list(ckpt.get("growth_history") or [])
+    kwargs = {**(base_kwargs or {}), **overrides}
+    model = build_model(base, **kwargs)
+    replay_history(model, list(history or []))
+    setattr(model, HISTORY_ATTR, [])
+    for m in model.modules():
+        if m is not model and callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    init_weights(model)
+    return model
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "residual-mlp": _residual_mlp,
@@ -128,6 +171,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "mobilenetv1": MobileNetV1,
     "transformer": Transformer,
+    "replayed-architecture": replayed_architecture,
 }
 
 
