@@ -123,7 +123,7 @@ def _growers_width(nash_depth_prob: float = 0.0) -> dict[str, Method]:
         ),
         "splitting-exact": Method("splitting-exact", {"budget": BUDGET}, note="eigendecomposition of S_i"),
         "splitting-fast": Method("splitting-fast", {"budget": BUDGET}, note="Rayleigh-quotient descent"),
-        "gradmax": Method("gradmax", {"budget": BUDGET}, note="zero incoming, SVD outgoing weights"),
+        "gradmax": Method("gradmax", {"budget": BUDGET}, note="SVD outgoing, incoming N(0, 1e-3^2)"),
     }
 
 

@@ -41,7 +41,7 @@ PRESERVING = {  # kwargs under which a method promises an unchanged function
     "random": {"out_scale": 0.0},
     "splitting-exact": {"eps": 0.0},
     "splitting-fast": {"eps": 0.0},
-    "gradmax": {},
+    "gradmax": {"incoming_std": 0.0},
 }
 MODELS = ["mlp", "vgg_flatten", "resnet_basic", "mobilenetv1"]
 
@@ -313,7 +313,7 @@ def test_gradmax_outgoing_is_top_singular_vectors(conv):
     M = GradMax(batches=None).matrices(model, data, F.cross_entropy, example_inputs=x)[group]
     assert torch.allclose(M, direct, atol=1e-10)
     U, S, _ = torch.linalg.svd(direct)
-    grower = GradMax(budget="units:2", groups=[group], batches=None)
+    grower = GradMax(budget="units:2", groups=[group], batches=None, incoming_std=0.0)
     ref = copy.deepcopy(model)
     report = grower.grow(model, data, F.cross_entropy, example_inputs=x)
     new = grower.last_plan.changes[0].new
@@ -364,3 +364,19 @@ def test_nash_selects_on_validation_never_on_test():
     train = Loader(_data(model, x, seed=1))
     report = make_grower("nash", children=2, child_steps=2).grow(model, train, F.cross_entropy, example_inputs=x)
     assert train.iterations >= 1 and report.extra["validation"].startswith("carved")
+
+
+def test_gradmax_units_train_behind_relu():
+    """Exactly zero incoming weights never train behind a ReLU (PyTorch's ReLU'(0) = 0); the default tiny
+    incoming noise lets the new units learn."""
+    torch.manual_seed(0)
+    model, x = ZOO["mlp"]()
+    data = [(torch.randn(16, *x[0].shape[1:]), torch.randint(0, 3, (16,))) for _ in range(2)]
+    grown = {}
+    for std in (0.0, 1e-3):
+        m = copy.deepcopy(model)
+        GradMax(budget="units:2", incoming_std=std, groups=["net.0"]).grow(m, data, F.cross_entropy)
+        w = m.net[0].weight
+        F.cross_entropy(m(data[0][0]), data[0][1]).backward()
+        grown[std] = w.grad[-2:].abs().sum().item()
+    assert grown[0.0] == 0.0 and grown[1e-3] > 0

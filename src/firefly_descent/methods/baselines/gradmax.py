@@ -56,7 +56,12 @@ class GradMax(BaselineGrower):
 
     kwargs: budget=0.35, seed=0, batches=1 (the paper uses one batch), scale=0.5, relative=True
     (c = scale × mean outgoing-weight norm of the group's existing units; absolute c = scale when
-    False), max_probe=4096 (largest consumer-slice size D_out probed), groups=None.
+    False), max_probe=4096 (largest consumer-slice size D_out probed), groups=None,
+    incoming_std=1e-3: std of the new units' incoming weights. Exactly zero incoming weights never train
+    behind a ReLU in PyTorch (its derivative at 0 is 0, so the new units stay dead: measured in suite B,
+    where GradMax with zero incoming weights ended exactly at the static network's accuracy); this tiny
+    noise breaks that symmetry at the price of an O(incoming_std) change of the function. 0 = the paper's
+    exact zero (function-preserving).
     """
 
     name = "gradmax"
@@ -70,10 +75,14 @@ class GradMax(BaselineGrower):
         relative: bool = True,
         max_probe: int = 4096,
         groups: list[str] | None = None,
+        incoming_std: float = 1e-3,
     ) -> None:
         super().__init__(budget, seed, batches, groups)
         if scale <= 0:
             raise ValueError(f"scale must be > 0, not {scale}")
+        if incoming_std < 0:
+            raise ValueError(f"incoming_std must be >= 0, not {incoming_std}")
+        self.incoming_std = float(incoming_std)
         self.scale, self.relative, self.max_probe = float(scale), bool(relative), int(max_probe)
 
     # ---- the gradient-correlation matrix -----------------------------------------------------------
@@ -186,8 +195,15 @@ class GradMax(BaselineGrower):
                     k = math.prod(shape)
                     outgoing[m.tensor] = u[:, off:off + k].reshape(len(ks), *shape)
                     off += k
-                changes.append(GroupChange(paths[n].group, new=NewUnits(len(ks), outgoing=outgoing, init="zero")))
-            plan = self.make_plan(ctx, changes, preserving=True)
+                incoming = {}
+                if self.incoming_std > 0:
+                    for m in paths[n].group.members:
+                        if m.role == "producer" and m.kind == "weight":
+                            shape = [len(ks), *slice_shape(ctx.model, m)]
+                            incoming[m.tensor] = torch.randn(shape, generator=ctx.gen) * self.incoming_std
+                changes.append(GroupChange(paths[n].group, new=NewUnits(len(ks), incoming=incoming,
+                                                                        outgoing=outgoing, init="zero")))
+            plan = self.make_plan(ctx, changes, preserving=self.incoming_std == 0)
         report.extra["singular_values"] = {n: [float(s) for s in S[:8]] for n, (_, S, _) in svd.items()}
         report.extra["out_norm"] = {n: c for n, (_, _, c) in svd.items()}
         return self.finish(ctx, plan, optimizer)
