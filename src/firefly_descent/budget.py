@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis import GrowthGraph, meta_copy
 from .analysis.graph import Group
+from .analysis.trace import as_input_tuple
 from .errors import GrowthError
 
 BUDGET_KINDS = ("ratio", "units", "params", "flops")
@@ -27,17 +28,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
-    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
-
-
 def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
     """FLOPs of one forward pass (per sample by default), counted by `torch.utils.flop_counter`.
 
     A model on the meta device is counted as it is; a real model runs one sample (eval mode, no grad),
     which is much cheaper than deep-copying it to the meta device.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta:
         run = [torch.empty_like(t, device="meta") for t in inputs]

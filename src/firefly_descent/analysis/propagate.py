@@ -862,7 +862,7 @@ def analyze(
 
     `exclude` names submodules to treat as opaque: groups touching them cannot grow.
     """
-    from .trace import _as_tuple, trace_with_shapes
+    from .trace import as_input_tuple, trace_with_shapes
 
     excluded = set(exclude or [])
     extra = tuple(MODULE_RULES)
@@ -873,4 +873,4 @@ def analyze(
         gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, stack_traces=True)
         a = _Analysis(gm, excluded)
         a.run()
-    return a.result([tuple(t.shape) for t in _as_tuple(example_inputs)])
+    return a.result([tuple(t.shape) for t in as_input_tuple(example_inputs)])

@@ -56,7 +56,8 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _as_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
+def as_input_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
+    """A model's positional inputs as a tuple (one tensor or a tuple/list of tensors)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
@@ -72,7 +73,7 @@ def trace_with_shapes(
     stack_traces: bool = False,
 ) -> fx.GraphModule:
     """Trace a meta copy of `model` and annotate every node with its output shape (`node.meta['tensor_meta']`)."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     meta_model = meta_copy(model)
     tracer = _Tracer(extra_leaves, leaf_names or set(), stack_traces)
     try:

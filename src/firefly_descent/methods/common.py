@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..analysis import GrowthGraph
+from ..analysis.trace import as_input_tuple as as_inputs
 from ..budget import count_flops, count_params
 from ..engine import apply
 from ..errors import GrowthError
@@ -36,10 +37,6 @@ def take_batches(data: Iterable[Any], n: int | None, device: torch.device) -> li
     if not batches:
         raise GrowthError("growth data is empty")
     return batches
-
-
-def as_inputs(x: Any) -> tuple[torch.Tensor, ...]:
-    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
 def example_from(batches: list[tuple[Any, Any]], example_inputs: Any, n: int = 4) -> tuple[torch.Tensor, ...]:
