@@ -213,15 +213,22 @@ def fan_in(shape: list[int] | tuple[int, ...]) -> int:
     return max(1, math.prod(shape))
 
 
-# ---- depth ---------------------------------------------------------------------------------------
-def call_counts(model: nn.Module, x: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    """How often each submodule runs in one forward pass (modules reused twice cannot host a new layer)."""
-    counts: dict[str, int] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_hook(
-                lambda _m, _i, _o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
+def eligible_groups(ctx: Context, groups: list[Group] | None = None) -> list[Group]:
+    """The groups a random grower may widen; LayerNorm groups are recorded in `ctx.skipped` with the reason."""
+    pool = []
+    for g in ctx.groups if groups is None else groups:
+        why = layernorm_reason(g)
+        if why:
+            ctx.skipped[g.name] = why
+        else:
+            pool.append(g)
+    return pool
+
+
+def forward_with_hooks(model: nn.Module, x: tuple[torch.Tensor, ...], hooks: dict[str, Any]) -> None:
+    """One eval-mode, no-grad forward with temporary forward hooks {module name: hook}; removed after."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
     was = model.training
     try:
         model.eval()
@@ -231,6 +238,17 @@ def call_counts(model: nn.Module, x: tuple[torch.Tensor, ...]) -> dict[str, int]
         model.train(was)
         for h in handles:
             h.remove()
+
+
+# ---- depth ---------------------------------------------------------------------------------------
+def call_counts(model: nn.Module, x: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """How often each submodule runs in one forward pass (modules reused twice cannot host a new layer)."""
+    counts: dict[str, int] = {}
+
+    def counter(name: str) -> Any:
+        return lambda _m, _i, _o: counts.__setitem__(name, counts.get(name, 0) + 1)
+
+    forward_with_hooks(model, x, {name: counter(name) for name, _ in model.named_modules() if name})
     return counts
 
 

@@ -37,6 +37,7 @@ from ...analysis.graph import Group, Member
 from ...errors import GrowthError
 from ..base import LossFn
 from ..common import as_inputs
+from ._common import forward_with_hooks
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -85,19 +86,12 @@ class UnitPath:
 
 def _leaf_call_order(model: nn.Module, x: tuple[torch.Tensor, ...]) -> list[str]:
     order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if name and not any(True for _ in m.children()):
-            handles.append(m.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name)))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*x)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+
+    def record(name: str) -> Any:
+        return lambda _m, _i, _o: order.append(name)
+
+    leaves = {name: record(name) for name, m in model.named_modules() if name and not any(True for _ in m.children())}
+    forward_with_hooks(model, x, leaves)
     return order
 
 

@@ -27,7 +27,7 @@ from ._common import (
     BaselineGrower,
     Context,
     depth_boundaries,
-    layernorm_reason,
+    eligible_groups,
     new_layers,
     normal,
     random_units,
@@ -42,13 +42,7 @@ def split_changes(
     ctx: Context, budget: Budget, gen: torch.Generator, noise: float, groups: list[Group] | None = None
 ) -> list[GroupChange]:
     """Random Net2Net splits of the growable groups under `budget` (see module docstring)."""
-    pool = []
-    for g in ctx.groups if groups is None else groups:
-        why = layernorm_reason(g)
-        if why:
-            ctx.skipped[g.name] = why
-        else:
-            pool.append(g)
+    pool = eligible_groups(ctx, groups)
     if not pool:
         return []
     chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)

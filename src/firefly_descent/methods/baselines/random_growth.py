@@ -18,18 +18,12 @@ from torch import nn
 
 from ...plan import GroupChange, NewUnits
 from ..base import GrowthReport, LossFn, Timer, register_grower
-from ._common import BaselineGrower, Context, fan_in, layernorm_reason, random_units, slice_shape, uniform, unit_costs
+from ._common import BaselineGrower, Context, eligible_groups, fan_in, random_units, slice_shape, uniform, unit_costs
 
 
 def random_new_units(ctx: Context, budget: Any, gen: torch.Generator, out_scale: float) -> list[GroupChange]:
     """The plan's group changes: random new units under `budget` (see module docstring)."""
-    pool = []
-    for g in ctx.groups:
-        why = layernorm_reason(g)
-        if why:
-            ctx.skipped[g.name] = why
-        else:
-            pool.append(g)
+    pool = eligible_groups(ctx)
     if not pool:
         return []
     chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)
