@@ -2,7 +2,7 @@
 
 For each method: time of one growth decision + apply ÷ time of one training epoch of the same model on
 the same data, and peak memory of the growth step ÷ peak memory of a training step (each measured in a
-fresh subprocess: CPU RSS high-water mark above the same baseline, or CUDA max_memory_allocated).
+fresh subprocess: CPU resident set sampled every 0.5 ms, peak above the same baseline, or CUDA max_memory_allocated).
 
     python benchmarks/growth_cost.py --preset paper-vgg19   # VGG-19, 16 channels, 5,000 32x32 images
     python benchmarks/growth_cost.py --preset quick          # seconds, for CI
