@@ -252,7 +252,8 @@ SUITES: dict[str, Suite] = {
         description=(
             "For each method, `benchmarks/growth_cost.py`'s measurement: one growth step (decision + apply) timed "
             "against one training epoch of the same model on the same data, and the peak memory of the growth "
-            "step against that of one training step (each in a fresh subprocess; CPU: resident set sampled every 0.5 ms, peak above "
+            "step against that of one training step (each in a fresh subprocess; CPU: resident set sampled "
+            "every 0.5 ms, peak above "
             "the same baseline). Model and data: growth_cost.py's `fashion-vgg11` preset (VGG-11 at width 8, "
             "10,000 random 28x28 one-channel images, batch 128); the growers see the whole epoch's batches."
         ),
