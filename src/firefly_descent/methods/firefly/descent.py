@@ -214,9 +214,7 @@ class Firefly(Grower):
             }
         )
         plan = self._materialize(graph, width_c, depth_c, kept, x)
-        for net in (width_c.net if width_c else None, depth_c.net if depth_c else None):
-            if net is not None:
-                del net
+        width_c = depth_c = None  # free the over-grown copies before the model itself grows
         apply_and_report(model, plan, report, x, optimizer)
         report.loss_after = mean_loss(model, score_batches, loss_fn)
         return report
