@@ -126,6 +126,26 @@ def memory_probe(cfg: dict, what: str) -> int:
     return mem.delta
 
 
+def measure_growth(cfg: dict, grower_name: str, kw: dict, seed: int = 0) -> dict:
+    """One warm-up, one timed training epoch, one timed growth step, one epoch after growth."""
+    model, opt, loader, _ = setup(cfg, seed)
+    train_epoch(model, opt, loader[:2])  # warm-up
+    epoch = train_epoch(model, opt, loader)
+    t0 = time.perf_counter()
+    report = make_grower(grower_name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
+    grow = time.perf_counter() - t0
+    epoch_after = train_epoch(model, opt, loader)
+    return {
+        "epoch_s": epoch,
+        "growth_s": grow,
+        "growth_over_epoch": grow / epoch,
+        "epoch_after_growth_s": epoch_after,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "timings": report.timings,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="paper-vgg19", choices=sorted(PRESETS))
@@ -152,22 +172,8 @@ def main() -> None:
     }
     for name in methods:
         grower_name, kw = METHODS[name]
-        model, opt, loader, _ = setup(cfg)
-        train_epoch(model, opt, loader[:2])  # warm-up
-        epoch = train_epoch(model, opt, loader)
-        t0 = time.perf_counter()
-        report = make_grower(grower_name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
-        grow = time.perf_counter() - t0
-        epoch_after = train_epoch(model, opt, loader)
-        row = {
-            "epoch_s": epoch,
-            "growth_s": grow,
-            "growth_over_epoch": grow / epoch,
-            "epoch_after_growth_s": epoch_after,
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-            "timings": report.timings,
-        }
+        row = measure_growth(cfg, grower_name, kw)
+        epoch, grow = row["epoch_s"], row["growth_s"]
         if not args.no_memory:
             probe = [sys.executable, __file__, "--preset", args.preset, "--_probe"]
             train_mem = int(subprocess.check_output(probe + ["train"], text=True).strip().splitlines()[-1])

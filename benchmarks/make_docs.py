@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from firefly_descent.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:
@@ -500,10 +502,7 @@ def generate(
             lines.append("")
     lines += ["## Discussion", "", START, _discussion(discussion, out), END, ""]
     text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, text)
     return text
 
 

@@ -23,22 +23,15 @@ from firefly_descent.data import load_dataset, make_loaders
 from firefly_descent.methods import Firefly
 from firefly_descent.models import build_model
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from growth_cost import train_epoch as epoch  # noqa: E402
+
 VARIANTS: dict[str, dict | None] = {
     "none": None,  # no growth: the fine-tune reference
     "default": {},
     "paper-code": {"preset": "paper-code"},
     "long": {"step_one_steps": 40, "sample_size": None, "score_batches": 8},
 }
-
-
-def epoch(model, opt, loader) -> float:
-    model.train()
-    t0 = time.perf_counter()
-    for x, y in loader:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return time.perf_counter() - t0
 
 
 def accuracy(model, loader) -> float:

@@ -34,7 +34,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -44,6 +43,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from firefly_descent.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -382,20 +383,8 @@ def environment() -> dict[str, Any]:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=float)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (temporary file, fsync, rename): a result file is whole or absent."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -576,26 +565,10 @@ def run_cost(
     if grower_name != "static":
         kw.setdefault("seed", int(seed))
     gc.METHODS[method] = (grower_name, kw)
-    from firefly_descent.methods import make_grower
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
-    model, opt, loader, _ = gc.setup(cfg, seed)
-    gc.train_epoch(model, opt, loader[:2])  # warm-up
-    epoch = gc.train_epoch(model, opt, loader)
-    t0 = time.perf_counter()
-    report = make_grower(grower_name, **kw).grow(model, loader, gc.F.cross_entropy, optimizer=opt)
-    grow = time.perf_counter() - t0
-    epoch_after = gc.train_epoch(model, opt, loader)
-    row: dict[str, Any] = {
-        "epoch_s": epoch,
-        "growth_s": grow,
-        "growth_over_epoch": grow / epoch,
-        "epoch_after_growth_s": epoch_after,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "timings": report.timings,
-    }
+    row: dict[str, Any] = gc.measure_growth(cfg, grower_name, kw, seed)
     if memory:
         train_mem = _probe(cost_preset, "train", seed, threads)
         grow_mem = _probe(cost_preset, method, seed, threads)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from runlogs import read_jsonl, strip_times
 
 from firefly_descent.cli import main
 from firefly_descent.train import list_checkpoints, load_checkpoint, train
@@ -111,27 +112,6 @@ def run_cli(runner: Path, *args: str, cwd: Path | None = None, slow: float = 0.0
 def write_cfg(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-_TIMES = {
-    "epoch_time",
-    "eval_time",
-    "elapsed",
-    "growth_time",
-    "time",
-    "grow_time",
-    "bn_refresh_time",
-    "timings",
-    "total_time",
-}
-
-
-def no_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in _TIMES} for r in rows]
 
 
 # --------------------------------------------------------------------------- errors
@@ -271,8 +251,8 @@ def test_killed_run_resumes_to_identical_result(runner, tmp_path, uninterrupted,
     assert a["model_state"].keys() == b["model_state"].keys()
     for k in a["model_state"]:
         assert torch.equal(a["model_state"][k], b["model_state"][k]), k
-    assert no_times(read_jsonl(out / "metrics.jsonl")) == no_times(read_jsonl(ref / "metrics.jsonl"))
-    assert no_times(read_jsonl(out / "growth.jsonl")) == no_times(read_jsonl(ref / "growth.jsonl"))
+    assert strip_times(read_jsonl(out / "metrics.jsonl")) == strip_times(read_jsonl(ref / "metrics.jsonl"))
+    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(read_jsonl(ref / "growth.jsonl"))
     # every checkpoint left is weights_only-loadable
     for p in list_checkpoints(out):
         assert torch.load(p, weights_only=True)["format"] == "firefly-descent-checkpoint"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from runlogs import read_jsonl, strip_times
 from torch import nn
 
 from firefly_descent.methods.base import _REGISTRY, Grower, GrowthReport
@@ -114,27 +114,6 @@ def tiny(**sections: Any) -> dict[str, Any]:
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-_TIMING = {
-    "epoch_time",
-    "eval_time",
-    "elapsed",
-    "growth_time",
-    "time",
-    "grow_time",
-    "bn_refresh_time",
-    "timings",
-    "total_time",
-}
-
-
-def strip_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ values), then loads the weights - so a grown architecture rebuilds without pickl
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import GrowthError
+from ..io import atomic_save
 from ..plan import Plan
 from .apply import HISTORY_ATTR, apply, growth_history
 from .modules import rederive_attrs, snapshot_attrs
@@ -26,23 +26,6 @@ def replay_history(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module
     for record in history:
         apply(model, Plan.from_dict(record), verify=False)
     return model
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(model: nn.Module, path: str, extra: dict[str, Any] | None = None) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import atomic_save
+
 __all__ = [
     "CheckpointError",
     "atomic_save",
@@ -105,32 +107,6 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator | None 
 def checkpoint_path(run_dir: str | Path, seq: int, epoch: int, grown: bool) -> Path:
     """``ckpt-<seq>-e<epoch>[g].pt``: `seq` orders checkpoints, ``g`` marks a post-growth one."""
     return Path(run_dir) / "checkpoints" / f"ckpt-{seq:06d}-e{epoch:04d}{'g' if grown else ''}.pt"
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save` to a temp file in the same directory, fsync, then `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable too
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

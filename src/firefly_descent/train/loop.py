@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -38,6 +37,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_text
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -492,13 +492,7 @@ class _Run:
             f.flush()
 
     def _rewrite_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.run_dir / name)
+        atomic_write_text(self.run_dir / name, "".join(json.dumps(row, default=float) + "\n" for row in rows))
 
     def log(self, line: str) -> None:
         tqdm.write(line, file=sys.stdout)
@@ -788,9 +782,7 @@ class _Run:
                 self.writer.close()
         summary = summarize(self.metrics, self.growths)
         summary["run_dir"] = str(self.run_dir)
-        tmp = self.run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
-        os.replace(tmp, self.run_dir / "summary.json")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
         self._emit("on_train_end", summary)
         return summary
 
