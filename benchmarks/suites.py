@@ -90,6 +90,7 @@ class Method:
     kind: str = "grow"
     model: dict[str, Any] | None = None  # model kwargs replacing the suite's (controls)
     replay_of: str | None = None
+    growth: dict[str, Any] = field(default_factory=dict)  # growth-config keys replacing the suite's (ablations)
     note: str = ""
 
 
@@ -218,6 +219,12 @@ SUITES: dict[str, Suite] = {
         ),
         methods={
             **_growers_width(),
+            "firefly-no-bn-calibration": Method(
+                "firefly",
+                {"budget": BUDGET},
+                growth={"calibrate_new_bn": False},
+                note="ablation: new units' BatchNorm channels left fresh (train mode rescales them to unit variance)",
+            ),
             **_controls(
                 {"widths": A_FULL_WIDTH, "classifier": "conv1x1"},
                 f"width {A_FULL_WIDTH} in every conv (8x the start; the widest affordable on 2 CPU cores)",
@@ -337,6 +344,7 @@ def build_config(
         kwargs.setdefault("seed", int(seed))
     raw["growth"]["method"] = m.grower
     raw["growth"]["kwargs"] = kwargs
+    raw["growth"].update(copy.deepcopy(m.growth))
     if m.model is not None:
         raw["model"]["kwargs"] = copy.deepcopy(m.model)
     if m.kind == "replay":
@@ -379,7 +387,19 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "code": _code_version(),
     }
+
+
+def _code_version() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if diff.stdout.strip() else "")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -394,6 +394,8 @@ def test_vgg_with_batchnorm_refresh(tmp_path):
     train(cfg, out, progress=False)
     g = read_jsonl(out / "growth.jsonl")[0]
     assert g["bn_layers_refreshed"] > 0
+    # test-widen adds 2 new units to each of VGG-11's 8 conv groups, each normalised by one BatchNorm
+    assert g["bn_channels_calibrated"] == 2 * 8
     ckpt = load_checkpoint(out)
     model = rebuild_model(ckpt).eval()
     assert state_equal(model.state_dict(), ckpt["model_state"])

@@ -1,6 +1,7 @@
 """The engine: the one place that applies plans to live models."""
 
 from .apply import apply, growth_history, plan_edits, plan_expansions
+from .calibrate import calibrate_new_batchnorm, new_norm_channels
 from .convenience import deepen, layer_spec, plan_deepen, plan_widen, spread_units, widen
 from .history import atomic_save, load, replay_history, resize_to_shapes, save
 from .modules import check_attrs
@@ -8,11 +9,13 @@ from .modules import check_attrs
 __all__ = [
     "apply",
     "atomic_save",
+    "calibrate_new_batchnorm",
     "check_attrs",
     "deepen",
     "growth_history",
     "layer_spec",
     "load",
+    "new_norm_channels",
     "plan_deepen",
     "plan_edits",
     "plan_expansions",

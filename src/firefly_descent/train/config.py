@@ -115,6 +115,9 @@ class GrowthConfig:
     max_flops: int | None = None
     refresh_bn: bool = True
     refresh_bn_batches: int | None = 50
+    # rewrite new units' BatchNorm channels so train mode computes what eval mode scored
+    # (engine/calibrate.py); uses refresh_bn_batches training batches
+    calibrate_new_bn: bool = True
     data_batches: int | None = None
 
 

@@ -37,6 +37,8 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.apply import growth_history
+from ..engine.calibrate import calibrate_new_batchnorm, new_norm_channels
 from ..io import atomic_write_text
 from .checkpoint import (
     FORMAT,
@@ -619,11 +621,18 @@ class _Run:
             grower.val_data = DeviceLoader(s.val_loader, self.device)
         t0 = time.perf_counter()
         self.model.train()
+        n_plans = len(growth_history(self.model))
         report = grower.grow(self.model, data, self.loss_fn, optimizer=self.optimizer, example_inputs=s.example_inputs)
         self.model.train()
         self._sync_optimizer()
         grow_time = time.perf_counter() - t0
         t1 = time.perf_counter()
+        n_cal = 0
+        if cfg.growth.calibrate_new_bn:
+            channels = new_norm_channels(growth_history(self.model)[n_plans:])
+            if channels:
+                batches = DeviceLoader(s.train_loader, self.device, cfg.growth.refresh_bn_batches)
+                n_cal = calibrate_new_batchnorm(self.model, channels, batches)
         n_bn = 0
         if cfg.growth.refresh_bn:
             n_bn = refresh_batchnorm(self.model, s.train_loader, self.device, cfg.growth.refresh_bn_batches)
@@ -649,6 +658,7 @@ class _Run:
                 "grow_time": grow_time,
                 "bn_refresh_time": bn_time,
                 "bn_layers_refreshed": n_bn,
+                "bn_channels_calibrated": n_cal,
                 "time": grow_time + bn_time,
                 "test_loss_after": test["loss"],
                 "test_acc_after": test["acc"],
