@@ -65,6 +65,7 @@ def test_result_files_record_provenance(bench: Path) -> None:
     assert rec["rounds"][1]["params"] > rec["rounds"][0]["params"]
     assert rec["final_architecture"]["growth_history"]
     assert rec["env"]["torch"] and rec["wall_time_s"] > 0 and rec["date"]
+    assert rec["env"]["code"] is None or len(rec["env"]["code"].split("+")[0]) == 40  # the commit measured
     # the replay control: the firefly run's final architecture, never grown
     scratch = json.loads((folder / "firefly-arch-from-scratch-s0.json").read_text())
     assert scratch["config"]["model"]["name"] == "replayed-architecture"
@@ -79,6 +80,15 @@ def test_rerun_skips_finished(bench: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert out.count("skip B/") == 2 and "0 run, 2 skipped, 0 failed" in out
     assert {p: p.stat().st_mtime_ns for p in (bench / "results" / "B").iterdir()} == before
+
+
+def test_method_growth_overrides_reach_the_config() -> None:
+    ablation = suites.build_config("A", "firefly-no-bn-calibration", 0, "quick")
+    default = suites.build_config("A", "firefly", 0, "quick")
+    assert ablation["growth"]["calibrate_new_bn"] is False and default["growth"]["calibrate_new_bn"] is True
+    assert {k: v for k, v in ablation["growth"].items() if k != "calibrate_new_bn"} == {
+        k: v for k, v in default["growth"].items() if k != "calibrate_new_bn"
+    }
 
 
 def test_replay_without_its_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
