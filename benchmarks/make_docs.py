@@ -255,6 +255,11 @@ def _provenance(recs: list[dict[str, Any]]) -> list[str]:
     dates = sorted(r.get("date", "")[:10] for r in recs if r.get("date"))
     if dates:
         lines.append(f"- dates: {dates[0]} to {dates[-1]}" if dates[0] != dates[-1] else f"- date: {dates[0]}")
+    codes: dict[str, int] = {}
+    for r in recs:
+        code = r.get("env", {}).get("code") or "not recorded (before results recorded their commit)"
+        codes[code] = codes.get(code, 0) + 1
+    lines.append("- code: " + "; ".join(f"`{c}` ({n} run{'s' if n > 1 else ''})" for c, n in sorted(codes.items())))
     commands = sorted({r.get("command") or "" for r in recs} - {""})
     if commands:
         lines.append("- commands:")

@@ -387,7 +387,7 @@ def environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "code": _code_version(),
+        "code": CODE_VERSION,
     }
 
 
@@ -400,6 +400,9 @@ def _code_version() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if diff.stdout.strip() else "")
+
+
+CODE_VERSION = _code_version()  # at start-up: the code this process runs, whatever is committed meanwhile
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
