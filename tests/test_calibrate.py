@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from zoo import VGGFlatten, randomize_norm_stats
@@ -157,3 +159,22 @@ def test_calibration_restores_mode_and_other_statistics():
         for attr in ("weight", "bias", "running_mean", "running_var"):
             assert torch.equal(getattr(bn, attr)[keep], state[f"{name}.{attr}"][keep])
     assert calibrate_new_batchnorm(model, {}, [x]) == 0
+
+
+
+def test_reduced_statistics_match_pooled_batches():
+    """`reduce` sees the per-channel sums: adding the other replica's sums equals calibrating on both batches."""
+    torch.manual_seed(0)
+    model, x = randomize_norm_stats(VGGFlatten()).double(), torch.randn(32, 3, 4, 4, dtype=torch.float64)
+    _grow_new_units(model, x, 0.1)
+    channels = new_norm_channels(growth_history(model))
+    pooled = copy.deepcopy(model)
+    calibrate_new_batchnorm(pooled, channels, [x[:16], x[16:]])
+    other: list[torch.Tensor] = []  # the sums the replica holding x[16:] would contribute, one per BatchNorm
+    calibrate_new_batchnorm(copy.deepcopy(model), channels, [x[16:]], reduce=lambda t: other.append(t) or t)
+    assert len(other) == len(channels)
+    calls = iter(other)
+    replica = copy.deepcopy(model)
+    calibrate_new_batchnorm(replica, channels, [x[:16]], reduce=lambda t: t + next(calls))
+    for a, b in zip(pooled.state_dict().values(), replica.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-12)

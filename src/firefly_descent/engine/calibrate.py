@@ -18,7 +18,7 @@ channels from the growth history the engine records, so this works for every met
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ def calibrate_new_batchnorm(
     channels: dict[str, list[int]],
     batches: Iterable[Any],
     max_batches: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """Rewrite the listed BatchNorm channels so train mode computes what eval mode does (see module doc).
 
@@ -76,6 +77,10 @@ def calibrate_new_batchnorm(
     device. The forward passes run in train mode; every BatchNorm's running statistics and the model's
     mode are restored afterwards, so only the listed channels change. Returns the number of channels
     calibrated (0 when there is nothing to do or no batch).
+
+    `reduce` combines the per-channel sums [count, Σh, Σh²] across processes before they are used (e.g. a
+    `torch.distributed.all_reduce` with SUM wrapped to return its tensor), so that every replica writes the
+    same channels.
     """
     targets: dict[str, tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = {}
     for name, idx in channels.items():
@@ -131,7 +136,10 @@ def calibrate_new_batchnorm(
     for name, (m, idx) in targets.items():
         if not stats[name]:
             continue
-        n, s, ss = torch.stack(stats[name]).sum(0)
+        sums = torch.stack(stats[name]).sum(0)
+        if reduce is not None:
+            sums = reduce(sums)
+        n, s, ss = sums
         mu = s / n
         var = (ss / n - mu * mu).clamp(min=0.0)
         scale, rm, beta = (t.double() for t in maps[name])
