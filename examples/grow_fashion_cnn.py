@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from firefly_descent.data import load_dataset, make_loaders
+from firefly_descent.engine import calibrate_new_batchnorm, growth_history, new_norm_channels
 from firefly_descent.methods import Firefly
 from firefly_descent.models import build_model
 
@@ -59,8 +60,14 @@ def main() -> None:
         print(f"epoch {epoch}: test acc {acc:.4f}, {params:,} params, {time.perf_counter() - t0:.1f}s")
         if epoch % args.grow_every == 0 and epoch < args.epochs:
             # the grower edits `model` in place and remaps the optimizer's parameters and state
+            plans_before = len(growth_history(model))
             report = grower.grow(model, train_loader, F.cross_entropy, optimizer=optimizer)
             print(report)
+            # new units got fresh BatchNorm channels: make train mode compute what Firefly scored (eval mode)
+            new_channels = new_norm_channels(growth_history(model)[plans_before:])
+            batches = ((x.to(device),) for x, _ in train_loader)
+            n = calibrate_new_batchnorm(model, new_channels, batches, max_batches=20)
+            print(f"calibrated {n} new BatchNorm channels")
 
 
 if __name__ == "__main__":

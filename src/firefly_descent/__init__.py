@@ -4,7 +4,17 @@ model -> `analyze` -> `Plan` -> `apply` -> grown model; every growth method only
 """
 
 from .analysis import GrowthGraph, ModuleRule, analyze, register_module_rule
-from .engine import apply, deepen, growth_history, load, replay_history, save, widen
+from .engine import (
+    apply,
+    calibrate_new_batchnorm,
+    deepen,
+    growth_history,
+    load,
+    new_norm_channels,
+    replay_history,
+    save,
+    widen,
+)
 from .errors import (
     ApproximationRequiredError,
     DataDependentControlFlowError,
@@ -37,9 +47,11 @@ __all__ = [
     "VerificationError",
     "analyze",
     "apply",
+    "calibrate_new_batchnorm",
     "deepen",
     "growth_history",
     "load",
+    "new_norm_channels",
     "register_module_rule",
     "replay_history",
     "save",
