@@ -210,6 +210,26 @@ def test_deterministic_for_a_fixed_seed():
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+@pytest.mark.parametrize("preset", ["default", "paper-code"])
+def test_micro_batches_give_the_same_growth(preset):
+    """Chunked steps one and two (BatchNorm frozen) reproduce whole-batch scores and the grown model."""
+    states, scores = [], []
+    for micro in (None, 5):
+        model, x = ZOO["vgg_gap"]()
+        model = randomize_norm_stats(model).double()
+        data = _data(model, (x[0].double(),), n_batches=3, batch=16, dtype=torch.float64)
+        kw = {"new_units": 2} if preset == "paper-code" else {"step_one_steps": 4, "score_batches": 2}
+        grower = Firefly(preset=preset, micro_batch=micro, sample_size=None, seed=3, **kw)
+        grower.grow(model, data, F.cross_entropy, example_inputs=(x[0].double(),))
+        states.append(model.state_dict())
+        scores.append(torch.tensor([c.score for c in grower.last_scores], dtype=torch.float64))
+    assert torch.allclose(scores[0], scores[1], rtol=1e-7, atol=1e-12)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.allclose(states[0][k].double(), states[1][k].double(), atol=1e-9) for k in states[0])
+    with pytest.raises(ff.GrowthError, match="micro_batch"):
+        Firefly(micro_batch=0)
+
+
 def test_optimizer_remapped_and_grown_model_trains():
     model, x = ZOO["mlp_bn"]()
     data = _data(model, x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ class FireflyConfig:
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
     step_one_steps: int | None = 10  # optimiser steps of step one; None = one pass over the data
     sample_size: int | None = 32  # use at most this many samples of each batch in steps one and two
+    # forward/backward each batch in chunks of at most this many samples in steps one and two: the same
+    # gradients (BatchNorm is frozen there; the loss must be a mean over samples), a fraction of the
+    # over-grown network's activation memory. None = whole batches.
+    micro_batch: int | None = None
     step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 1e-2
     rmsprop_alpha: float = 0.9
@@ -80,8 +85,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_new_out=0.01,
         score_points=[1.0],
         score_batches=None,
+        # the authors' code runs whole batches; chunking gives the same gradients with the over-grown
+        # net's (16 + 16 twins + 70 new channels per layer) activations held for 32 samples at a time
+        micro_batch=32,
     ),
 }
+
+
+def micro_batches(x: Any, y: torch.Tensor, size: int | None) -> Iterator[tuple[tuple[Any, ...], torch.Tensor, float]]:
+    """(inputs, targets, weight) chunks of at most `size` samples; weights are chunk fractions, so the
+    weighted chunk losses of a mean-reduced loss sum to the batch loss."""
+    inputs = as_inputs(x)
+    n = len(y)
+    if size is None or n <= size:
+        yield inputs, y, 1.0
+        return
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        yield tuple(t[start:stop] for t in inputs), y[start:stop], (stop - start) / n
 
 
 def midpoints(n: int) -> list[float]:
@@ -108,6 +129,8 @@ class Firefly(Grower):
         self.config = FireflyConfig(**values)
         if self.config.candidates not in CANDIDATE_SETS:
             raise GrowthError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {self.config.candidates!r}")
+        if self.config.micro_batch is not None and self.config.micro_batch < 1:
+            raise GrowthError(f"micro_batch must be a positive sample count or None, not {self.config.micro_batch}")
         if isinstance(self.config.score_points, int):
             self.config.score_points = midpoints(self.config.score_points)
         if not self.config.score_points or any(not 0 <= a <= 1 for a in self.config.score_points):
@@ -257,10 +280,10 @@ class Firefly(Grower):
             penalised += [(v, cfg.new_penalty) for per in width_c.new_in.values() for v in per.values()]
         for x, y in itertools.islice(itertools.cycle(batches), steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(*as_inputs(x)), y)
-            for v, lam in penalised:
-                loss = loss + lam * v.pow(2).sum()
-            loss.backward()
+            for xc, yc, weight in micro_batches(x, y, cfg.micro_batch):
+                (loss_fn(net(*xc), yc) * weight).backward()
+            if penalised:
+                sum(lam * v.pow(2).sum() for v, lam in penalised).backward()
             opt.step()
             if cfg.max_norm is not None:
                 with torch.no_grad():
@@ -284,11 +307,12 @@ class Firefly(Grower):
             for x, y in batches:
                 bank.reset(requires_grad=True)
                 keys = list(bank.gates)
-                loss = loss_fn(net(*as_inputs(x)), y)
-                grads = torch.autograd.grad(loss, [bank.gates[k] for k in keys], allow_unused=True)
-                for k, gr in zip(keys, grads):
-                    if gr is not None:
-                        total[k] += gr.detach()
+                for xc, yc, weight in micro_batches(x, y, self.config.micro_batch):
+                    loss = loss_fn(net(*xc), yc) * weight
+                    grads = torch.autograd.grad(loss, [bank.gates[k] for k in keys], allow_unused=True)
+                    for k, gr in zip(keys, grads):
+                        if gr is not None:
+                            total[k] += gr.detach()
                 count += 1
         bank.alpha = 1.0
         bank.reset(requires_grad=False)
