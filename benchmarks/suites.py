@@ -265,7 +265,14 @@ SUITES: dict[str, Suite] = {
             "the same baseline). Model and data: growth_cost.py's `fashion-vgg11` preset (VGG-11 at width 8, "
             "10,000 random 28x28 one-channel images, batch 128); the growers see the whole epoch's batches."
         ),
-        methods=_growers_width(),
+        methods={
+            **_growers_width(),
+            "firefly-paper-code-whole-batches": Method(
+                "firefly",
+                {"budget": BUDGET, "preset": "paper-code", "micro_batch": None},
+                note="paper-code without micro-batches (the same gradients, whole 128-sample batches)",
+            ),
+        },
         seeds={"quick": [0], "full": [0, 1, 2]},
         sizes={
             "full": "growth_cost.py preset fashion-vgg11 (VGG-11 width 8, 10,000 images of 28x28, batch 128); "
