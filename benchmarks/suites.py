@@ -4,12 +4,14 @@ Every training run goes through the library's own `firefly_descent.train.train` 
 (suite, method, seed) writes one JSON result file, atomically, and finished runs are skipped when re-run::
 
     python benchmarks/suites.py --suite A --preset quick                 # measured: ~40 s (B 14 s, C 60 s, D 9 s)
-    python benchmarks/suites.py --suite A --preset full                  # estimate: ~2.7 h (B ~20 min, C ~20, D ~6)
+    python benchmarks/suites.py --suite A --preset full                  # measured: ~1.5 h on 2 cores (see below)
     python benchmarks/suites.py --suite B --preset full --seeds 0 1 --methods firefly,net2net
     python benchmarks/suites.py --list                                   # suites, methods, sizes
 
 Each run uses one torch thread by default (``--threads``), so two suites can run side by side on 2 cores.
-The full-preset times are estimates from per-step times measured on this 2-core CPU, not measurements.
+Suite A's 42 full-preset runs took about 1.5 h of wall time on 2 cores with 2-5 runs side by side (5.2 h
+of summed per-run wall time; a small-network run takes ~3 min alone on one core, a 64-channel one ~13 min);
+B, C and D take roughly 20, 20 and 6 minutes (estimates from per-step times, not measured end to end).
 
 Suites:
     A  CNN width growth on Fashion-MNIST: VGG-11 (BN, 1x1-conv classifier) from 8 channels, 0.35 budget.
