@@ -178,3 +178,17 @@ def test_reduced_statistics_match_pooled_batches():
     calibrate_new_batchnorm(replica, channels, [x[:16]], reduce=lambda t: t + next(calls))
     for a, b in zip(pooled.state_dict().values(), replica.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_new_channels_follow_a_module_wrapped_by_a_new_layer():
+    """A new layer inserted after a BatchNorm wraps it (`features.1` -> `features.1.0`) in the same plan."""
+    from firefly_descent.engine import deepen
+
+    torch.manual_seed(0)
+    model, x = randomize_norm_stats(VGGFlatten()), torch.randn(8, 3, 4, 4)
+    _grow_new_units(model, x, 1e-3)
+    deepen(model, (x,), ["features.1"])
+    channels = new_norm_channels(growth_history(model))
+    assert "features.1.0" in channels and "features.1" not in channels
+    assert isinstance(model.get_submodule("features.1.0"), nn.BatchNorm2d)
+    assert calibrate_new_batchnorm(model, channels, [x]) == 9

@@ -60,7 +60,15 @@ def new_norm_channels(history: Iterable[dict[str, Any]]) -> dict[str, list[int]]
             for name in norms:
                 moved, fresh = _remap(order, tracked.get(name, set()), splits)
                 tracked[name] = moved | set(fresh)
+        for layer in plan.layers:  # inserting after module `a` wraps it: `a` becomes `a.0`
+            tracked = {_renamed(name, layer.after): idx for name, idx in tracked.items()}
     return {name: sorted(idx) for name, idx in tracked.items() if idx}
+
+
+def _renamed(name: str, wrapped: str) -> str:
+    if name == wrapped or name.startswith(wrapped + "."):
+        return wrapped + ".0" + name[len(wrapped) :]
+    return name
 
 
 @torch.no_grad()
