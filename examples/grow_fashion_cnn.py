@@ -64,7 +64,7 @@ def main() -> None:
             report = grower.grow(model, train_loader, F.cross_entropy, optimizer=optimizer)
             print(report)
             # new units got fresh BatchNorm channels: make train mode compute what Firefly scored (eval mode)
-            new_channels = new_norm_channels(growth_history(model)[plans_before:])
+            new_channels = new_norm_channels(model, growth_history(model)[plans_before:])
             batches = ((x.to(device),) for x, _ in train_loader)
             n = calibrate_new_batchnorm(model, new_channels, batches, max_batches=20)
             print(f"calibrated {n} new BatchNorm channels")

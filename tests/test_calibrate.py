@@ -83,13 +83,13 @@ def test_new_norm_channels_follow_positions_across_plans():
     torch.manual_seed(0)
     model, x = VGGFlatten(), torch.randn(8, 3, 4, 4)
     _grow_new_units(model, x, 1e-3)
-    first = new_norm_channels(growth_history(model))
+    first = new_norm_channels(model, growth_history(model))
     # unit order per group: twin of 0, new 2 (position 0), old 0, new 0 (position 1), old 1.., new 1 (appended);
     # the twin copies a calibrated channel, so it is not new
     widths = {"features.1": 4, "features.4": 5, "features.8": 6}
     assert first == {bn: [1, 3, w + 3] for bn, w in widths.items()}
     _grow_new_units(model, x, 1e-3)
-    both = new_norm_channels(growth_history(model))
+    both = new_norm_channels(model, growth_history(model))
     # second plan on the grown layout (width w+4): first-plan new units move right by the units inserted
     # before them; old 0 (the first plan's twin) is not new, so neither is its twin
     for bn, w in widths.items():
@@ -102,7 +102,7 @@ def test_new_norm_channels_follow_positions_across_plans():
             if kind == "new" or (kind == "old" and i in fresh_before) or (kind == "twin" and 0 in fresh_before)
         }
         assert both[bn] == sorted(expect)
-    assert new_norm_channels(growth_history(model)[1:]) != both
+    assert new_norm_channels(model, growth_history(model)[1:]) != both
 
 
 def test_calibration_makes_train_mode_match_eval_mode():
@@ -118,7 +118,7 @@ def test_calibration_makes_train_mode_match_eval_mode():
     gap_before = _gap(model, x)
     # fresh channels: eval mode y ≈ h (tiny), train mode normalises h to unit variance -> a large jump
     assert gap_before > 0.1
-    channels = new_norm_channels(growth_history(model))
+    channels = new_norm_channels(model, growth_history(model))
     n = calibrate_new_batchnorm(model, channels, [(x, None)])
     assert n == sum(len(v) for v in channels.values()) == 3 * 3  # 3 BatchNorm groups x 3 new units
     model.eval()
@@ -146,7 +146,7 @@ def test_calibration_restores_mode_and_other_statistics():
     torch.manual_seed(0)
     model, x = randomize_norm_stats(VGGFlatten()), torch.randn(16, 3, 4, 4)
     _grow_new_units(model, x, 0.1)
-    channels = new_norm_channels(growth_history(model))
+    channels = new_norm_channels(model, growth_history(model))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     calibrate_new_batchnorm(model, channels, [x, x], max_batches=1)
@@ -167,7 +167,7 @@ def test_reduced_statistics_match_pooled_batches():
     torch.manual_seed(0)
     model, x = randomize_norm_stats(VGGFlatten()).double(), torch.randn(32, 3, 4, 4, dtype=torch.float64)
     _grow_new_units(model, x, 0.1)
-    channels = new_norm_channels(growth_history(model))
+    channels = new_norm_channels(model, growth_history(model))
     pooled = copy.deepcopy(model)
     calibrate_new_batchnorm(pooled, channels, [x[:16], x[16:]])
     other: list[torch.Tensor] = []  # the sums the replica holding x[16:] would contribute, one per BatchNorm
@@ -188,7 +188,63 @@ def test_new_channels_follow_a_module_wrapped_by_a_new_layer():
     model, x = randomize_norm_stats(VGGFlatten()), torch.randn(8, 3, 4, 4)
     _grow_new_units(model, x, 1e-3)
     deepen(model, (x,), ["features.1"])
-    channels = new_norm_channels(growth_history(model))
+    channels = new_norm_channels(model, growth_history(model))
     assert "features.1.0" in channels and "features.1" not in channels
     assert isinstance(model.get_submodule("features.1.0"), nn.BatchNorm2d)
     assert calibrate_new_batchnorm(model, channels, [x]) == 9
+
+
+class CatBN(nn.Module):
+    """Two branches concatenated and normalised by ONE BatchNorm: each group owns a slice at an offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 3, 1, bias=False)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(7)
+        self.conv_c = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(torch.cat([self.conv_a(x), self.conv_b(x)], dim=1)))
+        return self.conv_c(y).mean(dim=(2, 3))
+
+
+def test_new_channels_of_a_concatenation_use_the_groups_offsets():
+    torch.manual_seed(0)
+    model, x = randomize_norm_stats(CatBN()).double(), torch.randn(16, 3, 5, 5, dtype=torch.float64)
+    graph = analyze(model, (x,))
+    by_producer = {g.modules[0]: g for g in graph.groups.values() if g.growable and g.modules}
+    a, b = by_producer["conv_a"], by_producer["conv_b"]
+    g = torch.Generator().manual_seed(0)
+
+    def new_units(group, count, positions):
+        params = dict(model.named_parameters())
+        incoming = {
+            m.tensor: torch.randn(count, *params[m.tensor].narrow(m.dim, 0, m.inner).shape, generator=g,
+                                  dtype=torch.float64) * 1e-3
+            for m in group.members
+            if m.role == "producer" and m.kind == "weight"
+        }
+        return NewUnits(count, incoming, positions=positions)
+
+    plan = Plan(
+        [GroupChange(a, new=new_units(a, 2, None)), GroupChange(b, splits=[Split(1)], new=new_units(b, 1, [0]))],
+        function_preserving=True,
+    )
+    apply(model, plan, example_inputs=(x,))
+    # layout: a0 a1 a2 newA0 newA1 | newB0 b0 b1 b2 b3 twin(b1): the second group's units moved by 2
+    channels = new_norm_channels(model, growth_history(model))
+    assert channels == {"bn": [3, 4, 5]}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    assert calibrate_new_batchnorm(model, channels, [x]) == 3
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), before, atol=1e-10)
+    old = [i for i in range(11) if i not in (3, 4, 5)]
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(model.bn, attr)[old], state[f"bn.{attr}"][old])
+    mean, var = _batch_stats(model, x)[model.bn]
+    assert torch.allclose(model.bn.running_mean[[3, 4, 5]], mean[[3, 4, 5]], atol=1e-12)
+    assert torch.allclose(model.bn.running_var[[3, 4, 5]], var[[3, 4, 5]], rtol=1e-9, atol=1e-15)

@@ -25,50 +25,70 @@ import torch
 from torch import nn
 
 from ..plan import Plan
-from .tensors import NEW, OLD, TWIN, unit_order
+from .apply import plan_edits
+from .tensors import NEW, build_source_map
 
 __all__ = ["calibrate_new_batchnorm", "new_norm_channels"]
 
 
-def _remap(order: list[tuple[int, int]], tracked: set[int], splits: list[int]) -> tuple[set[int], list[int]]:
-    """Positions of the tracked old units after a change, and the positions of its new units (twins of
-    tracked units count as new: they copy a channel that is itself uncalibrated)."""
-    moved, fresh = set(), []
-    for pos, (kind, idx) in enumerate(order):
-        if kind == OLD and idx in tracked:
-            moved.add(pos)
-        elif kind == NEW or (kind == TWIN and splits[idx] in tracked):
-            fresh.append(pos)
-    return moved, fresh
-
-
-def new_norm_channels(history: Iterable[dict[str, Any]]) -> dict[str, list[int]]:
-    """BatchNorm-like module name -> channel indices of the units added by `history`'s plans.
-
-    `history` is a list of plan dicts in application order (a slice of the model's growth history:
-    `growth_history(model)[n_before:]`). Indices are in the model's layout after the last plan.
-    """
-    tracked: dict[str, set[int]] = {}
-    for entry in history:
-        plan = Plan.from_dict(entry)
-        for change in plan.changes:
-            norms = sorted({m.module for m in change.group.members if m.role == "norm"})
-            if not norms:
-                continue
-            order = unit_order(change)
-            splits = [s.unit for s in change.splits]
-            for name in norms:
-                moved, fresh = _remap(order, tracked.get(name, set()), splits)
-                tracked[name] = moved | set(fresh)
-        for layer in plan.layers:  # inserting after module `a` wraps it: `a` becomes `a.0`
-            tracked = {_renamed(name, layer.after): idx for name, idx in tracked.items()}
-    return {name: sorted(idx) for name, idx in tracked.items() if idx}
-
-
 def _renamed(name: str, wrapped: str) -> str:
+    """Inserting a layer after module `wrapped` turns it into `wrapped.0` (and its tensors with it)."""
     if name == wrapped or name.startswith(wrapped + "."):
         return wrapped + ".0" + name[len(wrapped) :]
     return name
+
+
+def new_norm_channels(model: nn.Module, history: Iterable[dict[str, Any]]) -> dict[str, list[int]]:
+    """BatchNorm module name -> channel indices, in `model`'s current layout, of the units that
+    `history`'s plans added.
+
+    `history` is a list of plan dicts in application order, the last ones applied to `model` (a slice of
+    its growth history: `growth_history(model)[n_before:]`). Positions are followed through every plan
+    with the engine's own source maps (so concatenations, where one BatchNorm normalises several groups
+    at offsets, and twins of new units are handled), and through the renames of inserted layers.
+    A twin of a new unit counts as new; a twin of an old unit copies a calibrated channel and does not.
+    """
+    plans = [Plan.from_dict(entry) for entry in history]
+    # per plan: running-mean tensor (its name in the final model) -> the plan's segments on it
+    steps: list[dict[str, list[Any]]] = []
+    for k, plan in enumerate(plans):
+        step: dict[str, list[Any]] = {}
+        for tensor, dims in plan_edits(plan).items():
+            segs = [seg for seg in dims.get(0, []) if seg.member.kind == "running_mean"]
+            if not segs:
+                continue
+            final = tensor
+            for later in plans[k:]:
+                for layer in later.layers:
+                    final = _renamed(final, layer.after)
+            step[final] = segs
+        steps.append(step)
+    sizes: dict[str, int] = {}
+    for tensor in {t for step in steps for t in step}:
+        module_name = tensor.rpartition(".")[0]
+        try:
+            buf = model.get_submodule(module_name).running_mean
+        except AttributeError:
+            continue
+        if buf is None:
+            continue
+        segs = [seg for step in steps for seg in step.get(tensor, [])]
+        added = sum((len(seg.order) - seg.change.group.width) * seg.member.inner for seg in segs)
+        sizes[tensor] = buf.shape[0] - added
+    tracked: dict[str, set[int]] = {t: set() for t in sizes}
+    for step in steps:
+        for tensor, segs in step.items():
+            if tensor not in sizes:
+                continue
+            smap, _ = build_source_map(sizes[tensor], segs)
+            old = tracked[tensor]
+            tracked[tensor] = {
+                q
+                for q, (kind, src) in enumerate(zip(smap.kind.tolist(), smap.src.tolist()))
+                if kind == NEW or src in old
+            }
+            sizes[tensor] = smap.size
+    return {t.rpartition(".")[0]: sorted(idx) for t, idx in tracked.items() if idx}
 
 
 @torch.no_grad()

@@ -629,7 +629,7 @@ class _Run:
         t1 = time.perf_counter()
         n_cal = 0
         if cfg.growth.calibrate_new_bn:
-            channels = new_norm_channels(growth_history(self.model)[n_plans:])
+            channels = new_norm_channels(self.model, growth_history(self.model)[n_plans:])
             if channels:
                 batches = DeviceLoader(s.train_loader, self.device, cfg.growth.refresh_bn_batches)
                 n_cal = calibrate_new_batchnorm(self.model, channels, batches)
