@@ -154,7 +154,8 @@ def plot_acc_vs_params(suite: suites.Suite, ok: dict[str, list[dict[str, Any]]],
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = "os^vD<>pPX*h"
-    colors = plt.get_cmap("tab20").colors  # more methods than tab10's ten colours
+    # tab20 holds ten dark/light pairs: the first ten methods take the dark shades, the next ten the light
+    colors = plt.get_cmap("tab20").colors
     for i, name in enumerate(n for n in suite.methods if n in ok):
         recs, m = ok[name], suite.methods[name]
         rounds = _round_stats(recs)
@@ -172,7 +173,7 @@ def plot_acc_vs_params(suite: suites.Suite, ok: dict[str, list[dict[str, Any]]],
             [100 * p[1][0] for p in pts],
             yerr=[100 * (p[1][1] or 0.0) for p in pts],
             marker=markers[i % len(markers)],
-            color=colors[(2 * i) % len(colors) if i < 10 else (2 * i + 1) % len(colors)],
+            color=colors[(2 * i + i // 10) % len(colors)],
             linestyle="-" if m.kind == "grow" else "none",
             markersize=7 if m.kind == "grow" else 10,
             capsize=3,
