@@ -91,6 +91,41 @@ class Plan:
     def is_empty(self) -> bool:
         return not self.layers and all(c.added == 0 for c in self.changes)
 
+    def scaled(self, amplitude: float) -> Plan:
+        """The same structure with every function-changing value times `amplitude`: split steps
+        (eps), new units' outgoing weights, new layers' residual scales. Incoming weights, twins'
+        copies and new layers' bodies are kept, so amplitude 0 is function-preserving and the loss
+        along amplitudes is the line the growth step moves on."""
+        a = float(amplitude)
+        changes = [
+            GroupChange(
+                c.group,
+                splits=[Split(s.unit, s.directions, s.eps * a, s.position) for s in c.splits],
+                new=None
+                if c.new is None
+                else NewUnits(
+                    c.new.count,
+                    c.new.incoming,
+                    {k: v * a for k, v in c.new.outgoing.items()},
+                    c.new.passthrough,
+                    c.new.positions,
+                    c.new.init,
+                ),
+            )
+            for c in self.changes
+        ]
+        layers = [NewLayer(ly.after, ly.kind, ly.spec, ly.params, ly.scale * a) for ly in self.layers]
+        return Plan(
+            changes,
+            layers,
+            function_preserving=self.function_preserving or a == 0.0,
+            approximate=self.approximate,
+            method=self.method,
+            tolerance=self.tolerance,
+            shapes=self.shapes,
+            input_shapes=self.input_shapes,
+        )
+
     def explain(self) -> str:
         """Human-readable summary of the plan."""
         lines = [

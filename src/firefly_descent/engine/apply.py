@@ -128,6 +128,48 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
+class Undo:
+    """Takes back one applied plan: tensors, attributes, inserted layers, optimizer state and history.
+
+    It also restores the values of every buffer the model had before the plan (BatchNorm running
+    statistics that a later calibration or refresh changed in place). Valid until the model is grown again.
+    """
+
+    def __init__(self, tx: _Transaction, buffers: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]]) -> None:
+        self._tx, self._buffers, self.done = tx, buffers, False
+
+    def __call__(self) -> None:
+        if self.done:
+            raise GrowthError("this growth step was already undone")
+        self._tx.rollback()
+        with torch.no_grad():
+            for store, name, obj, value in self._buffers:
+                if store.get(name) is obj:
+                    obj.copy_(value)
+        self.done = True
+
+
+def apply_undoable(
+    model: nn.Module,
+    plan: Plan,
+    optimizer: torch.optim.Optimizer | None = None,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    record: bool = True,
+) -> Undo:
+    """`apply`, returning an `Undo` that restores model, optimizer and buffers exactly (used to check a
+    growth step on data and take it back, or to try several amplitudes of one plan)."""
+    buffers = [
+        (m._buffers, name, b, b.detach().clone())
+        for m in model.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+    tx = _apply(model, plan, optimizer, example_inputs, verify, record)
+    return Undo(tx, buffers)
+
+
 def apply(
     model: nn.Module,
     plan: Plan,
@@ -138,6 +180,18 @@ def apply(
     record: bool = True,
 ) -> nn.Module:
     """Edit `model` in place as `plan` says; remap `optimizer`; verify on `example_inputs`; roll back on failure."""
+    _apply(model, plan, optimizer, example_inputs, verify, record)
+    return model
+
+
+def _apply(
+    model: nn.Module,
+    plan: Plan,
+    optimizer: torch.optim.Optimizer | None,
+    example_inputs: Any,
+    verify: bool,
+    record: bool,
+) -> _Transaction:
     for change in plan.changes:
         validate(change, plan.approximate)
     afters = [layer.after for layer in plan.layers]
@@ -168,7 +222,7 @@ def apply(
         ) from None
     if record:
         setattr(model, HISTORY_ATTR, tx.history + [plan.to_dict(tensors=False)])
-    return model
+    return tx
 
 
 def _verify(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], before: list[torch.Tensor] | None) -> None:

@@ -18,6 +18,7 @@ channels from the growth history the engine records, so this works for every met
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..plan import Plan
 from .apply import plan_edits
 from .tensors import NEW, build_source_map
 
-__all__ = ["calibrate_new_batchnorm", "new_norm_channels"]
+__all__ = ["calibrate_new_batchnorm", "new_norm_channels", "prepare_batchnorm", "refresh_batchnorm"]
 
 
 def _renamed(name: str, wrapped: str) -> str:
@@ -178,4 +179,80 @@ def calibrate_new_batchnorm(
         m.running_mean[idx] = mu.to(m.running_mean.dtype)
         m.running_var[idx] = var.to(m.running_var.dtype)
         done += len(idx)
+    return done
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+    """Recompute every BatchNorm's running statistics as a cumulative average over `batches`.
+
+    After growth, the running statistics of layers downstream of new units describe the old network;
+    this makes eval mode describe the grown one. Runs in train mode under `no_grad` with
+    ``momentum=None``, then restores each momentum and the model's mode. `batches` yields inputs (or
+    tuples whose first item is the input) on the model's device. Returns the number of layers refreshed.
+    """
+    bns = _batchnorms(model)
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(*x) if isinstance(x, tuple) else model(x)
+            seen += 1
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        if not seen:  # nothing measured: keep the old statistics rather than the reset ones
+            for m, (rm, rv) in zip(bns, saved):
+                m.running_mean.copy_(rm)
+                m.running_var.copy_(rv)
+        model.train(was_training)
+    return len(bns) if seen else 0
+
+
+def prepare_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    since: int,
+    *,
+    calibrate: bool = True,
+    refresh: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, int]:
+    """Leave a model that just grew ready to train: calibrate the BatchNorm channels of the units added
+    by the plans applied after the first `since` entries of its growth history (so train mode computes
+    what eval mode scored), then refresh every BatchNorm's running statistics (so eval mode describes the
+    grown network). `batches` must be re-iterable (a list or a DataLoader). Growers do this themselves
+    (`prepare_batchnorm=True`, the default); call it when you apply plans yourself.
+
+        n = len(ff.growth_history(model)); ff.apply(model, plan, opt); ff.prepare_batchnorm(model, batches, n)
+    """
+    from .apply import growth_history
+
+    batches = list(itertools.islice(iter(batches), max_batches)) if max_batches is not None else batches
+    done = {"calibrated_channels": 0, "refreshed_layers": 0}
+    if calibrate:
+        channels = new_norm_channels(model, growth_history(model)[since:])
+        if channels:
+            done["calibrated_channels"] = calibrate_new_batchnorm(model, channels, batches)
+    if refresh:
+        done["refreshed_layers"] = refresh_batchnorm(model, batches)
     return done
