@@ -55,6 +55,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def raw_plans(monkeypatch):
+    """These tests check each method's plan as it decided it: no after-apply safeguard (no BatchNorm
+    refresh, amplitude kept). The safeguard has its own tests (tests/test_safety.py)."""
+    from firefly_descent.methods.base import Grower
+    from firefly_descent.methods.safety import Safeguard
+
+    monkeypatch.setattr(Grower, "safeguard", Safeguard(check=False, calibrate_new_bn=False, refresh_bn=False))
+
+
 def _data(model, x, n=2, bs=6, seed=1, dtype=torch.float32):
     """Random classification batches shaped like the model's example input."""
     g = torch.Generator().manual_seed(seed)

@@ -39,6 +39,30 @@ class GrowthReport:
     predicted_loss_change: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # what the after-apply check measured and did (methods/safety.py: SafetyRecord), None if not run
+    safety: Any = None
+
+    @property
+    def outcome(self) -> str | None:
+        """accepted | shrunk | rolled-back | unchecked | empty (None when no check ran)."""
+        return getattr(self.safety, "outcome", None)
+
+    @property
+    def heldout_loss_change(self) -> float | None:
+        """Train-mode loss change on held-out growth batches (the mode training continues in)."""
+        s = self.safety
+        if s is None or not s.heldout_before or not s.heldout_after:
+            return None
+        return s.heldout_after["train"] - s.heldout_before["train"]
+
+    @property
+    def heldout_predicted_mode_change(self) -> float | None:
+        """Held-out loss change in the mode the methods predict in (eval, the old running statistics):
+        the number to hold `predicted_loss_change` against."""
+        s = self.safety
+        if s is None or "eval_stale" not in s.heldout_before or "eval_stale" not in s.heldout_after:
+            return None
+        return s.heldout_after["eval_stale"] - s.heldout_before["eval_stale"]
 
     @property
     def measured_loss_change(self) -> float | None:
@@ -54,6 +78,9 @@ class GrowthReport:
         d = asdict(self)
         d["measured_loss_change"] = self.measured_loss_change
         d["total_time"] = self.total_time
+        d["outcome"] = self.outcome
+        d["heldout_loss_change"] = self.heldout_loss_change
+        d["heldout_predicted_mode_change"] = self.heldout_predicted_mode_change
         return d
 
     def to_json(self) -> str:
@@ -84,15 +111,38 @@ class GrowthReport:
                     else ""
                 )
             )
+        s = self.safety
+        if s is not None and s.outcome not in ("empty",):
+            hb, ha = s.heldout_before, s.heldout_after
+            held = ""
+            if hb and ha:
+                held = f"; held-out loss (train mode) {hb['train']:.4f} -> {ha['train']:.4f}"
+                held += f", eval {hb['eval']:.4f} -> {ha['eval']:.4f}"
+            amp = f" at amplitude {s.amplitude:g}" if s.amplitude is not None else ""
+            lines.append(f"  check: {s.outcome}{amp}{held}")
         if self.timings:
             lines.append("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
 
 class Grower(abc.ABC):
-    """Base class: subclasses implement `grow` and set `name`."""
+    """Base class: subclasses implement `grow` and set `name`.
+
+    `safeguard` says how the step is checked after the plan is applied (methods/safety.py): every
+    grower's plan goes through `safety.commit`, which shrinks or undoes a step that raised the held-out
+    loss and leaves BatchNorm models ready to train.
+    """
 
     name: str = "grower"
+    safeguard: Any = None  # a safety.Safeguard; None = the defaults
+
+    def set_safeguard(self, **options: Any) -> Grower:
+        """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""
+        from .safety import Safeguard
+
+        current = self.safeguard if self.safeguard is not None else Safeguard()
+        self.safeguard = Safeguard(**{**asdict(current), **options})
+        return self
 
     @abc.abstractmethod
     def grow(
@@ -135,9 +185,17 @@ def register_grower(name: str) -> Callable[[Callable[..., Grower]], Callable[...
 
 def make_grower(name: str, **kwargs: Any) -> Grower:
     """Build a registered grower by name, e.g. `make_grower("firefly", budget=0.35)`."""
+    from .safety import SAFEGUARD_KEYS
+
     if name not in _REGISTRY:
         raise ValueError(f"unknown grower {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    cls = _REGISTRY[name]
+    own = getattr(cls, "own_safeguard_keys", ())  # options a grower takes itself (Firefly's amplitude)
+    safety = {k: kwargs.pop(k) for k in list(kwargs) if k in SAFEGUARD_KEYS and k not in own}
+    grower = cls(**kwargs)
+    if safety:
+        grower.set_safeguard(**safety)
+    return grower
 
 
 def available_growers() -> list[str]:

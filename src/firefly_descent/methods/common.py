@@ -1,9 +1,8 @@
-"""Shared plumbing for growers: batches, losses, and filling in a GrowthReport around `apply`."""
+"""Shared plumbing for growers: batches, losses, and committing a plan (checked) into a GrowthReport."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,10 +11,10 @@ from torch import nn
 from ..analysis import GrowthGraph
 from ..analysis.trace import as_input_tuple as as_inputs
 from ..budget import count_flops, count_params
-from ..engine import apply
 from ..errors import GrowthError
 from ..plan import Plan
-from .base import GrowthReport, LossFn, Timer
+from .base import Grower, GrowthReport, LossFn
+from .safety import GrowthData, Safeguard, commit
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -24,16 +23,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def take_batches(data: Iterable[Any], n: int | None, device: torch.device) -> list[tuple[Any, Any]]:
-    """The first `n` (inputs, targets) batches of `data` (all when n is None), moved to `device`."""
-    if data is None:
-        raise GrowthError("a grower needs data: pass an iterable of (inputs, targets) batches, e.g. a DataLoader")
-    batches = []
-    for batch in itertools.islice(iter(data), n):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise GrowthError("growth data must yield (inputs, targets) pairs")
-        x, y = batch[0], batch[1]
-        x = x.to(device) if isinstance(x, torch.Tensor) else tuple(t.to(device) for t in x)
-        batches.append((x, y.to(device)))
+    """The next `n` (inputs, targets) batches of `data` (all when n is None), moved to `device`.
+
+    Pass a `GrowthData` to draw disjoint batches in turn (decision, then the safeguard's check)."""
+    batches = GrowthData.of(data).draw(n, device)
     if not batches:
         raise GrowthError("growth data is empty")
     return batches
@@ -71,26 +64,20 @@ def start_report(method: str, model: nn.Module, graph: GrowthGraph, x: tuple[tor
     )
 
 
-def apply_and_report(
+def commit_plan(
+    grower: Grower,
     model: nn.Module,
     plan: Plan,
     report: GrowthReport,
     x: tuple[torch.Tensor, ...],
     optimizer: torch.optim.Optimizer | None,
+    loss_fn: LossFn,
+    data: GrowthData,
+    decision_batches: list[tuple[Any, Any]],
+    finalize: Callable[[], Any] | None = None,
 ) -> None:
-    """Apply `plan` through the engine and record what it changed in `report`."""
-    with Timer(report.timings, "apply"):
-        if not plan.is_empty():
-            apply(model, plan, optimizer, x)
-    for c in plan.changes:
-        if c.splits:
-            report.units_split[c.group.name] = report.units_split.get(c.group.name, 0) + len(c.splits)
-        if c.new is not None and c.new.count:
-            report.units_added[c.group.name] = report.units_added.get(c.group.name, 0) + c.new.count
-    report.layers_inserted += [layer.after for layer in plan.layers]
-    report.widths_after = {
-        name: w + report.units_split.get(name, 0) + report.units_added.get(name, 0)
-        for name, w in report.widths_before.items()
-    }
-    report.params_after = count_params(model)
-    report.flops_after = count_flops(model, x)
+    """Apply `plan` through the engine under the grower's safeguard (check, shrink or undo, BatchNorm
+    made ready to train) and record what it changed in `report`. `finalize` runs right after the plan
+    is applied (e.g. loading trained weights); such a step is checked as one and never scaled."""
+    guard = Safeguard.parse(grower.safeguard)
+    commit(model, plan, report, x, optimizer, loss_fn, data, decision_batches, guard, finalize)

@@ -381,6 +381,8 @@ def prepare(cfg: Config) -> RunSetup:
         kwargs["seed"] = t.seed  # growth randomness follows the run's seed unless set explicitly
     try:
         grower = make_grower(g.method, **kwargs)
+        if callable(getattr(grower, "set_safeguard", None)):  # the grower makes BatchNorm ready to train itself
+            grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn, refresh_bn=g.refresh_bn)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
     if getattr(grower, "needs_validation", False) and val_loader is None:
@@ -628,13 +630,17 @@ class _Run:
         grow_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_cal = 0
-        if cfg.growth.calibrate_new_bn:
+        # growers built on methods.safety calibrate and refresh BatchNorm themselves (report.safety is set)
+        handled = getattr(report, "safety", None) is not None
+        if handled:
+            n_cal = int(report.safety.batchnorm.get("calibrated_channels", 0))
+        if cfg.growth.calibrate_new_bn and not handled:
             channels = new_norm_channels(self.model, growth_history(self.model)[n_plans:])
             if channels:
                 batches = DeviceLoader(s.train_loader, self.device, cfg.growth.refresh_bn_batches)
                 n_cal = calibrate_new_batchnorm(self.model, channels, batches)
-        n_bn = 0
-        if cfg.growth.refresh_bn:
+        n_bn = 0 if not handled else int(report.safety.batchnorm.get("refreshed_layers", 0))
+        if cfg.growth.refresh_bn and not handled:
             n_bn = refresh_batchnorm(self.model, s.train_loader, self.device, cfg.growth.refresh_bn_batches)
         bn_time = time.perf_counter() - t1
         params_before = self._params
@@ -671,8 +677,10 @@ class _Run:
         if cfg.schedule.restart_after_growth:
             self.schedule.new_phase(E, self._phase_end(E))
         acc = f" test acc {test['acc']:.2%}" if test["acc"] is not None else ""
+        outcome = getattr(report, "outcome", None)
+        checked = f" [{outcome}]" if outcome not in (None, "empty") else ""
         self.log(
-            f"growth {self.num_growths} after epoch {E} [{cfg.growth.method}]: params "
+            f"growth {self.num_growths} after epoch {E} [{cfg.growth.method}]{checked}: params "
             f"{params_before:,} -> {self._params:,} in {grow_time + bn_time:.1f}s;{acc}"
         )
         if self.writer is not None:

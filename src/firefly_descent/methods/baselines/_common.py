@@ -24,7 +24,8 @@ from ...errors import GrowthError
 from ...layers import build_body
 from ...plan import NewLayer, Plan
 from ..base import Grower, GrowthReport, LossFn, Timer
-from ..common import apply_and_report, example_from, mean_loss, model_device, start_report, take_batches
+from ..common import commit_plan, example_from, mean_loss, model_device, start_report, take_batches
+from ..safety import GrowthData, Safeguard, settle_batchnorm
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: an identity-initialised Linear/Conv + ReLU after them is exact
 
@@ -42,6 +43,7 @@ class Context:
     groups: list[Group]  # growable groups this method may grow
     report: GrowthReport
     gen: torch.Generator
+    data: GrowthData | None = None  # the rest of the growth data (the safeguard's held-out batches)
     skipped: dict[str, str] = field(default_factory=dict)  # group -> why this method leaves it alone
 
 
@@ -80,9 +82,12 @@ class BaselineGrower(Grower):
     ) -> Context:
         """Read batches, analyse the model, measure the loss before growth, seed the generator."""
         device = model_device(model)
+        guard = Safeguard.parse(self.safeguard)
+        data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
         timings: dict[str, float] = {}
         with Timer(timings, "analyze"):
             batches = take_batches(data, self.batches if n_batches is None else n_batches, device)
+            settle_batchnorm(model, batches, guard)
             x = tuple(t.to(device) for t in example_from(batches, example_inputs))
             graph = analyze(model, x)
         groups = graph.growable()
@@ -95,13 +100,13 @@ class BaselineGrower(Grower):
         with Timer(report.timings, "eval"):
             report.loss_before = mean_loss(model, batches, loss_fn)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(growth_history(model)))
-        return Context(model, loss_fn, device, batches, x, graph, groups, report, gen)
+        return Context(model, loss_fn, device, batches, x, graph, groups, report, gen, data)
 
     def finish(self, ctx: Context, plan: Plan, optimizer: torch.optim.Optimizer | None) -> GrowthReport:
-        """Apply the plan through the engine and record the loss after growth."""
+        """Apply the plan through the engine (checked by the safeguard) and record the loss after growth."""
         report = ctx.report
         self.last_plan = plan  # what was applied (inspection, tests, logging)
-        apply_and_report(ctx.model, plan, report, ctx.x, optimizer)
+        commit_plan(self, ctx.model, plan, report, ctx.x, optimizer, ctx.loss_fn, ctx.data, ctx.batches)
         with Timer(report.timings, "eval"):
             report.loss_after = mean_loss(ctx.model, ctx.batches, ctx.loss_fn)
         if ctx.skipped:

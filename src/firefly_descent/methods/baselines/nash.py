@@ -30,7 +30,7 @@ from ...engine import apply
 from ...errors import GrowthError
 from ...plan import Plan
 from ..base import GrowthReport, LossFn, Timer, register_grower
-from ..common import apply_and_report, as_inputs, mean_loss, take_batches
+from ..common import as_inputs, commit_plan, mean_loss, take_batches
 from ._common import BaselineGrower, Context
 from .net2net import DEEPEN_KINDS, pick_layers, split_changes
 
@@ -180,8 +180,10 @@ class NASH(BaselineGrower):
         if ctx.skipped:
             report.extra["skipped_groups"] = dict(ctx.skipped)
         self.last_plan = plan
-        apply_and_report(model, plan, report, ctx.x, optimizer)
-        model.load_state_dict(child.state_dict())
+        state = child.state_dict()
+        # the step is the morphism plus the winner's training: checked as one, never scaled
+        commit_plan(self, model, plan, report, ctx.x, optimizer, loss_fn, ctx.data, ctx.batches,
+                    finalize=lambda: model.load_state_dict(state))
         model.train(was)
         with Timer(report.timings, "eval"):
             report.loss_after = mean_loss(model, ctx.batches, loss_fn)
