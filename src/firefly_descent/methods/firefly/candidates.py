@@ -19,6 +19,7 @@ backward pass gives dL/dg_i for all candidates at once.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ class _Contribution:
     gate: str | None  # gate key, or None (ungated)
     sign: float
     others: list[Expansion]  # expansions of the other dims
+    scale: torch.Tensor | None = None  # the perturbation is value * scale (value in units of the layer's weights)
 
 
 class CandidatePerturbation(nn.Module):
@@ -88,7 +90,7 @@ class CandidatePerturbation(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w
         for c, ops in zip(self.contribs, self.ops):
-            v = c.value
+            v = c.value if c.scale is None else c.value * c.scale.to(c.value.device, c.value.dtype)
             if c.gate is not None:
                 m = self.bank.mult(c.gate)
                 v = v * m.view(-1, *([1] * (v.dim() - 1)))
@@ -119,6 +121,13 @@ class WidthCandidates:
     split_dirs: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [W, *slice]
     new_in: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [K, *slice]
     new_out: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [K, *slice]
+    # value -> its scale: the candidate's weights are value * scale (relative parametrisation; 1 = absolute)
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def weights(self, value: nn.Parameter) -> torch.Tensor:
+        """A candidate value in the model's own units."""
+        s = self.scales.get(id(value))
+        return value.detach() if s is None else value.detach() * s.to(value.device, value.dtype)
 
     def trainables(self) -> list[nn.Parameter]:
         out = []
@@ -143,6 +152,16 @@ def _positions(start: int, order: list[tuple[int, int]], keys: list[tuple[int, i
     index = {k: n for n, k in enumerate(order)}
     pos = [start + index[k] * inner + r for k in keys for r in range(inner)]
     return torch.tensor(pos, dtype=torch.long)
+
+
+def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> torch.Tensor:
+    """Root-mean-square of each of `width` units' slices of `t` along `dim` (a unit owns `inner` positions)."""
+    block = t.narrow(dim, offset, width * inner).movedim(dim, 0).reshape(width, -1)
+    return block.pow(2).mean(1).sqrt()
+
+
+def _slice_numel(t: torch.Tensor, m: Any) -> int:
+    return t.numel() // t.shape[m.dim] * m.inner
 
 
 def _slice_shape(shape: list[int], dim: int, inner: int) -> list[int]:
@@ -195,14 +214,31 @@ def build_width_candidates(
             perts[tensor] = CandidatePerturbation(bank)
         return perts[tensor]
 
+    relative = bool(init.get("relative", False))
+    originals = dict(model.named_parameters())
+
     def rand(shape: list[int], kind: str) -> torch.Tensor:
         if kind == "uniform_split":
-            t = (torch.rand(shape, generator=generator) * 2 - 1) * init["split"]
+            if relative:  # N(0, a^2) in units of the unit's own weight RMS
+                t = torch.randn(shape, generator=generator) * init["split"]
+            else:
+                t = (torch.rand(shape, generator=generator) * 2 - 1) * init["split"]
         elif kind == "normal_in":
             t = torch.randn(shape, generator=generator) * init["new_in"]
         else:
             t = (torch.rand(shape, generator=generator) * 2 - 1) * init["new_out"]
         return t.to(ref.dtype)
+
+    def scale_of(m: Any, width: int, per_unit: bool, n_dims: int) -> torch.Tensor | None:
+        """Relative parametrisation: RMS of each unit's slice (per_unit) or their mean, shaped to
+        broadcast over [n, *slice]; fan-in scaled 1/sqrt(slice size) where the weights are all zero."""
+        if not relative:
+            return None
+        rms = unit_rms(originals[m.tensor].detach(), m.dim, m.offset, m.inner, width)
+        fallback = 1.0 / math.sqrt(max(1, _slice_numel(originals[m.tensor], m)))
+        rms = torch.where(rms > 0, rms, torch.full_like(rms, fallback))
+        out = rms if per_unit else rms.mean().reshape(1)
+        return out.view(-1, *([1] * n_dims)).to(device)
 
     for change in changes:
         g = change.group
@@ -225,20 +261,30 @@ def build_width_candidates(
                 if splits:
                     v = nn.Parameter(rand([g.width, *shape], "uniform_split").to(device))
                     cands.split_dirs[g.name][m.tensor] = v
+                    sc = scale_of(m, g.width, True, len(shape))
                     pos_parent = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner)
                     pos_twin = _positions(start, order, [(TWIN, i) for i in range(g.width)], m.inner)
-                    pert(m.tensor).add(_Contribution(m.dim, v, pos_parent, m.inner, f"split:{g.name}", 1.0, others))
-                    pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, f"split:{g.name}", -1.0, others))
+                    split_key = f"split:{g.name}"
+                    pert(m.tensor).add(_Contribution(m.dim, v, pos_parent, m.inner, split_key, 1.0, others, sc))
+                    pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, split_key, -1.0, others, sc))
+                    if sc is not None:
+                        cands.scales[id(v)] = sc
                 if K:
                     d = nn.Parameter(rand([K, *shape], "normal_in").to(device))
                     cands.new_in[g.name][m.tensor] = d
                     pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
-                    pert(m.tensor).add(_Contribution(m.dim, d, pos_new, m.inner, None, 1.0, others))
+                    sc = scale_of(m, g.width, False, len(shape))
+                    pert(m.tensor).add(_Contribution(m.dim, d, pos_new, m.inner, None, 1.0, others, sc))
+                    if sc is not None:
+                        cands.scales[id(d)] = sc
             elif K:
                 u = nn.Parameter(rand([K, *shape], "uniform_out").to(device))
                 cands.new_out[g.name][m.tensor] = u
                 pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
-                pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others))
+                sc = scale_of(m, g.width, False, len(shape))
+                pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others, sc))
+                if sc is not None:
+                    cands.scales[id(u)] = sc
     for tensor, p in perts.items():
         mod_name, _, attr = tensor.rpartition(".")
         module = net.get_submodule(mod_name) if mod_name else net
@@ -255,7 +301,7 @@ def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], l
         if not split_units and not new_units:
             continue
         splits = [
-            Split(i, {t: v[i].detach().clone() for t, v in cands.split_dirs[g.name].items()}, eps=1.0)
+            Split(i, {t: cands.weights(v)[i].clone() for t, v in cands.split_dirs[g.name].items()}, eps=1.0)
             for i in sorted(split_units)
         ]
         new = None
@@ -263,8 +309,8 @@ def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], l
             idx = torch.tensor(sorted(new_units), dtype=torch.long)
             new = NewUnits(
                 len(new_units),
-                incoming={t: v.detach()[idx.to(v.device)].clone() for t, v in cands.new_in[g.name].items()},
-                outgoing={t: v.detach()[idx.to(v.device)].clone() for t, v in cands.new_out[g.name].items()},
+                incoming={t: cands.weights(v)[idx.to(v.device)].clone() for t, v in cands.new_in[g.name].items()},
+                outgoing={t: cands.weights(v)[idx.to(v.device)].clone() for t, v in cands.new_out[g.name].items()},
             )
         changes.append(GroupChange(g, splits=splits, new=new))
     return changes

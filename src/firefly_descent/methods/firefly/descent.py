@@ -24,7 +24,8 @@ from ...errors import GrowthError
 from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..base import Grower, GrowthReport, LossFn, Timer, register_grower
-from ..common import apply_and_report, as_inputs, example_from, mean_loss, model_device, start_report, take_batches
+from ..common import as_inputs, commit_plan, example_from, mean_loss, model_device, start_report, take_batches
+from ..safety import GrowthData, Safeguard, settle_batchnorm
 from .candidates import (
     DepthCandidates,
     GateBank,
@@ -56,10 +57,18 @@ class FireflyConfig:
     momentum: float = 0.1
     split_penalty: float = 1e-2  # L2 penalty on split directions
     new_penalty: float = 1e-4  # L2 penalty on new incoming weights
-    max_norm: float | None = None  # optional per-candidate norm projection after each step
-    init_split: float = 0.1  # split directions ~ U(-a, a)
-    init_new_in: float = 0.1  # new incoming ~ N(0, a^2)
-    init_new_out: float = 0.01  # new outgoing ~ U(-a, a)
+    max_norm: float | None = None  # optional per-candidate norm projection after each step (absolute)
+    # the neighbourhood in units of the layer's own weights (relative=True): candidate values are stored
+    # as multiples of the RMS of the existing units' slices, so inits, Adam's steps and the radii mean the
+    # same on every layer whatever its fan-in; after each step-one step every candidate is projected back
+    # into its ball (per-unit RMS <= radius), the paper's ||eps||_inf <= eps, ||delta|| <= 1
+    relative: bool = True
+    split_radius: float | None = 0.5  # split step eps*delta: at most this fraction of the unit's own RMS
+    new_in_radius: float | None = 2.0  # new incoming weights: at most this many times an existing unit's RMS
+    new_out_radius: float | None = 0.5  # new outgoing weights: at most this fraction of existing outgoing RMS
+    init_split: float = 0.1  # split directions ~ N(0, a^2) relative (U(-a, a) absolute)
+    init_new_in: float = 0.5  # new incoming ~ N(0, a^2)
+    init_new_out: float = 0.1  # new outgoing ~ U(-a, a)
     init_layer_scale: float = 0.01
     score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
     score_batches: int | None = 2  # None = one pass over the data
@@ -80,6 +89,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         momentum=0.1,
         split_penalty=1e-2,
         new_penalty=1e-4,
+        relative=False,
+        split_radius=None,
+        new_in_radius=None,
+        new_out_radius=None,
         init_split=0.1,
         init_new_in=0.1,
         init_new_out=0.01,
@@ -103,6 +116,13 @@ def micro_batches(x: Any, y: torch.Tensor, size: int | None) -> Iterator[tuple[t
     for start in range(0, n, size):
         stop = min(n, start + size)
         yield tuple(t[start:stop] for t in inputs), y[start:stop], (stop - start) / n
+
+
+def _head(batch: tuple[Any, Any], n: int) -> tuple[Any, Any]:
+    """The first `n` samples of an (inputs, targets) batch."""
+    xb, yb = batch
+    xs = xb[:n] if isinstance(xb, torch.Tensor) else tuple(t[:n] for t in as_inputs(xb))
+    return xs, yb[:n]
 
 
 def midpoints(n: int) -> list[float]:
@@ -152,23 +172,24 @@ class Firefly(Grower):
     ) -> GrowthReport:
         cfg = self.config
         device = model_device(model)
-        n_needed = (
-            None
-            if cfg.step_one_steps is None or cfg.score_batches is None
-            else max(cfg.step_one_steps, cfg.score_batches)
+        guard = Safeguard.parse(self.safeguard)
+        data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
+        # step one and step two read disjoint batches: scores are not read on the data step one fitted
+        batches = take_batches(data, cfg.step_one_steps, device)
+        score_batches = (
+            data.draw(cfg.score_batches, device) if cfg.score_batches is not None and cfg.step_one_steps else []
         )
-        batches = take_batches(data, n_needed, device)
+        if not score_batches:  # the data ran out: score on step one's batches and say so
+            score_batches = batches if cfg.score_batches is None else batches[: cfg.score_batches]
+            self.score_data = "step-one batches (no further growth batches)"
+        else:
+            self.score_data = "fresh batches"
         x = example_from(batches, example_inputs)
+        full_batches = batches  # whole batches for BatchNorm statistics before and after growth
+        report_bn = settle_batchnorm(model, full_batches, guard)
         if cfg.sample_size is not None:
-            batches = [
-                (
-                    tuple(t[: cfg.sample_size] for t in as_inputs(xb))
-                    if not isinstance(xb, torch.Tensor)
-                    else xb[: cfg.sample_size],
-                    yb[: cfg.sample_size],
-                )
-                for xb, yb in batches
-            ]
+            batches = [_head(b, cfg.sample_size) for b in batches]
+            score_batches = [_head(b, cfg.sample_size) for b in score_batches]
         graph = analyze(model, x)
         groups = [g for g in graph.growable() if not g.constraints]
         if not groups and cfg.candidates != "depth":
@@ -177,7 +198,8 @@ class Firefly(Grower):
             )
         report = start_report(f"firefly[{self.preset}]", model, graph, x)
         gen = torch.Generator().manual_seed(cfg.seed)
-        score_batches = batches if cfg.score_batches is None else batches[: cfg.score_batches]
+        report.extra["score_data"] = self.score_data
+        report.extra["batchnorm_refreshed_before"] = report_bn
         report.loss_before = mean_loss(model, score_batches, loss_fn)
 
         use_splits = cfg.candidates in ("width", "splits", "all")
@@ -198,7 +220,12 @@ class Firefly(Grower):
                     new_count,
                     use_splits,
                     x,
-                    {"split": cfg.init_split, "new_in": cfg.init_new_in, "new_out": cfg.init_new_out},
+                    {
+                        "split": cfg.init_split,
+                        "new_in": cfg.init_new_in,
+                        "new_out": cfg.init_new_out,
+                        "relative": cfg.relative,
+                    },
                     gen,
                 )
             with Timer(report.timings, "step_one"):
@@ -238,7 +265,7 @@ class Firefly(Grower):
         )
         plan = self._materialize(graph, width_c, depth_c, kept, x)
         width_c = depth_c = None  # free the over-grown copies before the model itself grows
-        apply_and_report(model, plan, report, x, optimizer)
+        commit_plan(self, model, plan, report, x, optimizer, loss_fn, data, full_batches)
         report.loss_after = mean_loss(model, score_batches, loss_fn)
         return report
 
@@ -285,6 +312,8 @@ class Firefly(Grower):
             if penalised:
                 sum(lam * v.pow(2).sum() for v, lam in penalised).backward()
             opt.step()
+            if width_c is not None:
+                project_into_ball(width_c, cfg)
             if cfg.max_norm is not None:
                 with torch.no_grad():
                     for v in params:
@@ -374,6 +403,22 @@ class Firefly(Grower):
             method=f"firefly[{self.preset}]",
             input_shapes=[list(t.shape) for t in x],
         )
+
+
+@torch.no_grad()
+def project_into_ball(width_c: WidthCandidates, cfg: FireflyConfig) -> None:
+    """Keep every candidate inside its neighbourhood: per-unit RMS of its (relative) value <= radius."""
+    for per, radius in (
+        (width_c.split_dirs, cfg.split_radius),
+        (width_c.new_in, cfg.new_in_radius),
+        (width_c.new_out, cfg.new_out_radius),
+    ):
+        if radius is None:
+            continue
+        for values in per.values():
+            for v in values.values():
+                rms = v.flatten(1).pow(2).mean(1).sqrt().clamp(min=1e-12)
+                v.mul_((radius / rms).clamp(max=1.0).view(-1, *([1] * (v.dim() - 1))))
 
 
 def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: GroupChange) -> tuple[dict, dict]:
