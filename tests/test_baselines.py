@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 
 import pytest
 import torch
@@ -390,3 +391,23 @@ def test_gradmax_units_train_behind_relu():
         F.cross_entropy(m(data[0][0]), data[0][1]).backward()
         grown[std] = w.grad[-2:].abs().sum().item()
     assert grown[0.0] == 0.0 and grown[1e-3] > 0
+
+
+def test_random_matched_placement_follows_a_run_log(tmp_path):
+    model, x = ZOO["mlp"]()
+    names = [g.name for g in analyze(model, x).growable()]
+    log = tmp_path / "growth.jsonl"
+    log.write_text(
+        json.dumps({"units_split": {names[0]: 2}, "units_added": {names[0]: 1, names[-1]: 2}}) + "\n"
+        + json.dumps({"units_added": {names[-1]: 1}}) + "\n"
+    )
+    grower = make_grower("random", placement=str(tmp_path), seed=0)
+    r1 = grower.grow(model, _data(model, x), F.cross_entropy, example_inputs=x)
+    assert r1.units_added == {names[0]: 3, names[-1]: 2}
+    r2 = grower.grow(model, _data(model, x), F.cross_entropy, example_inputs=x)
+    assert r2.units_added == {names[-1]: 1}
+    with pytest.raises(GrowthError, match="placement has 2 growth step"):
+        grower.grow(model, _data(model, x), F.cross_entropy, example_inputs=x)
+    assert make_grower("random", placement=[{names[0]: 1}]).grow(
+        copy.deepcopy(model), _data(model, x), F.cross_entropy, example_inputs=x
+    ).units_added == {names[0]: 1}

@@ -9,24 +9,37 @@ same law; outgoing weights 0 (function exactly preserved) or U(-out_scale, out_s
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits
 from ..base import GrowthReport, LossFn, Timer, register_grower
 from ._common import BaselineGrower, Context, eligible_groups, fan_in, random_units, slice_shape, uniform, unit_costs
 
 
-def random_new_units(ctx: Context, budget: Any, gen: torch.Generator, out_scale: float) -> list[GroupChange]:
-    """The plan's group changes: random new units under `budget` (see module docstring)."""
+def random_new_units(
+    ctx: Context, budget: Any, gen: torch.Generator, out_scale: float, counts: dict[str, int] | None = None
+) -> list[GroupChange]:
+    """The plan's group changes: random new units under `budget` (see module docstring), or exactly
+    `counts[group]` new units per group (matched placement)."""
     pool = eligible_groups(ctx)
     if not pool:
         return []
-    chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)
+    if counts is not None:
+        unknown = sorted(set(counts) - {g.name for g in pool})
+        if unknown:
+            raise GrowthError(f"placement names group(s) {unknown} this model cannot grow; growable: "
+                              f"{', '.join(g.name for g in pool)}")
+        chosen = {g.name: list(range(int(counts.get(g.name, 0)))) for g in pool}
+    else:
+        chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)
     changes = []
     for g in pool:
         k = len(chosen.get(g.name, []))
@@ -50,7 +63,10 @@ def random_new_units(ctx: Context, budget: Any, gen: torch.Generator, out_scale:
 class RandomGrowth(BaselineGrower):
     """Random new units under the budget.
 
-    kwargs: budget=0.35, seed=0, out_scale=0.0 (0 = exactly function-preserving), batches=8, groups=None.
+    kwargs: budget=0.35, seed=0, out_scale=0.0 (0 = exactly function-preserving), batches=8, groups=None,
+    placement=None: the matched-placement control. A list with one {group: units} dict per growth step, or a
+    run directory whose growth.jsonl gives them (each step's splits + new units per group, e.g. a Firefly
+    run): growth step k adds exactly that many random new units to each group, whatever the budget says.
     """
 
     name = "random"
@@ -62,11 +78,20 @@ class RandomGrowth(BaselineGrower):
         out_scale: float = 0.0,
         batches: int | None = 8,
         groups: list[str] | None = None,
+        placement: list[dict[str, int]] | str | None = None,
     ) -> None:
         super().__init__(budget, seed, batches, groups)
         if out_scale < 0:
             raise ValueError(f"out_scale must be >= 0, not {out_scale}")
         self.out_scale = float(out_scale)
+        self.placement = read_placement(placement) if isinstance(placement, (str, Path)) else placement
+        self.steps = 0  # growth steps taken (the index into `placement`); saved with the run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
 
     def grow(
         self,
@@ -77,7 +102,32 @@ class RandomGrowth(BaselineGrower):
         example_inputs: Any = None,
     ) -> GrowthReport:
         ctx = self.begin(model, data, loss_fn, example_inputs)
+        counts = None
+        if self.placement is not None:
+            if self.steps >= len(self.placement):
+                raise GrowthError(f"placement has {len(self.placement)} growth step(s); this is step {self.steps + 1}")
+            counts = self.placement[self.steps]
+            ctx.report.extra["placement"] = dict(counts)
         with Timer(ctx.report.timings, "search"):
-            changes = random_new_units(ctx, self.budget, ctx.gen, self.out_scale)
+            changes = random_new_units(ctx, self.budget, ctx.gen, self.out_scale, counts)
             plan = self.make_plan(ctx, changes, preserving=self.out_scale == 0)
+        self.steps += 1
         return self.finish(ctx, plan, optimizer)
+
+
+def read_placement(run: str | Path) -> list[dict[str, int]]:
+    """Per growth step, units added per group (splits + new units) as a run's growth.jsonl records them."""
+    path = Path(run) / "growth.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise GrowthError(f"placement: no growth log at {path}; pass a run directory or its growth.jsonl")
+    steps = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        counts: dict[str, int] = {}
+        for key in ("units_split", "units_added"):
+            for g, n in (rec.get(key) or {}).items():
+                counts[g] = counts.get(g, 0) + int(n)
+        steps.append(counts)
+    return steps
