@@ -1,0 +1,210 @@
+"""Growth under torch.distributed on CPU (gloo): 2 ranks against 1, one growth, kill and resume.
+
+Ranks are forked from the test process (torch is already imported, so a rank starts in well under a
+second) with the environment torchrun would give them; the training code cannot tell the difference.
+The CLI's own launcher (`firefly train --nproc`, torch.distributed.run) is tested for its refusals here
+and end to end in test_distributed_cli (slow: it starts fresh interpreters).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from firefly_descent.train.checkpoint import list_checkpoints, load_checkpoint, rebuild_model
+from firefly_descent.train.distributed import architecture_hash
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform != "linux", reason="needs torch.distributed and fork"
+)
+
+# Same global batch (64) and seed for every world size; 512 training examples = 8 full global batches.
+CFG = {
+    "name": "dist",
+    "data": {"name": "digits", "batch_size": 64, "train_subset": 512, "test_subset": 200, "augment": None},
+    "model": {"name": "mlp", "kwargs": {"hidden": [8, 8]}},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    "schedule": {"name": "cosine", "restart_after_growth": True},
+    "growth": {"method": "firefly", "kwargs": {"budget": 0.35}, "at": [2], "data_batches": 4},
+    "train": {"epochs": 4, "seed": 0, "device": "cpu", "tensorboard": False},
+    "checkpoint": {"keep_last": 20},
+}
+# 1 vs 2 processes differ only in float summation order (gradient all-reduce, sharded metric sums)
+ATOL_AFTER_GROWTH = 1e-5
+ATOL_FINAL = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Recorder:
+    """Each rank writes its architecture hash after every growth; one rank may kill itself."""
+
+    def __init__(self, out: Path, rank: int, die_after_epoch: int | None) -> None:
+        self.out, self.rank, self.die = out, rank, die_after_epoch
+
+    def on_growth(self, record: dict, model: torch.nn.Module) -> None:
+        path = self.out / f"hash-rank{self.rank}.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"index": record["index"], "hash": architecture_hash(model)}) + "\n")
+
+    def on_epoch_end(self, row: dict, model: torch.nn.Module) -> None:
+        if self.die is not None and row["epoch"] == self.die:
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash, no cleanup
+
+
+def _rank_main(rank: int, world: int, port: int, run_dir: str, side: str, resume: bool, die: int | None) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    from firefly_descent.train import resume as resume_run
+    from firefly_descent.train import train
+
+    cb = [_Recorder(Path(side), rank, die if rank == 1 else None)]
+    if resume:
+        resume_run(run_dir, progress=False, callbacks=cb)
+    else:
+        train(CFG, run_dir, progress=False, callbacks=cb)
+
+
+def _launch(world: int, run_dir: Path, side: Path, resume: bool = False, die: int | None = None) -> list[int]:
+    """Fork `world` ranks; if one dies, kill the rest (as torchrun's agent does). Returns exit codes."""
+    side.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, str(run_dir), str(side), resume, die)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 240
+    while any(p.is_alive() for p in procs) and time.time() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        time.sleep(0.05)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    return [p.exitcode for p in procs]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model_state"]
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> float:
+    assert list(a) == list(b)
+    worst = 0.0
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        worst = max(worst, (a[k].double() - b[k].double()).abs().max().item())
+    assert worst <= atol, f"weights differ by {worst:.3g} > {atol}"
+    return worst
+
+
+def _growth_ckpt(run_dir: Path) -> Path:
+    return next(p for p in list_checkpoints(run_dir) if p.stem.endswith("g"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    out = {}
+    for name, world in (("one", 1), ("two", 2)):
+        codes = _launch(world, root / name, root / f"{name}-side")
+        assert codes == [0] * world, f"{name}: exit codes {codes}"
+        out[name] = root / name
+        out[name + "-side"] = root / f"{name}-side"
+    return out
+
+
+def test_two_ranks_match_one_process_through_growth(runs: dict[str, Path]) -> None:
+    one, two = runs["one"], runs["two"]
+    g1, g2 = _growth_ckpt(one), _growth_ckpt(two)
+    c1, c2 = load_checkpoint(g1), load_checkpoint(g2)
+    assert c1["growth_history"] == c2["growth_history"] and len(c1["growth_history"]) >= 1
+    assert c1["growth_reports"][0]["params_after"] > c1["growth_reports"][0]["params_before"]
+    assert rebuild_model(c1).state_dict().keys() == rebuild_model(c2).state_dict().keys()
+    _assert_close(c1["model_state"], c2["model_state"], ATOL_AFTER_GROWTH)
+    # two more epochs of DDP training on the grown model (DDP rebuilt around the new parameters)
+    f1, f2 = list_checkpoints(one)[-1], list_checkpoints(two)[-1]
+    assert load_checkpoint(f2)["epoch"] == 4
+    _assert_close(_state(f1), _state(f2), ATOL_FINAL)
+    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in m2] == [1, 2, 3, 4]  # rank 0 alone wrote the metrics, once per epoch
+    for r1, r2 in zip(m1, m2):  # metrics are reduced over ranks: the same numbers as one process
+        assert r1["test_acc"] == pytest.approx(r2["test_acc"], abs=1e-9)
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
+    assert m2[-1]["train_loss"] < m2[0]["train_loss"]
+
+
+def test_both_ranks_hold_the_same_architecture_after_growth(runs: dict[str, Path]) -> None:
+    side = runs["two-side"]
+    h0 = (side / "hash-rank0.jsonl").read_text().splitlines()
+    h1 = (side / "hash-rank1.jsonl").read_text().splitlines()
+    assert len(h0) == 1 and h0 == h1
+    one = (runs["one-side"] / "hash-rank0.jsonl").read_text().splitlines()
+    assert one == h0  # and the same as the single-process run's
+
+
+def test_kill_one_rank_then_resume_with_another_process_count(runs: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    codes = _launch(2, run_dir, tmp_path / "side", die=3)  # rank 1 dies after epoch 3, after the growth
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    done = [load_checkpoint(p)["epoch"] for p in list_checkpoints(run_dir)]
+    assert done and max(done) < 4  # the run did not finish
+    codes = _launch(1, run_dir, tmp_path / "side-resume", resume=True)  # 1 process now
+    assert codes == [0]
+    for p in list_checkpoints(run_dir):  # every checkpoint on disk is complete and loadable
+        load_checkpoint(p)
+    assert not list((run_dir / "checkpoints").glob("*.tmp*"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["num_growths"] == 1
+    # the same result as the uninterrupted 2-process run, up to 1-vs-2 process summation order
+    final = list_checkpoints(run_dir)[-1]
+    ref = list_checkpoints(runs["two"])[-1]
+    assert load_checkpoint(final)["growth_history"] == load_checkpoint(ref)["growth_history"]
+    _assert_close(_state(final), _state(ref), ATOL_FINAL)
+
+
+def test_nproc_refuses_a_batch_that_does_not_split(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(
+        [sys.executable, "-m", "firefly_descent.cli", "train", "digits-mlp-firefly", "--nproc", "3"]
+        + ["--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: data.batch_size: the global batch 64 is not divisible by --nproc 3; use a multiple of 3"
+    )
+    assert not (tmp_path / "x").exists()
