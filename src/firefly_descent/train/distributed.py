@@ -117,7 +117,7 @@ class DistributedRuntime(Runtime):
 
     # ---- setup
 
-    def configure(self, setup: Any) -> None:
+    def _configure(self, setup: Any) -> None:
         """Put the model on this rank's device and replace the loaders by per-rank shards."""
         if setup.device.type == "cuda":
             setup.device = torch.device("cuda", torch.cuda.current_device())
@@ -125,7 +125,7 @@ class DistributedRuntime(Runtime):
             setup.example_inputs = setup.example_inputs.to(setup.device)
         elif self.backend == "nccl":
             raise ConfigError(f"train.device: {setup.device} cannot use the nccl process group; use auto or cuda")
-        super().configure(setup)
+        super()._configure(setup)
         d, world = setup.cfg.data, self.world_size
         if d.batch_size % world:
             raise ConfigError(

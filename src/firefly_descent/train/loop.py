@@ -921,6 +921,7 @@ def _start(
         raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
     rt.barrier()  # every rank checked the directory before rank 0 writes into it
     setup = prepare(cfg)
+    rt.configure(setup)  # refuses bad precision/batch options before anything is written
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(

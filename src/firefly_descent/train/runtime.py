@@ -47,6 +47,7 @@ class Runtime:
         self.compiles = 0  # how many times a forward module was (re)built with torch.compile
         self._fwd: nn.Module | None = None
         self._sig: tuple[int, ...] | None = None
+        self._configured: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +57,15 @@ class Runtime:
     # ---- setup
 
     def configure(self, setup: Any) -> None:
-        """Read precision/compile/layout options from `setup.cfg`; refuse bad ones with one line."""
+        """Read precision/compile/layout options from `setup.cfg`; refuse bad ones with one line.
+
+        Called once per setup (again is a no-op), before the run directory is written."""
+        if self._configured is setup:
+            return
+        self._configured = setup
+        self._configure(setup)
+
+    def _configure(self, setup: Any) -> None:
         t = setup.cfg.train
         self.device = setup.device
         self.mode = resolve_precision(t.precision, t.amp, setup.device)
