@@ -119,3 +119,16 @@ def test_channels_last_survives_growth(tmp_path: Path) -> None:
     assert run.num_growths == 1
     grown = convs()
     assert len(grown) >= n and all(p.is_contiguous(memory_format=torch.channels_last) for p in grown)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_autocast_trains_and_grows(tmp_path: Path, precision: str) -> None:
+    run = _run(tmp_path, precision=precision, device="cuda")
+    assert run.device.type == "cuda"
+    assert (run.scaler is not None) == (precision == "fp16")  # GradScaler for fp16 only
+    summary = run.run()
+    assert summary["num_growths"] == 1
+    assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in run.model.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
