@@ -6,7 +6,6 @@ tests are in test_distributed.py. The CUDA variants run only where GPUs are pres
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
