@@ -8,7 +8,7 @@ Each mode runs the real CLI on the same config in a fresh run directory:
 
 Images/s is the training set size over the median per-epoch training time (rank 0's ``epoch_time`` in
 metrics.jsonl, which covers the all-reduces), skipping the first epoch (warm-up). Growth is switched off
-(``growth.max_growths=0``) unless ``--with-growth``, so the numbers measure training alone. The wall time
+(``growth.method=static``, no schedule) unless ``--with-growth``, so the numbers measure training alone. The wall time
 of the whole command (interpreter and process-group start-up included) is reported too.
 
     python benchmarks/dist_throughput.py digits-mlp-firefly --nprocs 2 --set train.epochs=4
@@ -75,7 +75,7 @@ def main() -> None:
 
     overrides = list(args.overrides) + ["train.tensorboard=false"]
     if not args.with_growth:
-        overrides.append("growth.max_growths=0")
+        overrides += ["growth.method=static", "growth.at=null", "growth.every=null", "growth.warmup_epochs=null"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         modes: list[int | None] = [None] + [int(n) for n in args.nprocs.split(",") if n.strip()]

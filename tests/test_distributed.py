@@ -211,3 +211,45 @@ def test_nproc_refuses_a_batch_that_does_not_split(tmp_path: Path, capsys: pytes
         "error: data.batch_size: the global batch 64 is not divisible by --nproc 3; use a multiple of 3"
     ]
     assert not (tmp_path / "x").exists()  # refused before any process was started
+
+
+def _mismatch_main(rank: int, port: int, side: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        | {"MASTER_PORT": str(port), "LOCAL_WORLD_SIZE": "2"}
+    )
+    from firefly_descent.train.distributed import ArchitectureMismatchError, DistributedRuntime
+
+    rt = DistributedRuntime("cpu")
+    try:
+        same = torch.nn.Linear(4, 3)
+        rt.check_architecture(same, None, "start")  # equal architectures pass
+        grown = torch.nn.Linear(4, 3 + rank)  # rank 1 "applied another plan"
+        try:
+            rt.check_architecture(grown, None, "growth 1")
+        except ArchitectureMismatchError as e:
+            Path(side, f"err{rank}.txt").write_text(str(e))
+    finally:
+        rt.close()
+
+
+def test_architecture_mismatch_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    assert architecture_hash(a) == architecture_hash(b)  # values do not matter, shapes do
+    assert architecture_hash(a) != architecture_hash(torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    before = architecture_hash(a, opt)
+    a(torch.randn(2, 4)).sum().backward()
+    opt.step()  # momentum buffers now exist: the optimizer layout is part of the hash
+    assert architecture_hash(a, opt) != before
+    ctx, port = mp.get_context("fork"), _free_port()
+    procs = [ctx.Process(target=_mismatch_main, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    msgs = [(tmp_path / f"err{r}.txt").read_text() for r in range(2)]
+    assert msgs[0] == msgs[1] and "\n" not in msgs[0]
+    assert msgs[0].startswith("growth 1: the architecture differs across ranks (rank 0 ")
+
