@@ -65,7 +65,23 @@ class _Recorder:
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, no cleanup
 
 
-def _rank_main(rank: int, world: int, port: int, run_dir: str, side: str, resume: bool, die: int | None) -> None:
+def _register_failing_grower() -> None:
+    """A grower that refuses to grow (registered in the forked ranks only)."""
+    from firefly_descent.errors import GrowthError
+    from firefly_descent.methods.base import Grower, register_grower
+
+    class Failing(Grower):
+        name = "test-fails"
+
+        def grow(self, model, data, loss_fn, optimizer=None, example_inputs=None):  # type: ignore[override]
+            raise GrowthError("no candidate fits the budget (test)")
+
+    register_grower("test-fails")(Failing)
+
+
+def _rank_main(
+    rank: int, world: int, port: int, run_dir: str, side: str, resume: bool, die: int | None, cfg: dict
+) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -80,11 +96,17 @@ def _rank_main(rank: int, world: int, port: int, run_dir: str, side: str, resume
     from firefly_descent.train import resume as resume_run
     from firefly_descent.train import train
 
+    if cfg["growth"]["method"] == "test-fails":
+        _register_failing_grower()
     cb = [_Recorder(Path(side), rank, die if rank == 1 else None)]
-    if resume:
-        resume_run(run_dir, progress=False, callbacks=cb)
-    else:
-        train(CFG, run_dir, progress=False, callbacks=cb)
+    try:
+        if resume:
+            resume_run(run_dir, progress=False, callbacks=cb)
+        else:
+            train(cfg, run_dir, progress=False, callbacks=cb)
+    except Exception as e:
+        Path(side, f"error-rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
 
 
 def _warm_imports() -> None:
@@ -97,13 +119,15 @@ def _warm_imports() -> None:
     load_dataset("digits", augment=None)
 
 
-def _launch(world: int, run_dir: Path, side: Path, resume: bool = False, die: int | None = None) -> list[int]:
+def _launch(
+    world: int, run_dir: Path, side: Path, resume: bool = False, die: int | None = None, cfg: dict = CFG
+) -> list[int]:
     """Fork `world` ranks; if one dies, kill the rest (as torchrun's agent does). Returns exit codes."""
     _warm_imports()
     side.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
     port = _free_port()
-    args = (world, port, str(run_dir), str(side), resume, die)
+    args = (world, port, str(run_dir), str(side), resume, die, cfg)
     procs = [ctx.Process(target=_rank_main, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
@@ -253,3 +277,16 @@ def test_architecture_mismatch_stops_every_rank_with_one_line(tmp_path: Path) ->
     assert msgs[0] == msgs[1] and "\n" not in msgs[0]
     assert msgs[0].startswith("growth 1: the architecture differs across ranks (rank 0 ")
 
+
+
+def test_a_growth_failure_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
+    cfg = {**CFG, "growth": {**CFG["growth"], "method": "test-fails", "kwargs": {}}}
+    codes = _launch(2, tmp_path / "run", tmp_path / "side", cfg=cfg)
+    assert codes == [1, 1]  # both stop (no rank waits forever for a plan)
+    e0 = (tmp_path / "side" / "error-rank0.txt").read_text()
+    e1 = (tmp_path / "side" / "error-rank1.txt").read_text()
+    assert e0 == "GrowthError: no candidate fits the budget (test)"
+    assert e1 == (
+        "GrowthError: rank 0 could not grow, so rank 1 stops too (GrowthError: no candidate fits the budget (test))"
+    )
+    assert max(load_checkpoint(p)["epoch"] for p in list_checkpoints(tmp_path / "run")) == 2  # kept

@@ -88,6 +88,32 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _optimizer_layout(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[list[str]] | None:
+    """Parameter names per param group (parameters the model no longer holds are skipped)."""
+    if optimizer is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+
+
+def _set_optimizer_layout(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: list[list[str]] | None
+) -> None:
+    """Give the optimizer rank 0's param-group membership (where the grower registered new parameters)."""
+    if optimizer is None or layout is None:
+        return
+    named = dict(model.named_parameters())
+    missing = [n for names in layout for n in names if n not in named]
+    if missing:
+        raise ArchitectureMismatchError(
+            f"after growth, rank 0's optimizer holds {missing[0]!r}, which this rank's model does not have"
+        )
+    for group, names in zip(optimizer.param_groups, layout):
+        group["params"] = [named[n] for n in names]
+    for names in layout[len(optimizer.param_groups) :]:
+        optimizer.add_param_group({"params": [named[n] for n in names]})
+
+
 class DistributedRuntime(Runtime):
     """One rank of a torch.distributed job (see the module docstring for what is synchronised)."""
 
@@ -275,7 +301,11 @@ class DistributedRuntime(Runtime):
                 batches = DeviceLoader(self._growth_loader(n_before), self.device, getattr(data, "max_batches", None))
                 report = grower.grow(model, batches, loss_fn, optimizer=optimizer, example_inputs=example_inputs)
                 rec = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-                message = {"history": growth_history(model)[n_before:], "report": rec}
+                message = {
+                    "history": growth_history(model)[n_before:],
+                    "report": rec,
+                    "optimizer_layout": _optimizer_layout(model, optimizer),
+                }
             except BaseException as e:
                 self.agree({"error": f"{type(e).__name__}: {' '.join(str(e).split())}"})
                 raise
@@ -286,6 +316,7 @@ class DistributedRuntime(Runtime):
                 raise GrowthError(f"rank 0 could not grow, so rank {self.rank} stops too ({message['error']})")
             for record in message["history"]:
                 apply(model, Plan.from_dict(record), optimizer, verify=False)
+            _set_optimizer_layout(model, optimizer, message["optimizer_layout"])
             report = message["report"]
         self.check_architecture(model, optimizer, f"growth after plan {n_before}")
         self._broadcast_state(model, optimizer)
