@@ -39,8 +39,8 @@ CFG = {
     "checkpoint": {"keep_last": 20},
 }
 # 1 vs 2 processes differ only in float summation order (gradient all-reduce, sharded metric sums)
-ATOL_AFTER_GROWTH = 1e-5
-ATOL_FINAL = 1e-4
+ATOL_AFTER_GROWTH = 1e-6
+ATOL_FINAL = 1e-5
 
 
 def _free_port() -> int:
@@ -155,6 +155,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: 
     for k in a:
         assert a[k].shape == b[k].shape, k
         worst = max(worst, (a[k].double() - b[k].double()).abs().max().item())
+    print(f"max |weight difference| {worst:.3g} (tolerance {atol})")
     assert worst <= atol, f"weights differ by {worst:.3g} > {atol}"
     return worst
 
