@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>-<timestamp>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_nproc(t)
 
     c = sub.add_parser("configs", help="list the built-in named configs")
     c.add_argument("--show", metavar="NAME", default=None, help="print one named config's YAML")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_nproc(r)
 
     rep = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
@@ -73,19 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N processes on this machine with torch.distributed (DDP; gloo on CPU, nccl on CUDA; "
+        "see docs/distributed.md)",
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from firefly_descent.train import train
 
+    if args.nproc is not None:
+        from firefly_descent.train.distributed import launch_train
+
+        return launch_train(args.config, args.out, tuple(args.overrides), args.nproc, args.no_progress)
     summary = train(args.config, args.out, progress=not args.no_progress, overrides=tuple(args.overrides))
-    _print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints
+        _print_summary(summary)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from firefly_descent.train import resume
 
+    if args.nproc is not None:
+        from firefly_descent.train.distributed import launch_resume
+
+        return launch_resume(args.run_dir, args.nproc, args.no_progress)
     summary = resume(args.run_dir, progress=not args.no_progress)
-    _print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":
+        _print_summary(summary)
     return 0
 
 
@@ -244,8 +267,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from firefly_descent.report import ReportError
     from firefly_descent.train.checkpoint import CheckpointError
     from firefly_descent.train.config import ConfigError
+    from firefly_descent.train.distributed import LaunchError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ReportError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ReportError, FileNotFoundError, LaunchError]
     try:
         from firefly_descent.data import DatasetError
 
@@ -271,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: no such file or directory"
         print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -133,6 +133,11 @@ class TrainConfig:
     deterministic: bool = True
     threads: int | None = None
     tensorboard: bool = True
+    # scale-out options (train/precision.py, train/runtime.py, docs/distributed.md)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
 
 
 @dataclass

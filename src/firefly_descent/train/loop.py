@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ from .checkpoint import (
     restore_rng,
 )
 from .config import Config, ConfigError, config_from_dict, config_to_dict, growth_epochs, load_config
+from .precision import autocast as _precision_autocast
+from .runtime import Runtime, runtime_for
 from .schedule import LRSchedule, make_optimizer
 
 __all__ = [
@@ -151,10 +153,9 @@ def _make_loss(task: str, label_smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, enabled: bool | str | None) -> contextlib.AbstractContextManager[Any]:
+    # `enabled`: a precision mode ("bf16"/"fp16", train/precision.py) or the older bool (fp16 on CUDA)
+    return _precision_autocast(device, enabled)
 
 
 @torch.no_grad()
@@ -189,6 +190,12 @@ def evaluate(
 
 
 @torch.no_grad()
+def _safety_of(report: Any) -> dict[str, Any] | None:
+    """A grower report's safeguard record as a dict (reports are objects on rank 0, dicts elsewhere)."""
+    s = report.get("safety") if isinstance(report, dict) else getattr(report, "safety", None)
+    return s if s is None or isinstance(s, dict) else asdict(s)
+
+
 def refresh_batchnorm(model: nn.Module, loader: Any, device: torch.device, max_batches: int | None = None) -> int:
     """Recompute BatchNorm running statistics as a cumulative average over `loader` batches.
 
@@ -430,7 +437,11 @@ def _loader_generator(loader: Any) -> torch.Generator | None:
 class _Run:
     """Mutable state of one run plus the operations on it (kept private; use `train`/`resume`)."""
 
-    def __init__(self, setup: RunSetup, run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, setup: RunSetup, run_dir: Path, progress: bool, callbacks: Sequence[Any] = (), rt: Runtime | None = None
+    ) -> None:
+        self.rt = rt if rt is not None else Runtime()  # one process, or one rank (train/runtime.py)
+        self.rt.configure(setup)
         self.s = setup
         self.callbacks = list(callbacks)
         self.cfg = setup.cfg
@@ -438,8 +449,8 @@ class _Run:
         self.model = setup.model
         self.device = setup.device
         self.optimizer = make_optimizer(self.model.parameters(), self.cfg.optim)
-        self.amp = bool(self.cfg.train.amp and self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.amp = self.rt.mode  # autocast mode: None (fp32), "bf16" or "fp16"
+        self.scaler = self.rt.scaler()
         self.loss_fn = _make_loss(setup.task, self.cfg.optim.label_smoothing)
         self.loader_gen = _loader_generator(setup.train_loader)
         self.epochs_done = 0
@@ -450,7 +461,7 @@ class _Run:
         self.seq = 0
         self.metrics: list[dict[str, Any]] = []
         self.growths: list[dict[str, Any]] = []
-        self.progress = bool(progress) and sys.stderr.isatty()
+        self.progress = bool(progress) and sys.stderr.isatty() and self.rt.is_main
         self.writer: Any = None
         self._params = _count_params(self.model)
         self._flops = _count_flops(self.model, setup.example_inputs)
@@ -491,21 +502,27 @@ class _Run:
     # ---- files
 
     def _append_jsonl(self, name: str, row: Mapping[str, Any]) -> None:
+        if not self.rt.is_main:
+            return
         with open(self.run_dir / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=float) + "\n")
             f.flush()
 
     def _rewrite_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        if not self.rt.is_main:
+            return
         atomic_write_text(self.run_dir / name, "".join(json.dumps(row, default=float) + "\n" for row in rows))
 
     def log(self, line: str) -> None:
+        if not self.rt.is_main:
+            return
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
         with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def _open_tensorboard(self) -> None:
-        if not self.cfg.train.tensorboard:
+        if not self.cfg.train.tensorboard or not self.rt.is_main:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -539,6 +556,8 @@ class _Run:
     def save_checkpoint(self, after_growth: bool = False) -> Path:
         """Write an atomic checkpoint of the whole run state and prune old ones."""
         self.seq += 1
+        if not self.rt.is_main:
+            return checkpoint_path(self.run_dir, self.seq, self.epochs_done, after_growth)
         ckpt = {
             "format": FORMAT,
             "version": VERSION,
@@ -624,29 +643,32 @@ class _Run:
         t0 = time.perf_counter()
         self.model.train()
         n_plans = len(growth_history(self.model))
-        report = grower.grow(self.model, data, self.loss_fn, optimizer=self.optimizer, example_inputs=s.example_inputs)
+        report = self.rt.grow(grower, self.model, data, self.loss_fn, self.optimizer, s.example_inputs)
         self.model.train()
         self._sync_optimizer()
         grow_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         n_cal = 0
         # growers built on methods.safety calibrate and refresh BatchNorm themselves (report.safety is set)
-        handled = getattr(report, "safety", None) is not None
+        # (on every rank: other ranks get rank 0's report as a dict, and its state by broadcast)
+        safety = _safety_of(report)
+        handled = safety is not None
         if handled:
-            n_cal = int(report.safety.batchnorm.get("calibrated_channels", 0))
+            n_cal = int(safety["batchnorm"].get("calibrated_channels", 0))
         if cfg.growth.calibrate_new_bn and not handled:
             channels = new_norm_channels(self.model, growth_history(self.model)[n_plans:])
             if channels:
                 batches = DeviceLoader(s.train_loader, self.device, cfg.growth.refresh_bn_batches)
-                n_cal = calibrate_new_batchnorm(self.model, channels, batches)
-        n_bn = 0 if not handled else int(report.safety.batchnorm.get("refreshed_layers", 0))
+                n_cal = calibrate_new_batchnorm(self.model, channels, batches, reduce=self.rt.reduce_stats)
+        n_bn = 0 if not handled else int(safety["batchnorm"].get("refreshed_layers", 0))
         if cfg.growth.refresh_bn and not handled:
             n_bn = refresh_batchnorm(self.model, s.train_loader, self.device, cfg.growth.refresh_bn_batches)
+            self.rt.sync_buffers(self.model)
         bn_time = time.perf_counter() - t1
         params_before = self._params
         self._params = _count_params(self.model)
         self._flops = _count_flops(self.model, s.example_inputs)
-        test = evaluate(self.model, s.test_loader, self.device, s.task, self.amp)
+        test = self.rt.evaluate(self.model, s.test_loader, self.device, s.task, self.amp)
         self.num_growths += 1
         rec = report.to_dict() if hasattr(report, "to_dict") else dict(report)
         rec = jsonable(rec)
@@ -677,7 +699,7 @@ class _Run:
         if cfg.schedule.restart_after_growth:
             self.schedule.new_phase(E, self._phase_end(E))
         acc = f" test acc {test['acc']:.2%}" if test["acc"] is not None else ""
-        outcome = getattr(report, "outcome", None)
+        outcome = (safety or {}).get("outcome")
         checked = f" [{outcome}]" if outcome not in (None, "empty") else ""
         self.log(
             f"growth {self.num_growths} after epoch {E} [{cfg.growth.method}]{checked}: params "
@@ -690,8 +712,9 @@ class _Run:
     def train_epoch(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.s
         E = self.epochs_done
-        model, opt = self.model, self.optimizer
+        model, opt = self.rt.forward_module(self.model), self.optimizer
         model.train()
+        self.rt.set_epoch(E)
         nb = len(s.train_loader)
         total, loss_sum, correct = 0, 0.0, 0
         lr = self.schedule.lr_at(E, 0, nb)
@@ -706,7 +729,7 @@ class _Run:
         )
         for b, (x, y) in enumerate(bar):
             lr = self.schedule.apply(opt, E, b, nb)
-            x, y = _to_device(x, self.device), _to_device(y, self.device)
+            x, y = self.rt.inputs(_to_device(x, self.device)), _to_device(y, self.device)
             opt.zero_grad(set_to_none=True)
             with _autocast(self.device, self.amp):
                 out = model(x)
@@ -736,6 +759,7 @@ class _Run:
                     self.writer.add_scalar("train/batch_loss", float(loss.detach()), self.step)
                     self.writer.add_scalar("train/lr", lr, self.step)
         bar.close()
+        total, loss_sum, correct = self.rt.reduce_sums(total, loss_sum, correct)
         train_time = time.perf_counter() - t0
         return {
             "train_loss": loss_sum / max(total, 1),
@@ -773,10 +797,10 @@ class _Run:
                 row: dict[str, Any] = {"epoch": E + 1}
                 row.update(self.train_epoch())
                 t_eval = time.perf_counter()
-                test = evaluate(self.model, s.test_loader, self.device, s.task, self.amp)
+                test = self.rt.evaluate(self.model, s.test_loader, self.device, s.task, self.amp)
                 row["test_loss"], row["test_acc"] = test["loss"], test["acc"]
                 if s.val_loader is not None:
-                    val = evaluate(self.model, s.val_loader, self.device, s.task, self.amp)
+                    val = self.rt.evaluate(self.model, s.val_loader, self.device, s.task, self.amp)
                     row["val_loss"], row["val_acc"] = val["loss"], val["acc"]
                 row["eval_time"] = time.perf_counter() - t_eval
                 row["params"] = self._params
@@ -800,7 +824,8 @@ class _Run:
                 self.writer.close()
         summary = summarize(self.metrics, self.growths)
         summary["run_dir"] = str(self.run_dir)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+        if self.rt.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
         self._emit("on_train_end", summary)
         return summary
 
@@ -893,31 +918,44 @@ def train(
         if list_checkpoints(out_dir):
             return _resume(Path(out_dir), progress, callbacks)
     cfg = load_config(config, overrides)
-    run_dir = Path(out_dir) if out_dir is not None else _default_run_dir(cfg)
-    return _start(cfg, run_dir, progress, callbacks)
+    rt = runtime_for(cfg.train.device)  # under torchrun: joins the process group
+    run_dir = Path(rt.agree(str(out_dir) if out_dir is not None else str(_default_run_dir(cfg))))
+    return _start(cfg, run_dir, progress, callbacks, rt=rt)
 
 
 def _start(
-    cfg: Config, run_dir: Path, progress: bool, callbacks: Sequence[Any] = (), restart: bool = False
+    cfg: Config,
+    run_dir: Path,
+    progress: bool,
+    callbacks: Sequence[Any] = (),
+    restart: bool = False,
+    rt: Runtime | None = None,
 ) -> dict[str, Any]:
+    rt = rt if rt is not None else runtime_for(cfg.train.device)
     metrics = run_dir / "metrics.jsonl"
     if list_checkpoints(run_dir) or (not restart and metrics.is_file() and metrics.stat().st_size > 0):
         raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
+    rt.barrier()  # every rank checked the directory before rank 0 writes into it
     setup = prepare(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), encoding="utf-8"
-    )
-    for name in ("metrics.jsonl", "growth.jsonl", "train.log"):
-        (run_dir / name).write_text("", encoding="utf-8")
-    run = _Run(setup, run_dir, progress, callbacks)
+    rt.configure(setup)  # refuses bad precision/batch options before anything is written
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), encoding="utf-8"
+        )
+        for name in ("metrics.jsonl", "growth.jsonl", "train.log"):
+            (run_dir / name).write_text("", encoding="utf-8")
+    run = _Run(setup, run_dir, progress, callbacks, rt)
     run._open_tensorboard()
     run.log(
         f"run {cfg.name}: {cfg.model.name} on {setup.bundle.name} ({len(setup.bundle.train)} train), "
         f"{run._params:,} params, growth {cfg.growth.method} after epochs {setup.planned or '-'}, "
-        f"device {setup.device}, out {run_dir}"
+        f"device {setup.device}, out {run_dir}" + (f", {rt.world_size} processes" if rt.distributed else "")
     )
-    return run.run()
+    try:
+        return run.run()
+    finally:
+        rt.close()
 
 
 def resume(run_dir: str | Path, progress: bool = True, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -948,10 +986,14 @@ def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dic
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no readable checkpoint")
     cfg = config_from_dict(ckpt["config"])
+    rt = runtime_for(cfg.train.device)
     setup = prepare(cfg)
-    run = _Run(setup, run_dir, progress, callbacks)
+    run = _Run(setup, run_dir, progress, callbacks, rt)
     run.load_state(ckpt)
     run._open_tensorboard()
     if run.epochs_done < cfg.train.epochs or not run.growth_done_for_epoch:
         run.log(f"resuming {cfg.name} from {Path(ckpt['path']).name} (epoch {run.epochs_done}, step {run.step})")
-    return run.run()
+    try:
+        return run.run()
+    finally:
+        rt.close()

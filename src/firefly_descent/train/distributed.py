@@ -1,0 +1,398 @@
+"""Growth under torch.distributed: DDP training, one growth decision, the same plan on every rank.
+
+A rank of a torchrun job (``firefly train CONFIG --nproc N``, or ``torchrun ... -m firefly_descent.cli
+train``) runs the ordinary loop with a `DistributedRuntime`:
+
+* **Backend.** gloo on CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``).
+* **Data.** The configured ``data.batch_size`` is the *global* batch: each rank trains on
+  ``batch_size / world`` examples per step from a `DistributedSampler` (``set_epoch`` every epoch),
+  so the union of the ranks' batches at step k is the k-th batch of one permutation that depends
+  only on the seed and the epoch, whatever the number of processes. Evaluation sets are split
+  into disjoint shards and the sums are all-reduced.
+* **Growth.** Rank 0 runs the grower (unchanged growth methods) on growth batches drawn from the
+  whole training set with the global batch size and a seed fixed by the seed and the growth's
+  position in the history: the same batches for 1 or N processes. It broadcasts the plans it
+  applied (pure data, the engine's growth-history records) and every other rank applies them through
+  the same engine, remapping its optimizer. An architecture hash (module types, tensor names, shapes
+  and dtypes, optimizer state layout) is all-gathered and compared; a mismatch stops the run with one
+  error. Then rank 0's weights, buffers and optimizer state are broadcast, new BatchNorm channels are
+  calibrated on every rank's shard with the statistics all-reduced (`calibrate_new_batchnorm`'s
+  ``reduce``), refreshed running statistics are averaged, and DDP is rebuilt around the grown module
+  (and recompiled, with ``train.compile``) before the next step.
+* **Files.** Only rank 0 writes logs, metrics and atomic checkpoints. A checkpoint holds no rank
+  count, so ``firefly resume`` continues with the same or a different number of processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from ..engine.apply import apply, growth_history
+from ..errors import GrowthError
+from ..plan import Plan
+from .config import ConfigError
+from .precision import compile_module
+from .runtime import Runtime
+
+__all__ = [
+    "ArchitectureMismatchError",
+    "DistributedRuntime",
+    "LaunchError",
+    "architecture_hash",
+    "launch",
+]
+
+
+class ArchitectureMismatchError(GrowthError):
+    """The ranks of a job hold different architectures (they did not apply the same plans)."""
+
+
+class LaunchError(RuntimeError):
+    """A worker process of `launch` failed (its own error line was printed above)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def architecture_hash(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """Short digest of the architecture: module names and types, every parameter/buffer's name, shape and
+    dtype, and (if given) the optimizer's param-group sizes and per-parameter state keys and shapes."""
+    desc: list[Any] = [[n, type(m).__name__] for n, m in model.named_modules()]
+    desc += [[n, list(t.shape), str(t.dtype)] for n, t in model.state_dict().items()]
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            desc.append(len(group["params"]))
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                desc.append(sorted([k, list(v.shape) if isinstance(v, torch.Tensor) else None] for k, v in st.items()))
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _optimizer_layout(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[list[str]] | None:
+    """Parameter names per param group (parameters the model no longer holds are skipped)."""
+    if optimizer is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+
+
+def _set_optimizer_layout(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: list[list[str]] | None
+) -> None:
+    """Give the optimizer rank 0's param-group membership (where the grower registered new parameters)."""
+    if optimizer is None or layout is None:
+        return
+    named = dict(model.named_parameters())
+    missing = [n for names in layout for n in names if n not in named]
+    if missing:
+        raise ArchitectureMismatchError(
+            f"after growth, rank 0's optimizer holds {missing[0]!r}, which this rank's model does not have"
+        )
+    for group, names in zip(optimizer.param_groups, layout):
+        group["params"] = [named[n] for n in names]
+    for names in layout[len(optimizer.param_groups) :]:
+        optimizer.add_param_group({"params": [named[n] for n in names]})
+
+
+class DistributedRuntime(Runtime):
+    """One rank of a torch.distributed job (see the module docstring for what is synchronised)."""
+
+    distributed = True
+
+    def __init__(self, device_name: str = "auto") -> None:
+        super().__init__()
+        self.local_rank = _env_int("LOCAL_RANK", 0)
+        use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+        if use_cuda and not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {device_name!r} requested but CUDA is not available; use auto or cpu")
+        self.owns_group = not dist.is_initialized()
+        if self.owns_group:
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        self.backend = dist.get_backend()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        self._full_train: Any = None
+        self._full_val: Any = None
+        self._sampler: DistributedSampler | None = None
+        self._batch_size = 0
+        self._num_workers = 0
+        self._seed = 0
+
+    # ---- setup
+
+    def _configure(self, setup: Any) -> None:
+        """Put the model on this rank's device and replace the loaders by per-rank shards."""
+        if setup.device.type == "cuda":
+            setup.device = torch.device("cuda", torch.cuda.current_device())
+            setup.model.to(setup.device)
+            setup.example_inputs = setup.example_inputs.to(setup.device)
+        elif self.backend == "nccl":
+            raise ConfigError(f"train.device: {setup.device} cannot use the nccl process group; use auto or cuda")
+        super()._configure(setup)
+        d, world = setup.cfg.data, self.world_size
+        if d.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size: the global batch {d.batch_size} is not divisible by the {world} processes; "
+                f"use a multiple of {world}"
+            )
+        self._batch_size, self._num_workers, self._seed = d.batch_size, d.num_workers, setup.cfg.train.seed
+        self._full_train, self._full_val = setup.train_loader, setup.val_loader
+        bundle = setup.bundle
+        self._sampler = DistributedSampler(
+            bundle.train, num_replicas=world, rank=self.rank, shuffle=True, seed=self._seed, drop_last=False
+        )
+        common = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0}
+        setup.train_loader = DataLoader(bundle.train, batch_size=d.batch_size // world, sampler=self._sampler, **common)
+        eval_bs = d.eval_batch_size or d.batch_size
+        if setup.val_loader is not None:
+            setup.val_loader = DataLoader(self._shard(bundle.val), batch_size=eval_bs, **common)
+        setup.test_loader = DataLoader(self._shard(bundle.test), batch_size=eval_bs, **common)
+
+    def _shard(self, dataset: Any) -> Subset:
+        """Disjoint strided shard (no padding, so the all-reduced sums cover each example once)."""
+        return Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._sampler is not None:
+            self._sampler.set_epoch(epoch)
+
+    # ---- forward module
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP around the (grown) module, then torch.compile if asked."""
+        gc.collect()  # the previous DDP wrapper's reducer releases its hooks on shared parameters
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DDP(model, device_ids=ids)  # buffers (BatchNorm statistics) follow rank 0 on every forward
+        if self.compile:
+            self.compiles += 1
+            return compile_module(ddp, self.compile_backend, self.example)
+        return ddp
+
+    # ---- collectives
+
+    def _bcast(self, t: torch.Tensor) -> None:
+        """In-place broadcast from rank 0 of any tensor (moved through the comm device if needed)."""
+        if self.comm_device is not None and t.device != self.comm_device or not t.is_contiguous():
+            tmp = t.detach().to(self.comm_device or t.device).contiguous()
+            dist.broadcast(tmp, 0)
+            t.copy_(tmp)
+        else:
+            dist.broadcast(t, 0)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.comm_device is not None and t.device != self.comm_device:
+            tmp = t.to(self.comm_device)
+            dist.all_reduce(tmp)
+            return tmp.to(t.device)
+        dist.all_reduce(t)
+        return t
+
+    def reduce_sums(self, *values: float) -> tuple[float, ...]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return tuple(float(v) for v in self._all_reduce(t).tolist())
+
+    def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self._all_reduce(t)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    for buf in (m.running_mean, m.running_var):
+                        buf.copy_(self._all_reduce(buf.detach().clone()) / self.world_size)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def agree(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, task: str, amp: Any) -> dict[str, Any]:
+        res = super().evaluate(model, loader, device, task, amp)
+        n = len(loader.dataset) if loader is not None else 0
+        loss = (res["loss"] or 0.0) * n
+        acc = (res["acc"] or 0.0) * n
+        loss, acc, n = self.reduce_sums(loss, acc, n)
+        if n == 0:
+            return {"loss": None, "acc": None}
+        return {"loss": loss / n, "acc": acc / n if task == "classification" else None}
+
+    def check_architecture(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, when: str) -> str:
+        """All-gather `architecture_hash` and stop with one line if any rank differs; return the hash."""
+        mine = architecture_hash(model, optimizer)
+        hashes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(hashes, mine)
+        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        if bad:
+            raise ArchitectureMismatchError(
+                f"{when}: the architecture differs across ranks (rank 0 {hashes[0]}, rank {bad[0]} {hashes[bad[0]]}); "
+                "the ranks did not apply the same growth plans, so the run stops here (checkpoints are intact)"
+            )
+        return mine
+
+    def _broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                self._bcast(t)
+            if optimizer is None:
+                return
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    st = optimizer.state.get(p, {})
+                    for k in sorted(st):
+                        if isinstance(st[k], torch.Tensor):
+                            self._bcast(st[k])
+
+    # ---- growth
+
+    def _growth_loader(self, index: int) -> DataLoader:
+        """Global-batch growth batches: same on every world size (seeded by the run seed and `index`)."""
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + index + 1)
+        return DataLoader(
+            self._full_train.dataset, batch_size=self._batch_size, shuffle=True, generator=gen, num_workers=0
+        )
+
+    def grow(
+        self,
+        grower: Any,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        example_inputs: Any = None,
+    ) -> Any:
+        """Rank 0 decides and applies; the others apply the same plans; then weights and state are synced."""
+        from .loop import DeviceLoader
+
+        n_before = len(growth_history(model))
+        message: dict[str, Any]
+        report: Any = None
+        if self.is_main:
+            try:
+                if getattr(grower, "needs_validation", False) and self._full_val is not None:
+                    grower.val_data = DeviceLoader(self._full_val, self.device)
+                batches = DeviceLoader(self._growth_loader(n_before), self.device, getattr(data, "max_batches", None))
+                report = grower.grow(model, batches, loss_fn, optimizer=optimizer, example_inputs=example_inputs)
+                rec = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+                message = {
+                    "history": growth_history(model)[n_before:],
+                    "report": rec,
+                    "optimizer_layout": _optimizer_layout(model, optimizer),
+                }
+            except BaseException as e:
+                self.agree({"error": f"{type(e).__name__}: {' '.join(str(e).split())}"})
+                raise
+            self.agree(message)
+        else:
+            message = self.agree(None)
+            if "error" in message:
+                raise GrowthError(f"rank 0 could not grow, so rank {self.rank} stops too ({message['error']})")
+            for record in message["history"]:
+                apply(model, Plan.from_dict(record), optimizer, verify=False)
+            _set_optimizer_layout(model, optimizer, message["optimizer_layout"])
+            report = message["report"]
+        self.check_architecture(model, optimizer, f"growth after plan {n_before}")
+        self._broadcast_state(model, optimizer)
+        return report
+
+    def close(self) -> None:
+        self._fwd = None
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def launch(cli_args: Sequence[str], nproc: int, torchrun_args: Sequence[str] = ()) -> int:
+    """Run ``firefly <cli_args>`` in `nproc` local processes through torch.distributed.run (torchrun's
+    elastic launcher, standalone rendezvous on a free port). Returns 0, or raises `LaunchError`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+    argv = ["--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "--module", "firefly_descent.cli"]
+    args = get_args_parser().parse_args([*argv, *cli_args])
+    t0 = time.time()
+    try:
+        run(args)
+    except ChildFailedError as e:
+        failures = sorted(e.failures.items())
+        rank, first = failures[0]
+        code = int(first.exitcode) if first.exitcode is not None else 1
+        sys.stderr.flush()
+        raise LaunchError(
+            f"{len(failures)} of {nproc} processes failed after {time.time() - t0:.0f}s (first: rank {rank}, "
+            f"exit code {code}); see its error line above",
+            exit_code=2 if code == 2 else 1,
+        ) from None
+    return 0
+
+
+def launch_train(
+    config: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    overrides: Sequence[str],
+    nproc: int,
+    no_progress: bool = False,
+) -> int:
+    """``firefly train CONFIG --nproc N``: validate here (one-line errors, nothing spawned), fix the run
+    directory once for all ranks, then `launch` N ranks of ``firefly train``."""
+    from .checkpoint import CheckpointError, list_checkpoints
+    from .config import load_config
+    from .loop import _default_run_dir
+
+    cfg = load_config(config, overrides)
+    if nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+    if cfg.data.batch_size % nproc:
+        raise ConfigError(
+            f"data.batch_size: the global batch {cfg.data.batch_size} is not divisible by --nproc {nproc}; "
+            f"use a multiple of {nproc}"
+        )
+    run_dir = str(out) if out is not None else str(_default_run_dir(cfg))
+    if list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
+    args = ["train", str(config), "--out", run_dir]
+    for o in overrides:
+        args += ["--set", o]
+    if no_progress:
+        args.append("--no-progress")
+    return launch(args, nproc)
+
+
+def launch_resume(run_dir: str | os.PathLike[str], nproc: int, no_progress: bool = False) -> int:
+    """``firefly resume RUN_DIR --nproc N`` (N may differ from the run's original process count)."""
+    from .checkpoint import CheckpointError
+
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    return launch(["resume", str(run_dir)] + (["--no-progress"] if no_progress else []), nproc)
