@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,9 +76,13 @@ def commit_plan(
     data: GrowthData,
     decision_batches: list[tuple[Any, Any]],
     finalize: Callable[[], Any] | None = None,
+    calibrate_new_bn: bool | None = None,
 ) -> None:
     """Apply `plan` through the engine under the grower's safeguard (check, shrink or undo, BatchNorm
     made ready to train) and record what it changed in `report`. `finalize` runs right after the plan
     is applied (e.g. loading trained weights); such a step is checked as one and never scaled."""
     guard = Safeguard.parse(grower.safeguard)
-    commit(model, plan, report, x, optimizer, loss_fn, data, decision_batches, guard, finalize)
+    if calibrate_new_bn is not None and calibrate_new_bn != guard.calibrate_new_bn:
+        guard = dataclasses.replace(guard, calibrate_new_bn=calibrate_new_bn)
+    # every grower settles BatchNorm on its decision batches before deciding (safety.settle_batchnorm)
+    commit(model, plan, report, x, optimizer, loss_fn, data, decision_batches, guard, finalize, settled=True)

@@ -55,7 +55,7 @@ class Safeguard:
     shrink: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)  # fractions of the chosen amplitude tried on failure
     calibrate_new_bn: bool = True  # new BatchNorm channels: train mode computes what eval mode scored
     refresh_bn: bool = True  # refresh every BatchNorm's running statistics before deciding and after growth
-    bn_batches: int | None = None  # decision batches used for that (None = all of them)
+    bn_batches: int | None = 4  # decision batches used for that (None = all of them)
 
     def __post_init__(self) -> None:
         if self.amplitude not in AMPLITUDE_MODES:
@@ -198,10 +198,12 @@ def commit(
     decision_batches: list[tuple[Any, Any]],
     guard: Safeguard,
     finalize: Callable[[], Any] | None = None,
+    settled: bool = False,
 ) -> None:
     """Apply `plan` under `guard` and record in `report` what changed and what the check measured.
     `finalize` runs right after each application (before BatchNorm preparation); with it the step is
-    tried at amplitude 1 only, then kept or undone."""
+    tried at amplitude 1 only, then kept or undone. `settled`: the grower already refreshed the running
+    statistics on these decision batches (`settle_batchnorm`), so eval mode before growth needs no refresh."""
     record = SafetyRecord(outcome="unchecked", amplitude=1.0, tolerance=guard.tolerance)
     report.safety = record
     if plan.is_empty():
@@ -223,7 +225,11 @@ def commit(
             }
             # eval mode compared fairly: the model before growth with its running statistics refreshed on
             # the same batches as the grown one will be (restored afterwards), so only the growth differs
-            record.heldout_before["eval"] = _eval_refreshed(model, check, bn_batches, loss_fn, guard)
+            record.heldout_before["eval"] = (
+                record.heldout_before["eval_stale"]
+                if settled or not guard.refresh_bn
+                else _eval_refreshed(model, check, bn_batches, loss_fn, guard)
+            )
     since = len(growth_history(model))
     tried: dict[float, _Trial] = {}
 

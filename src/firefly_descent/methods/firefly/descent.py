@@ -63,6 +63,10 @@ class FireflyConfig:
     # same on every layer whatever its fan-in; after each step-one step every candidate is projected back
     # into its ball (per-unit RMS <= radius), the paper's ||eps||_inf <= eps, ||delta|| <= 1
     relative: bool = True
+    # BatchNorm during steps one and two: "frozen" (eval mode, the paper's code) or "batch" (batch statistics,
+    # running statistics untouched: candidates are fitted and scored in the mode training continues in, so a
+    # gain that BatchNorm would normalise away is not counted; new channels are then not calibrated)
+    bn_mode: str = "frozen"
     split_radius: float | None = 0.5  # split step eps*delta: at most this fraction of the unit's own RMS
     new_in_radius: float | None = 2.0  # new incoming weights: at most this many times an existing unit's RMS
     new_out_radius: float | None = 0.5  # new outgoing weights: at most this fraction of existing outgoing RMS
@@ -149,6 +153,8 @@ class Firefly(Grower):
         self.config = FireflyConfig(**values)
         if self.config.candidates not in CANDIDATE_SETS:
             raise GrowthError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {self.config.candidates!r}")
+        if self.config.bn_mode not in ("frozen", "batch"):
+            raise GrowthError(f"bn_mode must be 'frozen' or 'batch', not {self.config.bn_mode!r}")
         if self.config.micro_batch is not None and self.config.micro_batch < 1:
             raise GrowthError(f"micro_batch must be a positive sample count or None, not {self.config.micro_batch}")
         if isinstance(self.config.score_points, int):
@@ -265,7 +271,10 @@ class Firefly(Grower):
         )
         plan = self._materialize(graph, width_c, depth_c, kept, x)
         width_c = depth_c = None  # free the over-grown copies before the model itself grows
-        commit_plan(self, model, plan, report, x, optimizer, loss_fn, data, full_batches)
+        commit_plan(
+            self, model, plan, report, x, optimizer, loss_fn, data, full_batches,
+            calibrate_new_bn=False if cfg.bn_mode == "batch" else None,
+        )
         report.loss_after = mean_loss(model, score_batches, loss_fn)
         return report
 
@@ -285,7 +294,7 @@ class Firefly(Grower):
     ) -> None:
         """Optimise the candidates with all of them on (alpha = 1), old weights and BN statistics frozen."""
         cfg = self.config
-        net.eval()
+        self._set_mode(net)
         if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
             for layer in bn_train.layers:
                 layer.body.train()
@@ -324,11 +333,21 @@ class Firefly(Grower):
             p.requires_grad_(False)
         net.eval()
 
+    def _set_mode(self, net: nn.Module) -> None:
+        """Eval mode; with bn_mode="batch", BatchNorm layers use batch statistics (momentum 0: the running
+        statistics stay as they are)."""
+        net.eval()
+        if self.config.bn_mode == "batch":
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+                    m.momentum = 0.0
+
     def _scores(
         self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn
     ) -> dict[str, torch.Tensor]:
         """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
-        net.eval()
+        self._set_mode(net)
         total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
         count = 0
         for alpha in self.config.score_points:
