@@ -154,6 +154,15 @@ def test_conv_projection_orthogonal_and_hooks_match_engine():
         assert report.extra["gamma"][group] > 0 and report.units_added == {group: 2}
         assert report.loss_after == pytest.approx(report.extra["line_loss"][group], abs=1e-10)
         assert report.loss_after < report.loss_before - 1e-3
+    # both groups at once: γs searched group after group with the earlier ones on; the last search's loss
+    # is the grown model's loss
+    grown = copy.deepcopy(model)
+    budget = {"kind": "units", "amount": 9, "per_group": True}  # pools by width: 4 and 5 units
+    report = TINY(budget=budget, batches=None).grow(grown, data, F.cross_entropy)
+    assert set(report.extra["gamma"]) == {"0", "3"} and set(report.units_added) == {"0", "3"}
+    last = list(report.extra["gamma"])[-1]
+    assert report.loss_after == pytest.approx(report.extra["line_loss"][last], abs=1e-10)
+    assert report.predicted_loss_change == pytest.approx(report.loss_after - report.loss_before, abs=1e-10)
 
 
 # ---- value -------------------------------------------------------------------------------------------

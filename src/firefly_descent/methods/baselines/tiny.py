@@ -19,7 +19,10 @@ With V = -∂ℓ_i/∂z_i the per-sample *desired update* of the consumer's pre-
 4. Amplitude: new incoming weights γ·α, outgoing γ·ω (and, with `update_existing`, existing consumer weights
    + γ²·δW*), so the change of z is γ²·σ'(0)·c·(...) to first order (c: the fresh BatchNorm scale
    1/sqrt(1+eps) of a new channel). γ is chosen per group by a line search of the growth batches' loss
-   (GroMo's grid: 0 and log-spaced points from `gamma_min` to 1, extended by decades while it improves).
+   (GroMo's grid: 0 and log-spaced points from `gamma_min` to 1, extended by decades while it improves),
+   group after group in order of expected improvement, each with the groups before it switched on at their
+   γ (independent searches can each be fine and together blow the loss up); a group whose best γ is 0 is
+   not grown. The loss is computed with hooks on the unchanged model, equal to the engine's grown model.
 5. Where to grow: every neuron k of every group competes under the budget with its expected first-order
    improvement σ'(0)·c·λ_k² (GroMo's `first_order_improvement` of the extension).
 
@@ -37,7 +40,7 @@ Differences from GroMo 0.1.0 by design:
   the choice of the new neurons; pass `update_existing=True` for GroMo's behaviour. Either way the new
   neurons are computed from the projected V_proj, as in GroMo's `tensor_n`.
 - GroMo grows one layer per step (the best `first_order_improvement`); here neurons of all groups compete
-  for the budget (units, parameters or FLOPs) and each chosen group gets its own γ.
+  for the budget (units, parameters or FLOPs) and each chosen group gets its own γ (sequential line search).
 - GroMo's statistics come from the mean loss of each batch divided again by the number of samples; here V
   is the per-sample gradient, so λ here = batch size × λ in GroMo with a mean loss (equal with a summed loss).
 - S^{-1/2} drops eigenvalues below `rel_threshold` × the largest (GroMo: an absolute 1e-6), and neurons
@@ -53,7 +56,6 @@ convolutions, LayerNorm/GroupNorm, several consumers) are skipped with the reaso
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -485,14 +487,10 @@ class TINY(BaselineGrower):
             out["cw"] = om.transpose(0, 1).reshape(om.shape[1], len(ks), *tp.kernel).to(cons.weight.dtype)
         return out
 
-    def virtual_loss(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float,
-                     directions: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        """Growth batches' mean loss with neurons `ks` of one group added at amplitude γ, computed with
-        temporary hooks on the unchanged model (what the engine will build; tested to agree)."""
+    def _hooks(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> list[Any]:
+        """Temporary forward hooks that add neurons `ks` of one group at amplitude γ to the unchanged model
+        (and, with `update_existing`, γ²·δW* to its consumer): the model the engine will build."""
         tp = tg.tpath
-        if directions is not None:
-            tg = copy.copy(tg)
-            tg.alpha, tg.omega = directions
         w = self._weights(ctx, tg, ks, gamma)
         modules = dict(ctx.model.named_modules())
         prod, act, cons = modules[tp.path.producer], modules[tp.path.act], modules[tp.consumer]
@@ -527,11 +525,19 @@ class TINY(BaselineGrower):
                     extra = extra + F.conv2d(inp[0], delta[0], delta[1], cons.stride, cons.padding, cons.dilation)
             return out + extra
 
-        handles = [prod.register_forward_hook(prod_hook), cons.register_forward_hook(cons_hook)]
+        return [prod.register_forward_hook(prod_hook), cons.register_forward_hook(cons_hook)]
+
+    def virtual_loss(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float,
+                     fixed: Iterable[tuple[TinyGroup, list[int], float]] = ()) -> float:
+        """Growth batches' mean loss with neurons `ks` of `tg` at amplitude γ, plus the already accepted
+        groups `fixed` (group, neurons, γ), computed with hooks (tested to equal the engine's grown model)."""
+        handles = []
         was = ctx.model.training
-        ctx.model.eval()
         total, count = 0.0, 0
         try:
+            for g, k, gm in [*fixed, (tg, ks, gamma)]:
+                handles += self._hooks(ctx, g, k, gm)
+            ctx.model.eval()
             with torch.no_grad():
                 for xb, yb in ctx.batches:
                     total += float(ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)) * yb.shape[0]
@@ -543,16 +549,17 @@ class TINY(BaselineGrower):
         return total / max(1, count)
 
     def line_search(self, ctx: Context, tg: TinyGroup, ks: list[int],
-                    directions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+                    fixed: Iterable[tuple[TinyGroup, list[int], float]] = ()) -> tuple[float, float]:
         """(γ, loss) minimising the growth batches' loss on 0 ∪ a log grid from `gamma_min`, extended by a
         decade while the best point is the largest one tried (at most `max_decades` extensions)."""
+        fixed = list(fixed)
         lo = math.log10(self.gamma_min)
         grid = [0.0] + list(np.logspace(lo, 0.0, max(2, int(round(-lo * self.points)) + 1)))
         tried: dict[float, float] = {}
         for _ in range(self.max_decades + 1):
             for gm in grid:
                 if gm not in tried:
-                    tried[gm] = self.virtual_loss(ctx, tg, ks, float(gm), directions)
+                    tried[gm] = self.virtual_loss(ctx, tg, ks, float(gm), fixed)
             best = min(tried, key=lambda g: (tried[g], g))
             top = max(tried)
             if best < top:
@@ -571,6 +578,9 @@ class TINY(BaselineGrower):
         optimizer: torch.optim.Optimizer | None = None,
         example_inputs: Any = None,
     ) -> GrowthReport:
+        """Select neurons under the budget by expected improvement, then set each chosen group's γ by a line
+        search with the groups already accepted switched on (best expected improvement first), so the
+        amplitudes account for each other; a group whose best γ is 0 is not grown."""
         ctx = self.begin(model, data, loss_fn, example_inputs)
         report = ctx.report
         with Timer(report.timings, "score"):
@@ -584,46 +594,51 @@ class TINY(BaselineGrower):
             chosen: dict[str, list[int]] = {}
             for c in kept:
                 chosen.setdefault(c.group, []).append(c.index)
-        changes, predicted = [], 0.0
+        order = sorted(chosen, key=lambda n: -float(sol[n].improvement[chosen[n]].sum()))
+        accepted: list[tuple[TinyGroup, list[int], float]] = []
         extra: dict[str, Any] = {"lambdas": {}, "first_order": {}, "gamma": {}, "line_loss": {}, "delta_decrease": {}}
         with Timer(report.timings, "line_search"):
-            for n, ks in chosen.items():
-                tg, ks = sol[n], sorted(ks)
-                directions = self._random_directions(ctx, tg) if self.random_directions else None
-                if directions is not None:
-                    tg.alpha, tg.omega = directions
+            for n in order:
+                tg, ks = sol[n], sorted(chosen[n])
+                if self.random_directions:
+                    tg.alpha, tg.omega = self._random_directions(ctx, tg)
                 if self.gamma is None:
-                    gamma, loss = self.line_search(ctx, tg, ks)
-                    predicted += loss - float(report.loss_before or 0.0)
+                    gamma, loss = self.line_search(ctx, tg, ks, accepted)
                     extra["line_loss"][n] = loss
+                    if gamma == 0.0:
+                        continue  # no amplitude lowers the loss: grow nothing here
                 else:
                     gamma = float(self.gamma)
-                    predicted -= gamma ** 2 * (float(tg.first_order[ks].sum())
-                                               + (tg.delta_decrease if self.update_existing else 0.0))
                 tg.gamma = gamma
                 extra["gamma"][n] = gamma
-                if gamma == 0.0 and self.gamma is None:
-                    continue  # no amplitude lowers the loss: grow nothing here
-                w = self._weights(ctx, tg, ks, gamma)
-                p = tg.tpath
-                cons_shape = slice_shape(ctx.model, next(m for m in p.path.group.members if m.role == "consumer"))
-                incoming = {p.path.weight: w["pw"].unsqueeze(1).detach().cpu()}
-                if p.path.bias:
-                    incoming[p.path.bias] = w["pb"].reshape(-1, 1).detach().cpu()
-                om = (tg.omega[ks] * gamma).to(w["cw"].dtype).reshape(len(ks), *cons_shape)
-                changes.append(GroupChange(p.path.group, new=NewUnits(len(ks), incoming=incoming,
-                                                                      outgoing={p.consumer_weight: om.detach().cpu()},
-                                                                      init="zero")))
+                accepted.append((tg, ks, gamma))
+        if self.gamma is None:
+            predicted = (extra["line_loss"][accepted[-1][0].tpath.name] - float(report.loss_before or 0.0)
+                         if accepted else 0.0)
+        else:
+            predicted = -sum(gm ** 2 * (float(tg.first_order[ks].sum()) + (tg.delta_decrease if self.update_existing
+                                                                           else 0.0)) for tg, ks, gm in accepted)
+        changes = []
+        for tg, ks, gamma in accepted:
+            w = self._weights(ctx, tg, ks, gamma)
+            p = tg.tpath
+            cons_shape = slice_shape(ctx.model, next(m for m in p.path.group.members if m.role == "consumer"))
+            incoming = {p.path.weight: w["pw"].unsqueeze(1).detach().cpu()}
+            if p.path.bias:
+                incoming[p.path.bias] = w["pb"].reshape(-1, 1).detach().cpu()
+            om = (tg.omega[ks] * gamma).to(w["cw"].dtype).reshape(len(ks), *cons_shape)
+            changes.append(GroupChange(p.path.group, new=NewUnits(len(ks), incoming=incoming,
+                                                                  outgoing={p.consumer_weight: om.detach().cpu()},
+                                                                  init="zero")))
         for n, tg in sol.items():
             extra["lambdas"][n] = [float(v) for v in tg.lambdas[:8]]
             extra["first_order"][n] = [float(v) for v in tg.first_order[:8]]
             extra["delta_decrease"][n] = tg.delta_decrease
         if self.update_existing:
-            self._update_existing(ctx, sol, chosen)
-        preserving = all(sol[c.group.name].gamma == 0.0 for c in changes) and not (
-            self.update_existing and any(sol[n].gamma > 0 for n in chosen))
+            self._update_existing(ctx, accepted)
+        preserving = all(gm == 0.0 for _, _, gm in accepted)
         plan = self.make_plan(ctx, changes, preserving=preserving)
-        report.predicted_loss_change = predicted if changes else 0.0
+        report.predicted_loss_change = predicted
         report.extra.update(extra)
         report.extra["update_existing"] = self.update_existing
         self.last_solution = sol
@@ -635,14 +650,13 @@ class TINY(BaselineGrower):
             return r * (t.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-300))
         return like(tg.alpha), like(tg.omega)
 
-    def _update_existing(self, ctx: Context, sol: dict[str, TinyGroup], chosen: dict[str, list[int]]) -> None:
+    def _update_existing(self, ctx: Context, accepted: list[tuple[TinyGroup, list[int], float]]) -> None:
         """Add γ²·δW* to the consumer weights of the grown groups (before the engine adds units)."""
-        for n in chosen:
-            tg = sol[n]
-            if tg.gamma == 0.0:
+        for tg, _, gamma in accepted:
+            if gamma == 0.0:
                 continue
             cons = ctx.model.get_submodule(tg.tpath.consumer)
-            d = tg.delta * tg.gamma ** 2
+            d = tg.delta * gamma ** 2
             with torch.no_grad():
                 if tg.tpath.consumer_bias:
                     cons.bias.add_(d[:, -1].to(cons.bias.dtype))
