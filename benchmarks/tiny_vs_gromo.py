@@ -8,6 +8,10 @@ gradient, ours of the per-sample gradient: with `reduction="sum"` on GroMo's sid
 quantity (see the TINY docstring). Only the top r neurons are compared, r = how many GroMo keeps (it
 drops λ < 1e-3).
 
+`compare_conv` does the same for a Conv2d(3×3) -> ReLU -> Conv2d(3×3, stride 2) pair against GroMo's
+FullConv2dGrowingModule (whose S sums B Bᵀ over the consumer's kernel offsets, as ours does). GroMo builds
+float32 probes internally, so that comparison runs with float64 as the default dtype.
+
     PYTHONPATH=src python benchmarks/tiny_vs_gromo.py --seeds 5
 """
 
@@ -100,6 +104,55 @@ def compare(seed: int = 0, sizes: tuple[int, ...] = (40, 16, 16, 10), n: int = 2
     return out
 
 
+def compare_conv(seed: int = 0, n: int = 32, batches: int = 2) -> dict[str, Any]:
+    """One growth step of the channels between two convolutions, GroMo's FullConv2dGrowingModule vs ours."""
+    from gromo.modules.conv2d_growing_module import FullConv2dGrowingModule
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(seed)
+        l1 = FullConv2dGrowingModule(2, 4, 3, padding=1, post_layer_function=nn.ReLU())
+        l2 = FullConv2dGrowingModule(4, 5, 3, padding=1, stride=2, previous_module=l1)
+        l1.next_module = l2
+        head = nn.Sequential(nn.ReLU(), nn.Flatten(1), nn.Linear(5 * 4 * 4, 3))
+        ours = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1, stride=2), *head)
+        with torch.no_grad():
+            for mine, theirs in ((ours[0], l1.layer), (ours[2], l2.layer)):
+                mine.weight.copy_(theirs.weight)
+                mine.bias.copy_(theirs.bias)
+        g = torch.Generator().manual_seed(1000 + seed)
+        data = [(torch.randn(n, 2, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(batches)]
+        l2.init_computation()
+        for x, y in data:
+            F.cross_entropy(head(l2(l1(x))), y, reduction="sum").backward()
+            l2.update_computation()
+        l2.compute_optimal_updates(dtype=torch.float64)
+        grower = TINY(batches=None)
+        ctx = grower.begin(ours, data, F.cross_entropy, None)
+        tg = grower.analyse(ctx, grower.paths(ctx))["0"]
+    finally:
+        torch.set_default_dtype(old)
+    lam_p = l2.eigenvalues_extension.detach()
+    r = int(lam_p.numel())
+    ext = l1.extended_output_layer
+    alpha_p = torch.cat([ext.weight.detach().flatten(1), ext.bias.detach()[:, None]], 1)  # [r, C_in*9 + 1]
+    omega_p = l2.extended_input_layer.weight.detach().transpose(0, 1).reshape(r, -1)  # [r, D_out*9]
+    fo_new_p, fo_upd_p = float(l2.new_neurons_fo_improvement), float(l2.parameter_update_decrease)
+    return {"seed": seed, "layers": {"0": {
+        "neurons": r,
+        "lambda_rel_err": float(((tg.lambdas[:r] - lam_p).abs() / lam_p.abs()).max()),
+        "fo_new_rel_err": abs(float(tg.improvement[:r].sum()) - fo_new_p) / abs(fo_new_p),
+        "fo_update_rel_err": abs(tg.delta_decrease - fo_upd_p) / abs(fo_upd_p),
+        "max_angle_alpha": float(principal_angles(tg.alpha[:r].T, alpha_p.T).max()),
+        "max_angle_omega": float(principal_angles(tg.omega[:r].T, omega_p.T).max()),
+        "min_cos_alpha": float((F.normalize(tg.alpha[:r], dim=1) * F.normalize(alpha_p, dim=1)).sum(1).abs().min()),
+        "min_cos_omega": float((F.normalize(tg.omega[:r], dim=1) * F.normalize(omega_p, dim=1)).sum(1).abs().min()),
+        "alpha_norm_rel_err": float(((tg.alpha[:r].norm(dim=1) - alpha_p.norm(dim=1)).abs()
+                                     / alpha_p.norm(dim=1)).max()),
+    }}}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -111,17 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     sizes = tuple(int(s) for s in a.sizes.split(","))
     rows = [compare(s, sizes, a.samples, a.batches) for s in range(a.seeds)]
+    rows += [dict(compare_conv(s), seed=f"conv{s}") for s in range(a.seeds)]
     keys = ["neurons", "lambda_rel_err", "fo_new_rel_err", "fo_update_rel_err", "max_angle_alpha", "max_angle_omega",
             "min_cos_alpha", "min_cos_omega"]
-    print("seed layer " + " ".join(f"{k:>17}" for k in keys))
+    print(" seed layer " + " ".join(f"{k:>17}" for k in keys))
     worst: dict[str, float] = {}
     for row in rows:
         for name, d in row["layers"].items():
-            print(f"{row['seed']:>4} {name:>5} " + " ".join(f"{d[k]:>17.3g}" for k in keys))
+            print(f"{row['seed']:>5} {name:>5} " + " ".join(f"{d[k]:>17.3g}" for k in keys))
             for k in keys:
                 v = float(d[k])
                 worst[k] = min(worst.get(k, math.inf), v) if k.startswith("min") else max(worst.get(k, -math.inf), v)
-    print("worst      " + " ".join(f"{worst[k]:>17.3g}" for k in keys))
+    print("worst       " + " ".join(f"{worst[k]:>17.3g}" for k in keys))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "worst": worst}, f, indent=1)

@@ -266,7 +266,8 @@ def test_matches_gromo():
     with warnings.catch_warnings():  # GroMo warns when it falls back to a pseudo-inverse; numbers must agree
         warnings.simplefilter("ignore")
         res = tiny_vs_gromo.compare(seed=0, sizes=(10, 6, 6, 4), n=48, batches=2)
-    for name, d in res["layers"].items():
+        conv = tiny_vs_gromo.compare_conv(seed=0, n=8, batches=2)  # 3×3 stride-2 consumer
+    for name, d in [*res["layers"].items(), *conv["layers"].items()]:
         assert d["neurons"] >= 2, name
         assert d["lambda_rel_err"] <= 1e-9 and d["fo_new_rel_err"] <= 1e-9 and d["fo_update_rel_err"] <= 1e-9
         assert d["max_angle_alpha"] <= 1e-6 and d["max_angle_omega"] <= 1e-6
