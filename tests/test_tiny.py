@@ -165,6 +165,22 @@ def test_conv_projection_orthogonal_and_hooks_match_engine():
     assert report.predicted_loss_change == pytest.approx(report.loss_after - report.loss_before, abs=1e-10)
 
 
+def test_update_existing_line_search_matches_engine():
+    """With GroMo's option the existing consumer weights move by γ²·δW* too: the searched loss is the loss of
+    the grown model, and it is at least as low as without the update on this MLP."""
+    model, data = _mlp(act=nn.ReLU, sizes=(5, 7, 6, 3)), _data((5,), n=3, bs=20)
+    after = {}
+    for upd in (False, True):
+        grown = copy.deepcopy(model)
+        report = TINY(budget="units:2", groups=["0"], batches=None, update_existing=upd).grow(
+            grown, data, F.cross_entropy)
+        assert report.loss_after == pytest.approx(report.extra["line_loss"]["0"], abs=1e-10)
+        changed = not torch.equal(grown[2].weight[:, :7], model[2].weight)
+        assert changed == upd  # old columns of the consumer move only with update_existing
+        after[upd] = report.loss_after
+    assert after[True] < after[False]
+
+
 # ---- value -------------------------------------------------------------------------------------------
 def test_teacher_student_tiny_beats_random_directions():
     """A wide teacher, a narrow student trained to a plateau: one TINY step lowers the held-out loss more

@@ -332,8 +332,8 @@ class TINY(BaselineGrower):
 
     # ---- statistics ----------------------------------------------------------------------------------
     def _captures(self, ctx: Context, tps: dict[str, TinyPath]) -> Iterator[tuple[int, dict[str, tuple]]]:
-        """Per growth batch: its sample count and, per group, (B map [N, D_in, H, W], A map [N, C, H, W],
-        V map [N, D_out, H', W']) in `stat_dtype`; V = -(batch size) × ∂(batch loss)/∂z."""
+        """Per growth batch: its sample count and, per group, the raw (producer input, activation output,
+        ∂(batch loss)/∂z at the consumer output, batch size) for `_maps`."""
         for batch in ctx.batches:
             yield self._capture(ctx, tps, batch)
 
@@ -384,26 +384,22 @@ class TINY(BaselineGrower):
             for h in handles:
                 h.remove()
         nb = int(yb.shape[0])
-        out = {}
-        for n, gz in zip(names, grads):
-            tp, c = tps[n], cap[n]
-            dt = self.stat_dtype
-            z = c["z"]
-            g = torch.zeros_like(z) if gz is None else gz
-            a = c["a"].to(dt)
-            X = patches(ctx.model, tp.path, c["x"]).to(dt)  # [rows, D_in]
-            if tp.kind == "linear":
-                amap = a.reshape(-1, a.shape[-1])[:, :, None, None]
-                bmap = X[:, :, None, None]
-                vmap = (-nb * g.to(dt)).reshape(-1, g.shape[-1])[:, :, None, None]
-            else:
-                H, W = a.shape[2], a.shape[3]
-                amap = a
-                bmap = X.reshape(a.shape[0], H, W, -1).permute(0, 3, 1, 2)
-                v = -nb * g.to(dt)
-                vmap = v[:, :, None, None] if tp.flatten else v
-            out[n] = (bmap, amap, vmap)
-        return nb, out
+        return nb, {n: (cap[n]["x"], cap[n]["a"], torch.zeros_like(cap[n]["z"]) if gz is None else gz.detach(), nb)
+                    for n, gz in zip(names, grads)}
+
+    def _maps(self, ctx: Context, tp: TinyPath, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B map [N, D_in, H, W], A map [N, C, H, W], V map [N, D_out, H', W']) of one group and batch in
+        `stat_dtype`, built one group at a time (the patch maps are the large tensors)."""
+        x, a, g, nb = raw
+        dt = self.stat_dtype
+        a = a.to(dt)
+        X = patches(ctx.model, tp.path, x).to(dt)  # [rows, D_in]
+        v = -nb * g.to(dt)
+        if tp.kind == "linear":
+            return X[:, :, None, None], a.reshape(-1, a.shape[-1])[:, :, None, None], v.reshape(
+                -1, v.shape[-1])[:, :, None, None]
+        bmap = X.reshape(a.shape[0], a.shape[2], a.shape[3], -1).permute(0, 3, 1, 2)
+        return bmap, a, v[:, :, None, None] if tp.flatten else v
 
     def _consumer_input(self, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
         A = _unfold(amap, tp)
@@ -417,8 +413,9 @@ class TINY(BaselineGrower):
         n_total = 0
         for nb, caps in self._captures(ctx, tps):
             n_total += nb
-            for n, (bmap, amap, vmap) in caps.items():
+            for n, raw in caps.items():
                 tp, s = tps[n], acc[n]
+                bmap, amap, vmap = self._maps(ctx, tp, raw)
                 A = self._consumer_input(amap, tp)
                 V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
                 w = _offset_weight((bmap.shape[2], bmap.shape[3]), (vmap.shape[2], vmap.shape[3]), tp, bmap)
@@ -441,8 +438,9 @@ class TINY(BaselineGrower):
             s["M_A_norm"] = float(M_A.norm())
         # second pass: the projected desired update V_proj = V - δW*ᵀA
         for _, caps in self._captures(ctx, tps):
-            for n, (bmap, amap, vmap) in caps.items():
+            for n, raw in caps.items():
                 tp, s = tps[n], acc[n]
+                bmap, amap, vmap = self._maps(ctx, tp, raw)
                 A = self._consumer_input(amap, tp)
                 V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
                 Vp = V - A @ deltas[n]
