@@ -181,6 +181,26 @@ def test_update_existing_line_search_matches_engine():
     assert after[True] < after[False]
 
 
+def test_holdout_batches_choose_gamma_only():
+    model, data = _mlp(act=nn.ReLU, sizes=(5, 7, 6, 3)), _data((5,), n=4, bs=20)
+    grower = TINY(budget="units:2", groups=["0"], batches=None, holdout=1)
+    ctx = grower.begin(copy.deepcopy(model), data, F.cross_entropy, None)
+    stats, line = grower._split(ctx)
+    assert len(stats) == 3 and line[0] is ctx.batches[3]
+    _, _, sol = _solve(model, data[:3])  # the statistics ignore the held-out batch
+    grown = copy.deepcopy(model)
+    report = grower.grow(grown, data, F.cross_entropy)
+    assert torch.allclose(grower.last_solution["0"].lambdas, sol["0"].lambdas, rtol=1e-12)
+    held = mean_loss(grown, data[3:], F.cross_entropy)
+    assert report.extra["line_loss"]["0"] == pytest.approx(held, abs=1e-10)
+    assert report.predicted_loss_change == pytest.approx(held - mean_loss(model, data[3:], F.cross_entropy),
+                                                         abs=1e-10)
+    from firefly_descent.errors import GrowthError
+
+    with pytest.raises(GrowthError, match="holdout"):
+        TINY(holdout=2, batches=None).grow(copy.deepcopy(model), data[:2], F.cross_entropy)
+
+
 # ---- value -------------------------------------------------------------------------------------------
 def test_teacher_student_tiny_beats_random_directions():
     """A wide teacher, a narrow student trained to a plateau: one TINY step lowers the held-out loss more

@@ -71,7 +71,7 @@ from ...budget import Candidate, select
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits
 from ..base import GrowthReport, LossFn, Timer, register_grower
-from ..common import as_inputs
+from ..common import as_inputs, mean_loss
 from ._common import BaselineGrower, Context, slice_shape, unit_costs
 from ._probe import UnitPath, find_paths, patches, verify_paths
 from .gradmax import slope_at_zero
@@ -177,6 +177,8 @@ class TINY(BaselineGrower):
     gamma=None: a fixed amplitude instead of the line search (0 = function-preserving),
     gamma_min=1e-3, points_per_decade=4, max_decades=6: the line search grid,
     rel_threshold=1e-8: relative eigenvalue cut of S and candidate cut of λ,
+    holdout=0: the last `holdout` growth batches are left out of the statistics and only choose γ (and are
+      what `line_loss` reports); 0 = statistics and line search on the same batches, as GroMo does,
     random_directions=False: ablation: replace α, ω by random directions of the same norms (same count,
       same line search), to measure what the closed form buys,
     stat_dtype=torch.float64: dtype of the statistics.
@@ -197,6 +199,7 @@ class TINY(BaselineGrower):
         max_decades: int = 6,
         rel_threshold: float = 1e-8,
         random_directions: bool = False,
+        holdout: int = 0,
         stat_dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__(budget, seed, batches, groups)
@@ -206,6 +209,7 @@ class TINY(BaselineGrower):
             raise ValueError(f"gamma_min must be in (0, 1), not {gamma_min}")
         self.update_existing, self.gamma = bool(update_existing), gamma
         self.gamma_min, self.points, self.max_decades = float(gamma_min), int(points_per_decade), int(max_decades)
+        self.holdout = int(holdout)
         self.rel_threshold, self.random_directions, self.stat_dtype = float(rel_threshold), bool(
             random_directions), stat_dtype
 
@@ -330,11 +334,22 @@ class TINY(BaselineGrower):
                 skipped[n] = f"{self.name} does not apply: {why}"
         return skipped
 
+    def _split(self, ctx: Context) -> tuple[list[Any], list[Any]]:
+        """(batches for the statistics, batches for the line search): with `holdout` = k > 0 the last k
+        growth batches only choose γ; otherwise both are all of them (GroMo's in-sample search)."""
+        k = self.holdout
+        if k <= 0:
+            return ctx.batches, ctx.batches
+        if len(ctx.batches) <= k:
+            raise GrowthError(f"tiny: holdout={k} needs more than {k} growth batches, got {len(ctx.batches)}; "
+                              "raise the growth batches or lower holdout")
+        return ctx.batches[:-k], ctx.batches[-k:]
+
     # ---- statistics ----------------------------------------------------------------------------------
     def _captures(self, ctx: Context, tps: dict[str, TinyPath]) -> Iterator[tuple[int, dict[str, tuple]]]:
         """Per growth batch: its sample count and, per group, the raw (producer input, activation output,
         ∂(batch loss)/∂z at the consumer output, batch size) for `_maps`."""
-        for batch in ctx.batches:
+        for batch in self._split(ctx)[0]:
             yield self._capture(ctx, tps, batch)
 
     def _capture(self, ctx: Context, tps: dict[str, TinyPath], batch: tuple[Any, Any]) -> tuple[int, dict[str, tuple]]:
@@ -537,7 +552,7 @@ class TINY(BaselineGrower):
                 handles += self._hooks(ctx, g, k, gm)
             ctx.model.eval()
             with torch.no_grad():
-                for xb, yb in ctx.batches:
+                for xb, yb in self._split(ctx)[1]:
                     total += float(ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)) * yb.shape[0]
                     count += int(yb.shape[0])
         finally:
@@ -611,8 +626,10 @@ class TINY(BaselineGrower):
                 extra["gamma"][n] = gamma
                 accepted.append((tg, ks, gamma))
         if self.gamma is None:
-            predicted = (extra["line_loss"][accepted[-1][0].tpath.name] - float(report.loss_before or 0.0)
-                         if accepted else 0.0)
+            base = mean_loss(ctx.model, self._split(ctx)[1], ctx.loss_fn) if self.holdout else report.loss_before
+            predicted = (extra["line_loss"][accepted[-1][0].tpath.name] - float(base or 0.0) if accepted else 0.0)
+            if self.holdout:
+                extra["holdout_loss_before"] = base
         else:
             predicted = -sum(gm ** 2 * (float(tg.first_order[ks].sum()) + (tg.delta_decrease if self.update_existing
                                                                            else 0.0)) for tg, ks, gm in accepted)
