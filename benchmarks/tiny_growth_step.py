@@ -30,6 +30,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("tiny", {}),
     "tiny-holdout4": ("tiny", {"holdout": 4}),
     "tiny-update-existing": ("tiny", {"update_existing": True}),
+    "tiny-update-existing-holdout4": ("tiny", {"update_existing": True, "holdout": 4}),
     "tiny-random-directions": ("tiny", {"random_directions": True}),
     "random": ("random", {}),
     "gradmax": ("gradmax", {}),

@@ -72,7 +72,7 @@ def _solve(model, data, **kw):
 
 def test_registered():
     assert isinstance(make_grower("tiny"), TINY)
-    assert make_grower("tiny").update_existing is False
+    assert make_grower("tiny").update_existing is True  # GroMo's default
 
 
 # ---- the closed form --------------------------------------------------------------------------------
@@ -158,11 +158,19 @@ def test_conv_projection_orthogonal_and_hooks_match_engine():
     # is the grown model's loss
     grown = copy.deepcopy(model)
     budget = {"kind": "units", "amount": 9, "per_group": True}  # pools by width: 4 and 5 units
-    report = TINY(budget=budget, batches=None).grow(grown, data, F.cross_entropy)
+    report = TINY(budget=budget, batches=None, update_existing=False).grow(grown, data, F.cross_entropy)
     assert set(report.extra["gamma"]) == {"0", "3"} and set(report.units_added) == {"0", "3"}
     last = list(report.extra["gamma"])[-1]
     assert report.loss_after == pytest.approx(report.extra["line_loss"][last], abs=1e-10)
     assert report.predicted_loss_change == pytest.approx(report.loss_after - report.loss_before, abs=1e-10)
+    # the same with the existing-weight updates (default), on an MLP whose groups chain (net 2 is the consumer
+    # of one group and the producer of the other)
+    model, data = _mlp(act=nn.ReLU, sizes=(5, 7, 6, 3)), _data((5,), n=3, bs=20)
+    report = TINY(budget={"kind": "units", "amount": 4, "per_group": True}, batches=None).grow(
+        model, data, F.cross_entropy)
+    last = list(report.extra["gamma"])[-1]
+    assert len(report.extra["gamma"]) == 2, report.extra["gamma"]
+    assert report.loss_after == pytest.approx(report.extra["line_loss"][last], abs=1e-10)
 
 
 def test_update_existing_line_search_matches_engine():
@@ -228,7 +236,8 @@ def test_teacher_student_tiny_beats_random_directions():
         d = []
         for seed in range(3):
             m = copy.deepcopy(student)
-            TINY(budget="units:3", groups=["0"], batches=None, seed=seed, **kw).grow(m, train, F.mse_loss)
+            TINY(budget="units:3", groups=["0"], batches=None, seed=seed, update_existing=False, **kw).grow(
+                m, train, F.mse_loss)
             d.append(base - mean_loss(m, held, F.mse_loss))
         drops[name] = d
     # measured: tiny 3.4e-4 (deterministic), random 4.2e-5, 0, -1.6e-5 (held-out loss 0.0213 before)
