@@ -27,11 +27,11 @@ from firefly_descent.methods.common import mean_loss
 from firefly_descent.models.mlp import MLP
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tiny": ("tiny", {}),
-    "tiny-holdout4": ("tiny", {"holdout": 4}),
-    "tiny-update-existing": ("tiny", {"update_existing": True}),
+    "tiny-no-update": ("tiny", {"update_existing": False}),
+    "tiny-no-update-holdout4": ("tiny", {"update_existing": False, "holdout": 4}),
+    "tiny-update-existing": ("tiny", {"update_existing": True}),  # the default
     "tiny-update-existing-holdout4": ("tiny", {"update_existing": True, "holdout": 4}),
-    "tiny-random-directions": ("tiny", {"random_directions": True}),
+    "tiny-random-directions": ("tiny", {"update_existing": False, "random_directions": True}),
     "random": ("random", {}),
     "gradmax": ("gradmax", {}),
     "firefly": ("firefly", {}),
