@@ -9,7 +9,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,11 +102,20 @@ class BaselineGrower(Grower):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(growth_history(model)))
         return Context(model, loss_fn, device, batches, x, graph, groups, report, gen, data)
 
-    def finish(self, ctx: Context, plan: Plan, optimizer: torch.optim.Optimizer | None) -> GrowthReport:
-        """Apply the plan through the engine (checked by the safeguard) and record the loss after growth."""
+    def finish(
+        self,
+        ctx: Context,
+        plan: Plan,
+        optimizer: torch.optim.Optimizer | None,
+        finalize: Callable[[], Any] | None = None,
+    ) -> GrowthReport:
+        """Apply the plan through the engine (checked by the safeguard) and record the loss after growth.
+        `finalize` runs right after the plan is applied (an edit of existing weights that belongs to the step)."""
         report = ctx.report
         self.last_plan = plan  # what was applied (inspection, tests, logging)
-        commit_plan(self, ctx.model, plan, report, ctx.x, optimizer, ctx.loss_fn, ctx.data, ctx.batches)
+        commit_plan(
+            self, ctx.model, plan, report, ctx.x, optimizer, ctx.loss_fn, ctx.data, ctx.batches, finalize=finalize
+        )
         with Timer(report.timings, "eval"):
             report.loss_after = mean_loss(ctx.model, ctx.batches, ctx.loss_fn)
         if ctx.skipped:

@@ -659,15 +659,16 @@ class TINY(BaselineGrower):
             extra["lambdas"][n] = [float(v) for v in tg.lambdas[:8]]
             extra["first_order"][n] = [float(v) for v in tg.first_order[:8]]
             extra["delta_decrease"][n] = tg.delta_decrease
-        if self.update_existing:
-            self._update_existing(ctx, accepted)
+        finalize = None
+        if self.update_existing:  # applied right after the engine adds the units, inside the safeguard's step
+            finalize = self._existing_update(ctx, accepted)
         preserving = all(gm == 0.0 for _, _, gm in accepted)
         plan = self.make_plan(ctx, changes, preserving=preserving)
         report.predicted_loss_change = predicted
         report.extra.update(extra)
         report.extra["update_existing"] = self.update_existing
         self.last_solution = sol
-        return self.finish(ctx, plan, optimizer)
+        return self.finish(ctx, plan, optimizer, finalize=finalize)
 
     def _random_directions(self, ctx: Context, tg: TinyGroup) -> tuple[torch.Tensor, torch.Tensor]:
         def like(t: torch.Tensor) -> torch.Tensor:
@@ -675,15 +676,24 @@ class TINY(BaselineGrower):
             return r * (t.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-300))
         return like(tg.alpha), like(tg.omega)
 
-    def _update_existing(self, ctx: Context, accepted: list[tuple[TinyGroup, list[int], float]]) -> None:
-        """Add γ²·δW* to the consumer weights of the grown groups (before the engine adds units)."""
+    def _existing_update(self, ctx: Context, accepted: list[tuple[TinyGroup, list[int], float]]):
+        """A function adding γ²·δW* to the consumer weights of the grown groups once the engine has added the
+        units (appended after the old inputs, so the old inputs are the first columns). Run inside the
+        safeguard's step, the engine's undo takes it back with the units."""
+        edits = []
         for tg, _, gamma in accepted:
             if gamma == 0.0:
                 continue
             cons = ctx.model.get_submodule(tg.tpath.consumer)
-            d = tg.delta * gamma ** 2
+            edits.append((tg.tpath.consumer, tg.tpath.consumer_bias, list(cons.weight.shape), tg.delta * gamma**2))
+
+        def update() -> None:
             with torch.no_grad():
-                if tg.tpath.consumer_bias:
-                    cons.bias.add_(d[:, -1].to(cons.bias.dtype))
-                    d = d[:, :-1]
-                cons.weight.add_(d.reshape(cons.weight.shape).to(cons.weight.dtype))
+                for name, has_bias, old_shape, d in edits:
+                    cons = ctx.model.get_submodule(name)
+                    if has_bias:
+                        cons.bias.add_(d[:, -1].to(cons.bias.dtype))
+                        d = d[:, :-1]
+                    cons.weight.narrow(1, 0, old_shape[1]).add_(d.reshape(old_shape).to(cons.weight.dtype))
+
+        return update
