@@ -368,7 +368,7 @@ def validate(cfg: Config) -> None:
         if outside:
             inside = [e for e in g.at if 1 <= e < t.epochs]
             fix = (
-                f"--set growth.at={inside}".replace(" ", "")
+                "--set growth.at=[" + ",".join(str(e) for e in inside) + "]"
                 if inside
                 else "--set growth.method=static (no growth) or a longer train.epochs"
             )
