@@ -43,7 +43,7 @@ def _load() -> float:
         return float("nan")
 
 
-def run_all(runs_dir: Path) -> list[float]:
+def run_all(runs_dir: Path, names: list[str]) -> list[float]:
     """Train (or resume, or reuse) both runs; return the 1-minute load averages sampled every 5 s meanwhile
     (they include the runs' own threads: a quiet machine shows about the thread count)."""
     loads = [_load()]
@@ -57,6 +57,8 @@ def run_all(runs_dir: Path) -> list[float]:
     sampler.start()
     try:
         for name, config in RUNS:
+            if name not in names:
+                continue
             out = runs_dir / name
             if (out / "checkpoints").is_dir():
                 _firefly("resume", str(out), "--no-progress")
@@ -68,7 +70,7 @@ def run_all(runs_dir: Path) -> list[float]:
     return loads
 
 
-def write_readme(docs: Path, runs_dir: Path, loads: list[float], table: str) -> None:
+def write_readme(docs: Path, runs_dir: Path, loads: list[float], table: str, static: bool) -> None:
     """docs/default-run/README.md from the numbers just written (nothing typed by hand)."""
     import torch
 
@@ -87,6 +89,12 @@ def write_readme(docs: Path, runs_dir: Path, loads: list[float], table: str) -> 
         if busy
         else f"The machine was quiet (1-minute load average: median {median:.1f} on {cores} cores, the runs' "
         "own threads included)."
+    )
+    control = (
+        ""
+        if static
+        else "\nThe static control was not re-run this time (`--without-static`: the machine was too busy for it), "
+        "so the table has the Firefly run only.\n"
     )
     text = f"""# The README's default run
 
@@ -117,7 +125,7 @@ channels are calibrated after each growth (`growth.calibrate_new_bn`).
 
 Firefly: {summary['final_test_acc']:.2%} test accuracy with {summary['params']:,} parameters after
 {summary['num_growths']} growths. {timing}
-
+{control}
 The intra-op thread count changes floating-point summation order and so the trajectory: the same command
 with `--set train.threads=1` gives other (equally valid) numbers. One seed: the gap to the static run is a
 single measurement, not a claim (see `docs/benchmarks.md` for seeded comparisons). Plots: `curves.png`
@@ -130,15 +138,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "docs", help="where the two runs go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "default-run", help="the docs folder")
+    ap.add_argument("--without-static", action="store_true", help="skip the static control (said in the README)")
     args = ap.parse_args()
-    loads = run_all(args.runs)
-    _firefly("report", str(args.runs / "default"), str(args.runs / "static"), "--out", str(args.out))
+    names = ["default"] if args.without_static else ["default", "static"]
+    loads = run_all(args.runs, names)
+    _firefly("report", *(str(args.runs / n) for n in names), "--out", str(args.out))
     summary = json.loads((args.runs / "default" / "summary.json").read_text())
     with contextlib.suppress(ValueError):  # a path inside the checkout is recorded relative to it
         summary["run_dir"] = str(Path(summary["run_dir"]).resolve().relative_to(ROOT))
     (args.out / "run-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = (args.out / "report.md").read_text().split("\n\n")[1].strip()
-    write_readme(args.out, args.runs, loads, table)
+    write_readme(args.out, args.runs, loads, table, static=not args.without_static)
     print(f"wrote {args.out}")
     return 0
 
