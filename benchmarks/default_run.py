@@ -43,9 +43,11 @@ def _load() -> float:
         return float("nan")
 
 
-def run_all(runs_dir: Path, names: list[str]) -> list[float]:
-    """Train (or resume, or reuse) both runs; return the 1-minute load averages sampled every 5 s meanwhile
-    (they include the runs' own threads: a quiet machine shows about the thread count)."""
+def run_all(runs_dir: Path, names: list[str], threads: int | None) -> tuple[list[float], list[str]]:
+    """Train (or resume, or reuse) the runs; return the 1-minute load averages sampled every 5 s meanwhile
+    (they include the runs' own threads: a quiet machine shows about the thread count) and the names of
+    runs that were already complete (reused: their training happened under unknown load)."""
+    reused: list[str] = []
     loads = [_load()]
     stop = threading.Event()
 
@@ -61,29 +63,50 @@ def run_all(runs_dir: Path, names: list[str]) -> list[float]:
                 continue
             out = runs_dir / name
             if (out / "checkpoints").is_dir():
+                if (out / "summary.json").is_file():
+                    reused.append(name)
                 _firefly("resume", str(out), "--no-progress")
             else:
-                _firefly("train", config, "--out", str(out), "--no-progress")
+                extra = ["--set", f"train.threads={threads}"] if threads is not None else []
+                _firefly("train", config, "--out", str(out), "--no-progress", *extra)
     finally:
         stop.set()
         sampler.join()
-    return loads
+    return loads, reused
 
 
-def write_readme(docs: Path, runs_dir: Path, loads: list[float], table: str, static: bool) -> None:
+def write_readme(
+    docs: Path, runs_dir: Path, loads: list[float], reused: list[str], table: str, static: bool
+) -> None:
     """docs/default-run/README.md from the numbers just written (nothing typed by hand)."""
     import torch
+    import yaml
 
     from firefly_descent.train.threads import available_cores
 
     summary = json.loads((docs / "run-summary.json").read_text())
-    config = (runs_dir / "default" / "config.yaml").read_text()
-    threads = "default" if "threads: null" in config else "set in the config"
     cores = available_cores()
+    commands = []
+    for name, config in RUNS:
+        if not (runs_dir / name / "config.yaml").is_file():
+            continue
+        threads = (yaml.safe_load((runs_dir / name / "config.yaml").read_text())["train"] or {}).get("threads")
+        extra = f" --set train.threads={threads}" if threads is not None else ""
+        what = "the README's command" if name == "default" else "the same network and schedule, never grown"
+        commands.append(f"firefly train {config} --out runs/docs/{name}{extra}   # {what}")
+    threads_note = (
+        "the default intra-op thread count (the cores available)"
+        if all("train.threads" not in c for c in commands)
+        else "the thread counts shown"
+    )
     median = statistics.median(loads)
     busy = median > cores + 0.5  # the runs' own threads account for about `cores`
     timing = (
-        f"Times in the table were measured while other jobs shared the CPU (1-minute load average: median "
+        f"The {' and '.join(reused)} run(s) were made by an earlier invocation and reused, so this script did "
+        "not see the load during their training: on a shared machine their times are not quiet-machine "
+        "figures; only accuracy, parameters, FLOPs and growth counts are comparable."
+        if reused
+        else f"Times in the table were measured while other jobs shared the CPU (1-minute load average: median "
         f"{median:.1f}, up to {max(loads):.1f}, on {cores} cores, the runs' own threads included): they are "
         "**not** quiet-machine figures; only accuracy, parameters, FLOPs and growth counts are comparable."
         if busy
@@ -108,13 +131,13 @@ python benchmarks/default_run.py
 which runs
 
 ```bash
-firefly train fashion-vgg-firefly --out runs/docs/default   # the README's command
-firefly train fashion-vgg-static --out runs/docs/static     # the same network and schedule, never grown
-firefly report runs/docs/default runs/docs/static --out docs/default-run
+{chr(10).join(commands)}
+firefly report {" ".join("runs/docs/" + n for n, _ in RUNS if (runs_dir / n).is_dir())} --out docs/default-run
 ```
 
-and copies the Firefly run's `summary.json` here as `run-summary.json`. Made with torch {torch.__version__}
-on {platform.machine()} ({cores} cores available, {threads} intra-op thread count, i.e. {cores}).
+and copies the Firefly run's `summary.json` here as `run-summary.json` (`--threads N` sets
+`train.threads` for the runs it trains). Made with torch {torch.__version__} on {platform.machine()}
+({cores} cores available), {threads_note}.
 
 Fashion-MNIST (20,000-image training subset, 5,000 test images), VGG-11 with BatchNorm and a 1×1-conv
 classifier starting at 8 channels in every conv, SGD-Nesterov lr 0.05 restarted after each growth, Firefly
@@ -139,16 +162,17 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "docs", help="where the two runs go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "default-run", help="the docs folder")
     ap.add_argument("--without-static", action="store_true", help="skip the static control (said in the README)")
+    ap.add_argument("--threads", type=int, default=None, help="train.threads for the runs trained now")
     args = ap.parse_args()
     names = ["default"] if args.without_static else ["default", "static"]
-    loads = run_all(args.runs, names)
+    loads, reused = run_all(args.runs, names, args.threads)
     _firefly("report", *(str(args.runs / n) for n in names), "--out", str(args.out))
     summary = json.loads((args.runs / "default" / "summary.json").read_text())
     with contextlib.suppress(ValueError):  # a path inside the checkout is recorded relative to it
         summary["run_dir"] = str(Path(summary["run_dir"]).resolve().relative_to(ROOT))
     (args.out / "run-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = (args.out / "report.md").read_text().split("\n\n")[1].strip()
-    write_readme(args.out, args.runs, loads, table, static=not args.without_static)
+    write_readme(args.out, args.runs, loads, reused, table, static=not args.without_static)
     print(f"wrote {args.out}")
     return 0
 
