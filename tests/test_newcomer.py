@@ -128,7 +128,8 @@ def test_widths_in_model_order_at_growth_positions_and_no_empty_panel(tmp_path):
     before = {"features.2": 8, "features.10": 8, "head.1": 4}
     after = {"features.2": 10, "features.10": 9, "head.1": 4}
     metrics = [{"epoch": e, "test_acc": 0.5, "test_loss": 1.0, "train_loss": 1.0, "params": 100} for e in (1, 2, 3)]
-    run = RunData(Path("x"), "x", {}, metrics, [{"epoch": 2, "widths_before": before, "widths_after": after}])
+    step = {"epoch": 2, "widths_before": before, "widths_after": after, "params_before": 90, "params_after": 100}
+    run = RunData(Path("x"), "x", {}, metrics, [step])
     xs, series = _width_series(run)
     assert list(series) == ["features.2", "features.10", "head.1"]  # model order, not string order
     assert xs == [1.0, 2.5, 3.0]  # growth after epoch 2 at x = 2.5, as curves.png marks it
@@ -137,7 +138,8 @@ def test_widths_in_model_order_at_growth_positions_and_no_empty_panel(tmp_path):
     static = tmp_path / "static"
     static.mkdir()
     (static / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (static / "growth.jsonl").write_text("")
+    noop = {"epoch": 2, "widths_before": before, "widths_after": before, "params_before": 90, "params_after": 90}
+    (static / "growth.jsonl").write_text(json.dumps(noop) + "\n")  # the static control's no-op step
     paths = write_run_plots(static)
     assert sorted(p.name for p in paths) == ["acc_vs_params.png", "curves.png"]  # no empty widths panel
     assert not (static / "widths.png").exists()

@@ -95,15 +95,17 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
                 "final_test_loss": last.get("test_loss"),
                 "params": last.get("params"),
                 "flops": last.get("flops"),
-                # growth steps that changed the model (the static control records no-op steps)
-                "growths": sum(
-                    1 for g in r.growths if g.get("params_after") != g.get("params_before") or g.get("layers_inserted")
-                ),
+                "growths": sum(1 for g in r.growths if _changed(g)),
                 "total_time": last.get("elapsed"),
                 "growth_time": float(sum(g.get("time", g.get("total_time", 0.0)) or 0.0 for g in r.growths)),
             }
         )
     return rows
+
+
+def _changed(g: dict[str, Any]) -> bool:
+    """Whether a growth step changed the model (the static control records no-op steps)."""
+    return g.get("params_after") != g.get("params_before") or bool(g.get("layers_inserted"))
 
 
 def _pct(v: float | None) -> str:
@@ -225,7 +227,7 @@ def _plot_curves(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
                 color=color,
                 label=f"{label} train",
             )
-        for g in r.growths:
+        for g in filter(_changed, r.growths):
             for ax in (ax_loss, ax_acc):
                 ax.axvline(g["epoch"] + 0.5, color=color, linestyle="--", alpha=0.5, linewidth=1)
     ax_loss.set_xlabel("epoch")
@@ -248,7 +250,9 @@ def _width_series(r: RunData) -> tuple[list[float], dict[str, list[float]]]:
     """x positions and per-group widths in model order: the start, then a step at each growth.
 
     Growth after epoch E is drawn at x = E + 0.5, where `curves.png` marks it; the series run from the
-    first to the last trained epoch. Empty when the run recorded no widths (e.g. never grew)."""
+    first to the last trained epoch. Empty when no growth step changed the model (e.g. the static control)."""
+    if not any(_changed(g) for g in r.growths):
+        return [], {}
     points: list[tuple[float, dict[str, int]]] = []
     first_epoch = float(r.metrics[0]["epoch"]) if r.metrics else 1.0
     if r.growths and r.growths[0].get("widths_before"):
@@ -302,7 +306,7 @@ def _plot_widths(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
                 label=f"{name} ({start}\u2192{end})" if end != start else f"{name} ({start})",
                 zorder=2 + i,
             )
-        for g in r.growths:
+        for g in filter(_changed, r.growths):
             ax.axvline(g["epoch"] + 0.5, color="0.5", linestyle="--", alpha=0.5, linewidth=1, zorder=1)
         ax.set_title(f"{label}: per-layer widths (dashed vertical lines: growth)")
         ax.set_xlabel("epoch")
