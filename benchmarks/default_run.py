@@ -86,6 +86,7 @@ def write_readme(
 
     summary = json.loads((docs / "run-summary.json").read_text())
     cores = available_cores()
+    shown = str(runs_dir.resolve().relative_to(ROOT)) if runs_dir.resolve().is_relative_to(ROOT) else str(runs_dir)
     commands = []
     for name, config in RUNS:
         if not (runs_dir / name / "config.yaml").is_file():
@@ -93,12 +94,10 @@ def write_readme(
         threads = (yaml.safe_load((runs_dir / name / "config.yaml").read_text())["train"] or {}).get("threads")
         extra = f" --set train.threads={threads}" if threads is not None else ""
         what = "the README's command" if name == "default" else "the same network and schedule, never grown"
-        commands.append(f"firefly train {config} --out runs/docs/{name}{extra}   # {what}")
-    threads_note = (
-        "the default intra-op thread count (the cores available)"
-        if all("train.threads" not in c for c in commands)
-        else "the thread counts shown"
-    )
+        commands.append(f"firefly train {config} --out {shown}/{name}{extra}    # {what}")
+    from firefly_descent.train.threads import choose_threads
+
+    default_threads = choose_threads(None)
     median = statistics.median(loads)
     busy = median > cores + 0.5  # the runs' own threads account for about `cores`
     timing = (
@@ -121,23 +120,22 @@ def write_readme(
     )
     text = f"""# The README's default run
 
-Regenerate everything in this folder with one command (it trains both runs, about a minute each on 2 idle
-cores, then writes the report):
+Regenerate everything in this folder with one command:
 
 ```bash
-python benchmarks/default_run.py
+python benchmarks/default_run.py        # add --threads 1 on a machine shared with other jobs
 ```
 
-which runs
+It trains `fashion-vgg-firefly` (the README's command) and `fashion-vgg-static` (the same network and
+schedule, never grown) into `runs/docs/` (about a minute each on 2 idle cores), reports them here with
+`firefly report` and copies the Firefly run's `summary.json` as `run-summary.json`. The numbers below
+come from these commands, with torch {torch.__version__} on {platform.machine()} ({cores} cores available;
+a run without `train.threads` uses {default_threads} intra-op threads here):
 
 ```bash
 {chr(10).join(commands)}
-firefly report {" ".join("runs/docs/" + n for n, _ in RUNS if (runs_dir / n).is_dir())} --out docs/default-run
+firefly report {" ".join(f"{shown}/{n}" for n, _ in RUNS if (runs_dir / n).is_dir())} --out docs/default-run
 ```
-
-and copies the Firefly run's `summary.json` here as `run-summary.json` (`--threads N` sets
-`train.threads` for the runs it trains). Made with torch {torch.__version__} on {platform.machine()}
-({cores} cores available), {threads_note}.
 
 Fashion-MNIST (20,000-image training subset, 5,000 test images), VGG-11 with BatchNorm and a 1×1-conv
 classifier starting at 8 channels in every conv, SGD-Nesterov lr 0.05 restarted after each growth, Firefly
@@ -146,7 +144,7 @@ channels are calibrated after each growth (`growth.calibrate_new_bn`).
 
 {table}
 
-Firefly: {summary['final_test_acc']:.2%} test accuracy with {summary['params']:,} parameters after
+Firefly: {summary['final_test_acc']:.2%} test accuracy with {summary['params']:,} parameters after \
 {summary['num_growths']} growths. {timing}
 {control}
 The intra-op thread count changes floating-point summation order and so the trajectory: the same command
