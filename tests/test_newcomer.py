@@ -161,18 +161,19 @@ def test_written_files_respect_the_umask(grown, tmp_path):
         newest = sorted((run / "checkpoints").iterdir())[-1]
         newest.unlink()
         (run / "summary.json").unlink()
-        for name in ("metrics.jsonl", "growth.jsonl"):
-            (run / name).chmod(0o600)  # as the old atomic writer left them
         code, out, err = run_main("resume", str(run))
         assert code == 0, err
-    for name in ("metrics.jsonl", "growth.jsonl"):
-        assert mode(run / name) == 0o600  # an existing file keeps its mode, as open() would
-    assert mode(run / "summary.json") == 0o644
-    with umask(0o077):
-        from firefly_descent.io import atomic_write_text
+        assert "resuming " in out
+    for name in ("metrics.jsonl", "growth.jsonl", "summary.json"):  # rewritten atomically by the resume
+        assert mode(run / name) == 0o644, name
+    from firefly_descent.io import atomic_write_text
 
+    with umask(0o077):
         atomic_write_text(tmp_path / "private.txt", "x")
-    assert mode(tmp_path / "private.txt") == 0o600
+        (tmp_path / "shared.txt").write_text("")
+        (tmp_path / "shared.txt").chmod(0o664)
+        atomic_write_text(tmp_path / "shared.txt", "x")  # an existing file keeps its mode, as open() would
+    assert mode(tmp_path / "private.txt") == 0o600 and mode(tmp_path / "shared.txt") == 0o664
 
 
 # --------------------------------------------------------------------------- 5: finished runs
