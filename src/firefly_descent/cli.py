@@ -37,7 +37,8 @@ EPILOG = """\
 environment:
   FIREFLY_DEBUG=1             show full tracebacks instead of one-line errors
   FIREFLY_PROGRESS_SECONDS=N  without a terminal, print a progress line at most every N seconds (default 30)
-  FIREFLY_DATA_DIR=DIR        where datasets are looked for first
+  FIREFLY_DATA_DIR=DIR        where datasets are looked for first (and a missing Fashion-MNIST is downloaded to)
+  FIREFLY_OFFLINE=1           never download a missing dataset
 """
 
 
