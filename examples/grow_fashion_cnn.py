@@ -3,7 +3,8 @@
     python examples/grow_fashion_cnn.py            # ~3 minutes on 2 CPU cores
     python examples/grow_fashion_cnn.py --epochs 9 --train-subset 60000
 
-Needs Debian's `dataset-fashion-mnist` (IDX files in /usr/share/datasets/fashion-mnist/).
+Reads Fashion-MNIST offline (Debian's `dataset-fashion-mnist`, $FIREFLY_DATA_DIR or ./data), else downloads it
+once with torchvision into ~/.cache/firefly-descent.
 """
 
 from __future__ import annotations

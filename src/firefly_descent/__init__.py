@@ -1,22 +1,16 @@
 """firefly-descent: grow PyTorch networks during training with Firefly Neural Architecture Descent.
 
 model -> `analyze` -> `Plan` -> `apply` -> grown model; every growth method only writes plans.
+
+Names are imported on first use (PEP 562), so ``import firefly_descent`` and ``firefly --help`` do not
+load torch; ``firefly_descent.widen`` etc. behave exactly like eager imports.
 """
 
-from .analysis import GrowthGraph, ModuleRule, analyze, register_module_rule
-from .engine import (
-    apply,
-    calibrate_new_batchnorm,
-    deepen,
-    growth_history,
-    load,
-    new_norm_channels,
-    prepare_batchnorm,
-    refresh_batchnorm,
-    replay_history,
-    save,
-    widen,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ApproximationRequiredError,
     DataDependentControlFlowError,
@@ -27,9 +21,62 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from .plan import GroupChange, NewLayer, NewUnits, Plan, Split
+
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from .analysis import GrowthGraph, ModuleRule, analyze, register_module_rule
+    from .engine import (
+        apply,
+        calibrate_new_batchnorm,
+        deepen,
+        growth_history,
+        load,
+        new_norm_channels,
+        prepare_batchnorm,
+        refresh_batchnorm,
+        replay_history,
+        save,
+        widen,
+    )
+    from .exporting import export_model, load_export
+    from .plan import GroupChange, NewLayer, NewUnits, Plan, Split
 
 __version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("GrowthGraph", "ModuleRule", "analyze", "register_module_rule"), ".analysis"),
+    **dict.fromkeys(
+        (
+            "apply",
+            "calibrate_new_batchnorm",
+            "deepen",
+            "growth_history",
+            "load",
+            "new_norm_channels",
+            "prepare_batchnorm",
+            "refresh_batchnorm",
+            "replay_history",
+            "save",
+            "widen",
+        ),
+        ".engine",
+    ),
+    **dict.fromkeys(("export_model", "load_export"), ".exporting"),
+    **dict.fromkeys(("GroupChange", "NewLayer", "NewUnits", "Plan", "Split"), ".plan"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ApproximationRequiredError",
@@ -51,8 +98,10 @@ __all__ = [
     "apply",
     "calibrate_new_batchnorm",
     "deepen",
+    "export_model",
     "growth_history",
     "load",
+    "load_export",
     "new_norm_channels",
     "prepare_batchnorm",
     "refresh_batchnorm",

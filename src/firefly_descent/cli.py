@@ -7,8 +7,10 @@
     firefly inspect runs/ff                           # newest checkpoint of a run, or a .pt file
     firefly export runs/ff/checkpoints/ckpt-000012-e0006.pt exported/
 
-Bad input (missing file, bad config, unknown dataset) prints one ``error: ...`` line on stderr
-and exits with status 2 without writing anything. Set ``FIREFLY_DEBUG=1`` for tracebacks.
+Bad input (missing file, bad config, unknown dataset, an output path that cannot be written) prints one
+``error: ...`` line on stderr and exits with status 2 without writing anything. Set ``FIREFLY_DEBUG=1``
+for tracebacks. torch is imported only by the commands that need it, so ``--help`` and config errors
+are instant.
 """
 
 from __future__ import annotations
@@ -31,9 +33,23 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+EPILOG = """\
+environment:
+  FIREFLY_DEBUG=1             show full tracebacks instead of one-line errors
+  FIREFLY_PROGRESS_SECONDS=N  without a terminal, print a progress line at most every N seconds (default 30)
+  FIREFLY_DATA_DIR=DIR        where datasets are looked for first (and a missing Fashion-MNIST is downloaded to)
+  FIREFLY_OFFLINE=1           never download a missing dataset
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``firefly`` command."""
-    p = _Parser(prog="firefly", description="Grow neural networks during training (Firefly descent).")
+    p = _Parser(
+        prog="firefly",
+        description="Grow neural networks during training (Firefly descent).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -48,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value (YAML-parsed), e.g. --set train.epochs=3; repeatable",
     )
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>-<timestamp>)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     _add_nproc(t)
 
     c = sub.add_parser("configs", help="list the built-in named configs")
@@ -56,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     r.add_argument("run_dir", type=Path)
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     _add_nproc(r)
 
     rep = sub.add_parser("report", help="compare runs: markdown table and PNG plots")
@@ -87,15 +103,18 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from firefly_descent.train.config import load_config
+
+    cfg = load_config(args.config, tuple(args.overrides))  # torch-free: a bad config fails instantly
     from firefly_descent.train import train
 
     if args.nproc is not None:
         from firefly_descent.train.distributed import launch_train
 
         return launch_train(args.config, args.out, tuple(args.overrides), args.nproc, args.no_progress)
-    summary = train(args.config, args.out, progress=not args.no_progress, overrides=tuple(args.overrides))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints
-        _print_summary(summary)
+    summary = train(cfg, args.out, progress=not args.no_progress)  # logs its own `done:` line
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the plots
+        _write_plots(summary)
     return 0
 
 
@@ -107,25 +126,25 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
         return launch_resume(args.run_dir, args.nproc, args.no_progress)
     summary = resume(args.run_dir, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") == "0":
-        _print_summary(summary)
+    if os.environ.get("RANK", "0") == "0" and not summary.get("already_complete"):
+        _write_plots(summary)
     return 0
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    acc = summary.get("final_test_acc")
-    best = summary.get("best_test_acc")
-    parts = [f"done: {summary.get('run_dir')}"]
-    if acc is not None:
-        parts.append(f"test acc {acc:.2%} (best {best:.2%})")
-    elif summary.get("final_test_loss") is not None:
-        parts.append(f"test loss {summary['final_test_loss']:.4g}")
-    if summary.get("params") is not None:
-        parts.append(f"params {summary['params']:,}")
-    parts.append(f"growths {summary.get('num_growths', 0)}")
-    if summary.get("total_time") is not None:
-        parts.append(f"time {summary['total_time']:.1f}s")
-    print(" | ".join(parts))
+def _write_plots(summary: dict[str, Any]) -> None:
+    """The run's curves, accuracy-vs-parameters and widths plots, next to its logs (never fails the run)."""
+    from firefly_descent.report import write_run_plots
+
+    run_dir = summary.get("run_dir")
+    if not run_dir:
+        return
+    try:
+        paths = write_run_plots(run_dir)
+    except Exception as e:  # plots are a convenience; the run itself is complete and saved
+        print(f"warning: plots not written ({type(e).__name__}: {' '.join(str(e).split())[:200]})", file=sys.stderr)
+        return
+    if paths:
+        print(f"plots: {', '.join(str(p) for p in paths)}")
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
@@ -145,9 +164,11 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from firefly_descent.paths import check_output_dir
     from firefly_descent.report import make_report
 
     out = args.out if args.out is not None else Path("firefly-report")
+    check_output_dir(out, "--out")
     result = make_report(args.run_dirs, out)
     print(result["table"])
     print(f"\nwrote {result['markdown']}")
@@ -225,31 +246,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import yaml
-    from safetensors.torch import save_file
+    from firefly_descent.paths import check_output_dir
 
-    from firefly_descent.train.loop import _count_params
+    check_output_dir(args.out_dir, "export")  # before loading anything
+    from firefly_descent.exporting import export_checkpoint
 
-    ckpt, model = _load_model(args.checkpoint)
-    out: Path = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    arch = {
-        "model": ckpt["model"],
-        "growth_history": ckpt.get("growth_history") or [],
-        "dataset": ckpt.get("dataset"),
-        "params": _count_params(model),
-        "epoch": ckpt["epoch"],
-        "num_growths": ckpt["num_growths"],
-        "source_checkpoint": ckpt["path"],
-        "torch_version": ckpt.get("torch_version"),
-    }
-    (out / "architecture.json").write_text(json.dumps(arch, indent=2) + "\n", encoding="utf-8")
-    (out / "config.yaml").write_text(
-        yaml.safe_dump(ckpt["config"], sort_keys=False, default_flow_style=None), encoding="utf-8"
-    )
-    print(f"exported {len(tensors)} tensors ({arch['params']:,} params) to {out}")
+    arch = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported {arch['tensors']} tensors ({arch['params']:,} params) to {args.out_dir}")
     return 0
 
 
@@ -263,20 +266,25 @@ _COMMANDS = {
 }
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-    from firefly_descent.report import ReportError
-    from firefly_descent.train.checkpoint import CheckpointError
-    from firefly_descent.train.config import ConfigError
-    from firefly_descent.train.distributed import LaunchError
+# input errors by module and class name, looked up in sys.modules so that classifying an error never
+# imports torch: an error of a class whose module was never loaded cannot have been raised
+_INPUT_ERRORS = (
+    ("firefly_descent.train.config", "ConfigError"),
+    ("firefly_descent.train.checkpoint", "CheckpointError"),
+    ("firefly_descent.report", "ReportError"),
+    ("firefly_descent.data.errors", "DatasetError"),
+    ("firefly_descent.paths", "OutputPathError"),
+    ("firefly_descent.exporting", "ExportError"),
+    ("firefly_descent.train.distributed", "LaunchError"),
+)
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ReportError, FileNotFoundError, LaunchError]
-    try:
-        from firefly_descent.data import DatasetError
 
-        errors.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errors)
+def _is_input_error(e: BaseException) -> bool:
+    for module, name in _INPUT_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,29 +293,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from firefly_descent.errors import GrowthError
 
     debug = os.environ.get("FIREFLY_DEBUG", "") not in ("", "0")
-    input_errors = _input_errors()
     try:
         return _COMMANDS[args.command](args)
-    except input_errors as e:
-        if debug:
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, FileNotFoundError) and e.filename:
-            msg = f"{e.filename}: no such file or directory"
-        print(f"error: {msg}", file=sys.stderr)
-        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FloatingPointError, GrowthError) as e:
+    except Exception as e:
         if debug:
             raise
-        what = "growth failed: " if isinstance(e, GrowthError) else ""
-        print(
-            f"error: {what}{' '.join(str(e).split())} (checkpoints kept; see FIREFLY_DEBUG=1)",
-            file=sys.stderr,
-        )
-        return 1
+        if isinstance(e, OSError) and (e.filename is not None or isinstance(e, FileNotFoundError)):
+            from firefly_descent.paths import os_error_line
+
+            print(f"error: {os_error_line(e)}", file=sys.stderr)
+            return 2
+        if _is_input_error(e):
+            print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+            return int(getattr(e, "exit_code", 2))
+        if isinstance(e, (FloatingPointError, GrowthError)):
+            what = "growth failed: " if isinstance(e, GrowthError) else ""
+            print(
+                f"error: {what}{' '.join(str(e).split())} (checkpoints kept; see FIREFLY_DEBUG=1)",
+                file=sys.stderr,
+            )
+            return 1
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,16 +1,39 @@
 """Atomic file writes: a temporary file in the same folder, flushed and fsync'ed, then renamed over the
-target (and the folder fsync'ed), so a reader never sees a half-written checkpoint, log or result."""
+target (and the folder fsync'ed), so a reader never sees a half-written checkpoint, log or result.
+The file gets the mode `open()` would give it: the existing file's mode, else 0o666 minus the umask."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -22,6 +45,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; give the mode open() would
+                os.fchmod(f.fileno(), _mode_for(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

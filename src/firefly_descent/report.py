@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReportError", "RunData", "load_run", "make_report", "markdown_table", "summary_rows"]
+__all__ = ["ReportError", "RunData", "load_run", "make_report", "markdown_table", "summary_rows", "write_run_plots"]
 
 
 class ReportError(ValueError):
@@ -95,15 +95,17 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
                 "final_test_loss": last.get("test_loss"),
                 "params": last.get("params"),
                 "flops": last.get("flops"),
-                # growth steps that changed the model (the static control records no-op steps)
-                "growths": sum(
-                    1 for g in r.growths if g.get("params_after") != g.get("params_before") or g.get("layers_inserted")
-                ),
+                "growths": sum(1 for g in r.growths if _changed(g)),
                 "total_time": last.get("elapsed"),
                 "growth_time": float(sum(g.get("time", g.get("total_time", 0.0)) or 0.0 for g in r.growths)),
             }
         )
     return rows
+
+
+def _changed(g: dict[str, Any]) -> bool:
+    """Whether a growth step changed the model (the static control records no-op steps)."""
+    return g.get("params_after") != g.get("params_before") or bool(g.get("layers_inserted"))
 
 
 def _pct(v: float | None) -> str:
@@ -225,7 +227,7 @@ def _plot_curves(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
                 color=color,
                 label=f"{label} train",
             )
-        for g in r.growths:
+        for g in filter(_changed, r.growths):
             for ax in (ax_loss, ax_acc):
                 ax.axvline(g["epoch"] + 0.5, color=color, linestyle="--", alpha=0.5, linewidth=1)
     ax_loss.set_xlabel("epoch")
@@ -245,48 +247,99 @@ def _plot_curves(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
 
 
 def _width_series(r: RunData) -> tuple[list[float], dict[str, list[float]]]:
-    """Epochs and per-group widths: at the start (first growth's widths_before), then after each growth."""
+    """x positions and per-group widths in model order: the start, then a step at each growth.
+
+    Growth after epoch E is drawn at x = E + 0.5, where `curves.png` marks it; the series run from the
+    first to the last trained epoch. Empty when no growth step changed the model (e.g. the static control)."""
+    if not any(_changed(g) for g in r.growths):
+        return [], {}
     points: list[tuple[float, dict[str, int]]] = []
+    first_epoch = float(r.metrics[0]["epoch"]) if r.metrics else 1.0
     if r.growths and r.growths[0].get("widths_before"):
-        points.append((0.0, r.growths[0]["widths_before"]))
+        points.append((min(first_epoch, r.growths[0]["epoch"] + 0.5), r.growths[0]["widths_before"]))
     for g in r.growths:
         if g.get("widths_after"):
-            points.append((float(g["epoch"]), g["widths_after"]))
+            points.append((float(g["epoch"]) + 0.5, g["widths_after"]))
     if not points:
         return [], {}
     last_epoch = float(r.metrics[-1]["epoch"]) if r.metrics else points[-1][0]
     if last_epoch > points[-1][0]:
         points.append((last_epoch, points[-1][1]))
-    names = sorted({n for _, w in points for n in w})
+    names: list[str] = []  # first-seen order: the growth reports list groups in model order
+    for _, w in points:
+        names.extend(n for n in w if n not in names)
     xs = [p[0] for p in points]
     series = {n: [float(w.get(n, math.nan)) for _, w in points] for n in names}
     return xs, series
 
 
-def _plot_widths(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> Path:
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*")
+
+
+def _plot_widths(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> Path | None:
+    """One panel per run that recorded widths (None, no file, when none did). Lines that coincide stay
+    visible: each group has its own marker and dash pattern, earlier groups are drawn wider underneath,
+    and the legend gives every group's start and end width."""
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(label, r, *_width_series(r)) for label, r in zip(labels, runs)]
+    panels = [p for p in panels if p[3]]
+    if not panels:
+        return None
     plt = _plt()
-    n = len(runs)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 3.2 * n), squeeze=False)
-    for ax, label, r in zip(axes[:, 0], labels, runs):
-        xs, series = _width_series(r)
-        if not series:
-            ax.text(0.5, 0.5, "no growth recorded", ha="center", va="center", transform=ax.transAxes)
-        for name, ys in series.items():
-            ax.step(xs, ys, where="post", marker=".", label=name)
-        ax.set_title(f"{label}: per-layer widths")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    for ax, (label, r, xs, series) in zip(axes[:, 0], panels):
+        n = len(series)
+        for i, (name, ys) in enumerate(series.items()):
+            start = next((int(y) for y in ys if y == y), 0)
+            end = next((int(y) for y in reversed(ys) if y == y), 0)
+            ax.step(
+                xs,
+                ys,
+                where="post",
+                linestyle=_STYLES[i % len(_STYLES)],
+                marker=_MARKERS[i % len(_MARKERS)],
+                markersize=4,
+                linewidth=1.0 + 2.0 * (n - 1 - i) / max(n - 1, 1),
+                alpha=0.85,
+                label=f"{name} ({start}\u2192{end})" if end != start else f"{name} ({start})",
+                zorder=2 + i,
+            )
+        for g in filter(_changed, r.growths):
+            ax.axvline(g["epoch"] + 0.5, color="0.5", linestyle="--", alpha=0.5, linewidth=1, zorder=1)
+        ax.set_title(f"{label}: per-layer widths (dashed vertical lines: growth)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("width (units)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        if series and len(series) <= 24:
-            ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if len(series) <= 24:
+            ax.legend(fontsize=6, ncol=2 if n > 12 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def write_run_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """A single run's ``curves.png``, ``acc_vs_params.png`` and (if it recorded widths) ``widths.png``,
+    written into the run directory (or `out_dir`); `firefly train` and `firefly resume` call this."""
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.path
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [run.name]
+    plots = [
+        _plot_curves([run], labels, out / "curves.png"),
+        _plot_acc_vs_params([run], labels, out / "acc_vs_params.png"),
+        _plot_widths([run], labels, out / "widths.png"),
+    ]
+    return [p for p in plots if p is not None]
+
+
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Write ``report.md`` and ``acc_vs_params.png``, ``curves.png``, ``widths.png`` to `out_dir`.
+    """Write ``report.md`` and ``acc_vs_params.png``, ``curves.png``, ``widths.png`` (when a run recorded
+    widths) to `out_dir`.
 
     Returns ``{"table": markdown, "rows": [...], "markdown": path, "plots": [paths]}``.
     """
@@ -301,6 +354,7 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str
         _plot_curves(runs, labels, out / "curves.png"),
         _plot_widths(runs, labels, out / "widths.png"),
     ]
+    plots = [p for p in plots if p is not None]
     md = ["# firefly-descent report", "", table, ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     md.append("")

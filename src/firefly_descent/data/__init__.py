@@ -1,7 +1,8 @@
 """Offline dataset loading: ``load_dataset(name) -> DatasetBundle`` and seeded DataLoaders.
 
-Nothing here downloads. Image datasets are decoded once into uint8 tensors and transformed in
-batches with torch ops (normalisation, train-only crop/flip augmentation), keeping CPU runs fast.
+Nothing here downloads, except a Fashion-MNIST/MNIST found in no local folder (see download.py).
+Image datasets are decoded once into uint8 tensors and transformed in batches
+with torch ops (normalisation, train-only crop/flip augmentation), keeping CPU runs fast.
 """
 
 from __future__ import annotations

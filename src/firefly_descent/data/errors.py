@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from os import PathLike
 
-__all__ = ["DatasetError", "one_line", "paths_text"]
+__all__ = ["DatasetError", "DatasetNotFoundError", "one_line", "paths_text"]
 
 
 class DatasetError(ValueError):
@@ -13,6 +13,10 @@ class DatasetError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
+
+
+class DatasetNotFoundError(DatasetError):
+    """None of the folders searched holds the dataset's files (a download may still get them)."""
 
 
 def one_line(text: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError, paths_text
+from .errors import DatasetError, DatasetNotFoundError, paths_text
 
 __all__ = ["read_idx", "find_idx_files", "load_idx_dataset", "IdxSpec", "IDX_STEMS"]
 
@@ -131,7 +131,7 @@ def find_idx_files(roots: list[Path], spec: IdxSpec) -> dict[str, Path]:
         d, found = partial
         missing = ", ".join(f"{IDX_STEMS[k]}[.gz]" for k in IDX_STEMS if k not in found)
         raise DatasetError(f"{spec.title} incomplete in {d}: missing {missing}; {spec.install_hint}")
-    raise DatasetError(
+    raise DatasetNotFoundError(
         f"{spec.title} not found in {paths_text(looked)} (looked for {wanted}); {spec.install_hint}"
     )
 

@@ -13,7 +13,8 @@ import torch
 
 from .cifar import load_cifar
 from .datasets import Augment, DatasetBundle, TensorDataset, channel_stats
-from .errors import DatasetError
+from .download import download_cache_dir, download_idx
+from .errors import DatasetError, DatasetNotFoundError
 from .idx import IdxSpec, load_idx_dataset
 from .imagefolder import load_imagefolder
 from .synthetic import make_digits, make_mnist1d, make_teacher_student, make_two_spirals
@@ -58,6 +59,7 @@ def _default_roots(subdirs: Sequence[str]) -> list[Path]:
         roots.extend(base / s for s in subdirs)
         roots.append(base)
     roots.append(Path.cwd() / "data")
+    roots.append(download_cache_dir())  # where a previous download left the files
     return roots
 
 
@@ -65,15 +67,25 @@ def _roots(root: str | os.PathLike[str] | None, subdirs: Sequence[str]) -> list[
     return [Path(root).expanduser()] if root is not None else _default_roots(subdirs)
 
 
+def _load_idx_or_download(root: Path | None, spec: IdxSpec) -> dict[str, Any]:
+    """Read the IDX files; with no explicit ``root`` and no local copy, download them (see data/download.py)."""
+    try:
+        return load_idx_dataset(_roots(root, spec.default_roots), spec)
+    except DatasetNotFoundError as e:
+        if root is not None:
+            raise
+        return load_idx_dataset([download_idx(spec, e)], spec)
+
+
 def _load_fashion(root: Path | None) -> dict[str, Any]:
-    out = load_idx_dataset(_roots(root, FASHION_MNIST.default_roots), FASHION_MNIST)
+    out = _load_idx_or_download(root, FASHION_MNIST)
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")  # fmt: skip
     return {**out, "num_classes": 10, "classes": classes}
 
 
 def _load_mnist(root: Path | None) -> dict[str, Any]:
-    out = load_idx_dataset(_roots(root, MNIST.default_roots), MNIST)
+    out = _load_idx_or_download(root, MNIST)
     return {**out, "num_classes": 10, "classes": tuple(str(i) for i in range(10))}
 
 
@@ -225,8 +237,10 @@ def load_dataset(
 ) -> DatasetBundle:
     """Load a dataset from local files (or generate it) as train/val/test tensor datasets.
 
-    Nothing is ever downloaded. ``seed`` fixes the validation split and the subsets (and never the
-    data itself; generated datasets take ``data_seed``). ``train_subset`` first restricts training
+    Nothing is downloaded, except Fashion-MNIST/MNIST with no ``root`` when no local folder holds them
+    (torchvision's download into a cache; see `firefly_descent.data.download`).
+    ``seed`` fixes the validation split and the subsets (and never the data itself; generated datasets
+    take ``data_seed``). ``train_subset`` first restricts training
     to that many seeded examples, then ``val_fraction`` of them become the validation split; the
     test set is subset independently by ``test_subset``. ``augment="default"`` applies the dataset's
     usual train-time augmentation (CIFAR: random crop with padding 4 + horizontal flip; others: none);

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import (
     CheckpointConfig,
     Config,
@@ -23,19 +25,57 @@ from .config import (
     load_config,
     named_configs,
 )
-from .loop import (
-    DeviceLoader,
-    build_model_for,
-    evaluate,
-    prepare,
-    refresh_batchnorm,
-    resolve_device,
-    resume,
-    seed_everything,
-    summarize,
-    train,
-)
-from .schedule import LRSchedule, make_optimizer
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+    from .loop import (
+        DeviceLoader,
+        build_model_for,
+        evaluate,
+        prepare,
+        refresh_batchnorm,
+        resolve_device,
+        resume,
+        seed_everything,
+        summarize,
+        train,
+    )
+    from .schedule import LRSchedule, make_optimizer
+
+# torch-backed names load on first use, so reading and validating a config stays instant
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint"), ".checkpoint"),
+    **dict.fromkeys(
+        (
+            "DeviceLoader",
+            "build_model_for",
+            "evaluate",
+            "prepare",
+            "refresh_batchnorm",
+            "resolve_device",
+            "resume",
+            "seed_everything",
+            "summarize",
+            "train",
+        ),
+        ".loop",
+    ),
+    **dict.fromkeys(("LRSchedule", "make_optimizer"), ".schedule"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointConfig",

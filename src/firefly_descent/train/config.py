@@ -367,15 +367,22 @@ def validate(cfg: Config) -> None:
     )
     last = t.epochs - 1
     allowed = f"allowed 1..{last}" if last >= 1 else "a 1-epoch run has no epoch to grow after"
-    if g.at is not None:
-        for e in g.at:
-            need(
-                1 <= e < t.epochs,
-                f"growth.at: epoch {e} is outside the run; {allowed} "
-                f"(growth happens after epoch E, train.epochs={t.epochs})",
+    grows = g.method != "static"  # the static control never grows: its schedule cannot be wrong
+    if g.at is not None and grows:
+        outside = [e for e in g.at if not 1 <= e < t.epochs]
+        if outside:
+            inside = [e for e in g.at if 1 <= e < t.epochs]
+            fix = (
+                "--set growth.at=[" + ",".join(str(e) for e in inside) + "]"
+                if inside
+                else "--set growth.method=static (no growth) or a longer train.epochs"
+            )
+            raise ConfigError(
+                f"growth.at: epoch {outside[0]} is outside the run; {allowed} "
+                f"(growth happens after epoch E, train.epochs={t.epochs}); e.g. {fix}"
             )
         need(len(set(g.at)) == len(g.at), f"growth.at: epochs must be unique, got {g.at}")
-    if g.every is not None and g.at is None and g.max_growths != 0:
+    if g.every is not None and g.at is None and g.max_growths != 0 and grows:
         first = max(1, g.every if g.warmup_epochs is None else g.warmup_epochs)
         need(
             first < t.epochs,

@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from ..engine.apply import growth_history
 from ..engine.calibrate import calibrate_new_batchnorm, new_norm_channels
 from ..io import atomic_write_text
+from ..paths import check_output_dir
 from .checkpoint import (
     FORMAT,
     VERSION,
@@ -55,8 +57,10 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, config_from_dict, config_to_dict, growth_epochs, load_config
 from .precision import autocast as _precision_autocast
+from .progress import ProgressLines, done_line
 from .runtime import Runtime, runtime_for
 from .schedule import LRSchedule, make_optimizer
+from .threads import busy_notice, choose_threads
 
 __all__ = [
     "DeviceLoader",
@@ -343,8 +347,7 @@ def prepare(cfg: Config) -> RunSetup:
 
     t = cfg.train
     device = resolve_device(t.device)
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
+    threads = choose_threads(t.threads)
     if t.deterministic and device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -407,6 +410,9 @@ def prepare(cfg: Config) -> RunSetup:
             raise ConfigError("growth.max_flops: FLOP counting is unavailable for this model; use growth.max_params")
         if g.max_flops <= flops:
             raise ConfigError(f"growth.max_flops: {g.max_flops:,} is not above the initial model's {flops:,} FLOPs")
+    notice = busy_notice(threads, t.threads) if device.type == "cpu" else None
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     return RunSetup(
         cfg=cfg,
         device=device,
@@ -462,6 +468,7 @@ class _Run:
         self.metrics: list[dict[str, Any]] = []
         self.growths: list[dict[str, Any]] = []
         self.progress = bool(progress) and sys.stderr.isatty() and self.rt.is_main
+        self.progress_lines = bool(progress) and not sys.stderr.isatty() and self.rt.is_main  # redirected output
         self.writer: Any = None
         self._params = _count_params(self.model)
         self._flops = _count_flops(self.model, setup.example_inputs)
@@ -727,6 +734,7 @@ class _Run:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        lines = ProgressLines(nb, f"epoch {E + 1}/{cfg.train.epochs}") if self.progress_lines else None
         for b, (x, y) in enumerate(bar):
             lr = self.schedule.apply(opt, E, b, nb)
             x, y = self.rt.inputs(_to_device(x, self.device)), _to_device(y, self.device)
@@ -752,6 +760,8 @@ class _Run:
             if s.task == "classification":
                 correct += int((out.detach().argmax(dim=1) == y).sum())
             self.step += 1
+            if lines is not None:
+                lines.update(b + 1, loss_sum / total)
             if self.step % cfg.train.log_every == 0:
                 if self.progress:
                     bar.set_postfix(loss=f"{loss_sum / total:.4f}", lr=f"{lr:.3g}")
@@ -826,6 +836,7 @@ class _Run:
         summary["run_dir"] = str(self.run_dir)
         if self.rt.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+        self.log(done_line(summary))
         self._emit("on_train_end", summary)
         return summary
 
@@ -935,6 +946,7 @@ def _start(
     metrics = run_dir / "metrics.jsonl"
     if list_checkpoints(run_dir) or (not restart and metrics.is_file() and metrics.stat().st_size > 0):
         raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
+    check_output_dir(run_dir, "run directory")  # before the data loads
     rt.barrier()  # every rank checked the directory before rank 0 writes into it
     setup = prepare(cfg)
     rt.configure(setup)  # refuses bad precision/batch options before anything is written
@@ -986,6 +998,11 @@ def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dic
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no readable checkpoint")
     cfg = config_from_dict(ckpt["config"])
+    finished = _finished_summary(run_dir, ckpt, cfg)
+    if finished is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{run_dir}: run complete ({ckpt['epoch']}/{cfg.train.epochs} epochs); nothing to resume")
+        return finished
     rt = runtime_for(cfg.train.device)
     setup = prepare(cfg)
     run = _Run(setup, run_dir, progress, callbacks, rt)
@@ -997,3 +1014,17 @@ def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dic
         return run.run()
     finally:
         rt.close()
+
+
+def _finished_summary(run_dir: Path, ckpt: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The saved summary of a run that already completed (last epoch trained, summary written), else None.
+    (No growth can follow the last epoch: growth epochs are validated to lie before it.)"""
+    if int(ckpt["epoch"]) < cfg.train.epochs:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # killed between the last checkpoint and the summary: finish it
+    if not isinstance(summary, dict):
+        return None
+    return {**summary, "run_dir": str(run_dir), "already_complete": True}
