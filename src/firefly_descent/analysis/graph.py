@@ -58,6 +58,7 @@ class Group:
     blocked: tuple[str, str] | None = None  # (error type name, one-line reason)
     modules: list[str] = field(default_factory=list)  # producing modules, graph order
     channel_dims: list[tuple[str, int]] = field(default_factory=list)  # (fx node name, dim) carrying the units
+    at_output: bool = False  # its units reach the model output (so a new layer there would change the output)
 
     @property
     def growable(self) -> bool:
@@ -81,6 +82,7 @@ class Group:
             "blocked": list(self.blocked) if self.blocked else None,
             "modules": list(self.modules),
             "channel_dims": [list(x) for x in self.channel_dims],
+            "at_output": self.at_output,
         }
 
     @classmethod
@@ -93,6 +95,7 @@ class Group:
             blocked=tuple(d["blocked"]) if d.get("blocked") else None,  # type: ignore[arg-type]
             modules=list(d.get("modules", [])),
             channel_dims=[tuple(x) for x in d.get("channel_dims", [])],  # type: ignore[misc]
+            at_output=bool(d.get("at_output", False)),
         )
 
     def __str__(self) -> str:

@@ -257,7 +257,7 @@ def depth_boundaries(ctx: Context, kind: str) -> list[str]:
     whose outputs are >= 0), run exactly once per forward, on a group that does not reach the output."""
     counts = call_counts(ctx.model, ctx.x)
     modules = dict(ctx.model.named_modules())
-    ok = {n for n, g in ctx.graph.groups.items() if g.growable or "model output" not in (g.blocked or ("", ""))[1]}
+    ok = {n for n, g in ctx.graph.groups.items() if not g.at_output}
     acts = RELU_LIKE if kind == "identity" else RELU_LIKE + (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh,
                                                              nn.Hardswish)
     out = []
