@@ -3,8 +3,9 @@
 model -> `analyze` -> `Plan` -> `apply` -> grown model; every growth method only writes plans.
 """
 
-from .analysis import GrowthGraph, ModuleRule, analyze, register_module_rule
+from .analysis import GrowthGraph, LayerRule, ModuleRule, analyze, register_module_rule, register_rule
 from .engine import (
+    add_blocks,
     apply,
     calibrate_new_batchnorm,
     deepen,
@@ -36,6 +37,7 @@ __all__ = [
     "GroupChange",
     "GrowthError",
     "GrowthGraph",
+    "LayerRule",
     "ModuleRule",
     "NewLayer",
     "NewUnits",
@@ -48,11 +50,13 @@ __all__ = [
     "analyze",
     "apply",
     "calibrate_new_batchnorm",
+    "add_blocks",
     "deepen",
     "growth_history",
     "load",
     "new_norm_channels",
     "register_module_rule",
+    "register_rule",
     "replay_history",
     "save",
     "widen",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import shapeops
@@ -186,6 +187,29 @@ def _layernorm_check(c: Constraint, group: Any, split_units: Any, new_count: int
         )
 
 
+def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
+    """`F.layer_norm(x, shape, weight, bias)` as called inside a module (ConvNeXt's LayerNorm2d)."""
+    lay, s = a.layout_or_fixed(node.args[0])
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    normed = lay[len(lay) - k :]
+    if any(d is not None for d in normed):
+        if k != 1:
+            a.block_layout(normed, "UnsupportedOpError", f"layer_norm at {source_of(node)} normalises several dims")
+            return list(lay)
+        owner = ""
+        for i, key, kind in ((2, "weight", "norm_weight"), (3, "bias", "norm_bias")):
+            p = node.args[i] if len(node.args) > i else node.kwargs.get(key)
+            if isinstance(p, fx.Node) and p.op == "get_attr":
+                owner = str(p.target).rpartition(".")[0]
+                a.add_members(normed[0], str(p.target), 0, "norm", kind, owner)
+            elif p is not None:
+                a.block_layout(normed, "UnsupportedOpError", f"layer_norm at {source_of(node)} has a computed {key}")
+        for g in a.groups_in([normed[0]]):
+            a.constraints[g].append(Constraint("layernorm", owner or node.name))
+    return list(lay)
+
+
 class PassThroughRule(LayerRule):
     """Activations, dropout, identity: each unit flows through unchanged."""
 
@@ -239,6 +263,7 @@ for _t in (
 ):
     register_rule(_t, PoolRule())
 register_rule(nn.Linear, LinearRule())
+shapeops.register_function_rule(F.layer_norm, layer_norm_function)
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_t, ConvRule())
 for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -253,3 +278,68 @@ register_constraint("groupnorm", lambda c, g, s, n, ap: whole_blocks("normalised
 register_constraint("conv_groups", lambda c, g, s, n, ap: whole_blocks("convolved by grouped conv", c, g, s, n, ap))
 register_constraint("layernorm", _layernorm_check)
 _ = source_of  # re-exported helper for rules written against this module
+
+
+class MultiheadAttentionRule(LayerRule):
+    """nn.MultiheadAttention ties its input, its heads (num_heads x head_dim) and its output to one
+    width, `embed_dim`: growing that group adds whole heads (new q/k/v rows, out-projection columns,
+    and the same number of new embedding channels). New heads whose out-projection columns are zero,
+    or copies of whole heads with halved out-projection columns, leave the output unchanged."""
+
+    attrs = ("embed_dim", "kdim", "vdim", "num_heads", "head_dim")
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.MultiheadAttention, name: str) -> Any:
+        out_shapes = a.output_shapes(node)
+        multi = a.has_multiple_outputs(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
+        inputs = [x for x in (node.args[:3] or ()) if isinstance(x, fx.Node)]
+        inputs += [node.kwargs[k] for k in ("query", "key", "value") if isinstance(node.kwargs.get(k), fx.Node)]
+        layouts = [a.layout_or_fixed(x)[0] for x in inputs]
+        grown = [lay[-1] for lay in layouts if lay[-1] is not None]
+        for lay in layouts:  # only the embedding dim may carry units
+            a.block_layout(
+                lay[:-1], "UnsupportedOpError", f"nn.MultiheadAttention {name!r} mixes tokens of a grown dim"
+            )
+        reason = None
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
+            reason = "has separate q/k/v projections or bias_k/bias_v (register a rule for it)"
+        elif grown and (len(grown) != len(layouts) or any(len(dl) != 1 for dl in grown)):
+            reason = "reads a fixed-width or concatenated input"
+        if reason is not None or not grown:
+            if reason is not None:
+                a.block_layout(grown, "FrozenGroupError", f"nn.MultiheadAttention {name!r} {reason}")
+            return tuple(outs) if multi else outs[0]
+        g = grown[0][0][0]
+        for dl in grown[1:]:
+            g = a.union(g, dl[0][0], node)
+        g = a.find(g)
+        dl = ((g, 1),)
+        e = m.embed_dim
+        a.add_members(dl, f"{name}.in_proj_weight", 1, "consumer", "weight", name)
+        for k in range(3):  # q, k, v rows: three blocks of embed_dim
+            a.members[g].append(Member(f"{name}.in_proj_weight", 0, "producer", "weight", name, k * e))
+            if m.in_proj_bias is not None:
+                a.members[g].append(Member(f"{name}.in_proj_bias", 0, "producer", "bias", name, k * e))
+        out = f"{name}.out_proj"
+        a.members[g].append(Member(f"{out}.weight", 1, "consumer", "weight", out))
+        a.members[g].append(Member(f"{out}.weight", 0, "producer", "weight", out))
+        if m.out_proj.bias is not None:
+            a.members[g].append(Member(f"{out}.bias", 0, "producer", "bias", out))
+        a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        outs[0][-1] = dl
+        return tuple(outs) if multi else outs[0]
+
+    def rederive(self, m: nn.MultiheadAttention, before: dict[str, Any]) -> None:
+        m.embed_dim = m.out_proj.weight.shape[0]
+        m.kdim = m.vdim = m.embed_dim
+        m.head_dim = before["head_dim"]
+        m.num_heads = m.embed_dim // m.head_dim
+
+    def check(self, m: nn.MultiheadAttention) -> bool:
+        w = m.in_proj_weight
+        return m.num_heads * m.head_dim == m.embed_dim and (
+            w is None or tuple(w.shape) == (3 * m.embed_dim, m.embed_dim)
+        )
+
+
+register_rule(nn.MultiheadAttention, MultiheadAttentionRule())

@@ -20,8 +20,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
+from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
-from .rules import LAYER_RULES, ModuleRule, leaf_types, register_module_rule, rule_for
+from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, register_module_rule, rule_for
 from .shapeops import FUNCTION_RULES, METHOD_RULES
 from .trace import NO_SOURCE, as_input_tuple, source_of, trace_with_shapes
 
@@ -307,11 +308,13 @@ def analyze(
     """
     excluded = set(exclude or [])
     extra = leaf_types()
-    gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded)
+    gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, is_leaf=is_leaf)
     a = Propagation(gm, excluded)
     a.run()
     if a.used_sources:  # a reason quotes user code: trace again, recording stack traces (slow, so only now)
-        gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, stack_traces=True)
+        gm = trace_with_shapes(
+            model, example_inputs, extra_leaves=extra, leaf_names=excluded, stack_traces=True, is_leaf=is_leaf
+        )
         a = Propagation(gm, excluded)
         a.run()
     return a.result([tuple(t.shape) for t in as_input_tuple(example_inputs)])

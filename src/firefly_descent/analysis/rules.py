@@ -115,6 +115,12 @@ def leaf_types() -> tuple[type[nn.Module], ...]:
     return tuple(t for t, r in LAYER_RULES.items() if r.leaf)
 
 
+def is_leaf(m: nn.Module) -> bool | None:
+    """Whether the rule of `m` keeps it one node in the captured graph (None: no rule)."""
+    rule = rule_for(m)
+    return None if rule is None else rule.leaf
+
+
 def snapshot_attrs(m: nn.Module) -> dict[str, Any]:
     """The attributes the rules of `m` re-derive, to restore on rollback."""
     rule = rule_for(m)

@@ -249,7 +249,7 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     except (AttributeError, KeyError):
         raise PlanError(f"no submodule {layer.after!r} to insert a layer after") from None
     ref = next(iter(child.parameters()), None)
-    body = build_body(layer.spec)
+    body = _copy_block(child, layer.spec) if layer.kind == "copy" else build_body(layer.spec)
     if ref is not None:
         body = body.to(device=ref.device, dtype=ref.dtype)
     if layer.params:
@@ -265,6 +265,21 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     parent._modules[child_name] = nn.Sequential(child, new)
     if optimizer is not None:
         opt_utils.add_params(optimizer, list(new.parameters()), child)
+
+
+def _copy_block(child: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """A new block (kind "copy"): a copy of `child` whose residual-branch outputs (`spec["zero"]`, names
+    relative to the block) are zero, so `z -> block(z)` is the identity until they train."""
+    block = copy.deepcopy(child)
+    if hasattr(block, HISTORY_ATTR):
+        delattr(block, HISTORY_ATTR)
+    with torch.no_grad():
+        for name in spec.get("zero", []):
+            try:
+                block.get_parameter(name).zero_()
+            except AttributeError:
+                raise PlanError(f"new block after a copy: it has no parameter {name!r}") from None
+    return block
 
 
 def clone_structure(plan: Plan) -> Plan:
