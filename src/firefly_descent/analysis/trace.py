@@ -7,8 +7,10 @@ are identical to the live model's, so the analysis speaks in the live model's na
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -233,11 +235,15 @@ def trace_with_shapes(
     gm = fx.GraphModule(meta_model, graph)
     for node in gm.graph.nodes:
         node.meta.pop("_meta_value", None)
+    prop = ShapeProp(gm)
     try:
-        ShapeProp(gm).propagate(*meta_inputs)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            prop.propagate(*meta_inputs)
     except Exception as e:  # noqa: BLE001 - report any failure as one line
+        cause = e.__cause__ or e
         raise GrowthError(
-            f"the model does not run on the example inputs (shapes {[tuple(t.shape) for t in inputs]}): {_one_line(e)}"
+            f"{type(model).__name__} does not run on the example inputs (shapes {[tuple(t.shape) for t in inputs]}) "
+            f"on meta tensors: {_one_line(cause)}"
         ) from None
     return gm
 
@@ -254,7 +260,8 @@ def _defaulted_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
 
 
 def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    msg = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+    msg = msg if len(msg) <= 200 else msg[:197] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 

@@ -29,9 +29,9 @@ def plan_widen(graph: GrowthGraph, sizes: dict[str, int], mode: str = "split", a
         group.check_growable()
         if k < 0:
             raise GrowthError(f"cannot widen group {name!r} by {k} units")
-        gn = next((c for c in group.constraints if c.kind == "groupnorm"), None)
+        blocks = any(c.channels_per_group > 1 for c in group.constraints)  # GroupNorm, grouped conv, heads
         if mode == "split":
-            units = list(range(k)) if gn is not None else spread_units(group.width, k)
+            units = list(range(k)) if blocks else spread_units(group.width, k)
             changes.append(GroupChange(group, splits=[Split(u) for u in sorted(units)]))
         else:
             changes.append(GroupChange(group, new=NewUnits(k, init="random")))

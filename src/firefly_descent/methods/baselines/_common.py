@@ -164,7 +164,8 @@ def random_units(
     items: list[tuple[str, tuple[int, ...], float]] = []
     no_repeat: set[str] = set()
     for g in groups:
-        cpg = next((c.channels_per_group for c in g.constraints if c.kind == "groupnorm"), None)
+        blocks = [c for c in g.constraints if c.kind == "groupnorm" or c.channels_per_group > 1]
+        cpg = blocks[0].channels_per_group if blocks else None
         if cpg is not None:
             no_repeat.add(g.name)  # GroupNorm groups split whole groups, each channel at most once
         step = cpg or 1
