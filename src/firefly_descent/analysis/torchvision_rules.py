@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import shapeops
+from .builtin_rules import LayerNormRule
 from .rules import LayerRule, register_rule
 from .shapeops import register_function_rule
 from .trace import source_of
@@ -34,6 +35,13 @@ except ImportError:  # pragma: no cover
 
 class TracedInto(LayerRule):
     """A module whose forward is captured op by op (its own ops carry the rules)."""
+
+    leaf = False
+
+
+class LayerNorm2dRule(LayerNormRule):
+    """ConvNeXt's channels-first LayerNorm: traced into (its `F.layer_norm` call carries the rule), with the
+    attributes of a LayerNorm to re-derive."""
 
     leaf = False
 
@@ -74,7 +82,7 @@ def _window_attention(a: Propagation, node: fx.Node) -> Any:
 if torchvision is not None:
     register_function_rule(stochastic_depth, lambda a, node: shapeops.elementwise(a, node, "add"))
     register_rule(StochasticDepth, TracedInto())
-    register_rule(convnext.LayerNorm2d, TracedInto())
+    register_rule(convnext.LayerNorm2d, LayerNorm2dRule())
     register_rule(vision_transformer.VisionTransformer, VisionTransformerRule())
     register_rule(swin_transformer.ShiftedWindowAttention, SwinAttentionRule())
     register_function_rule(swin_transformer.shifted_window_attention, _window_attention)
