@@ -350,3 +350,36 @@ def test_added_heads_in_a_custom_model_keep_new_units_listed(tiny_attention_rule
     ff.apply(model, plan, example_inputs=x)
     assert torch.equal(model.attn.wq[6:].detach(), q[:, 0]) and model.attn.wo[:, 6:].abs().max() == 0
     _check_preserved(model, ref, torch.randn(3, 5, 6))
+
+
+class Seq2Seq(nn.Module):
+    """Token embedding -> pre-norm decoder with cross-attention to a projected memory -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 16)
+        self.mem = nn.Linear(5, 16)
+        layer = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 1)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dec(self.tok(tokens), self.mem(memory)))
+
+
+def test_embedding_and_cross_attention_decoder_grow_exactly():
+    torch.manual_seed(0)
+    model = Seq2Seq()
+    randomize_norm_stats(model, seed=3)
+    model.eval()
+    x = (torch.randint(0, 11, (2, 4)), torch.randn(2, 6, 5))
+    graph = ff.analyze(model, x)
+    stream = graph["tok"]  # cross-attention ties the memory projection to the token stream
+    assert any(m.tensor == "mem.weight" and m.role == "producer" for m in stream.members)
+    ref = copy.deepcopy(model)
+    ff.widen(model, x, {"tok": 16, "dec.layers.0.linear1": 4}, mode="split")
+    assert model.tok.embedding_dim == 32 and model.dec.layers[0].multihead_attn.num_heads == 4
+    assert check_attrs(model) == []
+    fresh = (torch.randint(0, 11, (3, 4)), torch.randn(3, 6, 5))
+    with torch.no_grad():
+        assert _rel_err(model(*fresh), ref(*fresh)) <= 1e-5

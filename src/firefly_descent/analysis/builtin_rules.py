@@ -51,6 +51,25 @@ class LinearRule(LayerRule):
         return tuple(m.weight.shape) == (m.out_features, m.in_features)
 
 
+class EmbeddingRule(LayerRule):
+    """nn.Embedding: a lookup table whose columns are the units of a new group (the indices carry none)."""
+
+    attrs = ("embedding_dim",)
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Embedding, name: str) -> Any:
+        out_s = a.shape(node)
+        g = a.new_group(m.embedding_dim, name)
+        a.members[g].append(Member(f"{name}.weight", 1, "producer", "weight", name))
+        a.channel_dims[g].append((node.name, len(out_s) - 1))
+        return [None] * (len(out_s) - 1) + [((g, 1),)]
+
+    def rederive(self, m: nn.Embedding, before: dict[str, Any]) -> None:
+        m.embedding_dim = m.weight.shape[1]
+
+    def check(self, m: nn.Embedding) -> bool:
+        return m.weight.shape[1] == m.embedding_dim
+
+
 class ConvRule(LayerRule):
     """Conv1d/2d/3d. groups=1: consumer + producer. Grouped with in == out channels (depthwise is one
     channel per group): the units pass through, and the group grows by whole conv groups."""
@@ -263,6 +282,7 @@ for _t in (
 ):
     register_rule(_t, PoolRule())
 register_rule(nn.Linear, LinearRule())
+register_rule(nn.Embedding, EmbeddingRule())
 shapeops.register_function_rule(F.layer_norm, layer_norm_function)
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_t, ConvRule())
