@@ -297,7 +297,6 @@ register_rule(nn.LogSoftmax, SoftmaxRule())
 register_constraint("groupnorm", lambda c, g, s, n, ap: whole_blocks("normalised by GroupNorm", c, g, s, n, ap))
 register_constraint("conv_groups", lambda c, g, s, n, ap: whole_blocks("convolved by grouped conv", c, g, s, n, ap))
 register_constraint("layernorm", _layernorm_check)
-_ = source_of  # re-exported helper for rules written against this module
 
 
 class MultiheadAttentionRule(LayerRule):
