@@ -383,3 +383,18 @@ def test_embedding_and_cross_attention_decoder_grow_exactly():
     fresh = (torch.randint(0, 11, (3, 4)), torch.randn(3, 6, 5))
     with torch.no_grad():
         assert _rel_err(model(*fresh), ref(*fresh)) <= 1e-5
+
+
+class BrokenRule(ff.LayerRule):
+    def propagate(self, a, node, m, name):
+        raise IndexError("tuple index out of range")
+
+
+def test_a_failing_rule_is_reported_in_one_line():
+    ff.register_rule(TinyAttention, BrokenRule())
+    try:
+        with pytest.raises(ff.GrowthError) as info:
+            ff.analyze(AttnNet(), torch.randn(2, 5, 6))
+        assert "\n" not in str(info.value) and "IndexError" in str(info.value) and "attn" in str(info.value)
+    finally:
+        unregister_rule(TinyAttention)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ..errors import GrowthError
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
 from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
@@ -228,21 +229,35 @@ class Propagation:
 
     # ---- driver ---------------------------------------------------------------------------------
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
-                s = self.shape(node)
-                self.env[node] = self.fixed(len(s)) if s is not None else None
-            elif node.op == "call_module":
-                self.env[node] = self.call_module(node)
-            elif node.op == "call_function":
-                self.env[node] = self.call_function(node)
-            elif node.op == "call_method":
-                self.env[node] = self.call_method(node)
-            elif node.op == "output":
-                for a in self.tensor_args(node):
-                    for g in self.groups_in(self.env.get(a)):
-                        self.at_output[g] = True
-                    self.block_layout(self.env.get(a), "FrozenGroupError", "its units reach the model output")
+        """Propagate layouts through the graph; a rule that fails becomes one line naming the node."""
+        node = None
+        try:
+            for node in self.gm.graph.nodes:
+                self._visit(node)
+        except GrowthError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a rule's own failure must not escape as a torch traceback
+            what = f"{node.op} {getattr(node.target, '__name__', node.target)}" if node is not None else "the graph"
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            raise GrowthError(
+                f"the analysis failed at {what} ({type(e).__name__}: {msg}); exclude that module or register a rule"
+            ) from None
+
+    def _visit(self, node: fx.Node) -> None:
+        if node.op in ("placeholder", "get_attr"):
+            s = self.shape(node)
+            self.env[node] = self.fixed(len(s)) if s is not None else None
+        elif node.op == "call_module":
+            self.env[node] = self.call_module(node)
+        elif node.op == "call_function":
+            self.env[node] = self.call_function(node)
+        elif node.op == "call_method":
+            self.env[node] = self.call_method(node)
+        elif node.op == "output":
+            for a in self.tensor_args(node):
+                for g in self.groups_in(self.env.get(a)):
+                    self.at_output[g] = True
+                self.block_layout(self.env.get(a), "FrozenGroupError", "its units reach the model output")
 
     def result(self, input_shapes: list[tuple[int, ...]]) -> GrowthGraph:
         groups: dict[str, Group] = {}
