@@ -120,3 +120,26 @@ def test_vit_embedding_heads_mlp_and_depth_grow_exactly():
     loss.backward()
     opt.step()  # the grown model trains with the remapped optimizer
     assert torch.isfinite(model(fresh)).all()
+
+
+@pytest.mark.slow
+def test_swin_window_attention_grows_by_whole_heads():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=10)
+    _randomize(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.normal_(0, 0.5)  # one column per head: a wrong copy shows in the output
+    model.eval()
+    x, fresh = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    stage = ff.analyze(model, x)["features.0.0"]
+    assert any(m.tensor == "features.1.0.attn.relative_position_bias_table" and m.per == 32 for m in stage.members)
+    ref = copy.deepcopy(model)
+    ff.widen(model, x, {"features.0.0": 96}, mode="split")  # every head of stage 1 copied
+    attn = model.features[1][0].attn
+    assert attn.num_heads == 6 and attn.relative_position_bias_table.shape[1] == 6
+    with torch.no_grad():
+        y, y0 = model(fresh), ref(fresh)
+    assert (y - y0).abs().max().item() <= 1e-5 * (1 + y0.abs().max().item())
+    assert ff.engine.check_attrs(model) == []

@@ -25,7 +25,8 @@ class Member:
     """One (parameter or buffer, dim) whose size follows the group's width.
 
     Along `dim`, unit j of the group occupies positions `offset + j*inner … offset + (j+1)*inner - 1`
-    (`inner > 1` after a flatten: one channel is H*W features).
+    (`inner > 1` after a flatten: one channel is H*W features). With `per > 1` a whole block of `per` units
+    shares one position (`offset + (j // per) * inner`): the group grows by whole blocks only.
     """
 
     tensor: str  # qualified name, e.g. "features.0.weight"
@@ -36,6 +37,7 @@ class Member:
     module: str  # qualified name of the owning module
     offset: int = 0
     inner: int = 1
+    per: int = 1  # units per position (> 1: one entry per block of units, e.g. a per-head bias of attention)
 
 
 @dataclass(frozen=True)
