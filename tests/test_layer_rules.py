@@ -398,3 +398,35 @@ def test_a_failing_rule_is_reported_in_one_line():
         assert "\n" not in str(info.value) and "IndexError" in str(info.value) and "attn" in str(info.value)
     finally:
         unregister_rule(TinyAttention)
+
+
+class PairLinear(nn.Module):
+    """A linear map whose outputs come in pairs (say, complex numbers): it grows by whole pairs."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+def test_declarative_module_rule_with_blocks():
+    model = nn.Sequential(nn.Linear(3, 4), PairLinear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(5, 3)
+    ff.register_module_rule(
+        PairLinear,
+        ff.ModuleRule(
+            consumes=[(0, -1, [("weight", 1)])], produces=[(None, -1, [("weight", 0)])], blocks=[(None, -1, 2)]
+        ),
+    )
+    try:
+        assert [c.kind for c in ff.analyze(model, x)["1"].constraints] == ["blocks"]
+        with pytest.raises(ff.ApproximationRequiredError, match="blocks of 2"):
+            ff.widen(model, x, {"1": 1}, mode="zero")
+        ref = copy.deepcopy(model)
+        ff.widen(model, x, {"1": 4}, mode="split")
+        assert model[1].weight.shape == (10, 4)
+        _check_preserved(model, ref, torch.randn(7, 3))
+    finally:
+        unregister_rule(PairLinear)
