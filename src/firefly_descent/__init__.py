@@ -23,8 +23,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
-    from .analysis import GrowthGraph, ModuleRule, analyze, register_module_rule
+    from .analysis import GrowthGraph, LayerRule, ModuleRule, analyze, register_module_rule, register_rule
     from .engine import (
+        add_blocks,
         apply,
         calibrate_new_batchnorm,
         deepen,
@@ -43,9 +44,12 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
 __version__ = "0.1.0"
 
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(("GrowthGraph", "ModuleRule", "analyze", "register_module_rule"), ".analysis"),
+    **dict.fromkeys(
+        ("GrowthGraph", "LayerRule", "ModuleRule", "analyze", "register_module_rule", "register_rule"), ".analysis"
+    ),
     **dict.fromkeys(
         (
+            "add_blocks",
             "apply",
             "calibrate_new_batchnorm",
             "deepen",
@@ -85,6 +89,7 @@ __all__ = [
     "GroupChange",
     "GrowthError",
     "GrowthGraph",
+    "LayerRule",
     "ModuleRule",
     "NewLayer",
     "NewUnits",
@@ -97,6 +102,7 @@ __all__ = [
     "analyze",
     "apply",
     "calibrate_new_batchnorm",
+    "add_blocks",
     "deepen",
     "export_model",
     "growth_history",
@@ -106,6 +112,7 @@ __all__ = [
     "prepare_batchnorm",
     "refresh_batchnorm",
     "register_module_rule",
+    "register_rule",
     "replay_history",
     "save",
     "widen",

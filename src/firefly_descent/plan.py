@@ -65,6 +65,8 @@ class NewLayer:
 
     kind "residual": z -> z + scale·h(z), h built from `spec` (identity when scale = 0).
     kind "identity": z -> h(z) with h identity-initialised (Net2Net deepening; needs z >= 0 for ReLU).
+    kind "copy": z -> b(z), b a copy of module `after` with the parameters in `spec["zero"]` zeroed (a new
+    transformer block whose residual branches start at zero).
     `params` optionally gives h's state_dict; `scale` the residual scale.
     """
 

@@ -25,7 +25,8 @@ class Member:
     """One (parameter or buffer, dim) whose size follows the group's width.
 
     Along `dim`, unit j of the group occupies positions `offset + j*inner … offset + (j+1)*inner - 1`
-    (`inner > 1` after a flatten: one channel is H*W features).
+    (`inner > 1` after a flatten: one channel is H*W features). With `per > 1` a whole block of `per` units
+    shares one position (`offset + (j // per) * inner`): the group grows by whole blocks only.
     """
 
     tensor: str  # qualified name, e.g. "features.0.weight"
@@ -36,6 +37,7 @@ class Member:
     module: str  # qualified name of the owning module
     offset: int = 0
     inner: int = 1
+    per: int = 1  # units per position (> 1: one entry per block of units, e.g. a per-head bias of attention)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Group:
     blocked: tuple[str, str] | None = None  # (error type name, one-line reason)
     modules: list[str] = field(default_factory=list)  # producing modules, graph order
     channel_dims: list[tuple[str, int]] = field(default_factory=list)  # (fx node name, dim) carrying the units
+    at_output: bool = False  # its units reach the model output (so a new layer there would change the output)
 
     @property
     def growable(self) -> bool:
@@ -81,6 +84,7 @@ class Group:
             "blocked": list(self.blocked) if self.blocked else None,
             "modules": list(self.modules),
             "channel_dims": [list(x) for x in self.channel_dims],
+            "at_output": self.at_output,
         }
 
     @classmethod
@@ -93,6 +97,7 @@ class Group:
             blocked=tuple(d["blocked"]) if d.get("blocked") else None,  # type: ignore[arg-type]
             modules=list(d.get("modules", [])),
             channel_dims=[tuple(x) for x in d.get("channel_dims", [])],  # type: ignore[misc]
+            at_output=bool(d.get("at_output", False)),
         )
 
     def __str__(self) -> str:

@@ -7,9 +7,13 @@ are identical to the live model's, so the analysis speaks in the live model's na
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -17,20 +21,6 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import DataDependentControlFlowError, GrowthError
-
-# Standard modules the analysis has rules for; they stay leaves in the traced graph.
-LEAF_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.MultiheadAttention,
-)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -44,16 +34,157 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaves: Sequence[type[nn.Module]], leaf_names: set[str], stack_traces: bool) -> None:
+    """Symbolic tracer keeping registered layer types (and excluded modules) as leaves; remembers the
+    module it is inside, so a failure can name it."""
+
+    def __init__(
+        self,
+        extra_leaves: Sequence[type[nn.Module]],
+        leaf_names: set[str],
+        stack_traces: bool,
+        is_leaf: Callable[[nn.Module], bool | None] | None = None,
+    ) -> None:
         super().__init__()
+        self.is_leaf = is_leaf
         self.record_stack_traces = stack_traces
         self.extra_leaves = tuple(extra_leaves)
         self.leaf_names = leaf_names
+        self._paths: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or isinstance(m, LEAF_TYPES + self.extra_leaves):
+        if qualname in self.leaf_names:
             return True
+        verdict = self.is_leaf(m) if self.is_leaf is not None else None
+        if verdict is not None:
+            return verdict
+        if isinstance(m, self.extra_leaves):
+            return True
+        if next(m.children(), None) is not None and not isinstance(m, nn.Sequential):
+            return False  # a torch.nn container without a rule (TransformerEncoderLayer): trace into it
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        path = self.path_of_module(m)
+        self._paths.append(f"{path or '(root)'} ({type(m).__name__})")
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._paths[-1]
+            raise
+        finally:
+            self._paths.pop()
+        return out
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy that also carries the value the op computes on meta tensors, so shape queries
+    (`x.shape`, `x.size(1)`, `x.dim()`, `len(x)`, `x.dtype`) give concrete answers and control flow on
+    shapes can run. Control flow on tensor *values* still fails (meta tensors have no values)."""
+
+    @property
+    def _value(self) -> Any:
+        return self.node.meta.get("_meta_value")
+
+    def _tensor(self) -> torch.Tensor | None:
+        v = self._value
+        return v if isinstance(v, torch.Tensor) else None
+
+    def size(self, dim: int | None = None) -> Any:
+        t = self._tensor()
+        if t is None:
+            return self.tracer.create_proxy("call_method", "size", (self, dim) if dim is not None else (self,), {})
+        return t.size() if dim is None else t.size(dim)
+
+    def dim(self) -> Any:
+        t = self._tensor()
+        return t.dim() if t is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def __len__(self) -> int:
+        t = self._tensor()
+        if t is None:
+            raise RuntimeError("len() of a traced value whose shape is unknown")
+        return len(t)
+
+    def __getattr__(self, k: str) -> Any:
+        t = self._tensor()
+        if t is not None and k in ("shape", "ndim", "dtype", "is_cuda", "is_sparse", "is_nested", "layout"):
+            return getattr(t, k)
+        return super().__getattr__(k)
+
+
+def _meta_of(x: Any) -> Any:
+    if isinstance(x, fx.Proxy):
+        v = x.node.meta.get("_meta_value")
+        if v is None:
+            raise _NoMeta
+        return v
+    return x
+
+
+class _NoMeta(Exception):
+    pass
+
+
+class _RunningTracer(_Tracer):
+    """The fallback capture: traces like `_Tracer` but also *runs* each op on meta tensors, so Python
+    code that inspects shapes, dtypes or ranks (stock transformer layers, shape-dependent branches)
+    is followed with the example input's shapes."""
+
+    def __init__(self, inputs: Sequence[torch.Tensor], *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.inputs = list(inputs)
+        self.n_placeholders = 0
+        self.running = False
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    # while an op runs on meta tensors, the tracer's patches must let it run untraced
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self.running:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **kw: Any) -> fx.Proxy:
+        p = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        if self.running:
+            return p
+        self.running = True
+        try:
+            value = self._run(kind, target, args, kwargs)
+        except Exception:  # noqa: BLE001 - an op that cannot run on meta tensors stays symbolic
+            value = None
+        finally:
+            self.running = False
+        p.node.meta["_meta_value"] = value
+        return p
+
+    def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "placeholder":
+            i = self.n_placeholders
+            self.n_placeholders += 1
+            return self.inputs[i] if i < len(self.inputs) else None
+        if kind == "get_attr":
+            obj: Any = self.root
+            for part in str(target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        args = fx.node.map_aggregate(args, _meta_of)
+        kwargs = fx.node.map_aggregate(kwargs, _meta_of)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return None
 
 
 def as_input_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
@@ -71,29 +202,71 @@ def trace_with_shapes(
     extra_leaves: Sequence[type[nn.Module]] = (),
     leaf_names: set[str] | None = None,
     stack_traces: bool = False,
+    is_leaf: Callable[[nn.Module], bool | None] | None = None,
 ) -> fx.GraphModule:
-    """Trace a meta copy of `model` and annotate every node with its output shape (`node.meta['tensor_meta']`)."""
+    """Capture a meta copy of `model` and annotate every node with its output shape (`node.meta['tensor_meta']`).
+
+    First a symbolic `torch.fx` trace; when that fails (Python code inspecting shapes, stock transformer
+    layers), a trace that also runs every op on meta tensors. When both fail: one line naming the module
+    and the reason.
+    """
     inputs = as_input_tuple(example_inputs)
     meta_model = meta_copy(model)
-    tracer = _Tracer(extra_leaves, leaf_names or set(), stack_traces)
-    try:
-        graph = tracer.trace(meta_model)
-    except fx.proxy.TraceError as e:
-        where = _user_frame_of_exception(e)
-        raise DataDependentControlFlowError(
-            f"{type(model).__name__}.forward branches on tensor values{where}, so its graph cannot be captured; "
-            "make the control flow static or wrap that part in a module passed to `exclude=`"
-        ) from None
-    gm = fx.GraphModule(meta_model, graph)
     meta_inputs = [torch.empty_like(t, device="meta") for t in inputs]
+    defaults = _defaulted_args(meta_model, len(inputs))
+    tracer = _Tracer(extra_leaves, leaf_names or set(), stack_traces, is_leaf)
     try:
-        ShapeProp(gm).propagate(*meta_inputs)
+        graph = tracer.trace(meta_model, concrete_args=defaults)
+    except Exception:  # noqa: BLE001 - fall back to the capture that runs the code
+        running = _RunningTracer(meta_inputs, extra_leaves, leaf_names or set(), stack_traces, is_leaf)
+        try:
+            graph = running.trace(meta_model, concrete_args=defaults)
+        except fx.proxy.TraceError as e:
+            where = _user_frame_of_exception(e)
+            raise DataDependentControlFlowError(
+                f"{type(model).__name__}.forward branches on tensor values{where}{_inside(running)}, so its graph "
+                "cannot be captured; make the control flow static or wrap that part in a module passed to `exclude=`"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - report any failure as one line
+            raise GrowthError(
+                f"cannot capture the graph of {type(model).__name__}{_inside(running)}: {_one_line(e)}; "
+                "register a layer rule for that module or pass it to `exclude=`"
+            ) from None
+    gm = fx.GraphModule(meta_model, graph)
+    for node in gm.graph.nodes:
+        node.meta.pop("_meta_value", None)
+    prop = ShapeProp(gm)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            prop.propagate(*meta_inputs)
     except Exception as e:  # noqa: BLE001 - report any failure as one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ or e
         raise GrowthError(
-            f"the model does not run on the example inputs (shapes {[tuple(t.shape) for t in inputs]}): {msg}"
+            f"{type(model).__name__} does not run on the example inputs (shapes {[tuple(t.shape) for t in inputs]}) "
+            f"on meta tensors: {_one_line(cause)}"
         ) from None
     return gm
+
+
+def _defaulted_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
+    """forward's parameters after the given inputs keep their defaults (masks stay None while tracing)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    out = {p.name: p.default for p in positional[n_inputs:] if p.default is not p.empty}
+    return out or None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+    msg = msg if len(msg) <= 200 else msg[:197] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _inside(tracer: _Tracer) -> str:
+    return f" (in module {tracer.failed_in})" if tracer.failed_in else ""
 
 
 def _user_frame_of_exception(e: BaseException) -> str:
@@ -107,6 +280,7 @@ def _user_frame_of_exception(e: BaseException) -> str:
 
 
 NO_SOURCE = "(source line not recorded)"
+_HERE = os.path.dirname(os.path.abspath(__file__))  # frames of the analysis itself are never the user's line
 
 
 def source_of(node: fx.Node) -> str:
@@ -118,7 +292,7 @@ def source_of(node: fx.Node) -> str:
     lines = trace.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
-        if line.startswith("File ") and f"{os.sep}torch{os.sep}" not in line:
+        if line.startswith("File ") and f"{os.sep}torch{os.sep}" not in line and _HERE not in line:
             try:
                 path = line.split('"')[1]
                 lineno = line.split("line ")[1].split(",")[0]

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Group
-from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
+from ..analysis.rules import CONSTRAINT_CHECKS
+from ..errors import GrowthError, PlanError, VerificationError
 from ..layers import Residual, build_body
 from ..plan import GroupChange, NewLayer, Plan
 from . import optimizer as opt_utils
@@ -44,29 +45,16 @@ def _owner(model: nn.Module, tensor: str) -> tuple[nn.Module, str, str]:
 
 
 def validate(change: GroupChange, approximate: bool) -> None:
-    """Refuse changes a group cannot take exactly unless the plan opted into approximation."""
+    """Refuse changes a group cannot take exactly unless the plan opted into approximation: each
+    constraint is checked by the rule of the layer type that recorded it."""
     g: Group = change.group
     g.check_growable()
     n_new = change.new.count if change.new else 0
+    split_units = [s.unit for s in change.splits]
     for c in g.constraints:
-        if c.kind == "groupnorm":
-            cpg = c.channels_per_group
-            split_units = sorted(s.unit for s in change.splits)
-            whole = all(
-                all(u in split_units for u in range((s // cpg) * cpg, (s // cpg + 1) * cpg)) for s in split_units
-            )
-            if n_new % cpg or not whole or len(set(split_units)) != len(split_units):
-                raise ApproximationRequiredError(
-                    f"group {g.name!r} is normalised by GroupNorm {c.module!r} with {cpg} channels per group: "
-                    f"it grows by whole groups only (split every channel of a group, add multiples of {cpg})"
-                )
-        if c.kind == "layernorm" and not approximate:
-            units = sorted(s.unit for s in change.splits)
-            if n_new or units != list(range(g.width)):
-                raise ApproximationRequiredError(
-                    f"group {g.name!r} is normalised by LayerNorm {c.module!r}, which changes when units are added; "
-                    "duplicate every unit exactly once or pass approximate=True"
-                )
+        check = CONSTRAINT_CHECKS.get(c.kind)
+        if check is not None:
+            check(c, g, split_units, n_new, approximate)
 
 
 class _Transaction:
@@ -315,7 +303,7 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     except (AttributeError, KeyError):
         raise PlanError(f"no submodule {layer.after!r} to insert a layer after") from None
     ref = next(iter(child.parameters()), None)
-    body = build_body(layer.spec)
+    body = _copy_block(child, layer.spec) if layer.kind == "copy" else build_body(layer.spec)
     if ref is not None:
         body = body.to(device=ref.device, dtype=ref.dtype)
     if layer.params:
@@ -331,6 +319,21 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     parent._modules[child_name] = nn.Sequential(child, new)
     if optimizer is not None:
         opt_utils.add_params(optimizer, list(new.parameters()), child)
+
+
+def _copy_block(child: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """A new block (kind "copy"): a copy of `child` whose residual-branch outputs (`spec["zero"]`, names
+    relative to the block) are zero, so `z -> block(z)` is the identity until they train."""
+    block = copy.deepcopy(child)
+    if hasattr(block, HISTORY_ATTR):
+        delattr(block, HISTORY_ATTR)
+    with torch.no_grad():
+        for name in spec.get("zero", []):
+            try:
+                block.get_parameter(name).zero_()
+            except AttributeError:
+                raise PlanError(f"new block after a copy: it has no parameter {name!r}") from None
+    return block
 
 
 def clone_structure(plan: Plan) -> Plan:

@@ -29,9 +29,9 @@ def plan_widen(graph: GrowthGraph, sizes: dict[str, int], mode: str = "split", a
         group.check_growable()
         if k < 0:
             raise GrowthError(f"cannot widen group {name!r} by {k} units")
-        gn = next((c for c in group.constraints if c.kind == "groupnorm"), None)
+        blocks = any(c.channels_per_group > 1 for c in group.constraints)  # GroupNorm, grouped conv, heads
         if mode == "split":
-            units = list(range(k)) if gn is not None else spread_units(group.width, k)
+            units = list(range(k)) if blocks else spread_units(group.width, k)
             changes.append(GroupChange(group, splits=[Split(u) for u in sorted(units)]))
         else:
             changes.append(GroupChange(group, new=NewUnits(k, init="random")))
@@ -107,5 +107,40 @@ def deepen(
     Net2Net identity-initialised conv/linear + ReLU (kind="identity", needs non-negative inputs)."""
     graph = analyze(model, example_inputs)
     plan = plan_deepen(graph, after, kind)
+    apply(model, plan, optimizer, example_inputs)
+    return plan
+
+
+def plan_new_blocks(graph: GrowthGraph, model: nn.Module, after: list[str]) -> Plan:
+    """New blocks copied from the named residual blocks, identity at insertion: in each copy, the layers
+    that write the block's output group (its residual branches' last Linear/Conv) start at zero."""
+    layers = []
+    for name in after:
+        b = graph.boundaries.get(name)
+        if b is None or b.group is None:
+            raise GrowthError(f"cannot copy block {name!r}: its output does not carry one group's units")
+        zero = sorted(
+            {
+                m.tensor[len(name) + 1 :]
+                for m in graph[b.group].members
+                if m.role == "producer"
+                and m.module.startswith(name + ".")
+                and isinstance(model.get_submodule(m.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            }
+        )
+        if not zero:
+            raise GrowthError(f"cannot copy block {name!r}: no Linear/Conv inside it writes its output")
+        layers.append(NewLayer(name, "copy", {"type": "copy", "zero": zero}))
+    return Plan(
+        layers=layers, function_preserving=True, method="new-blocks", input_shapes=[list(s) for s in graph.input_shapes]
+    )
+
+
+def add_blocks(
+    model: nn.Module, example_inputs: Any, after: list[str], optimizer: torch.optim.Optimizer | None = None
+) -> Plan:
+    """Grow depth by whole blocks: after each named (pre-norm residual) block insert a copy of it whose
+    residual branches output zero, so the function is unchanged; returns the applied plan."""
+    plan = plan_new_blocks(analyze(model, example_inputs), model, after)
     apply(model, plan, optimizer, example_inputs)
     return plan

@@ -1,4 +1,7 @@
-"""Per-layer bookkeeping after tensors changed size: module attributes follow tensor shapes."""
+"""Per-layer bookkeeping after tensors changed size: module attributes follow tensor shapes.
+
+The knowledge lives in each layer type's rule (`analysis.rules`); this module only asks it.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..analysis.propagate import MODULE_RULES
-
-_ATTRS = (
-    "in_features",
-    "out_features",
-    "in_channels",
-    "out_channels",
-    "groups",
-    "num_features",
-    "num_channels",
-    "num_groups",
-    "normalized_shape",
-)
-
-
-def snapshot_attrs(m: nn.Module) -> dict[str, Any]:
-    return {a: getattr(m, a) for a in _ATTRS if hasattr(m, a)}
+from ..analysis.rules import rule_for, snapshot_attrs
 
 
 def restore_attrs(m: nn.Module, attrs: dict[str, Any]) -> None:
@@ -32,58 +19,19 @@ def restore_attrs(m: nn.Module, attrs: dict[str, Any]) -> None:
 
 def rederive_attrs(m: nn.Module, before: dict[str, Any]) -> None:
     """Make `in_channels`, `out_features`, `num_features`, `groups`… agree with the module's tensors."""
-    if isinstance(m, nn.Linear):
-        m.out_features, m.in_features = m.weight.shape[0], m.weight.shape[1]
-    elif isinstance(m, nn.modules.conv._ConvNd):
-        was_depthwise = before["groups"] > 1 and before["groups"] == before["in_channels"] == before["out_channels"]
-        m.out_channels = m.weight.shape[0]
-        if was_depthwise:
-            m.groups = m.in_channels = m.out_channels
-        else:
-            m.in_channels = m.weight.shape[1] * m.groups
-    elif isinstance(m, nn.modules.batchnorm._NormBase):
-        ref = m.weight if m.weight is not None else m.running_mean
-        if ref is not None:
-            m.num_features = ref.shape[0]
-    elif isinstance(m, nn.GroupNorm):
-        per_group = before["num_channels"] // before["num_groups"]
-        if m.weight is not None:
-            m.num_channels = m.weight.shape[0]
-            m.num_groups = m.num_channels // per_group
-    elif isinstance(m, nn.LayerNorm):
-        ref = m.weight if m.weight is not None else m.bias
-        if ref is not None:
-            m.normalized_shape = (*tuple(m.normalized_shape)[:-1], ref.shape[-1])
-    else:
-        rule = next((r for t, r in MODULE_RULES.items() if isinstance(m, t)), None)
-        if rule is not None and rule.rederive is not None:
-            rule.rederive(m)
+    rule = rule_for(m)
+    if rule is not None:
+        rule.rederive(m, before)
 
 
 def check_attrs(model: nn.Module) -> list[str]:
     """Modules whose attributes disagree with their tensor shapes (empty when consistent)."""
     bad = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and tuple(m.weight.shape) != (m.out_features, m.in_features):
-            bad.append(name)
-        elif isinstance(m, nn.modules.conv._ConvNd) and (
-            m.weight.shape[0] != m.out_channels or m.weight.shape[1] * m.groups != m.in_channels
-        ):
-            bad.append(name)
-        elif (
-            isinstance(m, nn.modules.batchnorm._NormBase)
-            and m.running_mean is not None
-            and (m.running_mean.shape[0] != m.num_features)
-        ):
-            bad.append(name)
-        elif (
-            isinstance(m, nn.GroupNorm)
-            and m.weight is not None
-            and (m.weight.shape[0] != m.num_channels or m.num_channels % m.num_groups)
-        ):
-            bad.append(name)
-        elif (
-            isinstance(m, nn.LayerNorm) and m.weight is not None and tuple(m.weight.shape) != tuple(m.normalized_shape)
-        ):
+        rule = rule_for(m)
+        if rule is not None and not rule.check(m):
             bad.append(name)
     return bad
+
+
+__all__ = ["check_attrs", "rederive_attrs", "restore_attrs", "snapshot_attrs"]

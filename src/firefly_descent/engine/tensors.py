@@ -73,7 +73,7 @@ def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, tor
     p = 0
     for seg in sorted(segments, key=lambda s: s.member.offset):
         m, ch = seg.member, seg.change
-        end = m.offset + ch.group.width * m.inner
+        end = m.offset + ch.group.width // m.per * m.inner
         if m.offset < p or end > size:
             raise PlanError(
                 f"{m.tensor}: dim {m.dim} has size {size}, which does not fit group "
@@ -85,18 +85,40 @@ def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, tor
         copies = defaultdict(lambda: 1)
         for s in ch.splits:
             copies[s.unit] += 1
-        for kind, idx in seg.order:
+        for b in range(0, len(seg.order), m.per):
+            kind, idx = seg.order[b]
             unit = idx if kind == OLD else ch.splits[idx].unit if kind == TWIN else -1
+            if m.per > 1:
+                _check_block(seg, b, m.per)
             scale = 1.0 / copies[unit] if (m.role == "consumer" and unit >= 0) else 1.0
             for r in range(m.inner):
                 kinds.append(kind)
-                srcs.append(m.offset + unit * m.inner + r if unit >= 0 else -1)
+                srcs.append(m.offset + unit // m.per * m.inner + r if unit >= 0 else -1)
                 scales.append(scale)
         p = end
     while p < size:
         kinds.append(OLD), srcs.append(p), scales.append(1.0)
         p += 1
     return SourceMap(torch.tensor(kinds), torch.tensor(srcs)), torch.tensor(scales, dtype=torch.float64)
+
+
+def _check_block(seg: Segment, b: int, per: int) -> None:
+    """Units `b .. b+per-1` of the new order must be one whole block (all old, all twins or all new, in order)."""
+    ch = seg.change
+    block = seg.order[b : b + per]
+
+    def unit(k: int, i: int) -> int:
+        return i if k == OLD else ch.splits[i].unit if k == TWIN else -1
+
+    first_kind, first = block[0][0], unit(*block[0])
+    ok = len(block) == per and all(k == first_kind for k, _ in block)
+    if ok and first_kind != NEW:
+        ok = first % per == 0 and [unit(*x) for x in block] == list(range(first, first + per))
+    if not ok:
+        raise PlanError(
+            f"{seg.member.tensor}: group {ch.group.name!r} must grow by whole blocks of {per} units "
+            "(split or add every unit of a block, in order, appended)"
+        )
 
 
 def gather(
@@ -171,8 +193,8 @@ def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[t
             start = _new_start(smap, m.offset, cursor)
             unit_pos: dict[tuple[int, int], int] = {}
             for n, key in enumerate(seg.order):
-                unit_pos[key] = start + n * m.inner
-            cursor = start + len(seg.order) * m.inner
+                unit_pos[key] = start + n // m.per * m.inner
+            cursor = start + len(seg.order) // m.per * m.inner
             slice_shape = list(old.shape)  # plan slices are given in the model's current (old) shape
             slice_shape[dim] = m.inner
             _fill_new_units(new, t, dim, m, ch, unit_pos, slice_shape, done)

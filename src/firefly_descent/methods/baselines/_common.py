@@ -178,7 +178,8 @@ def random_units(
     items: list[tuple[str, tuple[int, ...], float]] = []
     no_repeat: set[str] = set()
     for g in groups:
-        cpg = next((c.channels_per_group for c in g.constraints if c.kind == "groupnorm"), None)
+        blocks = [c for c in g.constraints if c.kind == "groupnorm" or c.channels_per_group > 1]
+        cpg = blocks[0].channels_per_group if blocks else None
         if cpg is not None:
             no_repeat.add(g.name)  # GroupNorm groups split whole groups, each channel at most once
         step = cpg or 1
@@ -271,7 +272,7 @@ def depth_boundaries(ctx: Context, kind: str) -> list[str]:
     whose outputs are >= 0), run exactly once per forward, on a group that does not reach the output."""
     counts = call_counts(ctx.model, ctx.x)
     modules = dict(ctx.model.named_modules())
-    ok = {n for n, g in ctx.graph.groups.items() if g.growable or "model output" not in (g.blocked or ("", ""))[1]}
+    ok = {n for n, g in ctx.graph.groups.items() if not g.at_output}
     acts = RELU_LIKE if kind == "identity" else RELU_LIKE + (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh,
                                                              nn.Hardswish)
     out = []

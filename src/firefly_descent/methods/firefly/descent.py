@@ -470,7 +470,7 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
     """Where new layers may go by default: after each block or activation that is an element of a
     Sequential/ModuleList (the stages of the network), one per distinct output tensor, never nested,
     never on a group that reaches the model output."""
-    ok = {n for n, g in graph.groups.items() if g.growable or "model output" not in g.blocked[1]}
+    ok = {n for n, g in graph.groups.items() if not g.at_output}
     modules = dict(model.named_modules())
     out: list[str] = []
     seen: set[str] = set()

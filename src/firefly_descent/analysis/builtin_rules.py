@@ -1,0 +1,364 @@
+"""The built-in layer rules, registered exactly as a user's rule would be (`register_rule`).
+
+One class per layer type, each with its analysis half (`propagate`) and its engine half (`rederive`,
+`check`); constraints a rule records are validated by the check it registers beside it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import shapeops
+from .graph import Constraint, Member
+from .rules import PASS_THROUGH_MODULES, LayerRule, register_constraint, register_rule, whole_blocks
+from .trace import source_of
+
+if TYPE_CHECKING:
+    from .propagate import Propagation
+
+
+def _input(a: Propagation, node: fx.Node) -> tuple[Any, tuple[int, ...]]:
+    x = next(arg for arg in node.args if isinstance(arg, fx.Node))
+    return a.layout_or_fixed(x)
+
+
+def _producer(a: Propagation, m: nn.Module, name: str, width: int, node: fx.Node, dim: int) -> int:
+    g = a.new_group(width, name)
+    a.members[g].append(Member(f"{name}.weight", 0, "producer", "weight", name))
+    if getattr(m, "bias", None) is not None:
+        a.members[g].append(Member(f"{name}.bias", 0, "producer", "bias", name))
+    a.channel_dims[g].append((node.name, dim))
+    return g
+
+
+class LinearRule(LayerRule):
+    attrs = ("in_features", "out_features")
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Linear, name: str) -> Any:
+        lay, s = _input(a, node)
+        a.add_members(lay[-1], f"{name}.weight", 1, "consumer", "weight", name)
+        g = _producer(a, m, name, m.out_features, node, len(s) - 1)
+        return list(lay[:-1]) + [((g, 1),)]
+
+    def rederive(self, m: nn.Linear, before: dict[str, Any]) -> None:
+        m.out_features, m.in_features = m.weight.shape[0], m.weight.shape[1]
+
+    def check(self, m: nn.Linear) -> bool:
+        return tuple(m.weight.shape) == (m.out_features, m.in_features)
+
+
+class EmbeddingRule(LayerRule):
+    """nn.Embedding: a lookup table whose columns are the units of a new group (the indices carry none)."""
+
+    attrs = ("embedding_dim",)
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Embedding, name: str) -> Any:
+        out_s = a.shape(node)
+        g = a.new_group(m.embedding_dim, name)
+        a.members[g].append(Member(f"{name}.weight", 1, "producer", "weight", name))
+        a.channel_dims[g].append((node.name, len(out_s) - 1))
+        return [None] * (len(out_s) - 1) + [((g, 1),)]
+
+    def rederive(self, m: nn.Embedding, before: dict[str, Any]) -> None:
+        m.embedding_dim = m.weight.shape[1]
+
+    def check(self, m: nn.Embedding) -> bool:
+        return m.weight.shape[1] == m.embedding_dim
+
+
+class ConvRule(LayerRule):
+    """Conv1d/2d/3d. groups=1: consumer + producer. Grouped with in == out channels (depthwise is one
+    channel per group): the units pass through, and the group grows by whole conv groups."""
+
+    attrs = ("in_channels", "out_channels", "groups")
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.modules.conv._ConvNd, name: str) -> Any:
+        lay, s = _input(a, node)
+        out_s = a.shape(node)
+        if any(d is not None for d in lay[2:]):
+            a.block_layout(lay[2:], "UnsupportedOpError", f"conv {name!r} slides over a grown dim")
+        cin, cout, groups = m.in_channels, m.out_channels, m.groups
+        rest = [None] * (len(out_s) - 2)
+        if groups == 1:
+            a.add_members(lay[1], f"{name}.weight", 1, "consumer", "weight", name)
+            g = _producer(a, m, name, cout, node, 1)
+            return [lay[0], ((g, 1),)] + rest
+        if cin == cout:
+            if lay[1] is not None:
+                a.add_members(lay[1], f"{name}.weight", 0, "passthrough", "weight", name)
+                if m.bias is not None:
+                    a.add_members(lay[1], f"{name}.bias", 0, "passthrough", "bias", name)
+                if cin // groups > 1:
+                    if len(lay[1]) != 1:
+                        a.block_layout([lay[1]], "UnsupportedOpError", f"grouped conv {name!r} reads a concatenation")
+                    for g in a.groups_in([lay[1]]):
+                        a.constraints[g].append(Constraint("conv_groups", name, cin // groups))
+            return [lay[0], lay[1]] + rest
+        reason = f"grouped conv {name!r} (groups={groups}) changes the channel count ({cin} -> {cout})"
+        a.block_layout([lay[1]], "UnsupportedOpError", reason)
+        g = a.new_group(cout, name)
+        a.block(g, "UnsupportedOpError", reason)
+        return [lay[0], ((g, 1),)] + rest
+
+    def rederive(self, m: nn.modules.conv._ConvNd, before: dict[str, Any]) -> None:
+        m.out_channels = m.weight.shape[0]
+        if before["groups"] > 1 and before["in_channels"] == before["out_channels"]:
+            per_group = before["in_channels"] // before["groups"]
+            m.in_channels = m.out_channels
+            m.groups = m.out_channels // per_group
+        else:
+            m.in_channels = m.weight.shape[1] * m.groups
+
+    def check(self, m: nn.modules.conv._ConvNd) -> bool:
+        return m.weight.shape[0] == m.out_channels and m.weight.shape[1] * m.groups == m.in_channels
+
+
+def _norm_members(a: Propagation, dl: Any, m: nn.Module, name: str, stats: bool) -> None:
+    if getattr(m, "weight", None) is not None:
+        a.add_members(dl, f"{name}.weight", 0, "norm", "norm_weight", name)
+    if getattr(m, "bias", None) is not None:
+        a.add_members(dl, f"{name}.bias", 0, "norm", "norm_bias", name)
+    if stats:
+        a.add_members(dl, f"{name}.running_mean", 0, "norm", "running_mean", name)
+        a.add_members(dl, f"{name}.running_var", 0, "norm", "running_var", name)
+
+
+class BatchNormRule(LayerRule):
+    attrs = ("num_features",)
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.modules.batchnorm._NormBase, name: str) -> Any:
+        lay, _ = _input(a, node)
+        if lay[1] is not None:
+            _norm_members(a, lay[1], m, name, m.track_running_stats and m.running_mean is not None)
+        return list(lay)
+
+    def rederive(self, m: nn.modules.batchnorm._NormBase, before: dict[str, Any]) -> None:
+        ref = m.weight if m.weight is not None else m.running_mean
+        if ref is not None:
+            m.num_features = ref.shape[0]
+
+    def check(self, m: nn.modules.batchnorm._NormBase) -> bool:
+        return m.running_mean is None or m.running_mean.shape[0] == m.num_features
+
+
+class GroupNormRule(LayerRule):
+    attrs = ("num_channels", "num_groups")
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.GroupNorm, name: str) -> Any:
+        lay, _ = _input(a, node)
+        dl = lay[1]
+        if dl is not None:
+            _norm_members(a, dl, m, name, False)
+            if len(dl) != 1:
+                a.block_layout([dl], "UnsupportedOpError", f"GroupNorm {name!r} normalises a concatenation of groups")
+            for g in a.groups_in([dl]):
+                a.constraints[g].append(Constraint("groupnorm", name, m.num_channels // m.num_groups))
+        return list(lay)
+
+    def rederive(self, m: nn.GroupNorm, before: dict[str, Any]) -> None:
+        per_group = before["num_channels"] // before["num_groups"]
+        if m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+            m.num_groups = m.num_channels // per_group
+
+    def check(self, m: nn.GroupNorm) -> bool:
+        return m.weight is None or (m.weight.shape[0] == m.num_channels and m.num_channels % m.num_groups == 0)
+
+
+class LayerNormRule(LayerRule):
+    attrs = ("normalized_shape",)
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.LayerNorm, name: str) -> Any:
+        lay, _ = _input(a, node)
+        k = len(m.normalized_shape)
+        normed = lay[len(lay) - k :]
+        if any(d is not None for d in normed):
+            if k != 1:
+                a.block_layout(
+                    normed, "UnsupportedOpError", f"LayerNorm {name!r} normalises several dims including a grown one"
+                )
+            else:
+                _norm_members(a, normed[0], m, name, False)
+                for g in a.groups_in([normed[0]]):
+                    a.constraints[g].append(Constraint("layernorm", name))
+        return list(lay)
+
+    def rederive(self, m: nn.LayerNorm, before: dict[str, Any]) -> None:
+        ref = m.weight if m.weight is not None else m.bias
+        if ref is not None:
+            m.normalized_shape = (*tuple(m.normalized_shape)[:-1], ref.shape[-1])
+
+    def check(self, m: nn.LayerNorm) -> bool:
+        return m.weight is None or tuple(m.weight.shape) == tuple(m.normalized_shape)
+
+
+def _layernorm_check(c: Constraint, group: Any, split_units: Any, new_count: int, approximate: bool) -> None:
+    from ..errors import ApproximationRequiredError
+
+    if not approximate and (new_count or sorted(split_units) != list(range(group.width))):
+        raise ApproximationRequiredError(
+            f"group {group.name!r} is normalised by LayerNorm {c.module!r}, which changes when units are added; "
+            "duplicate every unit exactly once or pass approximate=True"
+        )
+
+
+def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
+    """`F.layer_norm(x, shape, weight, bias)` as called inside a module (ConvNeXt's LayerNorm2d)."""
+    lay, s = a.layout_or_fixed(node.args[0])
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    normed = lay[len(lay) - k :]
+    if any(d is not None for d in normed):
+        if k != 1:
+            a.block_layout(normed, "UnsupportedOpError", f"layer_norm at {source_of(node)} normalises several dims")
+            return list(lay)
+        owner = ""
+        for i, key, kind in ((2, "weight", "norm_weight"), (3, "bias", "norm_bias")):
+            p = node.args[i] if len(node.args) > i else node.kwargs.get(key)
+            if isinstance(p, fx.Node) and p.op == "get_attr":
+                owner = str(p.target).rpartition(".")[0]
+                a.add_members(normed[0], str(p.target), 0, "norm", kind, owner)
+            elif p is not None:
+                a.block_layout(normed, "UnsupportedOpError", f"layer_norm at {source_of(node)} has a computed {key}")
+        for g in a.groups_in([normed[0]]):
+            a.constraints[g].append(Constraint("layernorm", owner or node.name))
+    return list(lay)
+
+
+class PassThroughRule(LayerRule):
+    """Activations, dropout, identity: each unit flows through unchanged."""
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        x = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
+        lay = a.layout(x) if x is not None else None
+        if lay is None and x is not None and a.shape(x) is not None:
+            return a.fixed(len(a.shape(x)))
+        return list(lay) if lay is not None else None
+
+
+class PoolRule(LayerRule):
+    """Pooling, upsampling and padding act per channel over the spatial dims."""
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        return shapeops.channel_pass(a, node, next(arg for arg in node.args if isinstance(arg, fx.Node)))
+
+
+class FlattenRule(LayerRule):
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Flatten, name: str) -> Any:
+        return shapeops.flatten_dims(a, node, node.args[0], m.start_dim, m.end_dim)
+
+
+class UnflattenRule(LayerRule):
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Unflatten, name: str) -> Any:
+        return shapeops.reshape(a, node)
+
+
+class SoftmaxRule(LayerRule):
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Softmax, name: str) -> Any:
+        return shapeops.softmax_dim(a, node, node.args[0], m.dim)
+
+
+for _t in PASS_THROUGH_MODULES:
+    register_rule(_t, PassThroughRule())
+for _t in (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.ZeroPad2d,
+):
+    register_rule(_t, PoolRule())
+register_rule(nn.Linear, LinearRule())
+register_rule(nn.Embedding, EmbeddingRule())
+shapeops.register_function_rule(F.layer_norm, layer_norm_function)
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_rule(_t, ConvRule())
+for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_rule(_t, BatchNormRule())
+register_rule(nn.GroupNorm, GroupNormRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(nn.Flatten, FlattenRule())
+register_rule(nn.Unflatten, UnflattenRule())
+register_rule(nn.Softmax, SoftmaxRule())
+register_rule(nn.LogSoftmax, SoftmaxRule())
+register_constraint("groupnorm", lambda c, g, s, n, ap: whole_blocks("normalised by GroupNorm", c, g, s, n, ap))
+register_constraint("conv_groups", lambda c, g, s, n, ap: whole_blocks("convolved by grouped conv", c, g, s, n, ap))
+register_constraint("layernorm", _layernorm_check)
+
+
+class MultiheadAttentionRule(LayerRule):
+    """nn.MultiheadAttention ties its input, its heads (num_heads x head_dim) and its output to one
+    width, `embed_dim`: growing that group adds whole heads (new q/k/v rows, out-projection columns,
+    and the same number of new embedding channels). New heads whose out-projection columns are zero,
+    or copies of whole heads with halved out-projection columns, leave the output unchanged."""
+
+    attrs = ("embed_dim", "kdim", "vdim", "num_heads", "head_dim")
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.MultiheadAttention, name: str) -> Any:
+        out_shapes = a.output_shapes(node)
+        multi = a.has_multiple_outputs(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
+        inputs = [x for x in (node.args[:3] or ()) if isinstance(x, fx.Node)]
+        inputs += [node.kwargs[k] for k in ("query", "key", "value") if isinstance(node.kwargs.get(k), fx.Node)]
+        layouts = [a.layout_or_fixed(x)[0] for x in inputs]
+        grown = [lay[-1] for lay in layouts if lay[-1] is not None]
+        for lay in layouts:  # only the embedding dim may carry units
+            a.block_layout(
+                lay[:-1], "UnsupportedOpError", f"nn.MultiheadAttention {name!r} mixes tokens of a grown dim"
+            )
+        reason = None
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
+            reason = "has separate q/k/v projections or bias_k/bias_v (register a rule for it)"
+        elif grown and (len(grown) != len(layouts) or any(len(dl) != 1 for dl in grown)):
+            reason = "reads a fixed-width or concatenated input"
+        if reason is not None or not grown:
+            if reason is not None:
+                a.block_layout(grown, "FrozenGroupError", f"nn.MultiheadAttention {name!r} {reason}")
+            return tuple(outs) if multi else outs[0]
+        g = grown[0][0][0]
+        for dl in grown[1:]:
+            g = a.union(g, dl[0][0], node)
+        g = a.find(g)
+        dl = ((g, 1),)
+        e = m.embed_dim
+        a.add_members(dl, f"{name}.in_proj_weight", 1, "consumer", "weight", name)
+        for k in range(3):  # q, k, v rows: three blocks of embed_dim
+            a.members[g].append(Member(f"{name}.in_proj_weight", 0, "producer", "weight", name, k * e))
+            if m.in_proj_bias is not None:
+                a.members[g].append(Member(f"{name}.in_proj_bias", 0, "producer", "bias", name, k * e))
+        out = f"{name}.out_proj"
+        a.members[g].append(Member(f"{out}.weight", 1, "consumer", "weight", out))
+        a.members[g].append(Member(f"{out}.weight", 0, "producer", "weight", out))
+        if m.out_proj.bias is not None:
+            a.members[g].append(Member(f"{out}.bias", 0, "producer", "bias", out))
+        a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        outs[0][-1] = dl
+        return tuple(outs) if multi else outs[0]
+
+    def rederive(self, m: nn.MultiheadAttention, before: dict[str, Any]) -> None:
+        m.embed_dim = m.out_proj.weight.shape[0]
+        m.kdim = m.vdim = m.embed_dim
+        m.head_dim = before["head_dim"]
+        m.num_heads = m.embed_dim // m.head_dim
+
+    def check(self, m: nn.MultiheadAttention) -> bool:
+        w = m.in_proj_weight
+        return m.num_heads * m.head_dim == m.embed_dim and (
+            w is None or tuple(w.shape) == (3 * m.embed_dim, m.embed_dim)
+        )
+
+
+register_rule(nn.MultiheadAttention, MultiheadAttentionRule())

@@ -1,0 +1,224 @@
+"""One rule per layer type: everything the library knows about a module type, in one place.
+
+A `LayerRule` holds both halves of a layer type's knowledge:
+
+* the analysis half, `propagate`: how the module's parameters couple to the channels of its inputs
+  and outputs (which (tensor, dim) read a group's units, which start a new group, which pass through);
+* the engine half, `rederive` / `check` / `validate`: how the module's attributes (`in_features`,
+  `groups`, `num_heads`…) follow its tensors after growth, whether they agree, and which changes a
+  constraint the rule recorded (GroupNorm groups, attention heads) can take exactly.
+
+Built-in layers are registered with `register_rule` exactly as user layers are (see `builtin_rules`),
+in the manner of Torch-Pruning's per-layer pruners. Adding a layer type is one rule in one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..errors import ApproximationRequiredError
+from .graph import Constraint, Group, Member
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from .propagate import Propagation
+
+
+# The one list of activation modules (element-wise non-linearities). Dropout, Identity and friends are
+# channel-preserving too; `PASS_THROUGH_MODULES` is the union the analysis lets units flow through.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.SELU,
+    nn.CELU,
+    nn.Softsign,
+)
+PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = ACTIVATIONS + (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+class LayerRule:
+    """How one module type grows. Subclass and register with `register_rule(Type, rule)`.
+
+    `leaf`: the module stays one node in the captured graph (its forward is not traced into).
+    `attrs`: attributes the engine snapshots before an edit (restored on rollback, passed to `rederive`).
+    """
+
+    leaf: bool = True
+    attrs: tuple[str, ...] = ()
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        """Analysis: record members/groups for the module's parameters and return the output layout."""
+        return a.block_unknown(node, f"module {name!r} ({type(m).__name__})")
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        """Engine: make the module's attributes agree with its (resized) tensors."""
+
+    def check(self, m: nn.Module) -> bool:
+        """Engine: True when the module's attributes agree with its tensors."""
+        return True
+
+
+LAYER_RULES: dict[type[nn.Module], LayerRule] = {}
+
+# Constraint kind -> check(constraint, group, split_units, new_count, approximate); raises when the change
+# cannot be applied exactly. Registered by the rule that records constraints of that kind.
+ConstraintCheck = Callable[[Constraint, Group, Sequence[int], int, bool], None]
+CONSTRAINT_CHECKS: dict[str, ConstraintCheck] = {}
+
+
+def register_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Teach the analysis and the engine how `module_type` (and its subclasses) grows."""
+    LAYER_RULES[module_type] = rule
+
+
+def unregister_rule(module_type: type[nn.Module]) -> None:
+    LAYER_RULES.pop(module_type, None)
+
+
+def register_constraint(kind: str, check: ConstraintCheck) -> None:
+    """Say how the engine validates a change to a group carrying a constraint of `kind`."""
+    CONSTRAINT_CHECKS[kind] = check
+
+
+def rule_for(m: nn.Module) -> LayerRule | None:
+    """The rule of the most specific registered type of `m` (a subclass's own rule wins)."""
+    for t in type(m).__mro__:
+        rule = LAYER_RULES.get(t)
+        if rule is not None:
+            return rule
+    return None
+
+
+def leaf_types() -> tuple[type[nn.Module], ...]:
+    return tuple(t for t, r in LAYER_RULES.items() if r.leaf)
+
+
+def is_leaf(m: nn.Module) -> bool | None:
+    """Whether the rule of `m` keeps it one node in the captured graph (None: no rule)."""
+    rule = rule_for(m)
+    return None if rule is None else rule.leaf
+
+
+def snapshot_attrs(m: nn.Module) -> dict[str, Any]:
+    """The attributes the rules of `m` re-derive, to restore on rollback."""
+    rule = rule_for(m)
+    names = rule.attrs if rule is not None else ()
+    return {a: getattr(m, a) for a in names if hasattr(m, a)}
+
+
+def whole_blocks(
+    what: str, c: Constraint, group: Group, split_units: Sequence[int], new_count: int, approximate: bool
+) -> None:
+    """Shared check for constraints that grow by whole blocks of `c.channels_per_group` units (GroupNorm
+    groups, grouped-conv groups, attention heads): new units come in whole blocks, and a split copies
+    whole blocks, each block's units in order, so every twin block is an exact copy."""
+    cpg = c.channels_per_group
+    ok = new_count % cpg == 0 and len(split_units) % cpg == 0 and len(set(split_units)) == len(split_units)
+    if ok:
+        for i in range(0, len(split_units), cpg):
+            block = list(split_units[i : i + cpg])
+            start = (block[0] // cpg) * cpg
+            ok &= block == list(range(start, start + cpg))
+    if not ok:
+        raise ApproximationRequiredError(
+            f"group {group.name!r} is {what} {c.module!r} in blocks of {cpg} units: it grows by whole blocks "
+            f"only (split every unit of a block, in order; add multiples of {cpg})"
+        )
+
+
+# ---- the declarative rule for opaque user modules --------------------------------------------------
+class ModuleRule(LayerRule):
+    """How an opaque module's parameters follow the widths of its inputs and outputs (declarative).
+
+    consumes: (arg index, dim, [(param name, param dim)]) - the param dims that read an input's units.
+    produces: (output index or None for a single tensor, dim, [(param name, param dim)]) - a new group.
+    passes:   (arg index, in dim, output index or None, out dim) - units flow through unchanged.
+    rederive: called after the engine edited the module's parameters, to update its attributes.
+    blocks:   (output index or None, dim, units per block) - the produced group grows by whole blocks
+              (attention heads); the engine refuses other changes.
+    """
+
+    def __init__(
+        self,
+        consumes: list[tuple[int, int, list[tuple[str, int]]]] | None = None,
+        produces: list[tuple[int | None, int, list[tuple[str, int]]]] | None = None,
+        passes: list[tuple[int, int, int | None, int]] | None = None,
+        rederive: Callable[[nn.Module], None] | None = None,
+        blocks: list[tuple[int | None, int, int]] | None = None,
+    ) -> None:
+        self.consumes = list(consumes or [])
+        self.produces = list(produces or [])
+        self.passes = list(passes or [])
+        self.rederive_fn = rederive
+        self.blocks = list(blocks or [])
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        args = list(node.args)
+        out_shapes = a.output_shapes(node)
+        multi = a.has_multiple_outputs(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
+        handled: set[tuple[int, int]] = set()
+        for arg_i, dim, params in self.consumes:
+            lay, s = a.layout_or_fixed(args[arg_i])
+            d = a.norm_dim(dim, len(s))
+            handled.add((arg_i, d))
+            for pname, pdim in params:
+                a.add_members(lay[d], f"{name}.{pname}", pdim, "consumer", "weight", name)
+        for arg_i, in_dim, out_i, out_dim in self.passes:
+            lay, s = a.layout_or_fixed(args[arg_i])
+            oi = out_i or 0
+            outs[oi][a.norm_dim(out_dim, len(out_shapes[oi]))] = lay[a.norm_dim(in_dim, len(s))]
+            handled.add((arg_i, a.norm_dim(in_dim, len(s))))
+        for out_i, dim, params in self.produces:
+            oi = out_i or 0
+            d = a.norm_dim(dim, len(out_shapes[oi]))
+            g = a.new_group(out_shapes[oi][d], name)
+            for pname, pdim in params:
+                kind = "bias" if pname.endswith("bias") else "weight"
+                a.members[g].append(Member(f"{name}.{pname}", pdim, "producer", kind, name))
+            for b_out, b_dim, per_block in self.blocks:
+                if (b_out or 0) == oi and a.norm_dim(b_dim, len(out_shapes[oi])) == d:
+                    a.constraints[g].append(Constraint("blocks", name, per_block))
+            outs[oi][d] = ((g, 1),)
+        for i, arg in enumerate(args):
+            lay = a.layout(arg) if a.shape(arg) is not None else None
+            for d, dl in enumerate(lay or []):
+                if dl is not None and (i, d) not in handled:
+                    a.block_layout(
+                        [dl], "UnsupportedOpError", f"module rule of {name!r} does not say how input {i} dim {d} grows"
+                    )
+        return tuple(outs) if multi else outs[0]
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        if self.rederive_fn is not None:
+            self.rederive_fn(m)
+
+
+def register_module_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Teach the analysis (and the engine) how an opaque module type grows (same as `register_rule`)."""
+    register_rule(module_type, rule)
+
+
+register_constraint("blocks", lambda c, g, s, n, ap: whole_blocks("grown by", c, g, s, n, ap))
