@@ -160,6 +160,8 @@ def test_line_search_picks_the_best_amplitude_on_heldout_batches():
 
 def test_growth_data_draws_are_disjoint_and_reserve_the_check():
     items = [(torch.full((2,), float(i)), torch.tensor([i, i])) for i in range(10)]
+    few = GrowthData(items[:5], reserve=3)
+    assert len(few.draw(None, torch.device("cpu"))) == 5  # fewer than 2 x reserve: nothing held back
     d = GrowthData(items, reserve=3)
     first = d.draw(2, torch.device("cpu"))
     rest = d.draw(None, torch.device("cpu"))

@@ -94,7 +94,8 @@ SAFEGUARD_KEYS = tuple(Safeguard.__dataclass_fields__)
 class GrowthData:
     """One pass over the growth data, handed out in disjoint draws: the decision's batches first, then
     the held-out batches the safeguard checks on. A draw of "everything" (n=None) holds back the last
-    `reserve` batches for the check. Wrapping is idempotent."""
+    `reserve` batches for the check when at least twice as many remain (else the check reuses the
+    decision's batches and says so). Wrapping is idempotent."""
 
     def __init__(self, data: Iterable[Any], reserve: int = 0) -> None:
         if data is None:
@@ -113,7 +114,7 @@ class GrowthData:
         when n is None)."""
         if n is None:
             rest = self._held + list(self._it)
-            k = min(self.reserve, max(0, len(rest) - 1))
+            k = self.reserve if len(rest) >= 2 * self.reserve else 0  # too little data: the check reuses it
             raw, self._held = rest[: len(rest) - k], rest[len(rest) - k :]
         else:
             raw = self._held[:n]
