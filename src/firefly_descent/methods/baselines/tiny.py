@@ -691,9 +691,11 @@ class TINY(BaselineGrower):
             with torch.no_grad():
                 for name, has_bias, old_shape, d in edits:
                     cons = ctx.model.get_submodule(name)
+                    # the consumer may grow its own outputs in the same plan: old rows and columns come first
                     if has_bias:
-                        cons.bias.add_(d[:, -1].to(cons.bias.dtype))
+                        cons.bias.narrow(0, 0, old_shape[0]).add_(d[:, -1].to(cons.bias.dtype))
                         d = d[:, :-1]
-                    cons.weight.narrow(1, 0, old_shape[1]).add_(d.reshape(old_shape).to(cons.weight.dtype))
+                    old = cons.weight.narrow(0, 0, old_shape[0]).narrow(1, 0, old_shape[1])
+                    old.add_(d.reshape(old_shape).to(cons.weight.dtype))
 
         return update
