@@ -144,7 +144,7 @@ def test_materialised_net_equals_overgrown_net_with_unselected_off(name):
     model = model.double().eval()
     x = tuple(t.double() for t in x)
     data = _data(model, x, n_batches=3, dtype=torch.float64)
-    grower = Firefly(budget=0.5, step_one_steps=5, score_batches=2, seed=3)
+    grower = Firefly(budget=0.5, step_one_steps=5, score_batches=2, seed=3, bn_mode="frozen")  # eval-mode oracle
     # compare the plan as materialised: no BatchNorm refresh, no amplitude change by the safeguard
     grower.set_safeguard(check=False, calibrate_new_bn=False, refresh_bn=False)
     captured = {}
@@ -220,7 +220,9 @@ def test_micro_batches_give_the_same_growth(preset):
         model, x = ZOO["vgg_gap"]()
         model = randomize_norm_stats(model).double()
         data = _data(model, (x[0].double(),), n_batches=3, batch=16, dtype=torch.float64)
-        kw = {"new_units": 2} if preset == "paper-code" else {"step_one_steps": 4, "score_batches": 2}
+        kw = {"new_units": 2}
+        if preset == "default":  # chunks share BatchNorm statistics only when they are frozen
+            kw = {"step_one_steps": 4, "score_batches": 2, "bn_mode": "frozen"}
         grower = Firefly(preset=preset, micro_batch=micro, sample_size=None, seed=3, **kw)
         grower.grow(model, data, F.cross_entropy, example_inputs=(x[0].double(),))
         states.append(model.state_dict())

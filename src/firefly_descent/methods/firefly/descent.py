@@ -48,7 +48,8 @@ class FireflyConfig:
     step_one_steps: int | None = 10  # optimiser steps of step one; None = one pass over the data
     sample_size: int | None = 32  # use at most this many samples of each batch in steps one and two
     # forward/backward each batch in chunks of at most this many samples in steps one and two: the same
-    # gradients (BatchNorm is frozen there; the loss must be a mean over samples), a fraction of the
+    # gradients with BatchNorm frozen (bn_mode="frozen"; with "batch" each chunk has its own statistics;
+    # the loss must be a mean over samples), a fraction of the
     # over-grown network's activation memory. None = whole batches.
     micro_batch: int | None = None
     step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
@@ -66,7 +67,7 @@ class FireflyConfig:
     # BatchNorm during steps one and two: "frozen" (eval mode, the paper's code) or "batch" (batch statistics,
     # running statistics untouched: candidates are fitted and scored in the mode training continues in, so a
     # gain that BatchNorm would normalise away is not counted; new channels are then not calibrated)
-    bn_mode: str = "frozen"
+    bn_mode: str = "batch"
     split_radius: float | None = 0.5  # split step eps*delta: at most this fraction of the unit's own RMS
     new_in_radius: float | None = 2.0  # new incoming weights: at most this many times an existing unit's RMS
     new_out_radius: float | None = 0.5  # new outgoing weights: at most this fraction of existing outgoing RMS
@@ -94,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         split_penalty=1e-2,
         new_penalty=1e-4,
         relative=False,
+        bn_mode="frozen",
         split_radius=None,
         new_in_radius=None,
         new_out_radius=None,
@@ -364,6 +366,7 @@ class Firefly(Grower):
                 count += 1
         bank.alpha = 1.0
         bank.reset(requires_grad=False)
+        net.eval()
         return {k: v / max(1, count) for k, v in total.items()}
 
     def _layer_costs(self, model: nn.Module, x: tuple[torch.Tensor, ...], depth_c: DepthCandidates) -> list[float]:
