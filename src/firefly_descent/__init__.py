@@ -25,7 +25,7 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from .plan import GroupChange, NewLayer, NewUnits, Plan, Split
+from .plan import GroupChange, NewBranch, NewLayer, NewUnits, Plan, Split
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "GrowthError",
     "GrowthGraph",
     "ModuleRule",
+    "NewBranch",
     "NewLayer",
     "NewUnits",
     "Plan",
