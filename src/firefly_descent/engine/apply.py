@@ -294,7 +294,9 @@ def _add_branch(model: nn.Module, branch: NewBranch, optimizer: torch.optim.Opti
             f"module {branch.into!r} ({type(target).__name__}) does not sum branches: a new branch needs a module "
             "with add_branch()/remove_last_branch() (e.g. a DARTS cell node)"
         )
-    ref = next(iter(target.parameters()), None) or next(iter(model.parameters()), None)
+    ref = next(iter(target.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.parameters()), None)
     body = build_body(branch.spec)
     if branch.params:
         own = body.state_dict()
