@@ -102,7 +102,7 @@ class Genotype:
         """Build from (op, input, node) triples; uses the DARTS layout when every node has two edges."""
 
         def layout(edges: list[tuple[str, int, int]]) -> tuple[list[Edge], list[int] | None, list[int]]:
-            edges = sorted(edges, key=lambda e: (e[2], e[1], e[0]))
+            edges = sorted(edges, key=lambda e: e[2])  # stable: keeps the order within a node
             nodes = [i for _, _, i in edges]
             steps = max(nodes) - 1 if nodes else 0
             darts = nodes == [2 + k // 2 for k in range(2 * steps)]
