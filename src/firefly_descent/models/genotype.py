@@ -160,7 +160,12 @@ class Genotype:
             raise GenotypeError(f"genotype edges must be [operation, input] pairs ({e})") from None
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        """JSON with one line per field (edges inline), or compact with `indent=None`."""
+        d = self.to_dict()
+        if indent is None:
+            return json.dumps(d)
+        pad = " " * indent
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(k)}: {json.dumps(v)}" for k, v in d.items()) + "\n}"
 
     @classmethod
     def from_json(cls, text: str) -> Genotype:
