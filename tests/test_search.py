@@ -128,3 +128,41 @@ def test_search_config_refusals(tmp_path, capsys):
     assert main(["search", str(cfg), "--out", str(tmp_path / "x")]) == 2
     assert "val_fraction" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_firefly_search_resumes_after_growth_to_the_same_result(tmp_path, monkeypatch):
+    cfg = {**TINY, "method": FIREFLY}
+    straight = runner.run_search(cfg, tmp_path / "a")["results"][0]
+    real = runner.FireflySearch.step
+
+    def dying(self, i):
+        if i == 1:  # after the growth round of step 0 was checkpointed
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(runner.FireflySearch, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_search(cfg, tmp_path / "b")
+    monkeypatch.setattr(runner.FireflySearch, "step", real)
+    resumed = runner.run_search(cfg, tmp_path / "b")["results"][0]
+    assert resumed["genotype"] == straight["genotype"]
+    assert resumed["test_acc"] == straight["test_acc"]
+    log = [(tmp_path / d / "seed-0" / "log.jsonl").read_text().splitlines() for d in "ab"]
+    rows = [[json.loads(x) for x in lines] for lines in log]
+    assert [r.get("train_loss") for r in rows[0]] == [r.get("train_loss") for r in rows[1]]
+
+
+def test_firefly_train_accepts_darts_eval(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(Genotype.from_edges([("sep_conv_3x3", 1, 2), ("skip_connect", 0, 2)],
+                                        [("max_pool_3x3", 0, 2), ("avg_pool_3x3", 1, 2)]).to_json())
+    cfg = {
+        "data": {"name": "digits", "train_subset": 128, "test_subset": 64, "batch_size": 64},
+        "model": {"name": "darts-eval", "kwargs": {"genotype": str(path), "C": 2, "layers": 3}},
+        "growth": {"method": "static"},
+        "train": {"epochs": 1, "tensorboard": False},
+    }
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_loss"] > 0 and row["test_acc"] is not None

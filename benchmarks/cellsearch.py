@@ -1,0 +1,110 @@
+"""Cell search at CPU scale: Firefly cell growth vs DARTS (first order) vs random search, same harness.
+
+Each method searches with the same budget (passes over the same training split at the same search size),
+every found genotype is evaluated by the same protocol (trained from scratch, tested on the test split),
+per seed. Runs go through `firefly_descent.search.run_search`, so an interrupted benchmark continues
+where it stopped when rerun with the same arguments. Writes `benchmarks/results/cellsearch/<preset>.json`
+and prints a markdown table.
+
+    python benchmarks/cellsearch.py --preset cpu --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firefly_descent.search import run_search
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fashion-MNIST slice: 1,000 training images split 500 (weights) / 500 (validation), 1,000 test images
+    "cpu": {
+        "space": {"C": 4, "layers": 5, "steps": 4},
+        "data": {"name": "fashion-mnist", "train_subset": 1000, "test_subset": 1000, "val_fraction": 0.5,
+                 "batch_size": 50, "augment": None},
+        "budget": {"epochs": 6},
+        "eval": {"epochs": 10, "C": 8, "layers": 5, "drop_path_prob": 0.1, "batch_size": 50},
+        "threads": 1,
+    },
+    "smoke": {
+        "space": {"C": 4, "layers": 3, "steps": 2},
+        "data": {"name": "digits", "train_subset": 128, "test_subset": 64, "val_fraction": 0.5, "batch_size": 32,
+                 "augment": None},
+        "budget": {"epochs": 2},
+        "eval": {"epochs": 1, "C": 4, "layers": 3},
+        "threads": 1,
+    },
+}
+METHODS: dict[str, dict[str, Any]] = {
+    "firefly": {"name": "firefly", "kwargs": {"rounds": 3, "max_edges": 3, "budget": 0.5, "points": 2,
+                                              "score_batches": 4, "step_one_batches": 10}},
+    "darts": {"name": "darts", "kwargs": {"order": 1}},
+    "random": {"name": "random", "kwargs": {"trials": 3}},
+}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["firefly", "darts", "random"])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/cellsearch"))
+    p.add_argument("--runs", type=Path, default=Path("runs/cellsearch"), help="search run folders (not committed)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    rows = []
+    for name in args.methods:
+        method = {"name": name, "kwargs": dict(METHODS[name]["kwargs"])}
+        epochs = preset["budget"]["epochs"]  # fit the schedule into short presets
+        if "rounds" in method["kwargs"]:
+            method["kwargs"]["rounds"] = min(method["kwargs"]["rounds"], epochs - 1)
+        if "trials" in method["kwargs"]:
+            method["kwargs"]["trials"] = min(method["kwargs"]["trials"], epochs)
+        cfg = {"name": f"{args.preset}-{name}", "method": method, "seeds": list(args.seeds), **preset}
+        summary = run_search(cfg, args.runs / args.preset / name, progress=True)
+        for r in summary["results"]:
+            rows.append({k: r[k] for k in ("method", "seed", "search_cpu_hours", "search_wall_hours", "eval_params",
+                                           "test_error", "genotype", "threads")})
+    table = ["| method | seeds | search cost (CPU-hours, mean) | params (eval net) | test error (%) mean ± sd | "
+             "per seed (%) |", "|---|---|---:|---:|---:|---|"]
+    for name in args.methods:
+        rs = [r for r in rows if r["method"] == name]
+        errs = [100 * r["test_error"] for r in rs]
+        sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
+        table.append(
+            f"| {name} | {len(rs)} | {statistics.mean(r['search_cpu_hours'] for r in rs):.4f} | "
+            f"{statistics.mean(r['eval_params'] for r in rs):,.0f} | {statistics.mean(errs):.2f} ± {sd:.2f} | "
+            + ", ".join(f"{e:.2f}" for e in errs) + " |"
+        )
+    record = {
+        "command": "python " + " ".join(["benchmarks/cellsearch.py", *sys.argv[1:]]) if argv is None else argv,
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+        "preset": {"name": args.preset, **preset, "methods": {m: METHODS[m] for m in args.methods}},
+        "rows": rows,
+        "table": "\n".join(table),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.preset}.json").write_text(json.dumps(record, indent=1))
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
