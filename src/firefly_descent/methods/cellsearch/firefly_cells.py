@@ -29,7 +29,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...engine import apply, calibrate_new_batchnorm
-from ...errors import GrowthError
+from ...errors import GrowthError, VerificationError
 from ...models.darts import DartsNetwork, Node
 from ...plan import NewBranch, Plan
 from .space import SEARCH_OPS, EdgeCandidate, candidate_cost, candidate_edges, cells_of
@@ -89,7 +89,13 @@ def build_overgrown(
 ) -> OvergrownCells:
     """Deep-copy `model`, add every candidate by the engine at scale 0 (verified exact), then share scales."""
     net = copy.deepcopy(model)
-    apply(net, branch_plan(net, cands, 0.0), example_inputs=example_inputs, record=False)
+    try:
+        apply(net, branch_plan(net, cands, 0.0), example_inputs=example_inputs, record=False)
+    except VerificationError as e:
+        raise GrowthError(
+            "new edges could not be added to the cells (every operation maps C channels to C; a network whose "
+            f"cells were widened group by group no longer has one width per cell): {e}"
+        ) from None
     ref = next(net.parameters())
     scales = _Scales(len(cands), eps_init).to(ref.device, ref.dtype)
     scales.gate = scales.gate.to(ref.device, ref.dtype)
