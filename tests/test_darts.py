@@ -171,7 +171,7 @@ def test_analysis_sees_the_cell_network_and_widening_is_exact():
 
 
 def test_integrated_gradient_score_equals_finite_difference_loss_change():
-    model = _tiny(minimal_genotype(4), torch.float64)
+    model = _tiny(minimal_genotype(2), torch.float64)
     x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
     _warm_bn(model, x)
     cands = candidate_edges(model, ops=("avg_pool_3x3", "dil_conv_3x3"))
