@@ -25,13 +25,14 @@ import torch
 from firefly_descent.search import run_search
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Fashion-MNIST slice: 1,000 training images split 500 (weights) / 500 (validation), 1,000 test images
+    # Fashion-MNIST slice: 400 training images split 200 (weights) / 200 (validation), 500 test images;
+    # a 4-node DARTS cell at C = 4 in 3 cells for the search, the same genotype at C = 8 in 3 cells for evaluation
     "cpu": {
-        "space": {"C": 4, "layers": 5, "steps": 4},
-        "data": {"name": "fashion-mnist", "train_subset": 1000, "test_subset": 1000, "val_fraction": 0.5,
+        "space": {"C": 4, "layers": 3, "steps": 4},
+        "data": {"name": "fashion-mnist", "train_subset": 400, "test_subset": 500, "val_fraction": 0.5,
                  "batch_size": 50, "augment": None},
-        "budget": {"epochs": 6},
-        "eval": {"epochs": 10, "C": 8, "layers": 5, "drop_path_prob": 0.1, "batch_size": 50},
+        "budget": {"epochs": 4},
+        "eval": {"epochs": 6, "C": 8, "layers": 3, "drop_path_prob": 0.1, "batch_size": 50},
         "threads": 1,
     },
     "smoke": {
@@ -44,10 +45,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 METHODS: dict[str, dict[str, Any]] = {
-    "firefly": {"name": "firefly", "kwargs": {"rounds": 3, "max_edges": 3, "budget": 0.5, "points": 2,
-                                              "score_batches": 4, "step_one_batches": 10}},
+    "firefly": {"name": "firefly", "kwargs": {"rounds": 2, "max_edges": 4, "budget": 0.5, "points": 2,
+                                              "score_batches": 2, "step_one_batches": 4}},
     "darts": {"name": "darts", "kwargs": {"order": 1}},
-    "random": {"name": "random", "kwargs": {"trials": 3}},
+    "random": {"name": "random", "kwargs": {"trials": 2}},
 }
 
 
@@ -64,26 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["firefly", "darts", "random"])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cellsearch"))
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: tabulate the (method, seed) searches already finished in --runs")
     p.add_argument("--runs", type=Path, default=Path("runs/cellsearch"), help="search run folders (not committed)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     rows = []
-    for name in args.methods:
-        method = {"name": name, "kwargs": dict(METHODS[name]["kwargs"])}
-        epochs = preset["budget"]["epochs"]  # fit the schedule into short presets
-        if "rounds" in method["kwargs"]:
-            method["kwargs"]["rounds"] = min(method["kwargs"]["rounds"], epochs - 1)
-        if "trials" in method["kwargs"]:
-            method["kwargs"]["trials"] = min(method["kwargs"]["trials"], epochs)
-        cfg = {"name": f"{args.preset}-{name}", "method": method, "seeds": list(args.seeds), **preset}
-        summary = run_search(cfg, args.runs / args.preset / name, progress=True)
-        for r in summary["results"]:
-            rows.append({k: r[k] for k in ("method", "seed", "search_cpu_hours", "search_wall_hours", "eval_params",
-                                           "test_error", "genotype", "threads")})
+    for seed in args.seeds:  # seed by seed, so that an interrupted benchmark has paired results
+        for name in args.methods:
+            method = {"name": name, "kwargs": dict(METHODS[name]["kwargs"])}
+            epochs = preset["budget"]["epochs"]  # fit the schedule into short presets
+            if "rounds" in method["kwargs"]:
+                method["kwargs"]["rounds"] = min(method["kwargs"]["rounds"], epochs - 1)
+            if "trials" in method["kwargs"]:
+                method["kwargs"]["trials"] = min(method["kwargs"]["trials"], epochs)
+            cfg = {"name": f"{args.preset}-{name}", "method": method, "seeds": [seed], **preset}
+            folder = args.runs / args.preset / f"{name}-seed{seed}"
+            if args.collect_only:
+                done = folder / f"seed-{seed}" / "result.json"
+                results = [json.loads(done.read_text())] if done.exists() else []
+            else:
+                results = run_search(cfg, folder, progress=True)["results"]
+            for r in results:
+                rows.append({k: r[k] for k in ("method", "seed", "search_cpu_hours", "search_wall_hours",
+                                               "eval_params", "test_error", "genotype", "threads")})
     table = ["| method | seeds | search cost (CPU-hours, mean) | params (eval net) | test error (%) mean ± sd | "
              "per seed (%) |", "|---|---|---:|---:|---:|---|"]
     for name in args.methods:
         rs = [r for r in rows if r["method"] == name]
+        if not rs:
+            table.append(f"| {name} | 0 | not run | | | |")
+            continue
         errs = [100 * r["test_error"] for r in rs]
         sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
         table.append(
