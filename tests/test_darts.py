@@ -232,3 +232,18 @@ def test_firefly_cell_growth_keeps_best_edges_and_lowers_the_loss():
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert DartsNetwork(g, C=4, layers=3, num_classes=3, in_channels=1, input_size=8).genotype() == g
+
+
+def test_candidate_costs_equal_the_measured_growth_in_params_and_flops():
+    from firefly_descent.budget import count_flops
+    from firefly_descent.methods.cellsearch import candidate_cost
+
+    model = _tiny(minimal_genotype(3))
+    x = torch.zeros(1, 1, 8, 8)
+    cands = [c for c in candidate_edges(model) if c.op in ("sep_conv_3x3", "dil_conv_5x5", "skip_connect")]
+    for cand in [cands[0], cands[len(cands) // 2], cands[-1]]:
+        grown = _tiny(minimal_genotype(3))
+        p0, f0 = sum(p.numel() for p in grown.parameters()), count_flops(grown, x)
+        ff.apply(grown, branch_plan(grown, [cand], 0.0), example_inputs=torch.randn(2, 1, 8, 8))
+        assert sum(p.numel() for p in grown.parameters()) - p0 == candidate_cost(model, cand, "params")
+        assert count_flops(grown, x) - f0 == candidate_cost(model, cand, "flops"), cand

@@ -298,6 +298,7 @@ class DartsNetwork(nn.Module):
         c_aux, aux_spatial = 0, 0
         for i in range(layers):
             reduction = i in self.reduction_layers
+            spatial_in = spatial
             if reduction:
                 c_curr *= 2
                 spatial = (spatial + 1) // 2
@@ -305,6 +306,7 @@ class DartsNetwork(nn.Module):
             concat = geno.reduce_concat if reduction else geno.normal_concat
             steps = geno.steps(kind)
             cell = Cell(geno.edges(kind), concat, steps, c_pp, c_p, c_curr, reduction, reduction_prev, affine)
+            cell.input_size = spatial_in  # resolution of the cell's input nodes (for FLOP costs)
             self.cells.append(cell)
             reduction_prev = reduction
             c_pp, c_p = c_p, len(concat) * c_curr

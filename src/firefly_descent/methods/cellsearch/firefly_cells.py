@@ -28,6 +28,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from ...budget import count_flops
 from ...engine import apply, calibrate_new_batchnorm
 from ...errors import GrowthError, VerificationError
 from ...models.darts import DartsNetwork, Node
@@ -164,7 +165,8 @@ class CellGrowthReport:
 class FireflyCells:
     """Grow DARTS cells by Firefly descent over new edges (see module doc).
 
-    budget: parameters one round may add, as an int, or as a fraction of the model's current parameters.
+    budget: what one round may add, as an int, or as a fraction of the model's current size; `cost` says in
+    what: "params" (parameters) or "flops" (FLOPs of one forward of one sample, flop_counter).
     max_edges: at most this many candidates kept per round; max_in_degree: edges per node (2 = the DARTS
     space). Step one: `step_one_batches` batches of RMSprop on the candidates (None = one pass);
     step two: `points` midpoints over `score_batches` batches.
@@ -183,6 +185,7 @@ class FireflyCells:
         score_batches: int | None = None,
         points: int = 4,
         calibrate_batches: int = 10,
+        cost: str = "params",
     ) -> None:
         bad = [op for op in ops if op not in SEARCH_OPS]
         if bad:
@@ -191,10 +194,17 @@ class FireflyCells:
         self.ops, self.eps_init, self.eps_max, self.lr = tuple(ops), float(eps_init), float(eps_max), float(lr)
         self.step_one_batches, self.score_batches, self.points = step_one_batches, score_batches, int(points)
         self.calibrate_batches = int(calibrate_batches)
+        if cost not in ("params", "flops"):
+            raise ValueError(f"cost must be 'params' or 'flops', got {cost!r}")
+        self.cost = cost
 
-    def _budget(self, model: nn.Module) -> float:
+    def _budget(self, model: DartsNetwork) -> float:
         if self.budget >= 1:
             return float(self.budget)
+        if self.cost == "flops":
+            size = model.cells[0].input_size
+            x = torch.zeros(1, model.stem[0].in_channels, size, size, device=next(model.parameters()).device)
+            return float(self.budget) * count_flops(model, x)
         return float(self.budget) * sum(p.numel() for p in model.parameters())
 
     def step_one(self, over: OvergrownCells, loader: Iterable[Any], loss_fn: LossFn) -> None:
@@ -229,7 +239,7 @@ class FireflyCells:
             cand = cands[c]
             if float(scores[c]) >= 0 or len(kept) >= self.max_edges:
                 break
-            cost = candidate_cost(model, cand)
+            cost = candidate_cost(model, cand, self.cost)
             if spent + cost > budget:
                 continue
             if self.max_in_degree is not None and degree[(cand.kind, cand.node)] >= self.max_in_degree:

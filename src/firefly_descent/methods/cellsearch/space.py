@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ...models.darts import DartsNetwork, make_op
 from ...models.genotype import PRIMITIVES, Genotype
@@ -78,10 +80,26 @@ def op_params(op: str, channels: int, stride: int) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def candidate_cost(model: DartsNetwork, cand: EdgeCandidate) -> int:
-    """Parameters the candidate adds: its operation in every cell of its type (plus one scale per cell)."""
+def op_flops(op: str, channels: int, stride: int, size: int) -> int:
+    """FLOPs of one operation on one `channels` x `size` x `size` input (torch.utils.flop_counter)."""
+    module = make_op(op, channels, stride).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(torch.zeros(1, channels, size, size))
+    return int(counter.get_total_flops())
+
+
+def candidate_cost(model: DartsNetwork, cand: EdgeCandidate, kind: str = "params") -> int:
+    """What the candidate adds in every cell of its type: parameters (plus one scale per cell) or FLOPs."""
+    if kind not in ("params", "flops"):
+        raise ValueError(f"cost kind must be 'params' or 'flops', got {kind!r}")
     total = 0
     for k in cells_of(model, cand.kind):
         cell = model.cells[k]
-        total += op_params(cand.op, cell.channels, cell.stride(cand.source)) + 1
+        stride = cell.stride(cand.source)
+        if kind == "params":
+            total += op_params(cand.op, cell.channels, stride) + 1
+        else:
+            size = cell.input_size if cand.source < 2 or not cell.reduction else (cell.input_size + 1) // 2
+            total += op_flops(cand.op, cell.channels, stride, size)
     return total
