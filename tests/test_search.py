@@ -41,7 +41,8 @@ def test_firefly_search_cli_end_to_end(tmp_path, capsys):
     assert main(["search", str(cfg), "--out", str(out)]) == 0
     assert "firefly seed 0" in capsys.readouterr().out
     seed = out / "seed-0"
-    for name in ("genotype.json", "normal.png", "reduce.png", "result.json", "checkpoint.pt", "log.jsonl"):
+    for name in ("genotype.json", "normal.png", "reduce.png", "result.json", "checkpoint.pt", "log.jsonl",
+                 "network.pt"):
         assert (seed / name).is_file(), name
     assert (seed / "normal.png").read_bytes()[:4] == b"\x89PNG"
     geno = Genotype.from_json((seed / "genotype.json").read_text())
@@ -58,6 +59,13 @@ def test_firefly_search_cli_end_to_end(tmp_path, capsys):
         p.numel() for n, p in DartsNetwork(geno, 4, 3, 10, 1, 8, auxiliary=True).named_parameters()
         if "auxiliary" not in n
     )
+    # the trained grown network comes with the genotype, rebuilt from its constructor and growth history
+    import firefly_descent as ff
+
+    extra = torch.load(seed / "network.pt", weights_only=True)["extra"]
+    net = ff.load(str(seed / "network.pt"), build=lambda: DartsNetwork(**extra["build"]))
+    assert net.genotype() == Genotype.from_dict(extra["genotype"])
+    assert Genotype.from_dict(extra["genotype"]).edges("reduce") == geno.edges("reduce")
     # rerunning into a finished folder does nothing new; another config is refused with one line
     assert main(["search", str(cfg), "--out", str(out)]) == 0
     assert main(["search", str(cfg), "--out", str(out), "--set", "budget.epochs=3"]) == 2

@@ -4,6 +4,7 @@
     out/seed-<s>/checkpoint.pt       atomic; written after every step (an epoch, a growth round, a trial)
     out/seed-<s>/log.jsonl           one line per step
     out/seed-<s>/genotype.json       the found genotype (DARTS field names), normal.png, reduce.png
+    out/seed-<s>/network.pt          Firefly: the trained grown network (`ff.load` with extra["build"])
     out/seed-<s>/result.json         search cost (process CPU seconds, wall seconds), params, evaluation
     out/summary.json                 all seeds
 
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..data import load_dataset
-from ..engine import growth_history, replay_history
+from ..engine import growth_history, replay_history, save
 from ..io import atomic_save, atomic_write_text
 from ..methods.cellsearch import FireflyCells, minimal_genotype, random_genotype
 from ..methods.cellsearch.darts_search import Darts, SearchNetwork
@@ -156,6 +157,13 @@ class FireflySearch:
 
     def genotype(self) -> Genotype:
         return self.model.genotype()
+
+    def save_network(self, path: Path) -> None:
+        """The trained grown network: `ff.load(path, build=lambda: DartsNetwork(**extra["build"]))`."""
+        s, c = self.ctx.cfg.space, self.ctx
+        build = {"genotype": self.init.to_dict(), "C": s.C, "layers": s.layers, "num_classes": c.num_classes,
+                 "in_channels": c.in_channels, "input_size": c.input_size, "stem_multiplier": s.stem_multiplier}
+        save(self.model, str(path), extra={"build": build, "genotype": self.genotype().to_dict()})
 
     def search_params(self) -> int:
         return count_parameters(self.model)
@@ -331,6 +339,8 @@ def run_seed(cfg: SearchConfig, seed: int, folder: Path, progress: bool = False)
         state["genotype"] = geno.to_json()
         state["search_params"] = method.search_params()
         state["phase"], state["step"] = "eval", 0
+        if hasattr(method, "save_network"):
+            method.save_network(folder / "network.pt")
         evaluation = Evaluation(ctx, geno) if cfg.eval.epochs > 0 else None
         save()
     geno = Genotype.from_json(state["genotype"])
