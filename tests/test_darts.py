@@ -247,3 +247,14 @@ def test_candidate_costs_equal_the_measured_growth_in_params_and_flops():
         ff.apply(grown, branch_plan(grown, [cand], 0.0), example_inputs=torch.randn(2, 1, 8, 8))
         assert sum(p.numel() for p in grown.parameters()) - p0 == candidate_cost(model, cand, "params")
         assert count_flops(grown, x) - f0 == candidate_cost(model, cand, "flops"), cand
+
+
+def test_candidate_edges_respect_in_degree_and_distinct_inputs():
+    model = _tiny(minimal_genotype(3))
+    every = candidate_edges(model, max_in_degree=None)
+    distinct = candidate_edges(model, max_in_degree=None, distinct_inputs=True)
+    # minimal cell: node i reads i-1; a second op on that pair is a candidate only without distinct_inputs
+    assert any(c.source == c.node - 1 for c in every)
+    assert not any(c.source == c.node - 1 for c in distinct)
+    assert len(every) - len(distinct) == 2 * 3 * 6  # per cell type and node, the 6 other ops on the existing pair
+    assert candidate_edges(model, max_in_degree=1) == []

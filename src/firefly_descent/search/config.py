@@ -83,7 +83,8 @@ class SearchConfig:
 
 _METHOD_KWARGS = {
     "firefly": {"rounds", "budget", "max_edges", "max_in_degree", "ops", "eps_init", "eps_max", "lr",
-                "step_one_batches", "score_batches", "points", "calibrate_batches", "init_op", "cost"},
+                "step_one_batches", "score_batches", "points", "calibrate_batches", "init_op", "cost",
+                "distinct_inputs"},
     "darts": {"order", "arch_lr", "arch_weight_decay"},
     "random": {"trials"},
 }

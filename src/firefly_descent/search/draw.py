@@ -23,11 +23,18 @@ def draw_cell(genotype: Genotype, kind: str, path: str | Path) -> Path:
         pos[2 + n] = (1.5 + 1.4 * n, 1.2 * (1 if n % 2 == 0 else -1) * (0.6 + 0.2 * (n // 2)))
     out_xy = (1.5 + 1.4 * steps + 0.6, 0.0)
     fig, ax = plt.subplots(figsize=(2.2 + 1.5 * steps, 4.2))
+    seen: dict[tuple[int, int], int] = {}
     for op, j, i in edges:
         (x0, y0), (x1, y1) = pos[j], pos[i]
+        k = seen.get((j, i), 0)  # parallel edges (two operations on one pair of nodes) bend apart
+        seen[(j, i)] = k + 1
+        rad = 0.35 * k * (1 if k % 2 else -1)
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops={"arrowstyle": "->", "color": "0.35", "shrinkA": 14, "shrinkB": 14})
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, op, fontsize=7, ha="center", va="center",
+                    arrowprops={"arrowstyle": "->", "color": "0.35", "shrinkA": 14, "shrinkB": 14,
+                                "connectionstyle": f"arc3,rad={rad}"})
+        # the arc's midpoint lies rad/2 of the chord's length off the chord, to its right
+        mx, my = (x0 + x1) / 2 + rad / 2 * (y1 - y0), (y0 + y1) / 2 - rad / 2 * (x1 - x0)
+        ax.text(mx, my, op, fontsize=7, ha="center", va="center",
                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
     for i in concat:
         ax.annotate("", xy=out_xy, xytext=pos[i],

@@ -168,7 +168,8 @@ class FireflyCells:
     budget: what one round may add, as an int, or as a fraction of the model's current size; `cost` says in
     what: "params" (parameters) or "flops" (FLOPs of one forward of one sample, flop_counter).
     max_edges: at most this many candidates kept per round; max_in_degree: edges per node (2 = the DARTS
-    space). Step one: `step_one_batches` batches of RMSprop on the candidates (None = one pass);
+    space); distinct_inputs: a node's edges come from distinct nodes (else two operations may share a pair).
+    Step one: `step_one_batches` batches of RMSprop on the candidates (None = one pass);
     step two: `points` midpoints over `score_batches` batches.
     """
 
@@ -186,6 +187,7 @@ class FireflyCells:
         points: int = 4,
         calibrate_batches: int = 10,
         cost: str = "params",
+        distinct_inputs: bool = False,
     ) -> None:
         bad = [op for op in ops if op not in SEARCH_OPS]
         if bad:
@@ -197,6 +199,7 @@ class FireflyCells:
         if cost not in ("params", "flops"):
             raise ValueError(f"cost must be 'params' or 'flops', got {cost!r}")
         self.cost = cost
+        self.distinct_inputs = bool(distinct_inputs)
 
     def _budget(self, model: DartsNetwork) -> float:
         if self.budget >= 1:
@@ -260,7 +263,7 @@ class FireflyCells:
         """One Firefly round: candidates, step one, step two, selection, plan applied by the engine."""
         if not isinstance(model, DartsNetwork):
             raise GrowthError(f"cell growth needs a DartsNetwork, got {type(model).__name__}")
-        cands = candidate_edges(model, self.ops, self.max_in_degree)
+        cands = candidate_edges(model, self.ops, self.max_in_degree, self.distinct_inputs)
         device = next(model.parameters()).device
         if example_inputs is None:
             example_inputs = next(iter(loader))[0][:2].to(device)

@@ -53,9 +53,13 @@ def cells_of(model: DartsNetwork, kind: str) -> list[int]:
 
 
 def candidate_edges(
-    model: DartsNetwork, ops: tuple[str, ...] = SEARCH_OPS, max_in_degree: int | None = 2
+    model: DartsNetwork, ops: tuple[str, ...] = SEARCH_OPS, max_in_degree: int | None = 2,
+    distinct_inputs: bool = False,
 ) -> list[EdgeCandidate]:
-    """Every new edge (op, source, node) not yet in the cells, per cell type, on nodes below `max_in_degree`."""
+    """Every new edge (op, source, node) not yet in the cells, per cell type, on nodes below `max_in_degree`.
+
+    A second operation on a pair (source, node) that already has an edge is a candidate unless
+    `distinct_inputs` (the DARTS discretisation's rule: a node's edges come from distinct inputs)."""
     out = []
     for kind in KINDS:
         idx = cells_of(model, kind)
@@ -68,6 +72,8 @@ def candidate_edges(
                 continue
             have = set(zip(node.ops, node.sources))
             for j in range(i):
+                if distinct_inputs and j in node.sources:
+                    continue
                 for op in ops:
                     if (op, j) not in have:
                         out.append(EdgeCandidate(kind, op, j, i))
