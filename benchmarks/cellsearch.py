@@ -49,6 +49,8 @@ METHODS: dict[str, dict[str, Any]] = {
                                               "score_batches": 2, "step_one_batches": 4}},
     "darts": {"name": "darts", "kwargs": {"order": 1}},
     "random": {"name": "random", "kwargs": {"trials": 2}},
+    # random search given about Firefly's measured CPU cost on the cpu preset (~7x the epochs at search size)
+    "random-cpu": {"name": "random", "kwargs": {"trials": 14}, "budget": {"epochs": 28}},
 }
 
 
@@ -73,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:  # seed by seed, so that an interrupted benchmark has paired results
         for name in args.methods:
-            method = {"name": name, "kwargs": dict(METHODS[name]["kwargs"])}
-            epochs = preset["budget"]["epochs"]  # fit the schedule into short presets
+            method = {"name": METHODS[name]["name"], "kwargs": dict(METHODS[name]["kwargs"])}
+            budget = METHODS[name].get("budget", preset["budget"])
+            epochs = budget["epochs"]  # fit the schedule into short presets
             if "rounds" in method["kwargs"]:
                 method["kwargs"]["rounds"] = min(method["kwargs"]["rounds"], epochs - 1)
             if "trials" in method["kwargs"]:
                 method["kwargs"]["trials"] = min(method["kwargs"]["trials"], epochs)
-            cfg = {"name": f"{args.preset}-{name}", "method": method, "seeds": [seed], **preset}
+            cfg = {"name": f"{args.preset}-{name}", "method": method, "seeds": [seed], **preset, "budget": budget}
             folder = args.runs / args.preset / f"{name}-seed{seed}"
             if args.collect_only:
                 done = folder / f"seed-{seed}" / "result.json"
@@ -87,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results = run_search(cfg, folder, progress=True)["results"]
             for r in results:
-                rows.append({k: r[k] for k in ("method", "seed", "search_cpu_hours", "search_wall_hours",
-                                               "eval_params", "test_error", "genotype", "threads")})
+                keys = ("method", "seed", "search_cpu_hours", "search_wall_hours", "eval_params", "test_error",
+                        "genotype", "threads")
+                rows.append({"variant": name} | {k: r[k] for k in keys})
     table = ["| method | seeds | search cost (CPU-hours, mean) | params (eval net) | test error (%) mean ± sd | "
              "per seed (%) |", "|---|---|---:|---:|---:|---|"]
     for name in args.methods:
-        rs = [r for r in rows if r["method"] == name]
+        rs = [r for r in rows if r["variant"] == name]
         if not rs:
             table.append(f"| {name} | 0 | not run | | | |")
             continue
