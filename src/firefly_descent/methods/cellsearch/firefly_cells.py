@@ -268,12 +268,14 @@ class FireflyCells:
         if example_inputs is None:
             example_inputs = next(iter(loader))[0][:2].to(device)
         params_before = sum(p.numel() for p in model.parameters())
-        loss_before = _mean_loss(model, loader, loss_fn, self.score_batches)
+        # the same batches for the loss before, the scores and the loss after: a paired measurement
+        fixed = list(_batches(loader, self.score_batches, device))
+        loss_before = _mean_loss(model, fixed, loss_fn, None)
         if not cands:
             return CellGrowthReport(0, [], {}, params_before, params_before, loss_before, loss_before, 0.0)
         over = build_overgrown(model, cands, self.eps_init, example_inputs)
         self.step_one(over, loader, loss_fn)
-        scores = integrated_scores(over, loader, loss_fn, self.points, self.score_batches)
+        scores = integrated_scores(over, fixed, loss_fn, self.points)
         kept = self.select(model, cands, scores)
         plan = Plan(method="firefly-cells", function_preserving=False)
         for c in kept:
@@ -301,7 +303,7 @@ class FireflyCells:
             xs = [x for x, _ in _batches(loader, self.calibrate_batches, device)]
             with torch.no_grad():
                 calibrate_new_batchnorm(model, channels, xs)
-        loss_after = _mean_loss(model, loader, loss_fn, self.score_batches)
+        loss_after = _mean_loss(model, fixed, loss_fn, None)
         return CellGrowthReport(
             candidates=len(cands),
             kept=[str(cands[c]) for c in kept],
