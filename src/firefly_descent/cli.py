@@ -242,7 +242,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "inspect": _cmd_inspect,
     "export": _cmd_export,
-    "search": lambda args: search_command(args),
+    "search": search_command,
 }
 
 
