@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
         widen,
     )
     from .exporting import export_model, load_export
-    from .plan import GroupChange, NewLayer, NewUnits, Plan, Split
+    from .plan import GroupChange, NewBranch, NewLayer, NewUnits, Plan, Split
 
 __version__ = "0.1.0"
 
@@ -65,7 +65,7 @@ _LAZY: dict[str, str] = {
         ".engine",
     ),
     **dict.fromkeys(("export_model", "load_export"), ".exporting"),
-    **dict.fromkeys(("GroupChange", "NewLayer", "NewUnits", "Plan", "Split"), ".plan"),
+    **dict.fromkeys(("GroupChange", "NewBranch", "NewLayer", "NewUnits", "Plan", "Split"), ".plan"),
 }
 
 
@@ -91,6 +91,7 @@ __all__ = [
     "GrowthGraph",
     "LayerRule",
     "ModuleRule",
+    "NewBranch",
     "NewLayer",
     "NewUnits",
     "Plan",

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from firefly_descent.search.cli import add_parser as add_search_parser
+from firefly_descent.search.cli import command as search_command
+
 __all__ = ["main", "build_parser"]
 
 
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a checkpoint as model.safetensors + architecture.json + config.yaml")
     e.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)")
     e.add_argument("out_dir", type=Path)
+
+    add_search_parser(sub)
     return p
 
 
@@ -263,6 +268,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "inspect": _cmd_inspect,
     "export": _cmd_export,
+    "search": search_command,
 }
 
 

@@ -6,6 +6,7 @@ They are ordinary `nn.Module`s (no hooks or parametrisations), so grown models k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,26 @@ class Residual(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.scale * self.body(z)
+
+
+class ScaledBranch(nn.Module):
+    """x -> scale * body(x): a new branch added into a sum (exactly zero when scale = 0)."""
+
+    def __init__(self, body: nn.Module, scale: float = 0.0) -> None:
+        super().__init__()
+        self.body = body
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.body(x)
+
+
+_BODIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+
+def register_body(kind: str, builder: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Let plans build bodies of type `kind` (new layers or new branches) from a plain-data spec."""
+    _BODIES[kind] = builder
 
 
 def body_members(spec: dict[str, Any], prefix: str = "") -> list[Any]:
@@ -58,6 +79,8 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
     conv_identity / linear_identity: identity-initialised conv/linear + ReLU (Net2Net deepening)
     """
     kind = spec.get("type")
+    if kind in _BODIES:
+        return _BODIES[kind](spec)
     act = ACTIVATIONS[spec.get("act", "relu")]
     if kind in ("conv_bn_act", "conv_identity"):
         c, k, dims = int(spec["channels"]), int(spec.get("kernel_size", 3)), int(spec.get("dims", 2))
@@ -79,4 +102,7 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
             lin.weight.copy_(torch.eye(f))
             lin.bias.zero_()
         return nn.Sequential(lin, nn.ReLU())
-    raise ValueError(f"unknown new-layer type {kind!r}; use conv_bn_act, linear_act, conv_identity or linear_identity")
+    raise ValueError(
+        f"unknown new-layer type {kind!r}; use conv_bn_act, linear_act, conv_identity, linear_identity"
+        f"{''.join(', ' + k for k in sorted(_BODIES))}"
+    )

@@ -78,6 +78,23 @@ class NewLayer:
 
 
 @dataclass
+class NewBranch:
+    """Add a branch x -> scale·h(x) into the sum that module `into` computes (identity at scale = 0).
+
+    `into` must sum its branches and accept new ones (`add_branch(module, **args)` and
+    `remove_last_branch()`, e.g. a DARTS cell node); `args` says what the branch reads (for a DARTS node
+    `{"source": j, "op": name}`). h is built from `spec` (`layers.build_body`); `params` optionally gives
+    its state_dict. The engine wraps h as `ScaledBranch(h, scale)`.
+    """
+
+    into: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale: float = 0.0
+
+
+@dataclass
 class Plan:
     """A complete growth step: group changes and new layers, applied atomically by the engine."""
 
@@ -89,14 +106,16 @@ class Plan:
     tolerance: float = 1e-4
     shapes: dict[str, list[int]] = field(default_factory=dict)  # model tensor shapes the plan was made for
     input_shapes: list[list[int]] = field(default_factory=list)  # for verification when no inputs are given
+    branches: list[NewBranch] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not self.layers and all(c.added == 0 for c in self.changes)
+        return not self.layers and not self.branches and all(c.added == 0 for c in self.changes)
 
     def scaled(self, amplitude: float) -> Plan:
         """The same structure with every function-changing value times `amplitude`: split steps
         (eps), new units' outgoing weights, new layers' residual scales. Incoming weights, twins'
-        copies and new layers' bodies are kept, so amplitude 0 is function-preserving and the loss
+        copies and new layers' bodies are kept (new branches' scales too are multiplied), so amplitude 0 is
+        function-preserving and the loss
         along amplitudes is the line the growth step moves on."""
         a = float(amplitude)
         changes = [
@@ -126,12 +145,14 @@ class Plan:
             tolerance=self.tolerance,
             shapes=self.shapes,
             input_shapes=self.input_shapes,
+            branches=[NewBranch(b.into, b.spec, b.args, b.params, b.scale * a) for b in self.branches],
         )
 
     def explain(self) -> str:
         """Human-readable summary of the plan."""
         lines = [
             f"Plan from {self.method}: {len(self.changes)} group(s), {len(self.layers)} new layer(s)"
+            + (f", {len(self.branches)} new branch(es)" if self.branches else "")
             + (" [function-preserving]" if self.function_preserving else "")
             + (" [approximate]" if self.approximate else "")
         ]
@@ -147,6 +168,9 @@ class Plan:
         for layer in self.layers:
             desc = layer.spec.get("type", "?")
             lines.append(f"  new {layer.kind} layer {desc} after {layer.after!r} (scale {layer.scale:g})")
+        for b in self.branches:
+            desc = b.spec.get("op", b.spec.get("type", "?"))
+            lines.append(f"  new branch {desc} {dict(b.args)} into {b.into!r} (scale {b.scale:g})")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -190,6 +214,10 @@ class Plan:
                 {"after": ly.after, "kind": ly.kind, "spec": dict(ly.spec), "scale": ly.scale, "params": t(ly.params)}
                 for ly in self.layers
             ],
+            "branches": [
+                {"into": b.into, "spec": dict(b.spec), "args": dict(b.args), "scale": b.scale, "params": t(b.params)}
+                for b in self.branches
+            ],
         }
 
     @classmethod
@@ -229,6 +257,10 @@ class Plan:
             d.get("tolerance", 1e-4),
             {k: list(v) for k, v in d.get("shapes", {}).items()},
             [list(x) for x in d.get("input_shapes", [])],
+            [
+                NewBranch(b["into"], dict(b["spec"]), dict(b.get("args", {})), dict(b.get("params", {})), b["scale"])
+                for b in d.get("branches", [])
+            ],
         )
 
     def save(self, path: str) -> None:

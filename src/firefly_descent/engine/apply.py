@@ -17,8 +17,8 @@ from torch import nn
 from ..analysis.graph import Group
 from ..analysis.rules import CONSTRAINT_CHECKS
 from ..errors import GrowthError, PlanError, VerificationError
-from ..layers import Residual, build_body
-from ..plan import GroupChange, NewLayer, Plan
+from ..layers import Residual, ScaledBranch, build_body
+from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
 from .modules import rederive_attrs, restore_attrs, snapshot_attrs
 from .tensors import Expansion, Segment, build_source_map, expand_tensor, unit_order
@@ -65,11 +65,14 @@ class _Transaction:
         self.tensors: list[tuple[dict[str, Any], str, Any]] = []
         self.attrs: list[tuple[nn.Module, dict[str, Any]]] = []
         self.children: list[tuple[nn.Module, str, nn.Module]] = []
+        self.branches: list[nn.Module] = []  # modules that got a new branch (undone by remove_last_branch)
         self.optimizer = optimizer
         self.opt_snap = opt_utils.snapshot(optimizer) if optimizer is not None else None
         self.history = list(getattr(model, HISTORY_ATTR, []))
 
     def rollback(self) -> None:
+        for target in reversed(self.branches):
+            target.remove_last_branch()
         for parent, name, child in reversed(self.children):
             parent._modules[name] = child
         for store, name, old in reversed(self.tensors):
@@ -195,6 +198,8 @@ def _apply(
         _apply_width(model, plan, optimizer, tx)
         for layer in plan.layers:
             _insert_layer(model, layer, optimizer, tx)
+        for branch in plan.branches:
+            _add_branch(model, branch, optimizer, tx)
         if verify and inputs is not None:
             _verify(model, plan, inputs, before)
     except GrowthError as e:
@@ -334,6 +339,35 @@ def _copy_block(child: nn.Module, spec: dict[str, Any]) -> nn.Module:
             except AttributeError:
                 raise PlanError(f"new block after a copy: it has no parameter {name!r}") from None
     return block
+
+
+def _add_branch(model: nn.Module, branch: NewBranch, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+    try:
+        target = model.get_submodule(branch.into) if branch.into else model
+    except AttributeError:
+        raise PlanError(f"no submodule {branch.into!r} to add a branch into") from None
+    if not (callable(getattr(target, "add_branch", None)) and callable(getattr(target, "remove_last_branch", None))):
+        raise PlanError(
+            f"module {branch.into!r} ({type(target).__name__}) does not sum branches: a new branch needs a module "
+            "with add_branch()/remove_last_branch() (e.g. a DARTS cell node)"
+        )
+    ref = next(iter(target.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.parameters()), None)
+    body = build_body(branch.spec)
+    if branch.params:
+        own = body.state_dict()
+        missing = [k for k in own if k not in branch.params]
+        if missing:
+            raise PlanError(f"new branch into {branch.into!r}: params miss {missing[:3]}")
+        body.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in branch.params.items()})
+    new = ScaledBranch(body, branch.scale)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    target.add_branch(new, **branch.args)
+    tx.branches.append(target)
+    if optimizer is not None:
+        opt_utils.add_params(optimizer, list(new.parameters()), target)
 
 
 def clone_structure(plan: Plan) -> Plan:

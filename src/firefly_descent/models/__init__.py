@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ._common import init_weights
+from .darts import DartsNetwork, darts_eval
 from .mlp import MLP, ResidualBlock, ResidualMLP
 from .mobilenet import MobileNetV1, depthwise_separable
 from .resnet import BasicBlock, ResNet, resnet18, resnet_cifar
@@ -28,6 +29,7 @@ __all__ = [
     "VGG",
     "VGG_CONFIGS",
     "BasicBlock",
+    "DartsNetwork",
     "MobileNetV1",
     "ResNet",
     "ResidualBlock",
@@ -172,6 +174,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv1": MobileNetV1,
     "transformer": Transformer,
     "replayed-architecture": replayed_architecture,
+    "darts-eval": darts_eval,
 }
 
 

@@ -742,6 +742,8 @@ class _Run:
             with _autocast(self.device, self.amp):
                 out = model(x)
                 loss = self.loss_fn(out, y)
+                aux = model.auxiliary_loss(y, self.loss_fn) if hasattr(model, "auxiliary_loss") else None
+                loss = loss if aux is None else loss + aux  # e.g. a DARTS network's auxiliary head
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {float(loss)} at epoch {E + 1}, step {self.step}; "
