@@ -199,7 +199,7 @@ class Firefly(Grower):
             batches = [_head(b, cfg.sample_size) for b in batches]
             score_batches = [_head(b, cfg.sample_size) for b in score_batches]
         graph = analyze(model, x)
-        groups = [g for g in graph.growable() if not g.constraints]
+        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g)]
         if not groups and cfg.candidates != "depth":
             raise GrowthError(
                 "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
@@ -425,6 +425,17 @@ class Firefly(Grower):
             method=f"firefly[{self.preset}]",
             input_shapes=[list(t.shape) for t in x],
         )
+
+
+def _feeds_itself(group: Any) -> bool:
+    """A tensor that both produces and consumes the group (a square conv inside a residual loop, as in
+    MobileNetV2 when a block's input and output widths agree): a plan keys split directions by tensor, so
+    Firefly leaves such groups alone rather than write an ambiguous direction."""
+    dims: dict[str, set[int]] = {}
+    for m in group.members:
+        if m.kind == "weight" and m.role in ("producer", "consumer"):
+            dims.setdefault(m.tensor, set()).add(m.dim)
+    return any(len(d) > 1 for d in dims.values())
 
 
 @torch.no_grad()
