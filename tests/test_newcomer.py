@@ -355,9 +355,44 @@ def fresh_machine(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(registry, "_SYSTEM_DIR", tmp_path / "usr-share-datasets")
     monkeypatch.delenv("FIREFLY_DATA_DIR", raising=False)
     monkeypatch.delenv("FIREFLY_OFFLINE", raising=False)
+    monkeypatch.setenv("FIREFLY_NO_APT", "1")  # never apt-get from a test (its own test fakes it)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     return tmp_path / "cache" / "firefly-descent"
+
+
+def test_fresh_debian_machine_installs_the_package_as_root(fresh_machine, monkeypatch, tmp_path, capsys):
+    """Root with apt-get (this project's machines: Debian's registry, no internet): the loader installs
+    dataset-fashion-mnist and reads it from the system folder; torchvision is never asked."""
+    import subprocess
+
+    import torchvision.datasets as tvd
+
+    from firefly_descent.data import download, load_dataset
+
+    system = tmp_path / "usr-share-datasets" / "fashion-mnist"
+    commands = []
+
+    def fake_run(cmd, **kw):
+        commands.append(list(cmd))
+        if cmd[:2] == ["apt-get", "install"] and len(commands) > 1:  # the first install fails: no lists yet
+            system.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(0)
+            for n, stem in ((20, "train"), (5, "t10k")):
+                (system / f"{stem}-images-idx3-ubyte.gz").write_bytes(_idx(rng.integers(0, 256, (n, 28, 28))))
+                (system / f"{stem}-labels-idx1-ubyte.gz").write_bytes(_idx(rng.integers(0, 10, (n,))))
+            return subprocess.CompletedProcess(cmd, 0)
+        return subprocess.CompletedProcess(cmd, 100 if cmd[1] == "install" else 0)
+
+    monkeypatch.delenv("FIREFLY_NO_APT")
+    monkeypatch.setattr(download.subprocess, "run", fake_run)
+    monkeypatch.setattr(download.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(download.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(tvd, "FashionMNIST", None)  # would fail if the download path were taken
+    b = load_dataset("fashion-mnist")
+    assert len(b.train) == 20 and len(b.test) == 5
+    assert [c[:2] for c in commands] == [["apt-get", "install"], ["apt-get", "update"], ["apt-get", "install"]]
+    assert "installing Debian's dataset-fashion-mnist" in capsys.readouterr().err
 
 
 def test_fresh_machine_downloads_fashion_mnist_once(fresh_machine, monkeypatch, capsys):

@@ -41,7 +41,8 @@ environment:
   FIREFLY_DEBUG=1             show full tracebacks instead of one-line errors
   FIREFLY_PROGRESS_SECONDS=N  without a terminal, print a progress line at most every N seconds (default 30)
   FIREFLY_DATA_DIR=DIR        where datasets are looked for first (and a missing Fashion-MNIST is downloaded to)
-  FIREFLY_OFFLINE=1           never download a missing dataset
+  FIREFLY_OFFLINE=1           never download (nor apt-get install) a missing dataset
+  FIREFLY_NO_APT=1            never apt-get install a missing dataset (root on Debian does by default)
 """
 
 

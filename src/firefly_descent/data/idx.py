@@ -98,6 +98,7 @@ class IdxSpec:
     torchvision_dir: str
     install_hint: str
     num_classes: int = 10
+    debian_package: str | None = None  # installs the IDX files under /usr/share/datasets/<default root>
 
 
 def _candidate_dirs(root: Path, spec: IdxSpec) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ import torch
 
 from .cifar import load_cifar
 from .datasets import Augment, DatasetBundle, TensorDataset, channel_stats
-from .download import download_cache_dir, download_idx
+from .download import download_cache_dir, download_idx, install_debian_package
 from .errors import DatasetError, DatasetNotFoundError
 from .idx import IdxSpec, load_idx_dataset
 from .imagefolder import load_imagefolder
@@ -39,6 +40,7 @@ FASHION_MNIST = IdxSpec(
         "install it with `apt-get install dataset-fashion-mnist` or pass root=… pointing at the IDX files "
         "(or at a folder holding torchvision's FashionMNIST/raw/)"
     ),
+    debian_package="dataset-fashion-mnist",
 )
 MNIST = IdxSpec(
     title="MNIST",
@@ -74,6 +76,9 @@ def _load_idx_or_download(root: Path | None, spec: IdxSpec) -> dict[str, Any]:
     except DatasetNotFoundError as e:
         if root is not None:
             raise
+        if install_debian_package(spec):  # root with apt-get: Debian's package, then look again
+            with contextlib.suppress(DatasetNotFoundError):
+                return load_idx_dataset(_roots(None, spec.default_roots), spec)
         return load_idx_dataset([download_idx(spec, e)], spec)
 
 
