@@ -56,14 +56,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def raw_plans(monkeypatch):
-    """These tests check each method's plan as it decided it: no after-apply safeguard (no BatchNorm
-    refresh, amplitude kept). The safeguard has its own tests (tests/test_safety.py)."""
-    from firefly_descent.methods.base import Grower
-    from firefly_descent.methods.safety import Safeguard
-
-    monkeypatch.setattr(Grower, "safeguard", Safeguard(check=False, calibrate_new_bn=False, refresh_bn=False))
+pytestmark = pytest.mark.usefixtures("raw_plans")  # plans as the method decided them (tests/conftest.py)
 
 
 def _data(model, x, n=2, bs=6, seed=1, dtype=torch.float32):

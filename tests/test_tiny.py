@@ -58,14 +58,7 @@ def _cnn(act=nn.ReLU, dtype=torch.float32, pool=False, seed=0):
     return model
 
 
-@pytest.fixture(autouse=True)
-def raw_plans(monkeypatch):
-    """These tests check TINY's plan and amplitude as it chose them: no after-apply safeguard (no BatchNorm
-    refresh, no check). The safeguard has its own tests (tests/test_safety.py)."""
-    from firefly_descent.methods.base import Grower
-    from firefly_descent.methods.safety import Safeguard
-
-    monkeypatch.setattr(Grower, "safeguard", Safeguard(check=False, calibrate_new_bn=False, refresh_bn=False))
+pytestmark = pytest.mark.usefixtures("raw_plans")  # plans as the method decided them (tests/conftest.py)
 
 
 def _data(shape, classes=3, n=2, bs=16, seed=1, dtype=torch.float64):

@@ -15,7 +15,7 @@ from ..budget import count_flops, count_params
 from ..errors import GrowthError
 from ..plan import Plan
 from .base import Grower, GrowthReport, LossFn
-from .safety import GrowthData, Safeguard, commit
+from .safety import GrowthData, Safeguard, commit, heldout_loss
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -42,18 +42,7 @@ def example_from(batches: list[tuple[Any, Any]], example_inputs: Any, n: int = 4
 
 def mean_loss(model: nn.Module, batches: list[tuple[Any, Any]], loss_fn: LossFn) -> float:
     """Average loss over `batches` in eval mode (BatchNorm statistics frozen), no graph kept."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for x, y in batches:
-                n = y.shape[0]
-                total += float(loss_fn(model(*as_inputs(x)), y)) * n
-                count += n
-    finally:
-        model.train(was)
-    return total / max(1, count)
+    return heldout_loss(model, batches, loss_fn, train=False)
 
 
 def start_report(method: str, model: nn.Module, graph: GrowthGraph, x: tuple[torch.Tensor, ...]) -> GrowthReport:
