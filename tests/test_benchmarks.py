@@ -45,14 +45,15 @@ def _argv(tmp: Path, methods: str) -> list[str]:
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("bench")
     # the replay control comes first on the command line but runs after the firefly run it replays
-    assert suites.main(_argv(tmp, "firefly-arch-from-scratch,firefly,static-small")) == 0
+    assert suites.main(_argv(tmp, "firefly-arch-from-scratch,random-matched,firefly,static-small")) == 0
     return tmp
 
 
 def test_result_files_record_provenance(bench: Path) -> None:
     folder = bench / "results" / "B"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["firefly-arch-from-scratch-s0.json", "firefly-s0.json", "static-small-s0.json"]
+    assert names == [
+        "firefly-arch-from-scratch-s0.json", "firefly-s0.json", "random-matched-s0.json", "static-small-s0.json"]
     rec = json.loads((folder / "firefly-s0.json").read_text())
     assert rec["format"] == suites.FORMAT and rec["preset"] == "quick" and rec["seed"] == 0
     assert rec["command"].startswith("python benchmarks/suites.py --suite B")
@@ -71,6 +72,16 @@ def test_result_files_record_provenance(bench: Path) -> None:
     assert scratch["config"]["model"]["name"] == "replayed-architecture"
     assert scratch["summary"]["params"] == rec["summary"]["params"]
     assert all(m["params"] == rec["summary"]["params"] for m in scratch["metrics"])
+    # the matched-placement control: random units exactly where the firefly run grew, per group
+    matched = json.loads((folder / "random-matched-s0.json").read_text())
+    assert matched["config"]["growth"]["method"] == "random"
+    placed = [{k: v for k, v in g["units_added"].items() if v} for g in matched["growths"]]
+    chosen = [{k: g["units_added"].get(k, 0) + g["units_split"].get(k, 0) for k in {**g["units_added"],
+               **g["units_split"]}} for g in rec["growths"]]
+    assert placed == [{k: v for k, v in c.items() if v} for c in chosen] and sum(placed[0].values()) > 0
+    assert matched["summary"]["params"] > matched["rounds"][0]["params"]
+    # anytime metrics: the growth record carries the numbers 1 epoch after it
+    assert rec["growths"][0]["after_epochs"]["1"]["test_acc"] == rec["metrics"][1]["test_acc"]
     assert not list(folder.glob(".*"))  # no temporary files left behind
 
 
@@ -89,6 +100,31 @@ def test_method_growth_overrides_reach_the_config() -> None:
     assert {k: v for k, v in ablation["growth"].items() if k != "calibrate_new_bn"} == {
         k: v for k, v in default["growth"].items() if k != "calibrate_new_bn"
     }
+
+
+def test_ci95_is_students_t_interval() -> None:
+    mean, lo, hi = make_docs.ci95([1.0, 2.0, 3.0, 4.0, 5.0])  # scipy.stats.t.interval(0.95, 4, 3, sem)
+    assert mean == 3.0 and lo == pytest.approx(1.03676, abs=1e-3) and hi == pytest.approx(4.96324, abs=1e-3)
+    assert make_docs.ci95([1.0]) is None
+
+
+def test_paired_section_differences_by_seed() -> None:
+    def rec(method: str, seed: int, acc: float, heldout: float) -> dict:
+        growths = [{"epoch": 1, "heldout_loss_change": heldout, "after_epochs": {"1": {"test_acc": acc - 0.1},
+                                                                                 "3": {"test_acc": acc}}}]
+        return {"method": method, "seed": seed, "summary": {"final_test_acc": acc, "params": 200},
+                "growths": growths, "rounds": [{"params": 100}], "metrics": []}
+    ok = {"firefly": [rec("firefly", s, 0.5 + 0.01 * s + 0.02, -0.01) for s in range(3)],
+          "random": [rec("random", s, 0.5 + 0.01 * s, 0.0) for s in range(3)]}
+    text = "\n".join(make_docs._paired_section(suites.SUITES["B"], ok))
+    # every seed +2 pt: the paired difference is exactly +2 with a zero-width interval
+    assert "| `firefly` | `random` | 3 | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] |" in text
+    assert "| 3/3 |" in text and "-0.0100" in text
+
+
+def test_matched_control_without_its_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert suites.main(_argv(tmp_path, "random-matched")) == 0
+    assert "needs the finished firefly run" in capsys.readouterr().out
 
 
 def test_replay_without_its_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -309,7 +309,7 @@ def test_toy_firefly_beats_random_growth():
     _train(base, data)
     growers = {
         "firefly": lambda: Firefly(
-            budget="units:2", step_one_steps=60, lr=2e-2, score_batches=4, sample_size=None, seed=0
+            budget="units:2", step_one_steps=60, lr=2e-2, score_batches=4, new_units=0.5, seed=0
         ),
         "random-new": lambda: make_grower("random", budget="units:2", seed=0),
         "random-split": lambda: make_grower("net2net", budget="units:2", noise=0.1, seed=0),
@@ -327,3 +327,36 @@ def test_toy_firefly_beats_random_growth():
     for r in range(3):
         assert losses["firefly"][r] < 0.98 * losses["random-new"][r], losses
         assert losses["firefly"][r] < 0.98 * losses["random-split"][r], losses
+
+
+def test_scores_read_fresh_batches_and_pool_is_twice_the_budget(monkeypatch):
+    """Step two never scores on a batch step one fitted, and every group's new-unit pool is at least twice
+    its share of the budget (issue 11)."""
+    model, x = ZOO["mlp"]()
+    data = _data(model, x, n_batches=12)
+    seen: dict[str, set[int]] = {"step_one": set(), "score": set()}
+    orig_one, orig_score = Firefly._step_one, Firefly._scores
+
+    def step_one(self, net, params, width_c, batches, *a, **k):
+        seen["step_one"] |= {b[1].data_ptr() for b in batches}
+        return orig_one(self, net, params, width_c, batches, *a, **k)
+
+    def scores(self, net, bank, batches, *a, **k):
+        seen["score"] |= {b[1].data_ptr() for b in batches}
+        return orig_score(self, net, bank, batches, *a, **k)
+
+    monkeypatch.setattr(Firefly, "_step_one", step_one)
+    monkeypatch.setattr(Firefly, "_scores", scores)
+    report = Firefly(budget=0.35, candidates="new", score_batches=2).grow(model, data, F.cross_entropy)
+    assert report.extra["score_data"] == "fresh batches"
+    assert len(seen["score"]) == 2 and not seen["score"] & seen["step_one"]
+    assert len(seen["step_one"]) == 12 - 2 - 4  # all the rest but the safeguard's 4 check batches
+    pool = report.extra["pool"]
+    assert pool and all(p["new"] >= 2 * p["budget_share"] and p["splits"] == 0 for p in pool.values())
+    # the authors' in-sample scoring stays available as an ablation, and says so
+    seen["step_one"].clear(), seen["score"].clear()
+    model, x = ZOO["mlp"]()
+    report = Firefly(budget=0.35, score_on="step-one", score_batches=2).grow(model, data, F.cross_entropy)
+    assert report.extra["score_data"] == "step-one batches" and seen["score"] <= seen["step_one"]
+    with pytest.raises(ff.GrowthError, match="score_on"):
+        Firefly(score_on="train").grow(model, data, F.cross_entropy)

@@ -270,6 +270,14 @@ def test_train_end_to_end_files_and_checkpoints(tmp_path):
     growths = read_jsonl(out / "growth.jsonl")
     assert [g["epoch"] for g in growths] == [1, 2]
     assert growths[0]["widths_after"] and growths[0]["params_after"] > growths[0]["params_before"]
+    # anytime metrics: each growth record carries the held-out numbers 1 and 3 epochs after it
+    by_epoch = {r["epoch"]: r for r in rows}
+    assert sorted(growths[0]["after_epochs"]) == ["1", "3"] and sorted(growths[1]["after_epochs"]) == ["1"]
+    for g in growths:
+        for k, after in g["after_epochs"].items():
+            row = by_epoch[g["epoch"] + int(k)]
+            assert (after["test_loss"], after["test_acc"], after["params"]) == (
+                row["test_loss"], row["test_acc"], row["params"])
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
     ckpts = list_checkpoints(out)
     assert len(ckpts) == 2  # keep_last

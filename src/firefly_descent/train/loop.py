@@ -4,7 +4,8 @@ One run directory holds::
 
     config.yaml      the resolved config
     metrics.jsonl    one JSON row per epoch
-    growth.jsonl     one GrowthReport dict (plus epoch, params, FLOPs...) per growth
+    growth.jsonl     one GrowthReport dict (plus epoch, params, FLOPs...) per growth; `after_epochs`
+                     adds the held-out loss/accuracy 1 and 3 epochs after it (anytime metrics)
     train.log        the per-epoch log lines
     summary.json     final metrics (written when the run completes)
     checkpoints/     ckpt-<seq>-e<epoch>[g].pt, the newest `checkpoint.keep_last` kept
@@ -75,6 +76,8 @@ __all__ = [
     "train",
 ]
 
+# epochs after a growth at which its record gets the held-out numbers (`after_epochs`)
+ANYTIME_EPOCHS = (1, 3)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -826,6 +829,8 @@ class _Run:
                 self.epochs_done = E + 1
                 self.growth_done_for_epoch = False
                 self._append_jsonl("metrics.jsonl", row)
+                if self._note_anytime(row):
+                    self._rewrite_jsonl("growth.jsonl", self.growths)
                 self._log_epoch(row)
                 self.save_checkpoint()
                 self._emit("on_epoch_end", row)
@@ -841,6 +846,18 @@ class _Run:
         self.log(done_line(summary))
         self._emit("on_train_end", summary)
         return summary
+
+    def _note_anytime(self, row: dict[str, Any]) -> bool:
+        """Attach this epoch's held-out numbers to each growth it follows by 1 or 3 epochs (`after_epochs`):
+        a method's value may be a head start rather than final accuracy. True when a record changed."""
+        changed = False
+        for rec in self.growths:
+            k = int(row["epoch"]) - int(rec["epoch"])
+            if k in ANYTIME_EPOCHS:
+                keys = ("test_loss", "test_acc", "val_loss", "val_acc", "train_loss", "train_acc", "params")
+                rec.setdefault("after_epochs", {})[str(k)] = {key: row.get(key) for key in keys}
+                changed = True
+        return changed
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         def fmt(loss: float | None, acc: float | None) -> str:

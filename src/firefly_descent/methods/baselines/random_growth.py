@@ -120,11 +120,13 @@ def read_placement(run: str | Path) -> list[dict[str, int]]:
     path = Path(run) / "growth.jsonl" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise GrowthError(f"placement: no growth log at {path}; pass a run directory or its growth.jsonl")
+    return placement_of([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def placement_of(records: Iterable[dict[str, Any]]) -> list[dict[str, int]]:
+    """Per growth record (a GrowthReport dict), the units it added per group: splits + new units."""
     steps = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in records:
         counts: dict[str, int] = {}
         for key in ("units_split", "units_added"):
             for g, n in (rec.get(key) or {}).items():

@@ -43,17 +43,26 @@ class FireflyConfig:
     """All knobs of the method; `PRESETS` holds named defaults."""
 
     candidates: str = "width"  # width | splits | new | depth | all  (ablation switches)
-    new_units: float = 0.5  # new-unit candidates per group: fraction of its width (< 1) or a count (>= 1)
+    # new-unit candidates per group: a fraction of its width (< 1), a count (>= 1), or "auto": half its width
+    # and at least twice the group's share of the budget, so selection always has a choice to make
+    new_units: float | str = "auto"
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
-    step_one_steps: int | None = 10  # optimiser steps of step one; None = one pass over the data
-    sample_size: int | None = 32  # use at most this many samples of each batch in steps one and two
+    # step one fits on `step_one_batches` growth batches (None = all the growth data leaves after the score
+    # batches and the safeguard's check batches) for `step_one_steps` optimiser steps (None = one pass)
+    step_one_batches: int | None = None
+    step_one_steps: int | None = None
+    sample_size: int | None = None  # use at most this many samples of each batch in steps one and two
+    # score on batches step one never saw ("fresh", drawn first) or on step one's own ("step-one": the
+    # authors' code; an in-sample score overstates the gain)
+    score_on: str = "fresh"
     # forward/backward each batch in chunks of at most this many samples in steps one and two: the same
     # gradients with BatchNorm frozen (bn_mode="frozen"; with "batch" each chunk has its own statistics;
     # the loss must be a mean over samples), a fraction of the
     # over-grown network's activation memory. None = whole batches.
     micro_batch: int | None = None
     step_one_optimizer: str = "adam"  # adam | rmsprop | sgd
-    lr: float = 1e-2
+    # step one's learning rate, in relative units with Adam: ~lr per step, so ~10 steps reach the radii
+    lr: float = 3e-2
     rmsprop_alpha: float = 0.9
     momentum: float = 0.1
     split_penalty: float = 1e-2  # L2 penalty on split directions
@@ -86,7 +95,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released code (klightz/Firefly): one pass of RMSprop, gradient at the end point
     "paper-code": dict(
         new_units=70,
-        sample_size=None,
         step_one_steps=None,
         step_one_optimizer="rmsprop",
         lr=1e-3,
@@ -104,6 +112,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_new_out=0.01,
         score_points=[1.0],
         score_batches=None,
+        score_on="step-one",
+        sample_size=None,
         # the authors' code runs whole batches; chunking gives the same gradients with the over-grown
         # net's (16 + 16 twins + 70 new channels per layer) activations held for 32 samples at a time
         micro_batch=32,
@@ -182,16 +192,7 @@ class Firefly(Grower):
         device = model_device(model)
         guard = Safeguard.parse(self.safeguard)
         data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
-        # step one and step two read disjoint batches: scores are not read on the data step one fitted
-        batches = take_batches(data, cfg.step_one_steps, device)
-        score_batches = (
-            data.draw(cfg.score_batches, device) if cfg.score_batches is not None and cfg.step_one_steps else []
-        )
-        if not score_batches:  # the data ran out: score on step one's batches and say so
-            score_batches = batches if cfg.score_batches is None else batches[: cfg.score_batches]
-            self.score_data = "step-one batches (no further growth batches)"
-        else:
-            self.score_data = "fresh batches"
+        batches, score_batches, self.score_data = self._draw(data, device)
         x = example_from(batches, example_inputs)
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
@@ -219,7 +220,15 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None = None
 
         if use_splits or use_new:
-            new_count = {g.name: self._new_count(g.width) if use_new else 0 for g in groups}
+            new_count = {g.name: self._new_count(g, groups, costs[g.name]) if use_new else 0 for g in groups}
+            report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
+                g.name: {
+                    "splits": g.width if use_splits else 0,
+                    "new": new_count[g.name],
+                    "budget_share": self.budget.group_limit(g, groups) / max(costs[g.name], 1e-12),
+                }
+                for g in groups
+            }
             with Timer(report.timings, "build"):
                 width_c = build_width_candidates(
                     model,
@@ -281,9 +290,34 @@ class Firefly(Grower):
         return report
 
     # ---- pieces ----------------------------------------------------------------------------------
-    def _new_count(self, width: int) -> int:
+    def _draw(self, data: GrowthData, device: torch.device) -> tuple[list[Any], list[Any], str]:
+        """Step one's batches, step two's batches and where the scores are read. Fresh scoring draws its
+        batches first, so step one's "all the rest" leaves them (and the safeguard's check batches) out:
+        a score is then not read on the data step one fitted."""
+        cfg = self.config
+        if cfg.score_on not in ("fresh", "step-one"):
+            raise GrowthError(f"score_on must be 'fresh' or 'step-one', not {cfg.score_on!r}")
+        if cfg.score_on == "fresh" and cfg.score_batches is not None:
+            score = data.draw(cfg.score_batches, device)
+            batches = data.draw(cfg.step_one_batches, device)
+            if score and batches:
+                return batches, score, "fresh batches"
+            batches = score + batches  # too little data for both: score in-sample and say so
+            if not batches:
+                raise GrowthError("growth data is empty")
+            return batches, batches[: cfg.score_batches], "step-one batches (too few growth batches for both)"
+        batches = take_batches(data, cfg.step_one_batches, device)
+        return batches, batches if cfg.score_batches is None else batches[: cfg.score_batches], "step-one batches"
+
+    def _new_count(self, group: Any, groups: list[Any], unit_cost: float) -> int:
+        """New-unit candidates for `group` (see `FireflyConfig.new_units`)."""
         k = self.config.new_units
-        return int(k) if k >= 1 else max(1, math.ceil(k * width))
+        if k == "auto":
+            share = self.budget.group_limit(group, groups) / max(unit_cost, 1e-12)
+            return max(1, math.ceil(0.5 * group.width), math.ceil(2 * share))
+        if isinstance(k, str):
+            raise GrowthError(f"new_units must be 'auto', a fraction of the width or a count, not {k!r}")
+        return int(k) if k >= 1 else max(1, math.ceil(k * group.width))
 
     def _step_one(
         self,
@@ -311,7 +345,7 @@ class Firefly(Grower):
         bank = width_c.bank if width_c is not None else bn_train.bank  # type: ignore[union-attr]
         bank.alpha = 1.0
         bank.reset(requires_grad=False)
-        steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps
+        steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps  # cycling over the batches
         penalised = []
         if width_c is not None:
             penalised = [(v, cfg.split_penalty) for per in width_c.split_dirs.values() for v in per.values()]
