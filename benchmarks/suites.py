@@ -163,6 +163,11 @@ def _firefly_ablations() -> dict[str, Method]:
         "firefly-small-pool": Method(
             "firefly", {**fb, "new_units": 0.25}, note="ablation: new-unit pool of a quarter of the width (< 2x budget)"
         ),
+        "firefly-whole-batches": Method(
+            "firefly",
+            {**fb, "cost_limit": None},
+            note="ablation: whole growth batches in steps one and two, no 0.5-epoch cost limit",
+        ),
         "firefly-small-sample": Method(
             "firefly",
             {**fb, "step_one_batches": 10, "step_one_steps": 10, "sample_size": 32},

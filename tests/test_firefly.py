@@ -309,7 +309,7 @@ def test_toy_firefly_beats_random_growth():
     _train(base, data)
     growers = {
         "firefly": lambda: Firefly(
-            budget="units:2", step_one_steps=60, lr=2e-2, score_batches=4, new_units=0.5, seed=0
+            budget="units:2", step_one_steps=60, lr=2e-2, score_batches=4, new_units=0.5, cost_limit=None, seed=0
         ),
         "random-new": lambda: make_grower("random", budget="units:2", seed=0),
         "random-split": lambda: make_grower("net2net", budget="units:2", noise=0.1, seed=0),

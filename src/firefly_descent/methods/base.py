@@ -135,6 +135,9 @@ class Grower(abc.ABC):
 
     name: str = "grower"
     safeguard: Any = None  # a safety.Safeguard; None = the defaults
+    # batches in one training epoch, set by the training loop: growers that size their work to a cost
+    # target in epochs read it (None: the growth data's own length, when it has one)
+    epoch_batches: int | None = None
 
     def set_safeguard(self, **options: Any) -> Grower:
         """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""

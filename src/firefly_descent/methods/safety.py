@@ -93,9 +93,9 @@ SAFEGUARD_KEYS = tuple(Safeguard.__dataclass_fields__)
 
 class GrowthData:
     """One pass over the growth data, handed out in disjoint draws: the decision's batches first, then
-    the held-out batches the safeguard checks on. A draw of "everything" (n=None) holds back the last
-    `reserve` batches for the check when at least twice as many remain (else the check reuses the
-    decision's batches and says so). Wrapping is idempotent."""
+    the held-out batches the safeguard checks on. A draw (of n batches, or of "everything" when n is None)
+    holds back the last `reserve` batches for the check when at least twice as many remain (else the check
+    reuses the decision's batches and says so). Wrapping is idempotent."""
 
     def __init__(self, data: Iterable[Any], reserve: int = 0) -> None:
         if data is None:
@@ -116,10 +116,11 @@ class GrowthData:
             rest = self._held + list(self._it)
             k = self.reserve if len(rest) >= 2 * self.reserve else 0  # too little data: the check reuses it
             raw, self._held = rest[: len(rest) - k], rest[len(rest) - k :]
-        else:
-            raw = self._held[:n]
-            self._held = self._held[n:]
-            raw += list(itertools.islice(self._it, n - len(raw)))
+        else:  # n batches, unless that would eat into the reserve
+            need = n + self.reserve
+            self._held += list(itertools.islice(self._it, max(0, need - len(self._held))))
+            k = n if len(self._held) >= need or len(self._held) < 2 * self.reserve else len(self._held) - self.reserve
+            raw, self._held = self._held[:k], self._held[k:]
         out = []
         for batch in raw:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:

@@ -650,6 +650,7 @@ class _Run:
         data = DeviceLoader(s.train_loader, self.device, cfg.growth.data_batches)
         if getattr(grower, "needs_validation", False):
             grower.val_data = DeviceLoader(s.val_loader, self.device)
+        grower.epoch_batches = len(s.train_loader)  # for growers that size their work in epochs
         t0 = time.perf_counter()
         self.model.train()
         n_plans = len(growth_history(self.model))

@@ -47,11 +47,18 @@ class FireflyConfig:
     # and at least twice the group's share of the budget, so selection always has a choice to make
     new_units: float | str = "auto"
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
-    # step one fits on `step_one_batches` growth batches (None = all the growth data leaves after the score
-    # batches and the safeguard's check batches) for `step_one_steps` optimiser steps (None = one pass)
+    # step one: `step_one_steps` optimiser steps (None = one pass) over `step_one_batches` fresh growth
+    # batches (None = one per step; all the growth data leaves after the score and check batches when
+    # steps is None too)
+    step_one_steps: int | None = 10
     step_one_batches: int | None = None
-    step_one_steps: int | None = None
-    sample_size: int | None = None  # use at most this many samples of each batch in steps one and two
+    # samples of each batch used in steps one and two: a count, or None = as many as `cost_limit` affords
+    sample_size: int | None = None
+    # the whole growth step (steps one and two on the over-grown net, the safeguard's check) costs at most
+    # this many training epochs, estimated from FLOPs: more samples per step when the over-grown net is
+    # cheap, fewer on a big one (at least `min_samples`); None = whole batches, no limit
+    cost_limit: float | None = 0.5
+    min_samples: int = 16
     # score on batches step one never saw ("fresh", drawn first) or on step one's own ("step-one": the
     # authors' code; an in-sample score overstates the gain)
     score_on: str = "fresh"
@@ -113,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         score_points=[1.0],
         score_batches=None,
         score_on="step-one",
-        sample_size=None,
+        cost_limit=None,  # whole batches over the whole growth data, whatever it costs
         # the authors' code runs whole batches; chunking gives the same gradients with the over-grown
         # net's (16 + 16 twins + 70 new channels per layer) activations held for 32 samples at a time
         micro_batch=32,
@@ -191,14 +198,12 @@ class Firefly(Grower):
         cfg = self.config
         device = model_device(model)
         guard = Safeguard.parse(self.safeguard)
+        epoch = self.epoch_batches or (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
         data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
         batches, score_batches, self.score_data = self._draw(data, device)
         x = example_from(batches, example_inputs)
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
-        if cfg.sample_size is not None:
-            batches = [_head(b, cfg.sample_size) for b in batches]
-            score_batches = [_head(b, cfg.sample_size) for b in score_batches]
         graph = analyze(model, x)
         groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g)]
         if not groups and cfg.candidates != "depth":
@@ -245,6 +250,7 @@ class Firefly(Grower):
                     },
                     gen,
                 )
+            batches, score_batches = self._size(width_c.net, model, x, batches, score_batches, epoch, guard, report)
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
             with Timer(report.timings, "step_two"):
@@ -261,6 +267,10 @@ class Firefly(Grower):
             if after:
                 with Timer(report.timings, "build"):
                     depth_c = build_depth_candidates(model, graph, after, x, cfg.init_layer_scale)
+                if width_c is None:
+                    batches, score_batches = self._size(
+                        depth_c.net, model, x, batches, score_batches, epoch, guard, report
+                    )
                 with Timer(report.timings, "step_one"):
                     self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
                 with Timer(report.timings, "step_two"):
@@ -297,17 +307,58 @@ class Firefly(Grower):
         cfg = self.config
         if cfg.score_on not in ("fresh", "step-one"):
             raise GrowthError(f"score_on must be 'fresh' or 'step-one', not {cfg.score_on!r}")
+        n_one = cfg.step_one_batches if cfg.step_one_batches is not None else cfg.step_one_steps
         if cfg.score_on == "fresh" and cfg.score_batches is not None:
             score = data.draw(cfg.score_batches, device)
-            batches = data.draw(cfg.step_one_batches, device)
+            batches = data.draw(n_one, device)
             if score and batches:
                 return batches, score, "fresh batches"
             batches = score + batches  # too little data for both: score in-sample and say so
             if not batches:
                 raise GrowthError("growth data is empty")
             return batches, batches[: cfg.score_batches], "step-one batches (too few growth batches for both)"
-        batches = take_batches(data, cfg.step_one_batches, device)
+        batches = take_batches(data, n_one, device)
         return batches, batches if cfg.score_batches is None else batches[: cfg.score_batches], "step-one batches"
+
+    def _size(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        x: tuple[torch.Tensor, ...],
+        batches: list[Any],
+        score_batches: list[Any],
+        epoch: int | None,
+        guard: Safeguard,
+        report: GrowthReport,
+    ) -> tuple[list[Any], list[Any]]:
+        """Cut the batches of steps one and two to the samples `cost_limit` affords.
+
+        Costs in per-sample forward FLOPs F of the model (a training step ~ 3F): an epoch of `epoch`
+        batches of B samples is 3F*epoch*B; a step-one step or a scored point on s samples of the
+        over-grown net (r = its FLOPs / the model's) ~ 3rF*s; the safeguard's check ~ 4F per checked
+        sample. So s = (limit*epoch*B - 4/3*check*B) / (r * (steps + score batches * points))."""
+        cfg = self.config
+        if cfg.sample_size is not None:
+            s = int(cfg.sample_size)
+        elif cfg.cost_limit is None or not epoch or not batches:
+            report.extra["cost"] = {"limit": None}
+            return batches, score_batches
+        else:
+            batch = int(batches[0][1].shape[0])
+            ratio = count_flops(net, x) / max(count_flops(model, x), 1)
+            steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps
+            passes = steps + len(score_batches) * len(cfg.score_points)
+            check = guard.check_batches if guard.check else 0
+            afford = (cfg.cost_limit * epoch * batch - 4 / 3 * check * batch) / (ratio * max(passes, 1))
+            s = max(cfg.min_samples, min(batch, int(afford)))
+            report.extra["cost"] = {
+                "limit_epochs": cfg.cost_limit,
+                "epoch_batches": epoch,
+                "overgrown_flops_ratio": ratio,
+                "samples_per_batch": s,
+                "estimated_epochs": (ratio * passes * s + 4 / 3 * check * batch) / (epoch * batch),
+            }
+        return [_head(b, s) for b in batches], [_head(b, s) for b in score_batches]
 
     def _new_count(self, group: Any, groups: list[Any], unit_cost: float) -> int:
         """New-unit candidates for `group` (see `FireflyConfig.new_units`)."""
