@@ -573,13 +573,14 @@ def generate(
         f"Generated from the `{preset}`-preset result files in `{suites._rel(results)}` by "
         "`python benchmarks/make_docs.py`. Every number below comes from a result file; anything without one "
         "is listed as **not run** (never estimated). Reproduce a suite with "
-        f"`python benchmarks/suites.py --suite <A|B|C|D> --preset {preset}` (finished runs are skipped; each "
-        "result file also records the single-run command).",
+        f"`python benchmarks/suites.py --suite <{'|'.join(suites.SUITES)}> --preset {preset}` (finished runs are "
+        "skipped; each result file also records the single-run command; suite F also takes `--cifar10 PATH`).",
         "",
         "Methods: Firefly (default preset and the released code's settings, `paper-code`), its splits-only and "
         "new-neurons-only ablations, Net2Net, random new units, NASH, exact and fast splitting steepest descent, "
-        "GradMax; controls: the small network never grown, the final Firefly architecture trained from scratch, "
-        "and a wide static network. All growth methods share one budget: 35% more neurons per round.",
+        "GradMax, TINY; the placement control (random new units exactly where Firefly grew); controls: the small "
+        "network never grown, the final Firefly architecture trained from scratch, and a wide static network. All "
+        "growth methods share one budget: 35% more neurons per round.",
         "",
     ]
     all_recs: list[dict[str, Any]] = []

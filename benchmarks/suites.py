@@ -248,6 +248,14 @@ def _base_b(preset: str) -> dict[str, Any]:
     return _base_mnist1d(preset, {"name": "mlp", "kwargs": {"hidden": [16, 16]}})
 
 
+def _base_b_long(preset: str) -> dict[str, Any]:
+    """Suite B-long: suite B with 40 epochs between growths (160 in all), closer to the paper's long rounds."""
+    cfg = _base_b(preset)
+    if preset == "full":
+        cfg["train"]["epochs"], cfg["growth"]["at"] = 160, [40, 80, 120]
+    return cfg
+
+
 def _base_d(preset: str) -> dict[str, Any]:
     """Suite D: a residual MLP (width 16, two residual blocks) on MNIST-1D."""
     return _base_mnist1d(preset, {"name": "residual-mlp", "kwargs": {"width": 16, "depth": 2}})
@@ -337,6 +345,26 @@ SUITES: dict[str, Suite] = {
             "full": "10,000 samples -> 7,200 train + 800 validation, 2,000 test; 60 epochs; growth after 12, 24, "
             "36; 16 growth batches; seeds 0-19 (issue 11's paired protocol; some methods ran on fewer, see n)",
             "quick": "1,000 samples -> 720 train + 80 validation, 200 test; 4 epochs; growth after epoch 2; seed 0",
+        },
+    ),
+    "B-long": Suite(
+        name="B-long",
+        title="MLP width growth on MNIST-1D with long training between growths",
+        description=(
+            "Suite B's network, data and budget with 40 epochs between growths: grown after epochs 40, 80 and "
+            "120 of 160 (Adam lr 3e-3, one cosine schedule over the run). The paper trains 160 epochs per round; "
+            "this asks whether a decision's head start survives longer training."
+        ),
+        methods={
+            name: m
+            for name, m in _growers_width().items()
+            if name in ("firefly", "random", "random-matched", "tiny")
+        },
+        seeds={"quick": [0], "full": list(range(10))},
+        base=_base_b_long,
+        sizes={
+            "full": "as suite B; 160 epochs; growth after 40, 80, 120; seeds 0-9",
+            "quick": "as suite B's quick preset; seed 0",
         },
     ),
     "C": Suite(
