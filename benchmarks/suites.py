@@ -131,7 +131,12 @@ def _growers_width(nash_depth_prob: float = 0.0) -> dict[str, Method]:
         "splitting-exact": Method("splitting-exact", {"budget": BUDGET}, note="eigendecomposition of S_i"),
         "splitting-fast": Method("splitting-fast", {"budget": BUDGET}, note="Rayleigh-quotient descent"),
         "gradmax": Method("gradmax", {"budget": BUDGET}, note="SVD outgoing, incoming N(0, 1e-3^2)"),
-        "tiny": Method("tiny", {"budget": BUDGET}, note="TINY (Verbockhaven et al. 2024): closed-form new neurons"),
+        "tiny": Method(
+            "tiny",
+            {"budget": BUDGET, "holdout": 2},
+            note="TINY (Verbockhaven et al. 2024): closed-form new neurons; amplitude chosen on 2 held-out batches "
+            "(GroMo's in-sample choice overshoots and the safeguard undoes every step on suite B)",
+        ),
         "random-matched": Method(
             "random",
             {},
