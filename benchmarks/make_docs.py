@@ -333,8 +333,8 @@ def _paired_section(suite: suites.Suite, ok: dict[str, list[dict[str, Any]]]) ->
     for name in grow:
         mine = {r["seed"]: r for r in ok[name]}
         for ref in refs:
-            if ref == name:
-                continue
+            if ref == name or (name in refs and refs.index(name) < refs.index(ref)):
+                continue  # each pair of references once (the later one against the earlier)
             theirs = {r["seed"]: r for r in ok[ref]}
             seeds = sorted(set(mine) & set(theirs))
             if len(seeds) < 2:

@@ -477,6 +477,14 @@ def test_imagefolder_rgb_tree(tmp_path: Path) -> None:
     assert load_dataset("imagefolder", tmp_path, augment="crop-flip").train.augment is not None
     fixed = load_dataset("imagefolder", tmp_path, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     assert fixed.meta["mean"] == CIFAR10_MEAN
+    # the decoded tree is kept for the process (benchmarks load it once per run): the same pixels again,
+    # untouched by the normalised loads above; a new image makes it decode the tree afresh
+    again = load_dataset("imagefolder", tmp_path, normalize=False)
+    assert torch.equal(again.train.inputs, b.train.inputs) and len(again.train) == 12
+    from PIL import Image
+
+    Image.fromarray(a).save(tmp_path / "train" / "cat" / "extra.png")
+    assert len(load_dataset("imagefolder", tmp_path, normalize=False).train) == 13
 
 
 def test_imagefolder_grey_custom_dirs_and_resize(tmp_path: Path) -> None:
