@@ -20,6 +20,7 @@ from torch import nn
 
 from ...analysis import analyze
 from ...budget import Budget, Candidate, count_flops, group_unit_costs, meta_copy, select
+from ...collective import current_sync
 from ...errors import GrowthError
 from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
@@ -141,6 +142,7 @@ class Firefly(Grower):
     """Firefly descent: grow wider (splits, new units) and/or deeper (new layers) under a budget."""
 
     name = "firefly"
+    sharded_growth = True  # reduces through collective.current_sync(): N ranks, one decision
 
     def __init__(self, budget: Any = 0.35, preset: str = "default", per_group: bool = False, **overrides: Any):
         if preset not in PRESETS:
@@ -195,9 +197,9 @@ class Firefly(Grower):
         x = example_from(batches, example_inputs)
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
-        if cfg.sample_size is not None:
-            batches = [_head(b, cfg.sample_size) for b in batches]
-            score_batches = [_head(b, cfg.sample_size) for b in score_batches]
+        if cfg.sample_size is not None:  # under torch.distributed: this rank's share of the samples
+            batches = [_head(b, current_sync().share(cfg.sample_size)) for b in batches]
+            score_batches = [_head(b, current_sync().share(cfg.sample_size)) for b in score_batches]
         graph = analyze(model, x)
         groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g)]
         if not groups and cfg.candidates != "depth":
@@ -236,6 +238,7 @@ class Firefly(Grower):
                     },
                     gen,
                 )
+                current_sync().broadcast(width_c.trainables())  # rank 0's candidate initial values
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
             with Timer(report.timings, "step_two"):
@@ -252,6 +255,7 @@ class Firefly(Grower):
             if after:
                 with Timer(report.timings, "build"):
                     depth_c = build_depth_candidates(model, graph, after, x, cfg.init_layer_scale)
+                    current_sync().broadcast(depth_c.trainables())
                 with Timer(report.timings, "step_one"):
                     self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
                 with Timer(report.timings, "step_two"):
@@ -322,6 +326,7 @@ class Firefly(Grower):
                 (loss_fn(net(*xc), yc) * weight).backward()
             if penalised:
                 sum(lam * v.pow(2).sum() for v, lam in penalised).backward()
+            current_sync().mean_grads(params, len(y))  # every rank's shard, as DDP would
             opt.step()
             if width_c is not None:
                 project_into_ball(width_c, cfg)
@@ -333,6 +338,8 @@ class Firefly(Grower):
                             v.mul_((cfg.max_norm / norms).clamp(max=1.0).view(-1, *([1] * (v.dim() - 1))))
         for p in params:
             p.requires_grad_(False)
+        if bn_train is not None:  # the new layers' BatchNorm statistics, over every rank's shard
+            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.body.modules())
         net.eval()
 
     def _set_mode(self, net: nn.Module) -> None:
@@ -351,7 +358,7 @@ class Firefly(Grower):
         """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
         self._set_mode(net)
         total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
-        count = 0
+        count = samples = 0
         for alpha in self.config.score_points:
             bank.alpha = float(alpha)
             for x, y in batches:
@@ -364,10 +371,11 @@ class Firefly(Grower):
                         if gr is not None:
                             total[k] += gr.detach()
                 count += 1
+                samples += len(y)
         bank.alpha = 1.0
         bank.reset(requires_grad=False)
         net.eval()
-        return {k: v / max(1, count) for k, v in total.items()}
+        return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
 
     def _layer_costs(self, model: nn.Module, x: tuple[torch.Tensor, ...], depth_c: DepthCandidates) -> list[float]:
         if self.budget.currency == "units":
