@@ -159,12 +159,16 @@ class RankSync(GrowthSync):
         self.world_size, self.rank = runtime.world_size, runtime.rank
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return t
         return self.rt._all_reduce(t.detach().to(torch.float64)).to(t.dtype)
 
     def sum_floats(self, *values: float) -> tuple[float, ...]:
         return self.rt.reduce_sums(*values)
 
     def mean(self, t: torch.Tensor, weight: float) -> torch.Tensor:
+        if not self.active:
+            return t
         w = torch.tensor([float(weight)], dtype=torch.float64, device=t.device)
         buf = self.rt._all_reduce(torch.cat([t.detach().reshape(-1).to(torch.float64) * w, w]))
         return (buf[:-1] / buf[-1].clamp(min=1e-300)).view(t.shape).to(t.dtype)
@@ -172,7 +176,7 @@ class RankSync(GrowthSync):
     @torch.no_grad()
     def broadcast(self, tensors: Any) -> None:
         ts = list(tensors)
-        if not ts:
+        if not ts or not self.active:
             return
         flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in ts])
         self.rt._bcast(flat)
