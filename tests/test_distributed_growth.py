@@ -57,7 +57,7 @@ def _convnet() -> nn.Module:
 def _batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """16 global batches of 32 (step one 10, scores 2, the safeguard's check 4)."""
     g = torch.Generator().manual_seed(1)
-    shape = (32, 10) if kind == "mlp" else (32, 2, 6, 6)
+    shape = (32, 2, 6, 6) if kind == "conv" else (32, 10)
     out = []
     for _ in range(16):
         x = torch.randn(*shape, generator=g)
@@ -66,9 +66,14 @@ def _batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+KINDS = ("mlp", "conv", "splitting-exact", "splitting-fast")
+
+
 def _grower(kind: str) -> Any:
     from firefly_descent.methods import make_grower
 
+    if kind.startswith("splitting"):  # splitting matrices S_i (exact) or products S_i v (fast), reduced
+        return make_grower(kind, budget=0.5, batches=8)
     if kind == "mlp":  # sample_size 16 of each global batch of 32: 8 per rank, shared out by GrowthSync.share
         return make_grower("firefly", budget=0.5, sample_size=16)
     return make_grower("firefly", budget=0.5, candidates="all", depth_after=["2"], sample_size=None)
@@ -76,13 +81,18 @@ def _grower(kind: str) -> Any:
 
 def _grow(kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """Grow once; return what decides the step and what it produced."""
-    model = _mlp() if kind == "mlp" else _convnet()
+    model = _convnet() if kind == "conv" else _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     grower = _grower(kind)
     example = batches[0][0][:4]
     report = grower.grow(model, iter(batches), nn.functional.cross_entropy, optimizer=opt, example_inputs=example)
+    if hasattr(grower, "last_scores"):
+        scores = [(c.kind, c.group, c.index, c.score) for c in grower.last_scores]
+    else:
+        scores = [("min-eigenvalue", n, 0, v) for n, v in sorted(report.extra["min_eigenvalues"].items())]
     return {
-        "scores": [(c.kind, c.group, c.index, c.score) for c in grower.last_scores],
+        "scores": scores,
+        "predicted": report.predicted_loss_change,
         "split": report.units_split,
         "added": report.units_added,
         "layers": report.layers_inserted,
@@ -96,7 +106,7 @@ def _grow(kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[s
     }
 
 
-def _rank_main(rank: int, port: int, side: str, kind: str) -> None:
+def _rank_main(rank: int, port: int, side: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1"}
         | {"MASTER_PORT": str(port), "LOCAL_WORLD_SIZE": str(WORLD)}
@@ -106,11 +116,12 @@ def _rank_main(rank: int, port: int, side: str, kind: str) -> None:
 
     rt = DistributedRuntime("cpu")
     try:
-        shard = [(x[rank::WORLD], y[rank::WORLD]) for x, y in _batches(kind)]  # a different half on each rank
-        with sync_growth(RankSync(rt)):
-            assert current_sync().active and current_sync().share(16) == 8
-            out = _grow(kind, shard)
-        torch.save(out, Path(side, f"{kind}-rank{rank}.pt"))
+        for kind in KINDS:
+            shard = [(x[rank::WORLD], y[rank::WORLD]) for x, y in _batches(kind)]  # a different half on each rank
+            with sync_growth(RankSync(rt)):
+                assert current_sync().active and current_sync().share(16) == 8
+                out = _grow(kind, shard)
+            torch.save(out, Path(side, f"{kind}-rank{rank}.pt"))
     finally:
         rt.close()
 
@@ -134,8 +145,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     side = tmp_path_factory.mktemp("sharded")
     from firefly_descent.methods import make_grower  # noqa: F401 - import once in the parent, ranks fork
 
-    for kind in ("mlp", "conv"):
-        assert _fork(_rank_main, str(side), kind) == [0] * WORLD, kind
+    assert _fork(_rank_main, str(side)) == [0] * WORLD
     return side
 
 
@@ -148,9 +158,10 @@ def test_the_single_process_hook_is_the_identity() -> None:
     assert s.mean_dict(grads, 1.0) is grads
 
 
-def test_sharded_decision_equals_one_process_on_the_union(sharded: Path) -> None:
-    ranks = [torch.load(sharded / f"mlp-rank{r}.pt") for r in range(WORLD)]
-    one = _grow("mlp", _batches("mlp"))
+@pytest.mark.parametrize("kind", ["mlp", "splitting-exact", "splitting-fast"])
+def test_sharded_decision_equals_one_process_on_the_union(sharded: Path, kind: str) -> None:
+    ranks = [torch.load(sharded / f"{kind}-rank{r}.pt") for r in range(WORLD)]
+    one = _grow(kind, _batches(kind))
     # every rank computed the same scores, plan and weights, bit for bit (no broadcast of results here)
     for other in ranks[1:]:
         assert other["scores"] == ranks[0]["scores"] and other["digest"] == ranks[0]["digest"]
@@ -161,6 +172,7 @@ def test_sharded_decision_equals_one_process_on_the_union(sharded: Path) -> None
     worst = max(abs(a[3] - b[3]) for a, b in zip(two["scores"], one["scores"]))
     print(f"max |score difference| {worst:.3g} over {len(one['scores'])} candidates (tolerance {SCORE_ATOL})")
     assert worst <= SCORE_ATOL
+    assert two["predicted"] == pytest.approx(one["predicted"], abs=SCORE_ATOL)
     assert (two["split"], two["added"]) == (one["split"], one["added"])
     assert sum(one["split"].values()) + sum(one["added"].values()) > 0  # it grew
     assert two["outcome"] == one["outcome"] == "accepted"
