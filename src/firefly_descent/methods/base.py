@@ -135,6 +135,9 @@ class Grower(abc.ABC):
 
     name: str = "grower"
     safeguard: Any = None  # a safety.Safeguard; None = the defaults
+    # True: every statistic the decision reads goes through collective.current_sync(), so under
+    # torch.distributed each rank may decide on its own shard of the growth data (docs/distributed.md)
+    sharded_growth: bool = False
 
     def set_safeguard(self, **options: Any) -> Grower:
         """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""
