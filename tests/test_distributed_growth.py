@@ -66,7 +66,7 @@ def _batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-KINDS = ("mlp", "conv", "splitting-exact", "splitting-fast")
+KINDS = ("mlp", "conv", "splitting-exact", "splitting-fast", "gradmax")
 
 
 def _grower(kind: str) -> Any:
@@ -74,6 +74,8 @@ def _grower(kind: str) -> Any:
 
     if kind.startswith("splitting"):  # splitting matrices S_i (exact) or products S_i v (fast), reduced
         return make_grower(kind, budget=0.5, batches=8)
+    if kind == "gradmax":  # its gradient-correlation matrix M, reduced
+        return make_grower(kind, budget=0.5, batches=4)
     if kind == "mlp":  # sample_size 16 of each global batch of 32: 8 per rank, shared out by GrowthSync.share
         return make_grower("firefly", budget=0.5, sample_size=16)
     return make_grower("firefly", budget=0.5, candidates="all", depth_after=["2"], sample_size=None)
@@ -88,8 +90,11 @@ def _grow(kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[s
     report = grower.grow(model, iter(batches), nn.functional.cross_entropy, optimizer=opt, example_inputs=example)
     if hasattr(grower, "last_scores"):
         scores = [(c.kind, c.group, c.index, c.score) for c in grower.last_scores]
-    else:
+    elif "min_eigenvalues" in report.extra:
         scores = [("min-eigenvalue", n, 0, v) for n, v in sorted(report.extra["min_eigenvalues"].items())]
+    else:
+        scores = [("singular-value", n, k, v) for n, s in sorted(report.extra["singular_values"].items())
+                  for k, v in enumerate(s)]
     return {
         "scores": scores,
         "predicted": report.predicted_loss_change,
@@ -158,7 +163,7 @@ def test_the_single_process_hook_is_the_identity() -> None:
     assert s.mean_dict(grads, 1.0) is grads
 
 
-@pytest.mark.parametrize("kind", ["mlp", "splitting-exact", "splitting-fast"])
+@pytest.mark.parametrize("kind", ["mlp", "splitting-exact", "splitting-fast", "gradmax"])
 def test_sharded_decision_equals_one_process_on_the_union(sharded: Path, kind: str) -> None:
     ranks = [torch.load(sharded / f"{kind}-rank{r}.pt") for r in range(WORLD)]
     one = _grow(kind, _batches(kind))
