@@ -66,7 +66,8 @@ def _batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-KINDS = ("mlp", "conv", "splitting-exact", "splitting-fast", "gradmax")
+KINDS = ("mlp", "conv", "splitting-exact", "splitting-fast", "gradmax", "random", "net2net")
+SCORED = ("mlp", "splitting-exact", "splitting-fast", "gradmax")  # the others draw units with a seeded generator
 
 
 def _grower(kind: str) -> Any:
@@ -75,6 +76,8 @@ def _grower(kind: str) -> Any:
     if kind.startswith("splitting"):  # splitting matrices S_i (exact) or products S_i v (fast), reduced
         return make_grower(kind, budget=0.5, batches=8)
     if kind == "gradmax":  # its gradient-correlation matrix M, reduced
+        return make_grower(kind, budget=0.5, batches=4)
+    if kind in ("random", "net2net"):  # data only through the safeguard's losses and the reported ones
         return make_grower(kind, budget=0.5, batches=4)
     if kind == "mlp":  # sample_size 16 of each global batch of 32: 8 per rank, shared out by GrowthSync.share
         return make_grower("firefly", budget=0.5, sample_size=16)
@@ -92,9 +95,11 @@ def _grow(kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[s
         scores = [(c.kind, c.group, c.index, c.score) for c in grower.last_scores]
     elif "min_eigenvalues" in report.extra:
         scores = [("min-eigenvalue", n, 0, v) for n, v in sorted(report.extra["min_eigenvalues"].items())]
-    else:
+    elif "singular_values" in report.extra:
         scores = [("singular-value", n, k, v) for n, s in sorted(report.extra["singular_values"].items())
                   for k, v in enumerate(s)]
+    else:
+        scores = []
     return {
         "scores": scores,
         "predicted": report.predicted_loss_change,
@@ -163,7 +168,7 @@ def test_the_single_process_hook_is_the_identity() -> None:
     assert s.mean_dict(grads, 1.0) is grads
 
 
-@pytest.mark.parametrize("kind", ["mlp", "splitting-exact", "splitting-fast", "gradmax"])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "conv"])
 def test_sharded_decision_equals_one_process_on_the_union(sharded: Path, kind: str) -> None:
     ranks = [torch.load(sharded / f"{kind}-rank{r}.pt") for r in range(WORLD)]
     one = _grow(kind, _batches(kind))
@@ -173,11 +178,15 @@ def test_sharded_decision_equals_one_process_on_the_union(sharded: Path, kind: s
         assert all(torch.equal(other["state"][k], v) for k, v in ranks[0]["state"].items())
     two = ranks[0]
     # ... and the same decision as one process on the whole batches
-    assert [s[:3] for s in two["scores"]] == [s[:3] for s in one["scores"]] and len(one["scores"]) > 0
-    worst = max(abs(a[3] - b[3]) for a, b in zip(two["scores"], one["scores"]))
+    assert [s[:3] for s in two["scores"]] == [s[:3] for s in one["scores"]]
+    assert len(one["scores"]) > 0 or kind not in SCORED
+    worst = max((abs(a[3] - b[3]) for a, b in zip(two["scores"], one["scores"])), default=0.0)
     print(f"max |score difference| {worst:.3g} over {len(one['scores'])} candidates (tolerance {SCORE_ATOL})")
     assert worst <= SCORE_ATOL
-    assert two["predicted"] == pytest.approx(one["predicted"], abs=SCORE_ATOL)
+    if one["predicted"] is None:
+        assert two["predicted"] is None
+    else:
+        assert two["predicted"] == pytest.approx(one["predicted"], abs=SCORE_ATOL)
     assert (two["split"], two["added"]) == (one["split"], one["added"])
     assert sum(one["split"].values()) + sum(one["added"].values()) > 0  # it grew
     assert two["outcome"] == one["outcome"] == "accepted"

@@ -11,7 +11,7 @@ train``) runs the ordinary loop with a `DistributedRuntime`:
   into disjoint shards and the sums are all-reduced.
 * **Growth.** The growth batches are drawn from the whole training set with the global batch size
   and a seed fixed by the seed and the growth's position in the history: the same batches for 1 or
-  N processes. A grower with ``sharded_growth = True`` (Firefly, splitting, GradMax) runs on every
+  N processes. A grower with ``sharded_growth = True`` (Firefly, splitting, GradMax, ...) runs on every
   rank, each on its strided slice of every global batch, with rank 0's RNG state, and reduces its
   statistics through `collective.current_sync()` (`RankSync` here: candidate gradients, scores,
   held-out losses, BatchNorm statistics); every rank computes the same plan, which a digest of the
