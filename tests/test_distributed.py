@@ -182,6 +182,8 @@ def test_two_ranks_match_one_process_through_growth(runs: dict[str, Path]) -> No
     c1, c2 = load_checkpoint(g1), load_checkpoint(g2)
     assert c1["growth_history"] == c2["growth_history"] and len(c1["growth_history"]) >= 1
     assert c1["growth_reports"][0]["params_after"] > c1["growth_reports"][0]["params_before"]
+    # Firefly decided on both ranks' shards of the growth batches, statistics reduced (collective.py)
+    assert [c["growth_reports"][0]["extra"]["growth_shards"] for c in (c1, c2)] == [1, 2]
     assert rebuild_model(c1).state_dict().keys() == rebuild_model(c2).state_dict().keys()
     _assert_close(c1["model_state"], c2["model_state"], ATOL_AFTER_GROWTH)
     # two more epochs of DDP training on the grown model (DDP rebuilt around the new parameters)

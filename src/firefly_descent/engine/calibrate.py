@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..collective import current_sync
 from ..plan import Plan
 from .apply import plan_edits
 from .tensors import NEW, build_source_map
@@ -168,6 +169,8 @@ def calibrate_new_batchnorm(
         sums = torch.stack(stats[name]).sum(0)
         if reduce is not None:
             sums = reduce(sums)
+        elif current_sync().active:  # inside a sharded growth step: the statistics of every rank's shard
+            sums = current_sync().sum(sums)
         n, s, ss = sums
         mu = s / n
         var = (ss / n - mu * mu).clamp(min=0.0)
@@ -225,6 +228,7 @@ def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int
                 m.running_mean.copy_(rm)
                 m.running_var.copy_(rv)
         model.train(was_training)
+    current_sync().average_buffers(bns)  # inside a sharded growth step: over every rank's shard
     return len(bns) if seen else 0
 
 

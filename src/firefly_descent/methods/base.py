@@ -138,6 +138,9 @@ class Grower(abc.ABC):
     # batches in one training epoch, set by the training loop: growers that size their work to a cost
     # target in epochs read it (None: the growth data's own length, when it has one)
     epoch_batches: int | None = None
+    # True: every statistic the decision reads goes through collective.current_sync(), so under
+    # torch.distributed each rank may decide on its own shard of the growth data (docs/distributed.md)
+    sharded_growth: bool = False
 
     def set_safeguard(self, **options: Any) -> Grower:
         """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""

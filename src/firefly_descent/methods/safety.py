@@ -33,6 +33,7 @@ from torch import nn
 
 from ..analysis.trace import as_input_tuple
 from ..budget import count_flops, count_params
+from ..collective import current_sync
 from ..engine import apply_undoable, growth_history, prepare_batchnorm, refresh_batchnorm
 from ..errors import GrowthError
 from ..plan import Plan
@@ -159,6 +160,7 @@ def heldout_loss(
                 n = int(y.shape[0])
                 total += float(loss_fn(model(*as_input_tuple(x)), y)) * n
                 count += n
+        total, count = current_sync().sum_floats(total, count)  # every rank's shard (identity in one process)
     finally:
         for store, k, v in saved:
             store[k].copy_(v)

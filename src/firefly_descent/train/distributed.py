@@ -9,11 +9,16 @@ train``) runs the ordinary loop with a `DistributedRuntime`:
   so the union of the ranks' batches at step k is the k-th batch of one permutation that depends
   only on the seed and the epoch, whatever the number of processes. Evaluation sets are split
   into disjoint shards and the sums are all-reduced.
-* **Growth.** Rank 0 runs the grower (unchanged growth methods) on growth batches drawn from the
-  whole training set with the global batch size and a seed fixed by the seed and the growth's
-  position in the history: the same batches for 1 or N processes. It broadcasts the plans it
-  applied (pure data, the engine's growth-history records) and every other rank applies them through
-  the same engine, remapping its optimizer. An architecture hash (module types, tensor names, shapes
+* **Growth.** The growth batches are drawn from the whole training set with the global batch size
+  and a seed fixed by the seed and the growth's position in the history: the same batches for 1 or
+  N processes. A grower with ``sharded_growth = True`` (Firefly, splitting, GradMax, ...) runs on every
+  rank, each on its strided slice of every global batch, with rank 0's RNG state, and reduces its
+  statistics through `collective.current_sync()` (`RankSync` here: candidate gradients, scores,
+  held-out losses, BatchNorm statistics); every rank computes the same plan, which a digest of the
+  plan records all-gathered across ranks checks (`PlanMismatchError`). Any other grower runs on
+  rank 0 alone on the whole global batches; rank 0 broadcasts the plans it applied (pure data, the
+  engine's growth-history records) and every other rank applies them through the same engine,
+  remapping its optimizer. An architecture hash (module types, tensor names, shapes
   and dtypes, optimizer state layout) is all-gathered and compared; a mismatch stops the run with one
   error. Then rank 0's weights, buffers and optimizer state are broadcast, new BatchNorm channels are
   calibrated on every rank's shard with the statistics all-reduced (`calibrate_new_batchnorm`'s
@@ -39,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from ..collective import GrowthSync, plan_digest, sync_growth
 from ..engine.apply import apply, growth_history
 from ..errors import GrowthError
 from ..plan import Plan
@@ -50,6 +56,8 @@ __all__ = [
     "ArchitectureMismatchError",
     "DistributedRuntime",
     "LaunchError",
+    "PlanMismatchError",
+    "RankSync",
     "architecture_hash",
     "launch",
 ]
@@ -57,6 +65,10 @@ __all__ = [
 
 class ArchitectureMismatchError(GrowthError):
     """The ranks of a job hold different architectures (they did not apply the same plans)."""
+
+
+class PlanMismatchError(ArchitectureMismatchError):
+    """The ranks of a job computed different growth plans from their shards (a reduction is missing)."""
 
 
 class LaunchError(RuntimeError):
@@ -112,6 +124,66 @@ def _set_optimizer_layout(
         group["params"] = [named[n] for n in names]
     for names in layout[len(optimizer.param_groups) :]:
         optimizer.add_param_group({"params": [named[n] for n in names]})
+
+
+def _strided(batch: Any, rank: int, world: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[rank::world]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_strided(b, rank, world) for b in batch)
+    return batch
+
+
+class _ShardBatches:
+    """This rank's strided slice ``[rank::world]`` of every global batch of `loader`. The slices partition
+    each batch, and the first k samples of every slice are together its first k·world samples, so a
+    sample cap shared out by `GrowthSync.share` reads what one process reads."""
+
+    def __init__(self, loader: Any, rank: int, world: int) -> None:
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield _strided(batch, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class RankSync(GrowthSync):
+    """`GrowthSync` over the ranks of the process group: all-reduces in float64 (then cast back), so the
+    combined statistics do not depend on the number of ranks beyond float summation order."""
+
+    def __init__(self, runtime: DistributedRuntime) -> None:
+        self.rt = runtime
+        self.world_size, self.rank = runtime.world_size, runtime.rank
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return t
+        return self.rt._all_reduce(t.detach().to(torch.float64)).to(t.dtype)
+
+    def sum_floats(self, *values: float) -> tuple[float, ...]:
+        return self.rt.reduce_sums(*values)
+
+    def mean(self, t: torch.Tensor, weight: float) -> torch.Tensor:
+        if not self.active:
+            return t
+        w = torch.tensor([float(weight)], dtype=torch.float64, device=t.device)
+        buf = self.rt._all_reduce(torch.cat([t.detach().reshape(-1).to(torch.float64) * w, w]))
+        return (buf[:-1] / buf[-1].clamp(min=1e-300)).view(t.shape).to(t.dtype)
+
+    @torch.no_grad()
+    def broadcast(self, tensors: Any) -> None:
+        ts = list(tensors)
+        if not ts or not self.active:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in ts])
+        self.rt._bcast(flat)
+        at = 0
+        for t in ts:
+            t.copy_(flat[at : at + t.numel()].view(t.shape))
+            at += t.numel()
 
 
 class DistributedRuntime(Runtime):
@@ -279,6 +351,65 @@ class DistributedRuntime(Runtime):
             self._full_train.dataset, batch_size=self._batch_size, shuffle=True, generator=gen, num_workers=0
         )
 
+    def _agree_rng(self) -> None:
+        """Every rank continues from rank 0's torch RNG state (CPU, and this rank's CUDA device)."""
+        cuda = self.device.type == "cuda"
+        states = self.agree(
+            (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None) if self.is_main else None
+        )
+        if not self.is_main:
+            torch.set_rng_state(states[0])
+            if cuda and states[1] is not None:
+                torch.cuda.set_rng_state(states[1], self.device)
+
+    def _grow_sharded(
+        self,
+        grower: Any,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: Any,
+        optimizer: torch.optim.Optimizer | None,
+        example_inputs: Any,
+    ) -> Any:
+        """Every rank runs the grower on its shard of the global growth batches, reducing through `RankSync`;
+        the plans must come out identical (checked), then weights and state are synced as below."""
+        from .loop import DeviceLoader
+
+        n_before = len(growth_history(model))
+        self._agree_rng()
+        shard = _ShardBatches(self._growth_loader(n_before), self.rank, self.world_size)
+        batches = DeviceLoader(shard, self.device, getattr(data, "max_batches", None))
+        report: Any = None
+        failure: Exception | None = None
+        try:
+            with sync_growth(RankSync(self)):
+                report = grower.grow(model, batches, loss_fn, optimizer=optimizer, example_inputs=example_inputs)
+        except Exception as e:  # every rank learns of it below (a rank that fails mid-collective takes the job down)
+            failure = e
+        mine = {
+            "error": None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}",
+            "plans": plan_digest(growth_history(model)[n_before:]),
+        }
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        if failure is not None:
+            raise failure
+        bad = next((r for r, m in enumerate(every) if m["error"]), None)
+        if bad is not None:
+            raise GrowthError(f"rank {bad} could not grow, so rank {self.rank} stops too ({every[bad]['error']})")
+        differ = [r for r, m in enumerate(every) if m["plans"] != every[0]["plans"]]
+        if differ:
+            raise PlanMismatchError(
+                f"growth after plan {n_before}: the ranks computed different growth plans from their shards "
+                f"(rank 0 {every[0]['plans']}, rank {differ[0]} {every[differ[0]]['plans']}); the grower reduces "
+                "some statistic without collective.current_sync(), so the run stops here (checkpoints are intact)"
+            )
+        self.check_architecture(model, optimizer, f"growth after plan {n_before}")
+        self._broadcast_state(model, optimizer)
+        if isinstance(getattr(report, "extra", None), dict):
+            report.extra["growth_shards"] = self.world_size  # decided on every rank's shard, reduced
+        return report
+
     def grow(
         self,
         grower: Any,
@@ -288,9 +419,12 @@ class DistributedRuntime(Runtime):
         optimizer: torch.optim.Optimizer | None = None,
         example_inputs: Any = None,
     ) -> Any:
-        """Rank 0 decides and applies; the others apply the same plans; then weights and state are synced."""
+        """Sharded growers: every rank decides on its shard with reduced statistics (`_grow_sharded`).
+        Others: rank 0 decides and applies; the others apply the same plans; then weights and state are synced."""
         from .loop import DeviceLoader
 
+        if getattr(grower, "sharded_growth", False) and not getattr(grower, "needs_validation", False):
+            return self._grow_sharded(grower, model, data, loss_fn, optimizer, example_inputs)
         n_before = len(growth_history(model))
         message: dict[str, Any]
         report: Any = None

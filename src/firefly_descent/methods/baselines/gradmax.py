@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ...budget import Candidate, select
+from ...collective import current_sync
 from ...engine import apply
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits, Plan
@@ -65,6 +66,7 @@ class GradMax(BaselineGrower):
     """
 
     name = "gradmax"
+    sharded_growth = True  # M reduced through collective.current_sync()
 
     def __init__(
         self,
@@ -133,7 +135,8 @@ class GradMax(BaselineGrower):
             c_new = d.c[C:C + d_out]
         assert acc is not None
         _, slope = slope_at_zero(probe.get_submodule(path.act), acc)
-        return (acc * (c_new * slope)).transpose(0, 1) / len(ctx.batches)
+        M = (acc * (c_new * slope)).transpose(0, 1) / len(ctx.batches)
+        return current_sync().mean(M, sum(len(y) for _, y in ctx.batches))  # every rank's shard (sharded growth)
 
     def matrices(
         self, model: nn.Module, data: Iterable[Any], loss_fn: LossFn, example_inputs: Any = None

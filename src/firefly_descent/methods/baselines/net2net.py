@@ -89,6 +89,7 @@ class Net2Net(BaselineGrower):
     """
 
     name = "net2net"
+    sharded_growth = True  # reads data only through the reduced losses, safeguard and BatchNorm refresh
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class RandomGrowth(BaselineGrower):
     """
 
     name = "random"
+    sharded_growth = True  # reads data only through the reduced losses, safeguard and BatchNorm refresh
 
     def __init__(
         self,

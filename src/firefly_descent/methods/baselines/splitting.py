@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ...budget import Budget, Candidate, group_unit_costs, select
+from ...collective import current_sync
 from ...errors import GrowthError
 from ...plan import GroupChange, Split
 from ..base import GrowthReport, LossFn, Timer, register_grower
@@ -106,6 +107,7 @@ def exact_eigs(
             )
         plan[n] = (C, D, max(1, min(C, memory_limit // one)))
     rounds = max((math.ceil(C / k) for C, _, k in plan.values()), default=0)
+    samples = sum(len(y) for _, y in batches)
     vals: dict[str, list[torch.Tensor]] = {n: [] for n in paths}
     vecs: dict[str, list[torch.Tensor]] = {n: [] for n in paths}
     mats: dict[str, list[torch.Tensor]] = {n: [] for n in paths}
@@ -131,7 +133,7 @@ def exact_eigs(
                         Xc = X[p0:p0 + m, u0:u1]
                         acc += torch.einsum("mkd,mke->kde", Xc * w[p0:p0 + m, :, None], Xc)
         for n, acc in S.items():
-            acc /= len(batches)
+            acc = current_sync().mean(acc / len(batches), samples)  # over every rank's shard (sharded growth)
             acc = 0.5 * (acc + acc.transpose(1, 2))
             # float64: LAPACK's float32 eigh fails to converge on some ill-conditioned S
             ev, V = torch.linalg.eigh(acc.double())
@@ -182,6 +184,7 @@ def fast_eigs(
     finally:
         stream.close()
     nb = len(batches)
+    samples = sum(len(y) for _, y in batches)
 
     def matvec(Q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """S_i q for every unit i and column q of Q[name] [C, D, k]."""
@@ -199,7 +202,7 @@ def fast_eigs(
                     else:
                         P = torch.einsum("ncd,cdk->nck", Xc, q) * w[p0:p0 + m, :, None]
                         out[n] += torch.einsum("nck,ncd->cdk", P, Xc)
-        return {n: v / nb for n, v in out.items()}
+        return current_sync().mean_dict({n: v / nb for n, v in out.items()}, samples)  # every rank's shard
 
     V, SV, P = {}, {}, {}
     for n, p in paths.items():
@@ -236,6 +239,7 @@ class _Splitting(BaselineGrower):
     """Shared selection and plan writing of both splitting variants."""
 
     name = "splitting"
+    sharded_growth = True  # S_i (or S_i v) reduced through collective.current_sync()
 
     def __init__(
         self,

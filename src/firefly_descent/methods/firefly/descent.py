@@ -20,6 +20,7 @@ from torch import nn
 
 from ...analysis import analyze
 from ...budget import Budget, Candidate, count_flops, group_unit_costs, meta_copy, select
+from ...collective import current_sync
 from ...errors import GrowthError
 from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
@@ -158,6 +159,7 @@ class Firefly(Grower):
     """Firefly descent: grow wider (splits, new units) and/or deeper (new layers) under a budget."""
 
     name = "firefly"
+    sharded_growth = True  # reduces through collective.current_sync(): N ranks, one decision
 
     def __init__(self, budget: Any = 0.35, preset: str = "default", per_group: bool = False, **overrides: Any):
         if preset not in PRESETS:
@@ -250,6 +252,7 @@ class Firefly(Grower):
                     },
                     gen,
                 )
+                current_sync().broadcast(width_c.trainables())  # rank 0's candidate initial values
             batches, score_batches = self._size(width_c.net, model, x, batches, score_batches, epoch, guard, report)
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
@@ -267,6 +270,7 @@ class Firefly(Grower):
             if after:
                 with Timer(report.timings, "build"):
                     depth_c = build_depth_candidates(model, graph, after, x, cfg.init_layer_scale)
+                    current_sync().broadcast(depth_c.trainables())
                 if width_c is None:
                     batches, score_batches = self._size(
                         depth_c.net, model, x, batches, score_batches, epoch, guard, report
@@ -338,13 +342,13 @@ class Firefly(Grower):
         over-grown net (r = its FLOPs / the model's) ~ 3rF*s; the safeguard's check ~ 4F per checked
         sample. So s = (limit*epoch*B - 4/3*check*B) / (r * (steps + score batches * points))."""
         cfg = self.config
-        if cfg.sample_size is not None:
-            s = int(cfg.sample_size)
+        if cfg.sample_size is not None:  # under torch.distributed: this rank's share of the samples
+            s = current_sync().share(int(cfg.sample_size))
         elif cfg.cost_limit is None or not epoch or not batches:
             report.extra["cost"] = {"limit": None}
             return batches, score_batches
-        else:
-            batch = int(batches[0][1].shape[0])
+        else:  # in global samples (all ranks' shards together), then this rank's share
+            batch = int(batches[0][1].shape[0]) * current_sync().world_size
             ratio = count_flops(net, x) / max(count_flops(model, x), 1)
             steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps
             passes = steps + len(score_batches) * len(cfg.score_points)
@@ -358,6 +362,7 @@ class Firefly(Grower):
                 "samples_per_batch": s,
                 "estimated_epochs": (ratio * passes * s + 4 / 3 * check * batch) / (epoch * batch),
             }
+            s = current_sync().share(s)
         return [_head(b, s) for b in batches], [_head(b, s) for b in score_batches]
 
     def _new_count(self, group: Any, groups: list[Any], unit_cost: float) -> int:
@@ -407,6 +412,7 @@ class Firefly(Grower):
                 (loss_fn(net(*xc), yc) * weight).backward()
             if penalised:
                 sum(lam * v.pow(2).sum() for v, lam in penalised).backward()
+            current_sync().mean_grads(params, len(y))  # every rank's shard, as DDP would
             opt.step()
             if width_c is not None:
                 project_into_ball(width_c, cfg)
@@ -418,6 +424,8 @@ class Firefly(Grower):
                             v.mul_((cfg.max_norm / norms).clamp(max=1.0).view(-1, *([1] * (v.dim() - 1))))
         for p in params:
             p.requires_grad_(False)
+        if bn_train is not None:  # the new layers' BatchNorm statistics, over every rank's shard
+            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.body.modules())
         net.eval()
 
     def _set_mode(self, net: nn.Module) -> None:
@@ -436,7 +444,7 @@ class Firefly(Grower):
         """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
         self._set_mode(net)
         total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
-        count = 0
+        count = samples = 0
         for alpha in self.config.score_points:
             bank.alpha = float(alpha)
             for x, y in batches:
@@ -449,10 +457,11 @@ class Firefly(Grower):
                         if gr is not None:
                             total[k] += gr.detach()
                 count += 1
+                samples += len(y)
         bank.alpha = 1.0
         bank.reset(requires_grad=False)
         net.eval()
-        return {k: v / max(1, count) for k, v in total.items()}
+        return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
 
     def _layer_costs(self, model: nn.Module, x: tuple[torch.Tensor, ...], depth_c: DepthCandidates) -> list[float]:
         if self.budget.currency == "units":
