@@ -5,6 +5,7 @@ the same data, and peak memory of the growth step ÷ peak memory of a training s
 fresh subprocess: CPU resident set sampled every 0.5 ms, peak above the same baseline, or CUDA max_memory_allocated).
 
     python benchmarks/growth_cost.py --preset paper-vgg19   # VGG-19, 16 channels, 5,000 32x32 images
+    python benchmarks/growth_cost.py --preset paper-vgg19-50k   # the same on CIFAR-10's 50,000 (minutes)
     python benchmarks/growth_cost.py --preset quick          # seconds, for CI
 """
 
@@ -27,6 +28,9 @@ from firefly_descent.models import build_model
 
 PRESETS = {
     "paper-vgg19": dict(model="vgg19", width=16, images=5000, size=32, channels=3, batch=128),
+    # the same model and batch on CIFAR-10's 50,000 training images: the paper's epoch (391 steps), over which
+    # the growth step's fixed costs (analysis, verification, floors on its samples) are spread
+    "paper-vgg19-50k": dict(model="vgg19", width=16, images=50000, size=32, channels=3, batch=128),
     # the same model and batch on 512 images: the same per-step peak memory in minutes, for memory ratios
     # (its growth ÷ epoch ratio is not the paper setup's: the epoch is 10x shorter)
     "paper-vgg19-512": dict(model="vgg19", width=16, images=512, size=32, channels=3, batch=128),
@@ -147,6 +151,8 @@ def measure_growth(cfg: dict, grower_name: str, kw: dict, seed: int = 0) -> dict
         "params_before": report.params_before,
         "params_after": report.params_after,
         "timings": report.timings,
+        "cost_estimate": report.extra.get("cost"),  # Firefly's FLOP-based sizing (None for other methods)
+        "check_batches": report.safety.check_batches if report.safety else None,
     }
 
 
