@@ -345,6 +345,7 @@ class CellGrowthReport:
     costs: dict[str, float] = field(default_factory=dict)
     outcome: str | None = None
     refused: dict[str, str] = field(default_factory=dict)  # candidate kinds that could not be built, and why
+    undone: list[str] = field(default_factory=list)  # selected, but the safeguard took the step back
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -604,9 +605,12 @@ class FireflyCells:
         commit(model, plan, report, as_input_tuple(example_inputs), optimizer, loss_fn, data, decision, guard,
                finalize=finalize if not plan.is_empty() else None, settled=True)
         loss_after = _mean_loss(model, fixed, loss_fn, None)
+        chosen = [str(cands[c]) for c in kept]
+        undone = chosen if report.outcome == "rolled-back" else []
         return CellGrowthReport(
             candidates=len(cands),
-            kept=[str(cands[c]) for c in kept],
+            kept=[] if undone else chosen,
+            undone=undone,
             scores={str(c): s for c, s in zip(cands, scores)},
             params_before=params_before,
             params_after=sum(p.numel() for p in model.parameters()),
