@@ -255,3 +255,37 @@ def test_bad_growth_options_are_refused_in_one_line():
     ok["method"]["kwargs"].update({"kinds": ["edges", "cells"], "rank": "score", "widen": 0.25, "max_cells": 1,
                                    "safeguard": {"check": False}})
     assert load_search_config(ok).method.kwargs["kinds"] == ["edges", "cells"]
+
+
+def test_search_with_wider_and_new_cells_resumes_to_the_same_result(tmp_path, monkeypatch):
+    import json
+
+    from firefly_descent.search import runner
+
+    method = {"name": "firefly", "kwargs": {"rounds": 1, "ops": ["skip_connect", "avg_pool_3x3"], "points": 2,
+                                            "score_batches": 1, "step_one_batches": 2, "budget": 0.9,
+                                            "kinds": ["widen", "cells"], "safeguard": {"check": False}}}
+    cfg = {"space": {"C": 4, "layers": 3, "steps": 2}, "method": method, "budget": {"epochs": 2},
+           "data": {"name": "digits", "train_subset": 128, "test_subset": 64, "val_fraction": 0.5,
+                    "batch_size": 32, "augment": None},
+           "eval": {"epochs": 0}, "seeds": [0]}
+    straight = runner.run_search(cfg, tmp_path / "a")["results"][0]
+    rows = [json.loads(x) for x in (tmp_path / "a" / "seed-0" / "log.jsonl").read_text().splitlines()]
+    kept = [k for r in rows if "growth" in r for k in r["growth"]["kept"]]
+    assert kept and all("widen" in k or "cell-after" in k for k in kept)
+    real = runner.FireflySearch.step
+
+    def dying(self, i):
+        if i == 1:  # after the growth round of step 0 was checkpointed
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(runner.FireflySearch, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_search(cfg, tmp_path / "b")
+    monkeypatch.setattr(runner.FireflySearch, "step", real)
+    resumed = runner.run_search(cfg, tmp_path / "b")["results"][0]
+    assert resumed["genotype"] == straight["genotype"] and resumed["search_params"] == straight["search_params"]
+    log = [(tmp_path / d / "seed-0" / "log.jsonl").read_text().splitlines() for d in "ab"]
+    rows = [[json.loads(x) for x in lines] for lines in log]
+    assert [r.get("train_loss") for r in rows[0]] == [r.get("train_loss") for r in rows[1]]
