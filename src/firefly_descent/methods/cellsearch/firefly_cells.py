@@ -1,19 +1,17 @@
-"""Firefly descent on DARTS cells: grow new edges ε·o(x_j) into the nodes of every cell of a type.
+"""Firefly descent on DARTS cells: new edges, wider cells and new cells compete in one selection.
 
-The neighbourhood of a cell network is its set of missing edges (op, source j, node i), one candidate per
-cell type, shared by all cells of that type as DARTS shares its genotype. The over-grown network is built
-with the engine: a deep copy of the model receives every candidate as a `NewBranch` at scale 0 (the
-engine verifies that this is exactly the same function). Each candidate's branches in all its cells are
-then scaled by one shared trainable ε_c (a `torch.nn.utils.parametrize` parametrisation of each branch's
-scale), times a gate (α + g_c).
-
-Step one trains the candidates' operations and ε (old weights and BatchNorm statistics frozen, eval
-mode). Step two integrates ∂L/∂g_c along the path α ∈ (0, 1] (midpoint rule, all candidates moving
-together), which sums over the cells a candidate changes: s_c ≈ L(with c at ε̃_c) - L(without), to first
-order in the other candidates. The most negative scores are kept greedily under a parameter budget, and
-a `Plan` with one `NewBranch` per kept candidate and cell (trained operation, scale ε̃_c) is applied to the
-model by the engine. New BatchNorms of kept branches are calibrated so that train mode computes what
-eval mode scored.
+Candidates: a new edge ε·o(x_j) into node i of every cell of a type (shared, as DARTS shares its
+genotype); a wider cell type (new units in every channel group produced inside its cells, so each cell
+keeps one width); a new normal cell in residual form after a normal cell (z + ε·cell(z, z)). Each kind
+gets an over-grown copy built by the engine at zero (verified exact) whose candidates are scaled by a
+shared ε_c times a gate (α + g_c) (for widening: the new weight entries times the gate). Step one trains
+the candidates with old weights and BatchNorm statistics frozen (eval mode). Step two integrates ∂L/∂g_c
+along α ∈ (0, 1] (midpoint rule), which sums over the cells a candidate changes: s_c ≈ L(with c) - L(without),
+to first order in the other candidates of its copy. One greedy selection over all kinds by score per cost
+under a parameter or FLOP budget; the kept candidates become one `Plan` (width changes, `NewLayer`s,
+`NewBranch`es with their trained weights) committed through `methods.safety.commit` (held-out check,
+undone as a whole if the loss rose). New BatchNorms are calibrated so that train mode computes what eval
+mode scored.
 """
 
 from __future__ import annotations
