@@ -47,6 +47,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 METHODS: dict[str, dict[str, Any]] = {
     "firefly": {"name": "firefly", "kwargs": {"rounds": 2, "max_edges": 4, "budget": 0.5, "points": 2,
                                               "score_batches": 2, "step_one_batches": 4}},
+    "firefly-edges": {"name": "firefly", "kwargs": {"rounds": 2, "max_edges": 4, "budget": 0.5, "points": 2,
+                                                    "score_batches": 2, "step_one_batches": 4, "kinds": ["edges"]}},
+    "firefly-score": {"name": "firefly", "kwargs": {"rounds": 2, "max_edges": 4, "budget": 0.5, "points": 2,
+                                                    "score_batches": 2, "step_one_batches": 4, "rank": "score"}},
     "darts": {"name": "darts", "kwargs": {"order": 1}},
     "random": {"name": "random", "kwargs": {"trials": 2}},
     # random search given about Firefly's measured CPU cost on the cpu preset (~7x the epochs at search size)

@@ -213,7 +213,8 @@ def test_firefly_cell_growth_keeps_best_edges_and_lowers_the_loss():
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
-    grower = FireflyCells(budget=0.5, max_edges=3, ops=("skip_connect", "avg_pool_3x3", "sep_conv_3x3"), points=2)
+    grower = FireflyCells(budget=0.5, max_edges=3, ops=("skip_connect", "avg_pool_3x3", "sep_conv_3x3"), points=2,
+                          kinds=("edges",), rank="score")
     edges_before = {k: list(c.edges()) for k, c in enumerate(model.cells)}
     report = grower.grow(model, loader, F.cross_entropy, optimizer=opt)
     assert 1 <= len(report.kept) <= 3

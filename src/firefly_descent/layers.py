@@ -27,6 +27,17 @@ class Residual(nn.Module):
         return z + self.scale * self.body(z)
 
 
+class Then(nn.Sequential):
+    """A module followed by inserted layers: the first gets every argument (a DARTS cell reads two
+    inputs), the rest are chained. Same parameter names as `nn.Sequential`."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        out = self[0](*args, **kwargs)
+        for m in list(self)[1:]:
+            out = m(out)
+        return out
+
+
 class ScaledBranch(nn.Module):
     """x -> scale * body(x): a new branch added into a sum (exactly zero when scale = 0)."""
 

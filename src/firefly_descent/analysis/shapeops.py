@@ -341,6 +341,23 @@ def channel_pass(a: Propagation, node: fx.Node, x: fx.Node | None = None, keep: 
     return lay[:keep] + [None] * (len(out_s) - keep)
 
 
+def pad(a: Propagation, node: fx.Node) -> Layout | None:
+    """F.pad pads the last len(pad)/2 dims: the others keep their layout; padding a grown dim would give
+    new units no place, so it blocks (a spatial pad, as in DARTS's factorized reduce, carries channels)."""
+    x, widths = node.args[0], _arg(node, 1, "pad", ())
+    out_s = a.shape(node)
+    if out_s is None:
+        return None
+    lay = a.layout_or_fixed(x)[0]
+    n_pad = len(widths) // 2
+    out: Layout = list(lay)
+    for d in range(len(out_s) - n_pad, len(out_s)):
+        if lay[d] is not None:
+            a.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} pads a grown dim")
+        out[d] = None
+    return out
+
+
 def cat(a: Propagation, node: fx.Node) -> Layout:
     tensors = list(node.args[0])
     out_s = a.shape(node)
@@ -437,5 +454,6 @@ for _t in (torch.unsqueeze, "unsqueeze"):
 for _t in (torch.squeeze, "squeeze"):
     register_function_rule(_t, squeeze)
 register_function_rule(torch.cat, cat)
+register_function_rule(F.pad, pad)
 register_function_rule(torch.concat, cat)
 register_function_rule(operator.getitem, getitem)

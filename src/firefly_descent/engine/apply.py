@@ -17,7 +17,7 @@ from torch import nn
 from ..analysis.graph import Group
 from ..analysis.rules import CONSTRAINT_CHECKS
 from ..errors import GrowthError, PlanError, VerificationError
-from ..layers import Residual, ScaledBranch, build_body
+from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
 from .modules import rederive_attrs, restore_attrs, snapshot_attrs
@@ -321,7 +321,7 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
     tx.children.append((parent, child_name, child))
-    parent._modules[child_name] = nn.Sequential(child, new)
+    parent._modules[child_name] = Then(child, new)  # a Sequential whose first module may take several inputs
     if optimizer is not None:
         opt_utils.add_params(optimizer, list(new.parameters()), child)
 

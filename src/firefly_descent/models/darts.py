@@ -31,6 +31,9 @@ __all__ = [
     "DartsNetwork",
     "FactorizedReduce",
     "Node",
+    "ResidualCell",
+    "base_cell",
+    "cell_paths",
     "count_parameters",
     "darts_eval",
     "make_op",
@@ -204,7 +207,6 @@ class Cell(nn.Module):
     ) -> None:
         super().__init__()
         self.reduction = bool(reduction)
-        self.channels = int(channels)
         if reduction_prev:
             self.preprocess0: nn.Module = FactorizedReduce(c_prev_prev, channels, affine)
         else:
@@ -214,6 +216,11 @@ class Cell(nn.Module):
         for op, j, i in edges:
             self.nodes[i - 2].add_branch(make_op(op, channels, self.stride(j), affine), j, op)
         self.concat = list(concat)
+
+    @property
+    def channels(self) -> int:
+        """The cell's width C, read from its layers so that widening by the engine (and replay) keeps it."""
+        return int(self.preprocess1[-1].num_features)
 
     def stride(self, source: int) -> int:
         """Stride of an edge from node `source` (2 on a reduction cell's inputs)."""
@@ -228,6 +235,62 @@ class Cell(nn.Module):
         for node in self.nodes:
             states.append(node(states))
         return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class ResidualCell(nn.Module):
+    """A new cell in residual form, the body of a `NewLayer` after a cell: z -> cell(z, z), so that the
+    engine's `Residual` computes z + scale·cell(z, z), exactly the identity at scale 0. Both of the cell's
+    inputs are the previous cell's output z (c_out = len(concat)·C channels), and its output has as many."""
+
+    def __init__(self, edges: list[tuple[str, int, int]], concat: list[int], steps: int, c_out: int,
+                 channels: int, affine: bool = True) -> None:
+        super().__init__()
+        if len(concat) * channels != c_out:
+            raise ValueError(f"a residual cell of width {channels} with {len(concat)} outputs gives "
+                             f"{len(concat) * channels} channels, not the {c_out} it adds to")
+        self.cell = Cell(edges, concat, steps, c_out, c_out, channels, False, False, affine)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.cell(z, z)
+
+
+def _residual_cell_body(spec: dict[str, Any]) -> nn.Module:
+    body = ResidualCell([tuple(e) for e in spec["edges"]], list(spec["concat"]), int(spec["steps"]),
+                        int(spec["c_out"]), int(spec["channels"]), spec.get("affine", True))
+    body.cell.input_size = int(spec.get("input_size", 0))
+    return body
+
+
+register_body("darts_cell", _residual_cell_body)
+
+
+def base_cell(m: nn.Module) -> Cell:
+    """The DARTS cell at a network position, through any layers the engine inserted after it."""
+    while not isinstance(m, Cell):
+        if not isinstance(m, nn.Sequential):
+            raise TypeError(f"not a DARTS cell position: {type(m).__name__}")
+        m = m[0]
+    return m
+
+
+def cell_paths(model: nn.Module, prefix: str = "cells") -> list[tuple[str, Cell, int]]:
+    """Every DARTS cell of a network with its module path and top-level position, inserted residual
+    cells included (after the cell they follow)."""
+    out: list[tuple[str, Cell, int]] = []
+
+    def walk(m: nn.Module, path: str, k: int) -> None:
+        if isinstance(m, Cell):
+            out.append((path, m, k))
+            return
+        walk(m[0], f"{path}.0", k)
+        for i in range(1, len(m)):
+            body = getattr(m[i], "body", None)
+            if isinstance(body, ResidualCell):
+                out.append((f"{path}.{i}.body.cell", body.cell, k))
+
+    for k, m in enumerate(model.get_submodule(prefix)):
+        walk(m, f"{prefix}.{k}", k)
+    return out
 
 
 class AuxiliaryHead(nn.Module):
@@ -334,8 +397,9 @@ class DartsNetwork(nn.Module):
 
     def genotype(self) -> Genotype:
         """The genotype of the network's current cells (all cells of a type share it; the first is read)."""
-        normal = next((c for c in self.cells if not c.reduction), None)
-        reduce = next((c for c in self.cells if c.reduction), None)
+        cells = [base_cell(c) for c in self.cells]
+        normal = next((c for c in cells if not c.reduction), None)
+        reduce = next((c for c in cells if c.reduction), None)
         base = Genotype.from_dict(self.genotype_dict)
         return Genotype.from_edges(
             normal.edges() if normal is not None else base.edges("normal"),

@@ -84,7 +84,7 @@ class SearchConfig:
 _METHOD_KWARGS = {
     "firefly": {"rounds", "budget", "max_edges", "max_in_degree", "ops", "eps_init", "eps_max", "lr",
                 "step_one_batches", "score_batches", "points", "calibrate_batches", "init_op", "cost",
-                "distinct_inputs"},
+                "distinct_inputs", "kinds", "rank", "widen", "max_cells", "safeguard"},
     "darts": {"order", "arch_lr", "arch_weight_decay"},
     "random": {"trials"},
 }
@@ -120,6 +120,25 @@ def validate(cfg: SearchConfig) -> None:
         rounds = int(kw.get("rounds", 3))
         need(0 <= rounds < cfg.budget.epochs,
              f"method.kwargs.rounds: {rounds} growth rounds need budget.epochs > rounds")
+        kinds = kw.get("kinds", ["edges", "widen", "cells"])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        need(isinstance(kinds, list) and bool(kinds) and all(k in ("edges", "widen", "cells") for k in kinds),
+             f"method.kwargs.kinds: a non-empty subset of edges, widen, cells; got {kinds!r}")
+        need(kw.get("rank", "efficiency") in ("efficiency", "score"),
+             f"method.kwargs.rank: efficiency (score per cost) or score; got {kw.get('rank')!r}")
+        widen = kw.get("widen", 0.5)
+        need(isinstance(widen, (int, float)) and 0 < widen <= 4,
+             f"method.kwargs.widen: new channels per cell as a fraction of C, in (0, 4]; got {widen!r}")
+        cells = kw.get("max_cells", 2)
+        need(isinstance(cells, int) and cells >= 0, f"method.kwargs.max_cells: an integer >= 0; got {cells!r}")
+        guard = kw.get("safeguard", {})
+        need(guard is None or isinstance(guard, dict), "method.kwargs.safeguard: a mapping of safeguard options")
+        if isinstance(guard, dict):
+            from ..methods.safety import SAFEGUARD_KEYS
+
+            bad_g = sorted(set(guard) - set(SAFEGUARD_KEYS))
+            need(not bad_g, f"method.kwargs.safeguard: unknown option(s) {', '.join(bad_g)}; "
+                 f"allowed: {', '.join(SAFEGUARD_KEYS)}")
     if cfg.method.name == "random":
         trials = int(kw.get("trials", 4))
         need(1 <= trials <= cfg.budget.epochs, f"method.kwargs.trials: must be in 1..budget.epochs, got {trials}")

@@ -122,6 +122,8 @@ class FireflySearch:
         self.init = minimal_genotype(ctx.cfg.space.steps, kw.pop("init_op", "sep_conv_3x3"))
         if "ops" in kw:
             kw["ops"] = tuple(kw["ops"])
+        if "kinds" in kw:
+            kw["kinds"] = tuple([kw["kinds"]] if isinstance(kw["kinds"], str) else kw["kinds"])
         self.grower = FireflyCells(**kw)
         self.model = ctx.network(self.init)
         self.opt = ctx.sgd(self.model)

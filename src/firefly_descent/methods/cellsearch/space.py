@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ...models.darts import DartsNetwork, make_op
+from ...models.darts import Cell, DartsNetwork, cell_paths, make_op
 from ...models.genotype import PRIMITIVES, Genotype
 
 KINDS = ("normal", "reduce")
@@ -47,9 +47,9 @@ def random_genotype(rng: random.Random, steps: int = 4, ops: tuple[str, ...] = S
     return Genotype.from_edges(cells[0], cells[1])
 
 
-def cells_of(model: DartsNetwork, kind: str) -> list[int]:
-    """Indices of the cells of one type."""
-    return [k for k, c in enumerate(model.cells) if c.reduction == (kind == "reduce")]
+def cells_of(model: DartsNetwork, kind: str) -> list[tuple[str, Cell]]:
+    """(module path, cell) of every cell of one type, new residual cells (normal) included."""
+    return [(path, c) for path, c, _ in cell_paths(model) if c.reduction == (kind == "reduce")]
 
 
 def candidate_edges(
@@ -65,7 +65,7 @@ def candidate_edges(
         idx = cells_of(model, kind)
         if not idx:
             continue
-        cell = model.cells[idx[0]]
+        cell = idx[0][1]
         for n, node in enumerate(cell.nodes):
             i = n + 2
             if max_in_degree is not None and len(node.sources) >= max_in_degree:
@@ -100,8 +100,7 @@ def candidate_cost(model: DartsNetwork, cand: EdgeCandidate, kind: str = "params
     if kind not in ("params", "flops"):
         raise ValueError(f"cost kind must be 'params' or 'flops', got {kind!r}")
     total = 0
-    for k in cells_of(model, cand.kind):
-        cell = model.cells[k]
+    for _, cell in cells_of(model, cand.kind):
         stride = cell.stride(cand.source)
         if kind == "params":
             total += op_params(cand.op, cell.channels, stride) + 1
