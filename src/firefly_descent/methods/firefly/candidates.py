@@ -366,7 +366,10 @@ def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: st
             block = "conv_bn_act"
     if block not in DEPTH_BLOCKS[2:]:
         raise ValueError(f"depth_block must be one of {', '.join(DEPTH_BLOCKS)}, not {block!r}")
-    return {"type": block, "channels": spec["channels"], "kernel_size": spec.get("kernel_size", 3)}
+    out = {"type": block, "channels": spec["channels"], "kernel_size": spec.get("kernel_size", 3)}
+    if block == "basic_block":  # its own hidden group, which keeps its width when the channels grow
+        out["hidden"] = spec["channels"]
+    return out
 
 
 def _own_modules(module: nn.Module) -> list[nn.Module]:
