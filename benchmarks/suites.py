@@ -351,7 +351,9 @@ def _base_e(preset: str, dataset: str = "cifar10") -> dict[str, Any]:
     }
 
 
-def _methods_e() -> dict[str, Method]:
+def _methods_e(
+    full: dict[str, Any] = E_FULL, full_note: str = "MobileNetV1's 13 blocks at 1/4 width, static"
+) -> dict[str, Method]:
     """Issue 13's comparison: Firefly width + depth against width only, depth only and the baselines, every
     grower with the same parameter budget per round."""
     b = {"budget": E_BUDGET}
@@ -368,7 +370,7 @@ def _methods_e() -> dict[str, Method]:
         "random": Method("random", dict(b), note="random new units, zero outgoing weights"),
         "static-small": Method("static", kind="control", note="the starting network, never grown"),
         "static-full": Method(
-            "static", kind="control", model=copy.deepcopy(E_FULL), note="MobileNetV1's 13 blocks at 1/4 width, static"
+            "static", kind="control", model=copy.deepcopy(full), note=full_note
         ),
     }
 
@@ -562,7 +564,7 @@ SUITES: dict[str, Suite] = {
         title="The paper's MobileNetV1 experiment on CIFAR-100 (full preset: all 50,000 images, for a GPU)",
         description=_E_DESCRIPTION.replace("after epochs 2 and 4 of 6", "after epochs 40, 80 and 120 of 160 (full)")
         + " Data: CIFAR-100 in torchvision's layout (--cifar100 PATH).",
-        methods=_methods_e(),
+        methods=_methods_e({"blocks": [1, 2, 2, 6, 2]}, "the full MobileNetV1 (13 blocks, 32-1024 channels), static"),
         seeds={"quick": [0], "full": [0, 1, 2]},
         base=lambda preset: _base_e(preset, "cifar100"),
         sizes={
