@@ -247,3 +247,69 @@ def test_shallow_start_models_build_the_paper_layouts():
     assert len(shallow.features) == 5
     with pytest.raises(ValueError, match="blocks"):
         build_model("mobilenetv1-stages", blocks=(1, 1))
+
+
+def _with_inserted_block() -> tuple[nn.Module, tuple, list]:
+    torch.manual_seed(0)
+    model = _tiny("mobilenet")
+    _randomize(model)
+    graph = ff.analyze(model, X)
+    spec = depth_block_spec(graph, model, "features.1", "dwsep")
+    body = build_body(spec)
+    _randomize(body, seed=3)
+    plan = Plan(layers=[NewLayer("features.1", "residual", spec, body.state_dict(), 0.5)], function_preserving=False)
+    apply(model, plan)
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(16, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(3)
+    ]
+    return model, tuple(t.double() for t in X), data
+
+
+def _spy(grower: Firefly) -> dict:
+    captured: dict = {}
+    original = grower._materialize
+
+    def spy(graph, width_c, depth_c, kept, xx):
+        captured["cands"], captured["kept"] = width_c, kept
+        captured["plan"] = original(graph, width_c, depth_c, kept, xx)
+        return captured["plan"]
+
+    grower._materialize = spy
+    return captured
+
+
+def test_stage_with_an_inserted_block_still_widens_exactly():
+    """After a dwsep block is inserted, its pointwise conv reads and writes the stage's group; Firefly still
+    splits that group, and the model it materialises equals the over-grown net with the unselected off."""
+    model, x, data = _with_inserted_block()
+    grower = Firefly(budget=0.5, candidates="splits", step_one_steps=5, score_batches=2, seed=3, bn_mode="frozen")
+    grower.set_safeguard(check=False, calibrate_new_bn=False, refresh_bn=False)
+    captured = _spy(grower)
+    report = grower.grow(model, data, F.cross_entropy)
+    stage = "features.1.0.pw_conv"
+    assert report.extra["pool"][stage]["splits"] > 0
+    cands, kept = captured["cands"], captured["kept"]
+    assert any(c.group == stage for c in kept)
+    bank = cands.bank
+    bank.alpha = 0.0
+    bank.reset(requires_grad=False)
+    for c in kept:  # gate multiplier = 0 + 1 for kept candidates, 0 for the rest
+        bank.gates[f"{c.kind}:{c.group}"][c.index] = 1.0
+    fresh = tuple(torch.randn_like(t) for t in x)
+    with torch.no_grad():
+        assert (cands.net(*fresh) - model(*fresh)).abs().max().item() < 1e-9
+
+
+def test_stage_with_an_inserted_block_gets_new_units_exactly_at_zero_amplitude():
+    model, x, data = _with_inserted_block()
+    before = copy.deepcopy(model)
+    grower = Firefly(budget="units:1000", candidates="width", allow_increase=True, step_one_steps=3, score_batches=1)
+    grower.set_safeguard(check=False, calibrate_new_bn=False, refresh_bn=False)
+    captured = _spy(grower)
+    grower.grow(model, data, F.cross_entropy)
+    plan = captured["plan"]
+    assert any(c.group.name == "features.1.0.pw_conv" and c.added for c in plan.changes)
+    apply(before, plan.scaled(0.0), example_inputs=x)  # verified exact by the engine, directions and all

@@ -31,7 +31,7 @@ from ...budget import (
 )
 from ...collective import current_sync
 from ...errors import GrowthError
-from ...layers import body_members, build_body
+from ...layers import Residual, body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..base import Grower, GrowthReport, LossFn, Timer, register_grower
 from ..common import as_inputs, commit_plan, example_from, mean_loss, model_device, start_report, take_batches
@@ -220,7 +220,7 @@ class Firefly(Grower):
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
         graph = analyze(model, x)
-        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g)]
+        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g, model)]
         if not groups and cfg.candidates != "depth":
             raise GrowthError(
                 "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
@@ -562,15 +562,32 @@ class Firefly(Grower):
         )
 
 
-def _feeds_itself(group: Any) -> bool:
+def _feeds_itself(group: Any, model: nn.Module | None = None) -> bool:
     """A tensor that both produces and consumes the group (a square conv inside a residual loop, as in
     MobileNetV2 when a block's input and output widths agree): a plan keys split directions by tensor, so
-    Firefly leaves such groups alone rather than write an ambiguous direction."""
+    Firefly leaves such groups alone rather than write an ambiguous direction. Blocks that growth inserted
+    (`Residual` bodies: a depthwise-separable block's pointwise conv) are the exception: the engine applies
+    directions to producer slices only, and the over-grown copy maps them through both dims, so the stage
+    they sit on keeps growing wider."""
     dims: dict[str, set[int]] = {}
+    modules: dict[str, set[str]] = {}
     for m in group.members:
         if m.kind == "weight" and m.role in ("producer", "consumer"):
             dims.setdefault(m.tensor, set()).add(m.dim)
-    return any(len(d) > 1 for d in dims.values())
+            modules.setdefault(m.tensor, set()).add(m.module)
+    return any(len(d) > 1 and not _inside_residual(model, modules[t]) for t, d in dims.items())
+
+
+def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
+    """Whether every module in `names` lies inside a `Residual` that growth inserted."""
+    if model is None:
+        return False
+    named = dict(model.named_modules())
+    for name in names:
+        parts = name.split(".")
+        if not any(isinstance(named.get(".".join(parts[:k])), Residual) for k in range(1, len(parts))):
+            return False
+    return True
 
 
 @torch.no_grad()
