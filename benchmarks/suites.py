@@ -363,6 +363,11 @@ def _methods_e(
         ),
         "firefly-width": Method("firefly", {**b, "candidates": "width"}, note="width only (splits + new units)"),
         "firefly-depth": Method("firefly", {**b, "candidates": "depth"}, note="depth only (new dwsep blocks)"),
+        "firefly-width-exact": Method(
+            "firefly",
+            {**b, "candidates": "width", "exact_params": True},
+            note="width only, selection trimmed to the exact parameter budget as firefly-wd's is",
+        ),
         "splitting-fast": Method("splitting-fast", dict(b), note="Rayleigh-quotient descent (width)"),
         "net2net": Method(
             "net2net", {**b, "noise": 0.01, "deepen": True}, note="wider (random copies), deeper (one identity layer)"

@@ -313,3 +313,18 @@ def test_stage_with_an_inserted_block_gets_new_units_exactly_at_zero_amplitude()
     plan = captured["plan"]
     assert any(c.group.name == "features.1.0.pw_conv" and c.added for c in plan.changes)
     apply(before, plan.scaled(0.0), example_inputs=x)  # verified exact by the engine, directions and all
+
+
+def test_exact_params_trims_a_width_selection_to_the_budget():
+    """Greedy costs ignore the cross terms of two adjacent groups growing together; exact_params trims the
+    selection until the measured parameter increase fits, and leaves width-only selection alone by default."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(4)]
+    added = {}
+    for exact in (None, True):
+        model = _tiny("vgg")
+        p0 = count_params(model)
+        Firefly(budget="params:2000", candidates="width", exact_params=exact, step_one_steps=3, cost_limit=None,
+                allow_increase=True).grow(model, data, F.cross_entropy)
+        added[exact] = count_params(model) - p0
+    assert added[True] <= 2000 < added[None]

@@ -108,6 +108,9 @@ class FireflyConfig:
     score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
     score_batches: int | None = 2  # None = one pass over the data
     allow_increase: bool = False
+    # trim a params:N selection until the exact parameter increase fits (cross terms between adjacent groups
+    # counted): None = only when depth candidates compete (width-only selection stays as it was)
+    exact_params: bool | None = None
     seed: int = 0
 
 
@@ -299,7 +302,8 @@ class Firefly(Grower):
                     candidates.append(Candidate("layer", after[i], i, s, layer_costs[i]))
 
         kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
-        if depth_c is not None and self.budget.kind == "params" and not self.budget.per_group:
+        exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
+        if exact and self.budget.kind == "params" and not self.budget.per_group:
             kept = self._fit_params(model, graph, depth_c, kept)
         if depth_c is not None:
             report.extra["depth"] = depth_summary(candidates, kept, depth_c)
@@ -513,7 +517,7 @@ class Firefly(Grower):
         return out
 
     def _fit_params(
-        self, model: nn.Module, graph: Any, depth_c: DepthCandidates, kept: list[Candidate]
+        self, model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
     ) -> list[Candidate]:
         """Greedy selection adds per-candidate costs; units added to two adjacent groups, or a new block on
         a group that also widens, add cross terms. Drop the kept candidate with the worst score per cost
@@ -656,7 +660,9 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
     return out
 
 
-def exact_added_params(model: nn.Module, graph: Any, depth_c: DepthCandidates, kept: list[Candidate]) -> int:
+def exact_added_params(
+    model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
+) -> int:
     """Parameters the selection `kept` adds to `model`, counted on a meta copy grown by its structure (new
     blocks widened with the group they sit on, as `_widen_body` does)."""
     from ...engine import apply
@@ -668,7 +674,7 @@ def exact_added_params(model: nn.Module, graph: Any, depth_c: DepthCandidates, k
     changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
     layers = []
     for c in kept:
-        if c.kind == "layer":
+        if c.kind == "layer" and depth_c is not None:
             spec = dict(depth_c.specs[c.index])
             key = "channels" if "channels" in spec else "features"
             spec[key] = int(spec[key]) + added.get(graph.boundaries[c.group].group or "", 0)
