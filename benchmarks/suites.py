@@ -18,6 +18,8 @@ Suites:
     B  MLP width growth on MNIST-1D (generated locally), 5 seeds.
     C  Growth cost: growth time / training epoch and peak memory / training step (benchmarks/growth_cost.py).
     D  Depth: Firefly with candidates="all" (depth + width) vs "width" on a residual MLP on MNIST-1D.
+    E  Width and depth: MobileNetV1 from one block per stage on a CIFAR-10 subset (--cifar10 PATH); E-fmnist on
+       Fashion-MNIST; E-cifar100 the paper-scale CIFAR-100 run (--cifar100 PATH, full preset for a GPU).
 
 Results: ``<results>/<suite>/<method>-s<seed>.json`` (default results folder: ``benchmarks/results`` for the
 full preset, ``benchmarks/results-quick`` for the quick one); a failed run writes ``...failed.json`` instead
@@ -300,6 +302,92 @@ def _base_f(preset: str) -> dict[str, Any]:
     }
 
 
+CIFAR100_ENV = "FIREFLY_CIFAR100"  # torchvision's layout: <root>/cifar-100-python/{train,test,meta}
+# Suite E: MobileNetV1 from one depthwise-separable block per stage and narrow widths (stem, then stages)
+E_START = {"blocks": [1, 1, 1, 1, 1], "widths": [16, 16, 32, 32, 64, 64]}
+E_FULL = {"blocks": [1, 2, 2, 6, 2], "width_multiplier": 0.25}  # MobileNetV1's 13-block layout at 1/4 width
+E_BUDGET = "params:8000"  # each growth round may add this many parameters, for every method
+
+
+def _base_e(preset: str, dataset: str = "cifar10") -> dict[str, Any]:
+    """Suite E: the paper's MobileNetV1 growth at CPU scale, from the shallow, narrow start `E_START`."""
+    full = preset == "full"
+    if dataset == "cifar10":
+        root = os.environ.get(CIFAR10_ENV)
+        if not root:
+            raise SkipRun(
+                f"suite E needs the CIFAR-10 ImageFolder tree: pass --cifar10 PATH (or set {CIFAR10_ENV}); suite "
+                "E-fmnist runs the same protocol on Fashion-MNIST"
+            )
+        data: dict[str, Any] = {"name": "imagefolder", "root": root}
+        sizes = (2000, 2000) if full else (300, 300)
+    elif dataset == "cifar100":
+        root = os.environ.get(CIFAR100_ENV)
+        if not root:
+            raise SkipRun("suite E-cifar100 needs CIFAR-100 in torchvision's layout: pass --cifar100 PATH")
+        data = {"name": "cifar100", "root": root}
+        sizes = (None, None) if full else (2000, 2000)
+    else:
+        data = {"name": "fashion-mnist", "root": FASHION_ROOT}
+        sizes = (2000, 2000) if full else (300, 300)
+    epochs, at = (6, [2, 4]) if full else (2, [1])
+    if dataset == "cifar100" and full:  # the paper-scale run, for a GPU
+        epochs, at = (160, [40, 80, 120])
+    return {
+        "data": {
+            **data,
+            "train_subset": sizes[0],
+            "val_fraction": 0.1,
+            "test_subset": sizes[1],
+            "batch_size": 64 if dataset != "cifar100" or not full else 128,
+            "eval_batch_size": 500,
+        },
+        "model": {"name": "mobilenetv1-stages", "kwargs": copy.deepcopy(E_START)},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "schedule": {"name": "step", "milestones": [0.5, 0.75], "gamma": 0.1, "restart_after_growth": True},
+        "growth": {"at": at, "refresh_bn": True, "refresh_bn_batches": 8, "data_batches": 8},
+        "train": {"epochs": epochs, "log_every": 50, "tensorboard": False},
+        "checkpoint": {"keep_last": 1},
+    }
+
+
+def _methods_e(
+    full: dict[str, Any] = E_FULL, full_note: str = "MobileNetV1's 13 blocks at 1/4 width, static"
+) -> dict[str, Method]:
+    """Issue 13's comparison: Firefly width + depth against width only, depth only and the baselines, every
+    grower with the same parameter budget per round."""
+    b = {"budget": E_BUDGET}
+    return {
+        "firefly-wd": Method(
+            "firefly", {**b, "candidates": "all"}, note="width + depth: dwsep blocks compete with splits and new units"
+        ),
+        "firefly-width": Method("firefly", {**b, "candidates": "width"}, note="width only (splits + new units)"),
+        "firefly-depth": Method("firefly", {**b, "candidates": "depth"}, note="depth only (new dwsep blocks)"),
+        "firefly-width-exact": Method(
+            "firefly",
+            {**b, "candidates": "width", "exact_params": True},
+            note="width only, selection trimmed to the exact parameter budget as firefly-wd's is",
+        ),
+        "splitting-fast": Method("splitting-fast", dict(b), note="Rayleigh-quotient descent (width)"),
+        "net2net": Method(
+            "net2net", {**b, "noise": 0.01, "deepen": True}, note="wider (random copies), deeper (one identity layer)"
+        ),
+        "random": Method("random", dict(b), note="random new units, zero outgoing weights"),
+        "static-small": Method("static", kind="control", note="the starting network, never grown"),
+        "static-full": Method(
+            "static", kind="control", model=copy.deepcopy(full), note=full_note
+        ),
+    }
+
+
+_E_DESCRIPTION = (
+    "MobileNetV1 for 32x32 inputs started shallow and narrow: one depthwise-separable block per stage (5 blocks; "
+    "stem 16, stages 16, 32, 32, 64, 64 channels), grown after epochs 2 and 4 of 6 with a budget of 8,000 "
+    "parameters per round for every method (SGD Nesterov lr 0.05, x0.1 at 50% and 75% of each phase, restarted "
+    "after each growth, wd 5e-4, batch 64). `firefly-wd` lets new stride-1 depthwise-separable blocks (residual, "
+    "z + s*h(z), exact at s = 0) compete with splits and new units on loss decrease per parameter."
+)
+
 SUITES: dict[str, Suite] = {
     "A": Suite(
         name="A",
@@ -452,6 +540,42 @@ SUITES: dict[str, Suite] = {
             "full": "5,000 train images (4,500 train + 500 validation, seeded subset per seed), 2,000 test; 12 "
             "epochs; growth after 3, 6, 9; 16 growth batches; seeds 0, 1",
             "quick": "500 train, 500 test; 2 epochs; growth after epoch 1; seed 0",
+        },
+    ),
+    "E": Suite(
+        name="E",
+        title="Width and depth: MobileNetV1 grown from one block per stage (CIFAR-10 subset, CPU scale)",
+        description=_E_DESCRIPTION + " Data: a 2,000-image subset of real CIFAR-10 (ImageFolder JPEGs).",
+        methods=_methods_e(),
+        seeds={"quick": [0], "full": [0, 1, 2]},
+        base=_base_e,
+        sizes={
+            "full": "2,000 train images (1,800 train + 200 validation, seeded subset per seed), 2,000 test; 6 "
+            "epochs; growth after 2 and 4; 8 growth batches of 64; seeds 0, 1, 2",
+            "quick": "300 train, 300 test; 2 epochs; growth after epoch 1; seed 0",
+        },
+    ),
+    "E-fmnist": Suite(
+        name="E-fmnist",
+        title="Suite E's protocol on Fashion-MNIST (for machines without CIFAR-10)",
+        description=_E_DESCRIPTION + " Data: a 2,000-image subset of Fashion-MNIST (28x28, one channel).",
+        methods=_methods_e(),
+        seeds={"quick": [0], "full": [0, 1, 2]},
+        base=lambda preset: _base_e(preset, "fashion-mnist"),
+        sizes={"full": "as suite E on Fashion-MNIST", "quick": "as suite E's quick preset"},
+    ),
+    "E-cifar100": Suite(
+        name="E-cifar100",
+        title="The paper's MobileNetV1 experiment on CIFAR-100 (full preset: all 50,000 images, for a GPU)",
+        description=_E_DESCRIPTION.replace("after epochs 2 and 4 of 6", "after epochs 40, 80 and 120 of 160 (full)")
+        + " Data: CIFAR-100 in torchvision's layout (--cifar100 PATH).",
+        methods=_methods_e({"blocks": [1, 2, 2, 6, 2]}, "the full MobileNetV1 (13 blocks, 32-1024 channels), static"),
+        seeds={"quick": [0], "full": [0, 1, 2]},
+        base=lambda preset: _base_e(preset, "cifar100"),
+        sizes={
+            "full": "all 50,000 train images (45,000 + 5,000 validation), 10,000 test; 160 epochs; growth after 40, "
+            "80, 120; batch 128; a GPU run (--threads 0 --set train.device=cuda)",
+            "quick": "2,000 train, 2,000 test; 2 epochs; growth after epoch 1; seed 0",
         },
     ),
 }
@@ -987,6 +1111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--cifar10", type=Path, default=None,
         help=f"suite F: the CIFAR-10 ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg); or set {CIFAR10_ENV}",
     )  # fmt: skip
+    ap.add_argument(
+        "--cifar100", type=Path, default=None,
+        help=f"suite E-cifar100: the folder holding cifar-100-python/ (torchvision's layout); or set {CIFAR100_ENV}",
+    )  # fmt: skip
     ap.add_argument("--no-memory", action="store_true", help="suite C: skip the memory probes")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--list", action="store_true", help="list suites, methods and preset sizes")
@@ -1011,6 +1139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --cifar10 {args.cifar10} has no train/ folder; pass the CIFAR-10 ImageFolder tree's root")
             return 2
         os.environ[CIFAR10_ENV] = str(args.cifar10.resolve())
+    if args.cifar100 is not None:
+        if not (args.cifar100 / "cifar-100-python").is_dir():
+            print(f"error: --cifar100 {args.cifar100} has no cifar-100-python/ folder (torchvision's layout)")
+            return 2
+        os.environ[CIFAR100_ENV] = str(args.cifar100.resolve())
     methods = None
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -149,3 +149,29 @@ def test_make_docs_tables_plots_and_not_run(bench: Path) -> None:
     # without discussion.md the previous discussion is preserved
     text2 = make_docs.generate(bench / "results", "quick", out, bench / "docs" / "img", bench / "none.md", ["B"])
     assert "Our reading of the numbers." in text2
+
+
+def test_suite_e_matches_budgets_and_reports_depth_decisions(tmp_path: Path, monkeypatch) -> None:
+    """Suite E: every grower gets the same parameter budget; without CIFAR-10 it skips with a clear line;
+    the report lists each round's inserted blocks and the depth share of the budget."""
+    report = pytest.importorskip("suite_e_report")
+    grow = [m for m in suites.SUITES["E"].methods.values() if m.kind == "grow"]
+    assert {m.kwargs["budget"] for m in grow} == {suites.E_BUDGET}
+    assert {m.kwargs.get("candidates") for m in grow if m.grower == "firefly"} == {"all", "width", "depth"}
+    monkeypatch.delenv(suites.CIFAR10_ENV, raising=False)
+    with pytest.raises(suites.SkipRun, match="--cifar10"):
+        suites.build_config("E", "firefly-wd", 0, "full")
+    cfg = suites.build_config("E-fmnist", "firefly-wd", 0, "full")
+    assert cfg["model"]["name"] == "mobilenetv1-stages" and cfg["growth"]["kwargs"]["candidates"] == "all"
+    block = {"after": "features.1", "type": "dwsep", "score": -0.01, "cost": 1000.0, "score_per_cost": -1e-5}
+    rec = {
+        "growths": [
+            {"extra": {"depth": {"blocks": [{**block, "kept": True}], "depth_share": 0.25,
+                                 "best_width_score_per_cost": -2e-5}}},
+            {"extra": {"depth": {"blocks": [{**block, "kept": False}], "depth_share": 0.0,
+                                 "best_width_score_per_cost": -3e-5}}},
+        ]
+    }
+    rounds = report.depth_rounds(rec)
+    assert [len(r["kept"]) for r in rounds] == [1, 0]
+    assert [r["share"] for r in rounds] == [0.25, 0.0]

@@ -27,6 +27,8 @@ CASES: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = {
     "resnet56": (dict(width=2, num_classes=10), (2, 3, 16, 16), (2, 10)),
     "resnet18": (dict(width=4, num_classes=100), (2, 3, 32, 32), (2, 100)),
     "mobilenetv1": (dict(width=8, num_classes=100), (2, 3, 32, 32), (2, 100)),
+    "mobilenetv1-stages": (dict(widths=4, blocks=(1, 2, 1, 1, 1), num_classes=10), (2, 3, 32, 32), (2, 10)),
+    "vgg-stages": (dict(in_channels=1, widths=4, input_size=28, num_classes=10), (2, 1, 28, 28), (2, 10)),
     "darts-eval": (dict(genotype="darts_v2", C=2, layers=3, in_channels=1, input_size=8, num_classes=3), (2, 1, 8, 8),
                    (2, 3)),
     "replayed-architecture": (

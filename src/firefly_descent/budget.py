@@ -167,7 +167,8 @@ def select(
     Greedy: walk candidates best-first and keep each one that still fits its pool.
     """
     pool = [c for c in candidates if allow_increase or c.score < 0]
-    by_cost = budget.currency != "units"
+    # a new layer competes with units on loss decrease per unit of budget, whatever the currency
+    by_cost = budget.currency != "units" or any(c.kind == "layer" for c in pool)
     pool.sort(key=lambda c: (c.score / c.cost if by_cost else c.score, c.kind, c.group, c.index))
     if budget.per_group:
         left = {g.name: budget.group_limit(g, groups) for g in groups}

@@ -51,11 +51,21 @@ class ScaledBranch(nn.Module):
 
 
 _BODIES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+_MEMBERS: dict[str, Callable[[dict[str, Any], str], list[Any]]] = {}
 
 
-def register_body(kind: str, builder: Callable[[dict[str, Any]], nn.Module]) -> None:
-    """Let plans build bodies of type `kind` (new layers or new branches) from a plain-data spec."""
+def register_body(
+    kind: str,
+    builder: Callable[[dict[str, Any]], nn.Module],
+    members: Callable[[dict[str, Any], str], list[Any]] | None = None,
+) -> None:
+    """Let plans build bodies of type `kind` (new layers or new branches) from a plain-data spec.
+
+    `members(spec, prefix)` lists the body's tensors that follow the channel group it reads and writes
+    (see `body_members`), so a kept new block can be widened with the group it sits on."""
     _BODIES[kind] = builder
+    if members is not None:
+        _MEMBERS[kind] = members
 
 
 def body_members(spec: dict[str, Any], prefix: str = "") -> list[Any]:
@@ -64,6 +74,8 @@ def body_members(spec: dict[str, Any], prefix: str = "") -> list[Any]:
     from .analysis.graph import Member
 
     kind = spec.get("type")
+    if kind in _MEMBERS:
+        return _MEMBERS[kind](spec, prefix)
     if kind in ("conv_bn_act",):
         return [
             Member(f"{prefix}0.weight", 0, "producer", "weight", f"{prefix}0"),
@@ -117,3 +129,75 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
         f"unknown new-layer type {kind!r}; use conv_bn_act, linear_act, conv_identity, linear_identity"
         f"{''.join(', ' + k for k in sorted(_BODIES))}"
     )
+
+
+# ---- blocks of a model's own kind, inserted as residual depth candidates (z + scale * body(z)) ----------
+
+
+def _bn_members(name: str) -> list[Any]:
+    from .analysis.graph import Member
+
+    kinds = ("weight", "norm_weight"), ("bias", "norm_bias"), ("running_mean", "running_mean")
+    out = [Member(f"{name}.{t}", 0, "norm", k, name) for t, k in kinds]
+    return out + [Member(f"{name}.running_var", 0, "norm", "running_var", name)]
+
+
+def _dwsep_body(spec: dict[str, Any]) -> nn.Module:
+    """A stride-1 depthwise-separable block (MobileNetV1): 3x3 depthwise-BN-ReLU, 1x1 pointwise-BN-ReLU."""
+    from collections import OrderedDict
+
+    c, k = int(spec["channels"]), int(spec.get("kernel_size", 3))
+    return nn.Sequential(
+        OrderedDict(
+            dw_conv=nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=False),
+            dw_bn=nn.BatchNorm2d(c),
+            dw_relu=nn.ReLU(),
+            pw_conv=nn.Conv2d(c, c, 1, bias=False),
+            pw_bn=nn.BatchNorm2d(c),
+            pw_relu=nn.ReLU(),
+        )
+    )
+
+
+def _dwsep_members(spec: dict[str, Any], prefix: str) -> list[Any]:
+    from .analysis.graph import Member
+
+    return [
+        Member(f"{prefix}dw_conv.weight", 0, "passthrough", "weight", f"{prefix}dw_conv"),
+        *_bn_members(f"{prefix}dw_bn"),
+        Member(f"{prefix}pw_conv.weight", 0, "producer", "weight", f"{prefix}pw_conv"),
+        Member(f"{prefix}pw_conv.weight", 1, "consumer", "weight", f"{prefix}pw_conv"),
+        *_bn_members(f"{prefix}pw_bn"),
+    ]
+
+
+def _basic_block_body(spec: dict[str, Any]) -> nn.Module:
+    """A ResNet basic block's residual branch: conv-BN-ReLU-conv-BN; its hidden width may be smaller
+    than the channels it reads and writes (`hidden`, default the same)."""
+    from collections import OrderedDict
+
+    c = int(spec["channels"])
+    h, k = int(spec.get("hidden", c)), int(spec.get("kernel_size", 3))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(c, h, k, padding=k // 2, bias=False),
+            bn1=nn.BatchNorm2d(h),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(h, c, k, padding=k // 2, bias=False),
+            bn2=nn.BatchNorm2d(c),
+        )
+    )
+
+
+def _basic_block_members(spec: dict[str, Any], prefix: str) -> list[Any]:
+    from .analysis.graph import Member
+
+    return [
+        Member(f"{prefix}conv1.weight", 1, "consumer", "weight", f"{prefix}conv1"),
+        Member(f"{prefix}conv2.weight", 0, "producer", "weight", f"{prefix}conv2"),
+        *_bn_members(f"{prefix}bn2"),
+    ]
+
+
+register_body("dwsep", _dwsep_body, _dwsep_members)
+register_body("basic_block", _basic_block_body, _basic_block_members)

@@ -308,6 +308,8 @@ def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Opti
     except (AttributeError, KeyError):
         raise PlanError(f"no submodule {layer.after!r} to insert a layer after") from None
     ref = next(iter(child.parameters()), None)
+    if ref is None:  # after a parameter-free module (a ReLU): the new layer lives where the model does
+        ref = next(iter(model.parameters()), None)
     body = _copy_block(child, layer.spec) if layer.kind == "copy" else build_body(layer.spec)
     if ref is not None:
         body = body.to(device=ref.device, dtype=ref.dtype)

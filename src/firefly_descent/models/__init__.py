@@ -19,10 +19,10 @@ from torch import nn
 from ._common import init_weights
 from .darts import DartsNetwork, darts_eval
 from .mlp import MLP, ResidualBlock, ResidualMLP
-from .mobilenet import MobileNetV1, depthwise_separable
+from .mobilenet import MobileNetV1, MobileNetV1Stages, depthwise_separable
 from .resnet import BasicBlock, ResNet, resnet18, resnet_cifar
 from .transformer import Transformer, TransformerBlock
-from .vgg import VGG, VGG_CONFIGS
+from .vgg import VGG, VGG_CONFIGS, vgg_stages
 
 __all__ = [
     "MLP",
@@ -31,6 +31,7 @@ __all__ = [
     "BasicBlock",
     "DartsNetwork",
     "MobileNetV1",
+    "MobileNetV1Stages",
     "ResNet",
     "ResidualBlock",
     "ResidualMLP",
@@ -43,6 +44,7 @@ __all__ = [
     "register_model",
     "resnet18",
     "resnet_cifar",
+    "vgg_stages",
 ]
 
 
@@ -172,6 +174,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet56": _resnet_cifar(56),
     "resnet18": _resnet18,
     "mobilenetv1": MobileNetV1,
+    "mobilenetv1-stages": MobileNetV1Stages,
+    "vgg-stages": vgg_stages,
     "transformer": Transformer,
     "replayed-architecture": replayed_architecture,
     "darts-eval": darts_eval,

@@ -81,3 +81,55 @@ class MobileNetV1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.stem(x))
         return self.classifier(self.flatten(self.avgpool(x)))
+
+
+# MobileNetV1's CIFAR layout as stages: (width, stride of the stage's first block, blocks); the full
+# network is blocks (1, 2, 2, 6, 2).
+MOBILENET_V1_STAGES: list[tuple[int, int, int]] = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 2, 6), (1024, 2, 2)]
+
+
+class MobileNetV1Stages(nn.Module):
+    """MobileNetV1 for 32×32 inputs with a configurable number of blocks per stage: a shallow, narrow
+    start for growth in depth and width (the paper's MobileNetV1 experiment).
+
+    Stem conv3×3-BN-ReLU → `features`, one flat Sequential of depthwise-separable blocks (stage s has
+    `blocks[s]` blocks; its first has the stage's stride, the rest stride 1) → average pool → Linear.
+    ``widths`` gives the stem's and each stage's width (an int: the same everywhere); ``blocks=(1, 2, 2, 6, 2)``
+    with the default widths is `MobileNetV1`'s layout.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        blocks: Sequence[int] = (1, 1, 1, 1, 1),
+        widths: int | Sequence[int] | None = None,
+        width_multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        blocks = [int(b) for b in blocks]
+        if len(blocks) != len(MOBILENET_V1_STAGES) or any(b < 1 for b in blocks):
+            raise ValueError(f"mobilenetv1-stages: blocks must be {len(MOBILENET_V1_STAGES)} counts >= 1, not {blocks}")
+        defaults = [MOBILENET_V1_STEM] + [w for w, _, _ in MOBILENET_V1_STAGES]
+        chans = resolve_widths(len(defaults), defaults, widths, width_multiplier, "mobilenetv1-stages")
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, chans[0], 3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(chans[0]),
+                relu=nn.ReLU(),
+            )
+        )
+        layers, prev = [], chans[0]
+        for (_, stride, _), width, n in zip(MOBILENET_V1_STAGES, chans[1:], blocks):
+            for i in range(n):
+                layers.append(depthwise_separable(prev, width, stride if i == 0 else 1))
+                prev = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.classifier = nn.Linear(prev, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.stem(x))
+        return self.classifier(self.flatten(self.avgpool(x)))

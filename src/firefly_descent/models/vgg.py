@@ -93,3 +93,26 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def vgg_stages(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    blocks: Sequence[int] = (1, 1, 1, 1, 1),
+    widths: int | Sequence[int] = 16,
+    input_size: int = 32,
+    classifier: str = "conv1x1",
+) -> VGG:
+    """A plain VGG (conv3×3-BN-ReLU, BatchNorm) with `blocks[s]` convs in stage s, a 2×2 max-pool after
+    each stage, and ``widths`` channels per stage (an int: the same everywhere): one conv per stage by
+    default, a shallow start for growth in depth and width. ``blocks=(2, 2, 4, 4, 4)`` is VGG-19's layout."""
+    blocks = [int(b) for b in blocks]
+    if not blocks or any(b < 1 for b in blocks):
+        raise ValueError(f"vgg-stages: blocks must be counts >= 1, not {blocks}")
+    stage_w = [int(widths)] * len(blocks) if isinstance(widths, int) else [int(w) for w in widths]
+    if len(stage_w) != len(blocks):
+        raise ValueError(f"vgg-stages: expected {len(blocks)} stage widths, got {len(stage_w)}")
+    config: list[int | str] = []
+    for w, n in zip(stage_w, blocks):
+        config += [w] * n + ["M"]
+    return VGG(config, in_channels, num_classes, None, 1.0, input_size, classifier)

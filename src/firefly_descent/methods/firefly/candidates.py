@@ -343,17 +343,61 @@ class DepthCandidates:
         return out
 
 
+DEPTH_BLOCKS = ("auto", "layer", "conv_bn_act", "dwsep", "basic_block")
+
+
+def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: str = "auto") -> dict[str, Any]:
+    """The residual body inserted after `after`: one layer ("layer": conv-BN-ReLU or Linear-act), a named
+    block type, or ("auto") a block of the model's own kind: a stride-1 depthwise-separable block after a
+    block holding a depthwise conv (MobileNetV1), a basic block after a block with two or more convs
+    (ResNet), otherwise one layer (conv-BN-ReLU for a VGG-style net). Blocks are only used on
+    2-D convolutional outputs; elsewhere the one-layer spec is used."""
+    boundary = graph.boundaries[after]
+    spec = layer_spec(boundary)
+    if block == "layer" or spec["type"] != "conv_bn_act" or spec.get("dims") != 2:
+        return spec
+    if block == "auto":
+        convs = [m for m in _own_modules(model.get_submodule(after)) if isinstance(m, nn.Conv2d)]
+        if any(m.groups > 1 and m.groups == m.in_channels for m in convs):
+            block = "dwsep"
+        elif len(convs) >= 2:
+            block = "basic_block"
+        else:
+            block = "conv_bn_act"
+    if block not in DEPTH_BLOCKS[2:]:
+        raise ValueError(f"depth_block must be one of {', '.join(DEPTH_BLOCKS)}, not {block!r}")
+    out = {"type": block, "channels": spec["channels"], "kernel_size": spec.get("kernel_size", 3)}
+    if block == "basic_block":  # its own hidden group, which keeps its width when the channels grow
+        out["hidden"] = spec["channels"]
+    return out
+
+
+def _own_modules(module: nn.Module) -> list[nn.Module]:
+    """`module` and its descendants, leaving out residual layers inserted by earlier growth."""
+    out = [module]
+    for child in module.children():
+        if not isinstance(child, Residual):
+            out += _own_modules(child)
+    return out
+
+
 def build_depth_candidates(
     model: nn.Module,
     graph: GrowthGraph,
     after: list[str],
     example_inputs: tuple[torch.Tensor, ...],
     init_scale: float,
+    block: str = "layer",
 ) -> DepthCandidates:
+    """A copy of `model` with a residual candidate (scale 0: exact) after each of `after`; `block` picks
+    each body (see `depth_block_spec`)."""
     net = copy.deepcopy(model)
     if hasattr(net, "_firefly_history"):
         net._firefly_history = []
     plan = plan_deepen(graph, after, "residual", scale=0.0)
+    specs = [depth_block_spec(graph, model, a, block) for a in after]
+    for layer, spec in zip(plan.layers, specs):
+        layer.spec = spec
     apply(net, plan, example_inputs=example_inputs, record=False)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -371,5 +415,4 @@ def build_depth_candidates(
         layer.scale.requires_grad_(True)
         parametrize.register_parametrization(layer, "scale", _GatedScale(bank, "layer", i))
         layers.append(layer)
-    specs = [layer_spec(graph.boundaries[a]) for a in after]
     return DepthCandidates(net, bank, list(after), specs, layers)

@@ -19,10 +19,19 @@ import torch
 from torch import nn
 
 from ...analysis import analyze
-from ...budget import Budget, Candidate, count_flops, group_unit_costs, meta_copy, select
+from ...budget import (
+    Budget,
+    Candidate,
+    count_flops,
+    count_params,
+    group_unit_costs,
+    meta_copy,
+    select,
+    unit_param_cost,
+)
 from ...collective import current_sync
 from ...errors import GrowthError
-from ...layers import body_members, build_body
+from ...layers import Residual, body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..base import Grower, GrowthReport, LossFn, Timer, register_grower
 from ..common import as_inputs, commit_plan, example_from, mean_loss, model_device, start_report, take_batches
@@ -48,6 +57,10 @@ class FireflyConfig:
     # and at least twice the group's share of the budget, so selection always has a choice to make
     new_units: float | str = "auto"
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
+    # the residual body of a depth candidate: "auto" = a block of the model's own kind (depthwise-separable
+    # for MobileNetV1, basic block for ResNets, conv-BN-ReLU for VGG, Linear-act for MLPs), "layer" = one
+    # conv-BN-ReLU / Linear-act layer, or a block type ("conv_bn_act", "dwsep", "basic_block")
+    depth_block: str = "auto"
     # step one: `step_one_steps` optimiser steps (None = one pass) over `step_one_batches` fresh growth
     # batches (None = one per step; all the growth data leaves after the score and check batches when
     # steps is None too)
@@ -95,6 +108,9 @@ class FireflyConfig:
     score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
     score_batches: int | None = 2  # None = one pass over the data
     allow_increase: bool = False
+    # trim a params:N selection until the exact parameter increase fits (cross terms between adjacent groups
+    # counted): None = only when depth candidates compete (width-only selection stays as it was)
+    exact_params: bool | None = None
     seed: int = 0
 
 
@@ -207,7 +223,7 @@ class Firefly(Grower):
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
         graph = analyze(model, x)
-        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g)]
+        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g, model)]
         if not groups and cfg.candidates != "depth":
             raise GrowthError(
                 "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
@@ -269,7 +285,9 @@ class Firefly(Grower):
             after = cfg.depth_after or default_depth_boundaries(graph, model)
             if after:
                 with Timer(report.timings, "build"):
-                    depth_c = build_depth_candidates(model, graph, after, x, cfg.init_layer_scale)
+                    depth_c = build_depth_candidates(
+                        model, graph, after, x, cfg.init_layer_scale, block=cfg.depth_block
+                    )
                     current_sync().broadcast(depth_c.trainables())
                 if width_c is None:
                     batches, score_batches = self._size(
@@ -279,11 +297,16 @@ class Firefly(Grower):
                     self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
                 with Timer(report.timings, "step_two"):
                     scores = self._scores(depth_c.net, depth_c.bank, score_batches, loss_fn)
-                layer_costs = self._layer_costs(model, x, depth_c)
+                layer_costs = self._layer_costs(model, x, graph, depth_c)
                 for i, s in enumerate(scores["layer"].tolist()):
                     candidates.append(Candidate("layer", after[i], i, s, layer_costs[i]))
 
         kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
+        exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
+        if exact and self.budget.kind == "params" and not self.budget.per_group:
+            kept = self._fit_params(model, graph, depth_c, kept)
+        if depth_c is not None:
+            report.extra["depth"] = depth_summary(candidates, kept, depth_c)
         self.last_scores = candidates
         report.predicted_loss_change = float(sum(c.score for c in kept))
         report.extra.update(
@@ -463,11 +486,21 @@ class Firefly(Grower):
         net.eval()
         return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
 
-    def _layer_costs(self, model: nn.Module, x: tuple[torch.Tensor, ...], depth_c: DepthCandidates) -> list[float]:
+    def _layer_costs(
+        self, model: nn.Module, x: tuple[torch.Tensor, ...], graph: Any, depth_c: DepthCandidates
+    ) -> list[float]:
+        """Each new layer's cost on the width candidates' scale: parameters added (body and scale), per-sample
+        FLOPs added, or in units the parameters of as many new units of the group it sits on."""
+        params = [float(sum(p.numel() for p in layer.body.parameters()) + 1) for layer in depth_c.layers]
         if self.budget.currency == "units":
-            return [float(s.get("channels", s.get("features", 1))) for s in depth_c.specs]
+            out = []
+            for after, spec, n in zip(depth_c.after, depth_c.specs, params):
+                name = graph.boundaries[after].group
+                unit = unit_param_cost(graph[name], model) if name in graph.groups else 0
+                out.append(n / unit if unit > 0 else float(spec.get("channels", spec.get("features", 1))))
+            return out
         if self.budget.currency == "params":
-            return [float(sum(p.numel() for p in layer.body.parameters()) + 1) for layer in depth_c.layers]
+            return params
         from ...engine import apply
 
         base = count_flops(model, x)
@@ -482,6 +515,18 @@ class Firefly(Grower):
             )
             out.append(float(max(1, count_flops(meta, x) - base)))
         return out
+
+    def _fit_params(
+        self, model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
+    ) -> list[Candidate]:
+        """Greedy selection adds per-candidate costs; units added to two adjacent groups, or a new block on
+        a group that also widens, add cross terms. Drop the kept candidate with the worst score per cost
+        until the exact parameter increase (a meta copy grown by the selection) fits the budget."""
+        limit = self.budget.limit([])
+        kept = sorted(kept, key=lambda c: c.score / c.cost)
+        while kept and exact_added_params(model, graph, depth_c, kept) > limit + 1e-9:
+            kept = kept[:-1]
+        return kept
 
     def _materialize(
         self,
@@ -521,15 +566,32 @@ class Firefly(Grower):
         )
 
 
-def _feeds_itself(group: Any) -> bool:
+def _feeds_itself(group: Any, model: nn.Module | None = None) -> bool:
     """A tensor that both produces and consumes the group (a square conv inside a residual loop, as in
     MobileNetV2 when a block's input and output widths agree): a plan keys split directions by tensor, so
-    Firefly leaves such groups alone rather than write an ambiguous direction."""
+    Firefly leaves such groups alone rather than write an ambiguous direction. Blocks that growth inserted
+    (`Residual` bodies: a depthwise-separable block's pointwise conv) are the exception: the engine applies
+    directions to producer slices only, and the over-grown copy maps them through both dims, so the stage
+    they sit on keeps growing wider."""
     dims: dict[str, set[int]] = {}
+    modules: dict[str, set[str]] = {}
     for m in group.members:
         if m.kind == "weight" and m.role in ("producer", "consumer"):
             dims.setdefault(m.tensor, set()).add(m.dim)
-    return any(len(d) > 1 for d in dims.values())
+            modules.setdefault(m.tensor, set()).add(m.module)
+    return any(len(d) > 1 and not _inside_residual(model, modules[t]) for t, d in dims.items())
+
+
+def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
+    """Whether every module in `names` lies inside a `Residual` that growth inserted."""
+    if model is None:
+        return False
+    named = dict(model.named_modules())
+    for name in names:
+        parts = name.split(".")
+        if not any(isinstance(named.get(".".join(parts[:k])), Residual) for k in range(1, len(parts))):
+            return False
+    return True
 
 
 @torch.no_grad()
@@ -596,3 +658,55 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
         seen.add(b.node)
         out.append(b.module)
     return out
+
+
+def exact_added_params(
+    model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
+) -> int:
+    """Parameters the selection `kept` adds to `model`, counted on a meta copy grown by its structure (new
+    blocks widened with the group they sit on, as `_widen_body` does)."""
+    from ...engine import apply
+
+    added: dict[str, int] = {}
+    for c in kept:
+        if c.kind in ("split", "new"):
+            added[c.group] = added.get(c.group, 0) + 1
+    changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
+    layers = []
+    for c in kept:
+        if c.kind == "layer" and depth_c is not None:
+            spec = dict(depth_c.specs[c.index])
+            key = "channels" if "channels" in spec else "features"
+            spec[key] = int(spec[key]) + added.get(graph.boundaries[c.group].group or "", 0)
+            layers.append(NewLayer(c.group, "residual", spec))
+    meta = meta_copy(model)
+    apply(meta, Plan(changes, layers, function_preserving=False), verify=False, record=False)
+    return count_params(meta) - count_params(model)
+
+
+def depth_summary(candidates: list[Candidate], kept: list[Candidate], depth_c: DepthCandidates) -> dict[str, Any]:
+    """Which blocks competed and were inserted, each with its score per cost, and the share of the spent
+    budget that went to depth (in the budget's currency)."""
+    chosen = {(c.kind, c.group, c.index) for c in kept}
+    blocks = [
+        {
+            "after": c.group,
+            "type": depth_c.specs[c.index].get("type"),
+            "score": c.score,
+            "cost": c.cost,
+            "score_per_cost": c.score / c.cost,
+            "kept": ("layer", c.group, c.index) in chosen,
+        }
+        for c in candidates
+        if c.kind == "layer"
+    ]
+    width = [c for c in candidates if c.kind != "layer" and c.score < 0]
+    spent_depth = sum(c.cost for c in kept if c.kind == "layer")
+    spent = sum(c.cost for c in kept)
+    return {
+        "blocks": blocks,
+        "best_width_score_per_cost": min((c.score / c.cost for c in width), default=None),
+        "spent_depth": spent_depth,
+        "spent_total": spent,
+        "depth_share": spent_depth / spent if spent else 0.0,
+    }
