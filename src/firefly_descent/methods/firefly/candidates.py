@@ -160,6 +160,20 @@ def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> 
     return block.pow(2).mean(1).sqrt()
 
 
+def block_size(group: Group) -> int | None:
+    """Units per whole block Firefly grows `group` by: 1 without constraints, `head_dim` for attention heads
+    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone
+    (GroupNorm/LayerNorm/grouped-conv constraints, or a weight with one entry per block)."""
+    if not group.constraints:
+        return 1
+    sizes = {c.channels_per_group for c in group.constraints if c.kind == "blocks"}
+    if len(sizes) != 1 or any(c.kind != "blocks" for c in group.constraints):
+        return None
+    if any(m.per > 1 for m in group.members if m.kind == "weight" and m.role in ("producer", "consumer")):
+        return None
+    return sizes.pop()
+
+
 def _slice_numel(t: torch.Tensor, m: Any) -> int:
     return t.numel() // t.shape[m.dim] * m.inner
 
@@ -184,12 +198,13 @@ def build_width_candidates(
     from ...engine.apply import plan_edits
 
     changes = []
+    split_groups = {g.name for g in groups if splits and block_size(g) == 1}  # heads: new whole heads only
     for g in groups:
         k = new_count.get(g.name, 0)
         changes.append(
             GroupChange(
                 g,
-                splits=[Split(i) for i in range(g.width)] if splits else [],
+                splits=[Split(i) for i in range(g.width)] if g.name in split_groups else [],
                 new=NewUnits(k) if k else None,
             )
         )
@@ -244,7 +259,8 @@ def build_width_candidates(
         g = change.group
         order = unit_order(change)
         K = change.new.count if change.new else 0
-        if splits:
+        split_g = g.name in split_groups
+        if split_g:
             bank.add(f"split:{g.name}", g.width, ref)
         if K:
             bank.add(f"new:{g.name}", K, ref)
@@ -258,7 +274,7 @@ def build_width_candidates(
             others = [e for e in expansions[m.tensor] if e[0] != m.dim]
             shape = _slice_shape(orig_shapes[m.tensor], m.dim, m.inner)
             if m.role == "producer":
-                if splits:
+                if split_g:
                     v = nn.Parameter(rand([g.width, *shape], "uniform_split").to(device))
                     cands.split_dirs[g.name][m.tensor] = v
                     sc = scale_of(m, g.width, True, len(shape))

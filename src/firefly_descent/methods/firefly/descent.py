@@ -40,6 +40,7 @@ from .candidates import (
     DepthCandidates,
     GateBank,
     WidthCandidates,
+    block_size,
     build_depth_candidates,
     build_width_candidates,
     materialize_width,
@@ -223,10 +224,11 @@ class Firefly(Grower):
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
         graph = analyze(model, x)
-        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g, model)]
+        groups = [g for g in graph.growable() if block_size(g) is not None and not _feeds_itself(g, model)]
         if not groups and cfg.candidates != "depth":
             raise GrowthError(
-                "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
+                "the model has no growable group without GroupNorm/LayerNorm/grouped-conv constraints; "
+                "nothing for Firefly to grow"
             )
         report = start_report(f"firefly[{self.preset}]", model, graph, x)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,10 +245,16 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None = None
 
         if use_splits or use_new:
-            new_count = {g.name: self._new_count(g, groups, costs[g.name]) if use_new else 0 for g in groups}
+            per = {g.name: block_size(g) or 1 for g in groups}  # attention heads: whole heads of per units
+            new_count = {
+                g.name: per[g.name] * math.ceil(self._new_count(g, groups, costs[g.name]) / per[g.name])
+                if use_new
+                else 0
+                for g in groups
+            }
             report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
                 g.name: {
-                    "splits": g.width if use_splits else 0,
+                    "splits": g.width if use_splits and per[g.name] == 1 else 0,
                     "new": new_count[g.name],
                     "budget_share": self.budget.group_limit(g, groups) / max(costs[g.name], 1e-12),
                 }
@@ -275,10 +283,14 @@ class Firefly(Grower):
             with Timer(report.timings, "step_two"):
                 scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
             for g in groups:
-                if use_splits:
+                if use_splits and per[g.name] == 1:  # heads are not split
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
                         candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
-                if new_count[g.name]:
+                if new_count[g.name] and per[g.name] > 1:  # a new head: one gate over its units, d/dg = the sum
+                    by_head = scores[f"new:{g.name}"].view(-1, per[g.name]).sum(1)
+                    for j, s in enumerate(by_head.tolist()):
+                        candidates.append(Candidate("head", g.name, j, s, costs[g.name] * per[g.name]))
+                elif new_count[g.name]:
                     for j, s in enumerate(scores[f"new:{g.name}"].tolist()):
                         candidates.append(Candidate("new", g.name, j, s, costs[g.name]))
         if use_depth:
@@ -541,6 +553,9 @@ class Firefly(Grower):
             if c.kind in ("split", "new"):
                 s, n = by_group.setdefault(c.group, ([], []))
                 (s if c.kind == "split" else n).append(c.index)
+            elif c.kind == "head":  # its head_dim new units
+                per = block_size(graph[c.group]) or 1
+                by_group.setdefault(c.group, ([], []))[1].extend(range(c.index * per, (c.index + 1) * per))
         changes = materialize_width(width_c, by_group) if width_c is not None else []
         layers = []
         if depth_c is not None:
@@ -669,8 +684,8 @@ def exact_added_params(
 
     added: dict[str, int] = {}
     for c in kept:
-        if c.kind in ("split", "new"):
-            added[c.group] = added.get(c.group, 0) + 1
+        if c.kind in ("split", "new", "head"):
+            added[c.group] = added.get(c.group, 0) + ((block_size(graph[c.group]) or 1) if c.kind == "head" else 1)
     changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
     layers = []
     for c in kept:
