@@ -9,6 +9,8 @@ original model through the engine.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -329,7 +331,7 @@ class Firefly(Grower):
                 "budget_limit": self.budget.limit(groups),
             }
         )
-        plan = self._materialize(graph, width_c, depth_c, kept, x)
+        plan = self._materialize(graph, width_c, depth_c, kept, x, model)
         width_c = depth_c = None  # free the over-grown copies before the model itself grows
         commit_plan(
             self, model, plan, report, x, optimizer, loss_fn, data, full_batches,
@@ -424,7 +426,8 @@ class Firefly(Grower):
         self._set_mode(net)
         if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
             for layer in bn_train.layers:
-                layer.body.train()
+                if isinstance(layer, Residual):  # (a copied transformer block stays in eval: no dropout)
+                    layer.body.train()
         if cfg.step_one_optimizer == "rmsprop":
             opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
         elif cfg.step_one_optimizer == "adam":
@@ -460,7 +463,7 @@ class Firefly(Grower):
         for p in params:
             p.requires_grad_(False)
         if bn_train is not None:  # the new layers' BatchNorm statistics, over every rank's shard
-            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.body.modules())
+            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.modules())
         net.eval()
 
     def _set_mode(self, net: nn.Module) -> None:
@@ -503,7 +506,7 @@ class Firefly(Grower):
     ) -> list[float]:
         """Each new layer's cost on the width candidates' scale: parameters added (body and scale), per-sample
         FLOPs added, or in units the parameters of as many new units of the group it sits on."""
-        params = [float(sum(p.numel() for p in layer.body.parameters()) + 1) for layer in depth_c.layers]
+        params = [float(depth_c.added_params(i)) for i in range(len(depth_c.layers))]
         if self.budget.currency == "units":
             out = []
             for after, spec, n in zip(depth_c.after, depth_c.specs, params):
@@ -521,7 +524,7 @@ class Firefly(Grower):
             meta = meta_copy(model)
             apply(
                 meta,
-                Plan(layers=[NewLayer(after, "residual", spec)], function_preserving=False),
+                Plan(layers=[NewLayer(after, _layer_kind(spec), spec)], function_preserving=False),
                 verify=False,
                 record=False,
             )
@@ -547,6 +550,7 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None,
         kept: list[Candidate],
         x: tuple[torch.Tensor, ...],
+        model: nn.Module | None = None,
     ) -> Plan:
         by_group: dict[str, tuple[list[int], list[int]]] = {}
         for c in kept:
@@ -565,6 +569,10 @@ class Firefly(Grower):
                     continue
                 layer = depth_c.layers[c.index]
                 spec = dict(depth_c.specs[c.index])
+                if spec["type"] == "copy":  # a new transformer block, copied from a block that may widen
+                    params = _widen_copy(model, c.group, depth_c.block_values(c.index), changes)
+                    layers.append(NewLayer(c.group, "copy", spec, params))
+                    continue
                 params = {k: v.detach().clone() for k, v in layer.body.state_dict().items()}
                 boundary = graph.boundaries[c.group]
                 change = change_of.get(boundary.group) if boundary.group else None
@@ -651,6 +659,46 @@ def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: G
     return new_spec, {k: v.detach().clone() for k, v in body.state_dict().items()}
 
 
+def _layer_kind(spec: dict[str, Any]) -> str:
+    return "copy" if spec.get("type") == "copy" else "residual"
+
+
+def _widen_copy(
+    model: nn.Module | None, after: str, params: dict[str, torch.Tensor], changes: list[GroupChange]
+) -> dict[str, torch.Tensor]:
+    """A kept new block is copied from block `after` once the plan's width changes are applied: give its
+    trained values the same changes on the block's own tensors (twins copied, inputs halved, new units
+    zero), so it acts on the grown model as it did in the over-grown one."""
+    from ...analysis.graph import Group
+    from ...engine import apply
+
+    prefix = after + "."
+    inner = []
+    for change in changes:
+        members = [
+            dataclasses.replace(m, tensor=m.tensor[len(prefix) :], module=m.module[len(prefix) :])
+            for m in change.group.members
+            if m.tensor.startswith(prefix)
+        ]
+        if members:
+            group = Group(change.group.name, change.group.width, members)
+            inner.append(
+                GroupChange(
+                    group,
+                    splits=[Split(s.unit, position=s.position) for s in change.splits],
+                    new=NewUnits(change.new.count, positions=change.new.positions) if change.new else None,
+                )
+            )
+    if not inner:
+        return params
+    if model is None:
+        raise GrowthError(f"new block after {after!r}: widening its copy needs the model")
+    block = copy.deepcopy(model.get_submodule(after))
+    block.load_state_dict(params)
+    apply(block, Plan(inner, function_preserving=False), verify=False, record=False)
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
 def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
     """Where new layers may go by default: after each block or activation that is an element of a
     Sequential/ModuleList (the stages of the network), one per distinct output tensor, never nested,
@@ -689,7 +737,9 @@ def exact_added_params(
     changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
     layers = []
     for c in kept:
-        if c.kind == "layer" and depth_c is not None:
+        if c.kind == "layer" and depth_c is not None and depth_c.specs[c.index]["type"] == "copy":
+            layers.append(NewLayer(c.group, "copy", dict(depth_c.specs[c.index])))  # copied after widening
+        elif c.kind == "layer" and depth_c is not None:
             spec = dict(depth_c.specs[c.index])
             key = "channels" if "channels" in spec else "features"
             spec[key] = int(spec[key]) + added.get(graph.boundaries[c.group].group or "", 0)
