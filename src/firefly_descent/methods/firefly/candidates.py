@@ -351,6 +351,7 @@ class DepthCandidates:
     after: list[str]
     specs: list[dict[str, Any]]
     layers: list[nn.Module]
+    sources: list[nn.Module | None] = field(default_factory=list)  # per copied block: its source as it was
 
     def trainables(self) -> list[nn.Parameter]:
         out = []
@@ -461,11 +462,13 @@ def build_depth_candidates(
     bank = GateBank()
     bank.add("layer", len(after), next(net.parameters()))
     layers: list[nn.Module] = []
+    sources: list[nn.Module | None] = [None] * len(after)
     for i, name in enumerate(after):
         seq = net.get_submodule(name)
         layer = seq[1]
         if specs[i]["type"] == "copy":
             source = model.get_submodule(name)
+            sources[i] = _plain_copy(source)
             for p in layer.parameters():
                 p.requires_grad_(True)
             for pname in specs[i]["zero"]:
@@ -484,4 +487,12 @@ def build_depth_candidates(
         layer.scale.requires_grad_(True)
         parametrize.register_parametrization(layer, "scale", _GatedScale(bank, "layer", i))
         layers.append(layer)
-    return DepthCandidates(net, bank, list(after), specs, layers)
+    return DepthCandidates(net, bank, list(after), specs, layers, sources)
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` without its growth history (a template to widen a kept block's values on)."""
+    out = copy.deepcopy(module)
+    if hasattr(out, "_firefly_history"):
+        out._firefly_history = []
+    return out

@@ -331,7 +331,7 @@ class Firefly(Grower):
                 "budget_limit": self.budget.limit(groups),
             }
         )
-        plan = self._materialize(graph, width_c, depth_c, kept, x, model)
+        plan = self._materialize(graph, width_c, depth_c, kept, x)
         width_c = depth_c = None  # free the over-grown copies before the model itself grows
         commit_plan(
             self, model, plan, report, x, optimizer, loss_fn, data, full_batches,
@@ -550,7 +550,6 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None,
         kept: list[Candidate],
         x: tuple[torch.Tensor, ...],
-        model: nn.Module | None = None,
     ) -> Plan:
         by_group: dict[str, tuple[list[int], list[int]]] = {}
         for c in kept:
@@ -570,7 +569,7 @@ class Firefly(Grower):
                 layer = depth_c.layers[c.index]
                 spec = dict(depth_c.specs[c.index])
                 if spec["type"] == "copy":  # a new transformer block, copied from a block that may widen
-                    params = _widen_copy(model, c.group, depth_c.block_values(c.index), changes)
+                    params = _widen_copy(depth_c.sources[c.index], c.group, depth_c.block_values(c.index), changes)
                     layers.append(NewLayer(c.group, "copy", spec, params))
                     continue
                 params = {k: v.detach().clone() for k, v in layer.body.state_dict().items()}
@@ -664,11 +663,11 @@ def _layer_kind(spec: dict[str, Any]) -> str:
 
 
 def _widen_copy(
-    model: nn.Module | None, after: str, params: dict[str, torch.Tensor], changes: list[GroupChange]
+    source: nn.Module, after: str, params: dict[str, torch.Tensor], changes: list[GroupChange]
 ) -> dict[str, torch.Tensor]:
-    """A kept new block is copied from block `after` once the plan's width changes are applied: give its
-    trained values the same changes on the block's own tensors (twins copied, inputs halved, new units
-    zero), so it acts on the grown model as it did in the over-grown one."""
+    """A kept new block is copied from block `after` (`source`, as it was) once the plan's width changes are
+    applied: give its trained values the same changes on the block's own tensors (twins copied, inputs
+    halved, new units zero), so it acts on the grown model as it did in the over-grown one."""
     from ...analysis.graph import Group
     from ...engine import apply
 
@@ -691,9 +690,7 @@ def _widen_copy(
             )
     if not inner:
         return params
-    if model is None:
-        raise GrowthError(f"new block after {after!r}: widening its copy needs the model")
-    block = copy.deepcopy(model.get_submodule(after))
+    block = copy.deepcopy(source)
     block.load_state_dict(params)
     apply(block, Plan(inner, function_preserving=False), verify=False, record=False)
     return {k: v.detach().clone() for k, v in block.state_dict().items()}
