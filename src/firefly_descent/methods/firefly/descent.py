@@ -61,8 +61,9 @@ class FireflyConfig:
     new_units: float | str = "auto"
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
     # the residual body of a depth candidate: "auto" = a block of the model's own kind (depthwise-separable
-    # for MobileNetV1, basic block for ResNets, conv-BN-ReLU for VGG, Linear-act for MLPs), "layer" = one
-    # conv-BN-ReLU / Linear-act layer, or a block type ("conv_bn_act", "dwsep", "basic_block")
+    # for MobileNetV1, basic block for ResNets, conv-BN-ReLU for VGG, Linear-act for MLPs, a copy of a pre-norm
+    # transformer block with its residual outputs at zero), "layer" = one conv-BN-ReLU / Linear-act layer, or a
+    # block type ("conv_bn_act", "dwsep", "basic_block", "copy")
     depth_block: str = "auto"
     # step one: `step_one_steps` optimiser steps (None = one pass) over `step_one_batches` fresh growth
     # batches (None = one per step; all the growth data leaves after the score and check batches when
