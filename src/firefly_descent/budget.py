@@ -149,7 +149,7 @@ def group_unit_costs(budget: Budget, groups: list[Group], model: nn.Module, exam
 class Candidate:
     """One growth option competing for the budget: a split, a new unit or a new layer."""
 
-    kind: str  # "split" | "new" | "layer"
+    kind: str  # "split" | "new" | "head" (a new whole attention head) | "layer"
     group: str  # group name (for layers: the boundary module name)
     index: int  # unit index (split), new-unit slot, or layer index
     score: float = 0.0  # predicted loss change when switched on (negative = improvement)
@@ -167,8 +167,8 @@ def select(
     Greedy: walk candidates best-first and keep each one that still fits its pool.
     """
     pool = [c for c in candidates if allow_increase or c.score < 0]
-    # a new layer competes with units on loss decrease per unit of budget, whatever the currency
-    by_cost = budget.currency != "units" or any(c.kind == "layer" for c in pool)
+    # a new layer or head competes with units on loss decrease per unit of budget, whatever the currency
+    by_cost = budget.currency != "units" or any(c.kind in ("layer", "head") for c in pool)
     pool.sort(key=lambda c: (c.score / c.cost if by_cost else c.score, c.kind, c.group, c.index))
     if budget.per_group:
         left = {g.name: budget.group_limit(g, groups) for g in groups}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -113,19 +114,22 @@ def deepen(
 
 def plan_new_blocks(graph: GrowthGraph, model: nn.Module, after: list[str]) -> Plan:
     """New blocks copied from the named residual blocks, identity at insertion: in each copy, the layers
-    that write the block's output group (its residual branches' last Linear/Conv) start at zero."""
+    that write the block's output group (its residual branches' last Linear/Conv, or the output projection
+    of an attention module with a rule of its own) start at zero. A tensor producing the group in several
+    slices (nn.MultiheadAttention's q/k/v rows, tied to the stream's width) is not an output."""
     layers = []
     for name in after:
         b = graph.boundaries.get(name)
         if b is None or b.group is None:
             raise GrowthError(f"cannot copy block {name!r}: its output does not carry one group's units")
+        producers = [m for m in graph[b.group].members if m.role == "producer" and m.module.startswith(name + ".")]
+        slices = Counter(m.tensor for m in producers)
         zero = sorted(
             {
                 m.tensor[len(name) + 1 :]
-                for m in graph[b.group].members
-                if m.role == "producer"
-                and m.module.startswith(name + ".")
-                and isinstance(model.get_submodule(m.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                for m in producers
+                if isinstance(model.get_submodule(m.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                or (m.kind in ("weight", "bias") and slices[m.tensor] == 1)
             }
         )
         if not zero:

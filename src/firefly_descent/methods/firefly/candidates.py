@@ -28,7 +28,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
-from ...engine import apply, layer_spec, plan_deepen, plan_expansions
+from ...engine import apply, layer_spec, plan_deepen, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...layers import Residual
 from ...plan import GroupChange, NewUnits, Plan, Split
@@ -160,6 +160,20 @@ def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> 
     return block.pow(2).mean(1).sqrt()
 
 
+def block_size(group: Group) -> int | None:
+    """Units per whole block Firefly grows `group` by: 1 without constraints, `head_dim` for attention heads
+    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone
+    (GroupNorm/LayerNorm/grouped-conv constraints, or a weight with one entry per block)."""
+    if not group.constraints:
+        return 1
+    sizes = {c.channels_per_group for c in group.constraints if c.kind == "blocks"}
+    if len(sizes) != 1 or any(c.kind != "blocks" for c in group.constraints):
+        return None
+    if any(m.per > 1 for m in group.members if m.kind == "weight" and m.role in ("producer", "consumer")):
+        return None
+    return sizes.pop()
+
+
 def _slice_numel(t: torch.Tensor, m: Any) -> int:
     return t.numel() // t.shape[m.dim] * m.inner
 
@@ -184,12 +198,13 @@ def build_width_candidates(
     from ...engine.apply import plan_edits
 
     changes = []
+    split_groups = {g.name for g in groups if splits and block_size(g) == 1}  # heads: new whole heads only
     for g in groups:
         k = new_count.get(g.name, 0)
         changes.append(
             GroupChange(
                 g,
-                splits=[Split(i) for i in range(g.width)] if splits else [],
+                splits=[Split(i) for i in range(g.width)] if g.name in split_groups else [],
                 new=NewUnits(k) if k else None,
             )
         )
@@ -244,7 +259,8 @@ def build_width_candidates(
         g = change.group
         order = unit_order(change)
         K = change.new.count if change.new else 0
-        if splits:
+        split_g = g.name in split_groups
+        if split_g:
             bank.add(f"split:{g.name}", g.width, ref)
         if K:
             bank.add(f"new:{g.name}", K, ref)
@@ -258,7 +274,7 @@ def build_width_candidates(
             others = [e for e in expansions[m.tensor] if e[0] != m.dim]
             shape = _slice_shape(orig_shapes[m.tensor], m.dim, m.inner)
             if m.role == "producer":
-                if splits:
+                if split_g:
                     v = nn.Parameter(rand([g.width, *shape], "uniform_split").to(device))
                     cands.split_dirs[g.name][m.tensor] = v
                     sc = scale_of(m, g.width, True, len(shape))
@@ -327,23 +343,58 @@ class _GatedScale(nn.Module):
 
 @dataclass
 class DepthCandidates:
-    """The copy with every new-layer candidate inserted; `layers[i]` is the Residual after `after[i]`."""
+    """The copy with every new-layer candidate inserted; `layers[i]` is the Residual after `after[i]`, or for
+    a new block (spec type "copy") the copy of block `after[i]` itself, its residual outputs gated."""
 
     net: nn.Module
     bank: GateBank
     after: list[str]
     specs: list[dict[str, Any]]
-    layers: list[Residual]
+    layers: list[nn.Module]
+    sources: list[nn.Module | None] = field(default_factory=list)  # per copied block: its source as it was
 
     def trainables(self) -> list[nn.Parameter]:
         out = []
         for layer in self.layers:
-            out += list(layer.body.parameters())
-            out.append(layer.parametrizations.scale.original)
+            if isinstance(layer, Residual):
+                out += list(layer.body.parameters())
+                out.append(layer.parametrizations.scale.original)
+            else:  # a copied block: all its parameters, the gated outputs' values included
+                out += list(layer.parameters())
         return out
 
+    def block_values(self, i: int) -> dict[str, torch.Tensor]:
+        """The state of copied block i at alpha = 1 (gated outputs multiplied out), as a plain block's."""
+        layer = self.layers[i]
+        out = {k: v.detach().clone() for k, v in layer.state_dict().items() if ".parametrizations." not in f".{k}"}
+        for name in self.specs[i]["zero"]:
+            mod, _, attr = name.rpartition(".")
+            out[name] = getattr(layer.get_submodule(mod) if mod else layer, attr).detach().clone()
+        return out
 
-DEPTH_BLOCKS = ("auto", "layer", "conv_bn_act", "dwsep", "basic_block")
+    def added_params(self, i: int) -> int:
+        """Parameters candidate i adds: a Residual's body and scale, or a whole copied block."""
+        layer = self.layers[i]
+        if isinstance(layer, Residual):
+            return sum(p.numel() for p in layer.body.parameters()) + 1
+        return sum(p.numel() for p in layer.parameters())
+
+
+DEPTH_BLOCKS = ("auto", "layer", "conv_bn_act", "dwsep", "basic_block", "copy")
+
+
+def is_attention_block(graph: GrowthGraph, model: nn.Module, name: str) -> bool:
+    """A transformer block: `name` holds an attention module (nn.MultiheadAttention, or a module whose heads
+    are a group grown by whole heads) and, if it is a stock nn.TransformerEncoderLayer, is pre-norm (a
+    post-norm copy normalises the stream, so it cannot start as the identity)."""
+    module = model.get_submodule(name)
+    if isinstance(module, nn.TransformerEncoderLayer) and not module.norm_first:
+        return False
+    if any(isinstance(m, nn.MultiheadAttention) for m in module.modules()):
+        return True
+    return any(
+        c.kind == "blocks" and c.module.startswith(name + ".") for g in graph.groups.values() for c in g.constraints
+    )
 
 
 def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: str = "auto") -> dict[str, Any]:
@@ -352,6 +403,9 @@ def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: st
     block holding a depthwise conv (MobileNetV1), a basic block after a block with two or more convs
     (ResNet), otherwise one layer (conv-BN-ReLU for a VGG-style net). Blocks are only used on
     2-D convolutional outputs; elsewhere the one-layer spec is used."""
+    if block == "copy" or (block == "auto" and is_attention_block(graph, model, after)):
+        # a transformer block's own kind: a copy of it, residual outputs zero (see `plan_new_blocks`)
+        return dict(plan_new_blocks(graph, model, [after]).layers[0].spec)
     boundary = graph.boundaries[after]
     spec = layer_spec(boundary)
     if block == "layer" or spec["type"] != "conv_bn_act" or spec.get("dims") != 2:
@@ -364,7 +418,7 @@ def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: st
             block = "basic_block"
         else:
             block = "conv_bn_act"
-    if block not in DEPTH_BLOCKS[2:]:
+    if block not in DEPTH_BLOCKS[2:-1]:
         raise ValueError(f"depth_block must be one of {', '.join(DEPTH_BLOCKS)}, not {block!r}")
     out = {"type": block, "channels": spec["channels"], "kernel_size": spec.get("kernel_size", 3)}
     if block == "basic_block":  # its own hidden group, which keeps its width when the channels grow
@@ -390,7 +444,9 @@ def build_depth_candidates(
     block: str = "layer",
 ) -> DepthCandidates:
     """A copy of `model` with a residual candidate (scale 0: exact) after each of `after`; `block` picks
-    each body (see `depth_block_spec`)."""
+    each body (see `depth_block_spec`). A new transformer block (a copy, spec type "copy") is trained in its
+    own parameters, its residual outputs W = (alpha + g) V with V = `init_scale` times the copied block's
+    (a parametrisation, like a Residual's scale): exact at alpha = 0."""
     net = copy.deepcopy(model)
     if hasattr(net, "_firefly_history"):
         net._firefly_history = []
@@ -398,15 +454,31 @@ def build_depth_candidates(
     specs = [depth_block_spec(graph, model, a, block) for a in after]
     for layer, spec in zip(plan.layers, specs):
         layer.spec = spec
+        if spec["type"] == "copy":
+            layer.kind = "copy"
     apply(net, plan, example_inputs=example_inputs, record=False)
     for p in net.parameters():
         p.requires_grad_(False)
     bank = GateBank()
     bank.add("layer", len(after), next(net.parameters()))
-    layers = []
+    layers: list[nn.Module] = []
+    sources: list[nn.Module | None] = [None] * len(after)
     for i, name in enumerate(after):
         seq = net.get_submodule(name)
         layer = seq[1]
+        if specs[i]["type"] == "copy":
+            source = model.get_submodule(name)
+            sources[i] = _plain_copy(source)
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            for pname in specs[i]["zero"]:
+                mod, _, attr = pname.rpartition(".")
+                owner = layer.get_submodule(mod) if mod else layer
+                with torch.no_grad():
+                    getattr(owner, attr).copy_(init_scale * source.get_parameter(pname))
+                parametrize.register_parametrization(owner, attr, _GatedScale(bank, "layer", i))
+            layers.append(layer)
+            continue
         assert isinstance(layer, Residual)
         for p in layer.body.parameters():
             p.requires_grad_(True)
@@ -415,4 +487,12 @@ def build_depth_candidates(
         layer.scale.requires_grad_(True)
         parametrize.register_parametrization(layer, "scale", _GatedScale(bank, "layer", i))
         layers.append(layer)
-    return DepthCandidates(net, bank, list(after), specs, layers)
+    return DepthCandidates(net, bank, list(after), specs, layers, sources)
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` without its growth history (a template to widen a kept block's values on)."""
+    out = copy.deepcopy(module)
+    if hasattr(out, "_firefly_history"):
+        out._firefly_history = []
+    return out

@@ -9,6 +9,8 @@ original model through the engine.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ from .candidates import (
     DepthCandidates,
     GateBank,
     WidthCandidates,
+    block_size,
     build_depth_candidates,
     build_width_candidates,
     materialize_width,
@@ -58,8 +61,9 @@ class FireflyConfig:
     new_units: float | str = "auto"
     depth_after: list[str] | None = None  # new-layer boundaries; None = after each block/activation
     # the residual body of a depth candidate: "auto" = a block of the model's own kind (depthwise-separable
-    # for MobileNetV1, basic block for ResNets, conv-BN-ReLU for VGG, Linear-act for MLPs), "layer" = one
-    # conv-BN-ReLU / Linear-act layer, or a block type ("conv_bn_act", "dwsep", "basic_block")
+    # for MobileNetV1, basic block for ResNets, conv-BN-ReLU for VGG, Linear-act for MLPs, a copy of a pre-norm
+    # transformer block with its residual outputs at zero), "layer" = one conv-BN-ReLU / Linear-act layer, or a
+    # block type ("conv_bn_act", "dwsep", "basic_block", "copy")
     depth_block: str = "auto"
     # step one: `step_one_steps` optimiser steps (None = one pass) over `step_one_batches` fresh growth
     # batches (None = one per step; all the growth data leaves after the score and check batches when
@@ -223,10 +227,11 @@ class Firefly(Grower):
         full_batches = batches  # whole batches for BatchNorm statistics before and after growth
         report_bn = settle_batchnorm(model, full_batches, guard)
         graph = analyze(model, x)
-        groups = [g for g in graph.growable() if not g.constraints and not _feeds_itself(g, model)]
+        groups = [g for g in graph.growable() if block_size(g) is not None and not _feeds_itself(g, model)]
         if not groups and cfg.candidates != "depth":
             raise GrowthError(
-                "the model has no growable group without GroupNorm/LayerNorm; nothing for Firefly to grow"
+                "the model has no growable group without GroupNorm/LayerNorm/grouped-conv constraints; "
+                "nothing for Firefly to grow"
             )
         report = start_report(f"firefly[{self.preset}]", model, graph, x)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,10 +248,16 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None = None
 
         if use_splits or use_new:
-            new_count = {g.name: self._new_count(g, groups, costs[g.name]) if use_new else 0 for g in groups}
+            per = {g.name: block_size(g) or 1 for g in groups}  # attention heads: whole heads of per units
+            new_count = {
+                g.name: per[g.name] * math.ceil(self._new_count(g, groups, costs[g.name]) / per[g.name])
+                if use_new
+                else 0
+                for g in groups
+            }
             report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
                 g.name: {
-                    "splits": g.width if use_splits else 0,
+                    "splits": g.width if use_splits and per[g.name] == 1 else 0,
                     "new": new_count[g.name],
                     "budget_share": self.budget.group_limit(g, groups) / max(costs[g.name], 1e-12),
                 }
@@ -275,10 +286,14 @@ class Firefly(Grower):
             with Timer(report.timings, "step_two"):
                 scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
             for g in groups:
-                if use_splits:
+                if use_splits and per[g.name] == 1:  # heads are not split
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
                         candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
-                if new_count[g.name]:
+                if new_count[g.name] and per[g.name] > 1:  # a new head: one gate over its units, d/dg = the sum
+                    by_head = scores[f"new:{g.name}"].view(-1, per[g.name]).sum(1)
+                    for j, s in enumerate(by_head.tolist()):
+                        candidates.append(Candidate("head", g.name, j, s, costs[g.name] * per[g.name]))
+                elif new_count[g.name]:
                     for j, s in enumerate(scores[f"new:{g.name}"].tolist()):
                         candidates.append(Candidate("new", g.name, j, s, costs[g.name]))
         if use_depth:
@@ -412,7 +427,8 @@ class Firefly(Grower):
         self._set_mode(net)
         if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
             for layer in bn_train.layers:
-                layer.body.train()
+                if isinstance(layer, Residual):  # (a copied transformer block stays in eval: no dropout)
+                    layer.body.train()
         if cfg.step_one_optimizer == "rmsprop":
             opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
         elif cfg.step_one_optimizer == "adam":
@@ -448,7 +464,7 @@ class Firefly(Grower):
         for p in params:
             p.requires_grad_(False)
         if bn_train is not None:  # the new layers' BatchNorm statistics, over every rank's shard
-            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.body.modules())
+            current_sync().average_buffers(m for layer in bn_train.layers for m in layer.modules())
         net.eval()
 
     def _set_mode(self, net: nn.Module) -> None:
@@ -491,7 +507,7 @@ class Firefly(Grower):
     ) -> list[float]:
         """Each new layer's cost on the width candidates' scale: parameters added (body and scale), per-sample
         FLOPs added, or in units the parameters of as many new units of the group it sits on."""
-        params = [float(sum(p.numel() for p in layer.body.parameters()) + 1) for layer in depth_c.layers]
+        params = [float(depth_c.added_params(i)) for i in range(len(depth_c.layers))]
         if self.budget.currency == "units":
             out = []
             for after, spec, n in zip(depth_c.after, depth_c.specs, params):
@@ -509,7 +525,7 @@ class Firefly(Grower):
             meta = meta_copy(model)
             apply(
                 meta,
-                Plan(layers=[NewLayer(after, "residual", spec)], function_preserving=False),
+                Plan(layers=[NewLayer(after, _layer_kind(spec), spec)], function_preserving=False),
                 verify=False,
                 record=False,
             )
@@ -541,6 +557,9 @@ class Firefly(Grower):
             if c.kind in ("split", "new"):
                 s, n = by_group.setdefault(c.group, ([], []))
                 (s if c.kind == "split" else n).append(c.index)
+            elif c.kind == "head":  # its head_dim new units
+                per = block_size(graph[c.group]) or 1
+                by_group.setdefault(c.group, ([], []))[1].extend(range(c.index * per, (c.index + 1) * per))
         changes = materialize_width(width_c, by_group) if width_c is not None else []
         layers = []
         if depth_c is not None:
@@ -550,6 +569,10 @@ class Firefly(Grower):
                     continue
                 layer = depth_c.layers[c.index]
                 spec = dict(depth_c.specs[c.index])
+                if spec["type"] == "copy":  # a new transformer block, copied from a block that may widen
+                    params = _widen_copy(depth_c.sources[c.index], c.group, depth_c.block_values(c.index), changes)
+                    layers.append(NewLayer(c.group, "copy", spec, params))
+                    continue
                 params = {k: v.detach().clone() for k, v in layer.body.state_dict().items()}
                 boundary = graph.boundaries[c.group]
                 change = change_of.get(boundary.group) if boundary.group else None
@@ -636,6 +659,44 @@ def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: G
     return new_spec, {k: v.detach().clone() for k, v in body.state_dict().items()}
 
 
+def _layer_kind(spec: dict[str, Any]) -> str:
+    return "copy" if spec.get("type") == "copy" else "residual"
+
+
+def _widen_copy(
+    source: nn.Module, after: str, params: dict[str, torch.Tensor], changes: list[GroupChange]
+) -> dict[str, torch.Tensor]:
+    """A kept new block is copied from block `after` (`source`, as it was) once the plan's width changes are
+    applied: give its trained values the same changes on the block's own tensors (twins copied, inputs
+    halved, new units zero), so it acts on the grown model as it did in the over-grown one."""
+    from ...analysis.graph import Group
+    from ...engine import apply
+
+    prefix = after + "."
+    inner = []
+    for change in changes:
+        members = [
+            dataclasses.replace(m, tensor=m.tensor[len(prefix) :], module=m.module[len(prefix) :])
+            for m in change.group.members
+            if m.tensor.startswith(prefix)
+        ]
+        if members:
+            group = Group(change.group.name, change.group.width, members)
+            inner.append(
+                GroupChange(
+                    group,
+                    splits=[Split(s.unit, position=s.position) for s in change.splits],
+                    new=NewUnits(change.new.count, positions=change.new.positions) if change.new else None,
+                )
+            )
+    if not inner:
+        return params
+    block = copy.deepcopy(source)
+    block.load_state_dict(params)
+    apply(block, Plan(inner, function_preserving=False), verify=False, record=False)
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
 def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
     """Where new layers may go by default: after each block or activation that is an element of a
     Sequential/ModuleList (the stages of the network), one per distinct output tensor, never nested,
@@ -669,12 +730,14 @@ def exact_added_params(
 
     added: dict[str, int] = {}
     for c in kept:
-        if c.kind in ("split", "new"):
-            added[c.group] = added.get(c.group, 0) + 1
+        if c.kind in ("split", "new", "head"):
+            added[c.group] = added.get(c.group, 0) + ((block_size(graph[c.group]) or 1) if c.kind == "head" else 1)
     changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
     layers = []
     for c in kept:
-        if c.kind == "layer" and depth_c is not None:
+        if c.kind == "layer" and depth_c is not None and depth_c.specs[c.index]["type"] == "copy":
+            layers.append(NewLayer(c.group, "copy", dict(depth_c.specs[c.index])))  # copied after widening
+        elif c.kind == "layer" and depth_c is not None:
             spec = dict(depth_c.specs[c.index])
             key = "channels" if "channels" in spec else "features"
             spec[key] = int(spec[key]) + added.get(graph.boundaries[c.group].group or "", 0)
