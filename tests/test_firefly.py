@@ -136,7 +136,7 @@ def test_selection_is_a_sort_under_each_budget():
     assert len(select(cands, Budget("units", 100), groups, allow_increase=True)) == len(cands)
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg_flatten", "resnet_basic", "concat"])
+@pytest.mark.parametrize("name", ["mlp", "vgg_flatten", "resnet_basic", "concat", "mobilenetv1", "mobilenetv2"])
 def test_materialised_net_equals_overgrown_net_with_unselected_off(name):
     torch.manual_seed(0)
     model, x = ZOO[name]()
@@ -166,6 +166,56 @@ def test_materialised_net_equals_overgrown_net_with_unselected_off(name):
     fresh = tuple(torch.randn_like(t) for t in x)
     with torch.no_grad():
         assert (cands.net(*fresh) - model(*fresh)).abs().max().item() < 1e-9
+
+
+def _stages_model(name):
+    """A tiny stage model of the repository's own (VGG-style, MobileNetV1-style) or the zoo MLP, float64."""
+    from firefly_descent.models import build_model
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        model, x = ZOO["mlp"]()
+    else:
+        kw = dict(widths=4, num_classes=3)
+        model = build_model(name, **kw, **({"blocks": (1, 1, 1), "input_size": 8} if name == "vgg-stages" else {}))
+        x = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    randomize_norm_stats(model, seed=2)
+    return model.double().eval(), tuple(t.double() for t in x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg-stages", "mobilenetv1-stages"])
+def test_applied_new_units_equal_the_overgrown_net_with_the_kept_candidates_on(name):
+    """Regression: a new unit of a depthwise-coupled group has a depthwise filter the engine draws at random;
+    the kept unit must take the over-grown copy's filter (the one step one trained and scored it with), not a
+    fresh draw. Splits and new units, with new BatchNorm channels calibrated (eval mode exactly unchanged)."""
+    model, x = _stages_model(name)
+    data = _data(model, x, n_batches=4, dtype=torch.float64)
+    grower = Firefly(
+        budget="units:6", new_units=4, allow_increase=True, step_one_steps=3, score_batches=1, seed=3, bn_mode="frozen"
+    )
+    grower.set_safeguard(check=False, calibrate_new_bn=True, refresh_bn=False)
+    captured = {}
+    original = grower._materialize
+
+    def spy(graph, width_c, depth_c, kept, xx):
+        captured["cands"], captured["kept"] = width_c, kept
+        return original(graph, width_c, depth_c, kept, xx)
+
+    grower._materialize = spy
+    report = grower.grow(model, data, F.cross_entropy)
+    cands, kept = captured["cands"], captured["kept"]
+    assert any(c.kind == "new" for c in kept) and len(kept) < report.extra["candidates"]
+    if name == "mobilenetv1-stages":  # a kept new unit feeds a depthwise conv
+        coupled = {g.name for g in cands.groups if any(m.role == "passthrough" for m in g.members)}
+        assert any(c.kind == "new" and c.group in coupled for c in kept)
+    bank = cands.bank
+    bank.alpha = 0.0
+    bank.reset(requires_grad=False)
+    for c in kept:  # gate multiplier = 0 + 1 for kept candidates, 0 for the rest
+        bank.gates[f"{c.kind}:{c.group}"][c.index] = 1.0
+    fresh = (torch.randn(8, *x[0].shape[1:], generator=torch.Generator().manual_seed(5), dtype=torch.float64),)
+    with torch.no_grad():
+        assert (cands.net(*fresh) - model(*fresh)).abs().max().item() < 1e-8
 
 
 def test_depth_candidates_are_identity_at_zero_and_can_be_kept():

@@ -123,6 +123,9 @@ class WidthCandidates:
     new_out: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)  # group -> tensor -> [K, *slice]
     # value -> its scale: the candidate's weights are value * scale (relative parametrisation; 1 = absolute)
     scales: dict[int, torch.Tensor] = field(default_factory=dict)
+    # group -> tensor -> [K, *slice]: the new units' passthrough values (depthwise filters) as the engine drew
+    # them in the over-grown copy; not trained, but a kept unit must take them, not a fresh random draw
+    new_pass: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def weights(self, value: nn.Parameter) -> torch.Tensor:
         """A candidate value in the model's own units."""
@@ -152,6 +155,20 @@ def _positions(start: int, order: list[tuple[int, int]], keys: list[tuple[int, i
     index = {k: n for n, k in enumerate(order)}
     pos = [start + index[k] * inner + r for k in keys for r in range(inner)]
     return torch.tensor(pos, dtype=torch.long)
+
+
+def _new_unit_values(
+    t: torch.Tensor, m: Any, start: int, order: list[tuple[int, int]], count: int, others: list[Expansion]
+) -> torch.Tensor:
+    """The `count` new units' slices of over-grown tensor `t` along `m.dim`, [count, *slice], in the original
+    coordinates of every other dim (its old positions), as a plan gives them."""
+    pos = _positions(start, order, [(NEW, j) for j in range(count)], m.inner).to(t.device)
+    v = t.detach().index_select(m.dim, pos)
+    for dim, smap, _ in others:
+        old = (smap.kind == OLD).nonzero().flatten()
+        old = old[smap.src[old].argsort()]
+        v = v.index_select(dim, old.to(t.device))
+    return v.unflatten(m.dim, (count, m.inner)).movedim(m.dim, 0).clone()
 
 
 def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> torch.Tensor:
@@ -265,7 +282,16 @@ def build_width_candidates(
         if K:
             bank.add(f"new:{g.name}", K, ref)
         cands.split_dirs[g.name], cands.new_in[g.name], cands.new_out[g.name] = {}, {}, {}
+        cands.new_pass[g.name] = {}
         for m in g.members:
+            if K and m.role == "passthrough":
+                segs = edits[m.tensor][m.dim]
+                seg = next(s for s in segs if s.member == m and s.change is change)
+                start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
+                others = [e for e in expansions[m.tensor] if e[0] != m.dim]
+                mod_name, _, attr = m.tensor.rpartition(".")
+                value = getattr(net.get_submodule(mod_name) if mod_name else net, attr)
+                cands.new_pass[g.name][m.tensor] = _new_unit_values(value, m, start, order, K, others)
             if m.role not in ("producer", "consumer") or m.kind != "weight":
                 continue
             segs = edits[m.tensor][m.dim]
@@ -310,7 +336,8 @@ def build_width_candidates(
 
 def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], list[int]]]) -> list[GroupChange]:
     """Group changes for the original model: kept splits with trained directions, kept new units with
-    their trained incoming and (gated, alpha = 1) outgoing weights."""
+    their trained incoming and (gated, alpha = 1) outgoing weights and the passthrough values (depthwise
+    filters) they had in the over-grown copy, so the grown model computes what the copy did with them on."""
     changes = []
     for g in cands.groups:
         split_units, new_units = kept.get(g.name, ([], []))
@@ -327,6 +354,7 @@ def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], l
                 len(new_units),
                 incoming={t: cands.weights(v)[idx.to(v.device)].clone() for t, v in cands.new_in[g.name].items()},
                 outgoing={t: cands.weights(v)[idx.to(v.device)].clone() for t, v in cands.new_out[g.name].items()},
+                passthrough={t: v[idx.to(v.device)].clone() for t, v in cands.new_pass.get(g.name, {}).items()},
             )
         changes.append(GroupChange(g, splits=splits, new=new))
     return changes
