@@ -536,28 +536,24 @@ class FireflyCells:
         refused: dict[str, str] = {}
         found: dict[Candidate, tuple[OvergrownCells, int]] = {}
         widened: dict[WidenCandidate, tuple[Plan, OvergrownCells, dict[str, torch.Tensor]]] = {}
+        # new edges and new cells: each kind trained in its own over-grown copy, scored by its gates
+        pools = []
         if "edges" in self.kinds:
             edges = candidate_edges(model, self.ops, self.max_in_degree, self.distinct_inputs)
-            if edges:
-                over = build_overgrown(model, edges, self.eps_init, example_inputs)
-                self.step_one(over, decision, loss_fn)
-                s = integrated_scores(over, fixed, loss_fn, self.points)
-                for c, cand in enumerate(edges):
-                    cands.append(cand)
-                    scores.append(float(s[c]))
-                    costs.append(float(candidate_cost(model, cand, self.cost)))
-                    found[cand] = (over, c)
+            pools.append((edges, build_overgrown))
         if "cells" in self.kinds:
-            new_cells = candidate_cells(model, self.max_cells)
-            if new_cells:
-                over = build_overgrown_cells(model, new_cells, self.eps_init, example_inputs)
-                self.step_one(over, decision, loss_fn)
-                s = integrated_scores(over, fixed, loss_fn, self.points)
-                for c, cand in enumerate(new_cells):
-                    cands.append(cand)
-                    scores.append(float(s[c]))
-                    costs.append(self._cost(model, cand))
-                    found[cand] = (over, c)
+            pools.append((candidate_cells(model, self.max_cells), build_overgrown_cells))
+        for pool, build in pools:
+            if not pool:
+                continue
+            over = build(model, pool, self.eps_init, example_inputs)
+            self.step_one(over, decision, loss_fn)
+            s = integrated_scores(over, fixed, loss_fn, self.points)
+            for c, cand in enumerate(pool):
+                cands.append(cand)
+                scores.append(float(s[c]))
+                costs.append(self._cost(model, cand))
+                found[cand] = (over, c)
         if "widen" in self.kinds:
             for kind in ("normal", "reduce"):
                 wc = WidenCandidate(kind)
