@@ -120,16 +120,18 @@ class PeakMemory:
         return self.peak - self.base
 
 
-def memory_probe(cfg: dict, what: str) -> int:
+def memory_probe(cfg: dict, what: str, methods: dict[str, tuple[str, dict]] | None = None) -> int:
     """Run in a fresh process: peak memory above the resident baseline (model and data loaded, nothing run)
     during one training step or one growth step. Measured from cold in both cases: a warm-up would leave
-    freed blocks in the resident set and hide the training step's own peak."""
+    freed blocks in the resident set and hide the training step's own peak. `what` is "train" or a method
+    name looked up in `methods` ({name: (grower, kwargs)}; default `METHODS`), so a caller such as
+    benchmarks/suites.py passes its own methods instead of writing into `METHODS`."""
     model, opt, loader, _ = setup(cfg)
     with PeakMemory() as mem:
         if what == "train":
             train_epoch(model, opt, loader[:1])
         else:
-            name, kw = METHODS[what]
+            name, kw = (METHODS if methods is None else methods)[what]
             make_grower(name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
     return mem.delta
 

@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import make_docs  # noqa: E402
-import suites  # noqa: E402
+from results_io import load_results  # noqa: E402
+from suite_defs import PRESETS, SUITES  # noqa: E402
 
 REFERENCE = "firefly-wd"
 
@@ -66,8 +67,8 @@ def depth_rounds(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(results: Path, suite_name: str, preset: str = "full") -> str:
-    suite = suites.SUITES[suite_name]
-    ok, failed, _ = make_docs.load_results(results, suite_name, preset)
+    suite = SUITES[suite_name]
+    ok, failed, _ = load_results(results, suite_name, preset)
     folder = results / suite_name
     lines = [f"# Suite {suite_name}: {suite.title}", "", suite.description, ""]
     if not ok:
@@ -160,9 +161,9 @@ def report(results: Path, suite_name: str, preset: str = "full") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", default="E", choices=[s for s in suites.SUITES if s.startswith("E")])
+    ap.add_argument("--suite", default="E", choices=[s for s in SUITES if s.startswith("E")])
     ap.add_argument("--results", type=Path, default=HERE / "results")
-    ap.add_argument("--preset", default="full", choices=suites.PRESETS)
+    ap.add_argument("--preset", default="full", choices=PRESETS)
     args = ap.parse_args(argv)
     text = report(args.results, args.suite, args.preset)
     out = args.results / args.suite / "SUMMARY.md"

@@ -2,6 +2,7 @@
 and keeps CPU results deterministic. Tests never download data (FIREFLY_OFFLINE) nor apt-get it (FIREFLY_NO_APT)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -19,3 +20,58 @@ def raw_plans(monkeypatch):
     from firefly_descent.methods.safety import Safeguard
 
     monkeypatch.setattr(Grower, "safeguard", Safeguard(check=False, calibrate_new_bn=False, refresh_bn=False))
+
+
+# --------------------------------------------------------------------------- the fast tier
+# `python -m pytest -m "not slow" -q` is the inner loop; `python -m pytest -q` (CI) runs everything. These tests
+# are marked slow here, in one list, besides those carrying @pytest.mark.slow in their files (test_engine_zoo_slow.py,
+# test_distributed_cli.py, test_safety.py's torchvision models). An id without "[...]" covers every parametrization.
+# Every behaviour keeps at least one fast test; the comments say which.
+SLOW_TESTS = (
+    # the safeguard on a residual net and VGG-19: the same checks stay fast on vgg11-bn-linear and mlp
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-splitting-fast]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-nash]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-gradmax]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-net2net]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-random]",
+    # ... and on vgg11-bn-linear for the costlier growers: random and net2net stay fast
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[vgg11-bn-linear-splitting-fast]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[vgg11-bn-linear-gradmax]",
+    "tests/test_safety.py::test_every_function_changing_grower_is_safe[vgg11-bn-linear-nash]",
+    "tests/test_safety.py::test_firefly_default_step_is_safe_and_predicted[our-resnet18]",
+    "tests/test_safety.py::test_firefly_default_step_is_safe_and_predicted[vgg19-bn]",
+    # subprocess CLI runs: a killed run resumes identically (test_train's resume tests stay fast), errors
+    # without traceback (in-process one-line error tests stay fast), no torch import for --help (subprocesses)
+    "tests/test_cli.py::test_killed_run_resumes_to_identical_result",
+    "tests/test_cli.py::test_subprocess_error_has_no_traceback",
+    "tests/test_newcomer.py::test_help_and_config_errors_do_not_import_torch",
+    # resume from every checkpoint: resuming right after a growth ([2]) stays fast
+    "tests/test_train.py::test_resume_from_any_checkpoint_matches_uninterrupted[0]",
+    "tests/test_train.py::test_resume_from_any_checkpoint_matches_uninterrupted[1]",
+    "tests/test_train.py::test_resume_from_any_checkpoint_matches_uninterrupted[5]",
+    # search: random search's resume and DARTS stay fast
+    "tests/test_search.py::test_firefly_search_resumes_after_growth_to_the_same_result",
+    "tests/test_search.py::test_firefly_search_cli_end_to_end",
+    # cell growth over several rounds of every kind: each kind alone and the resume stay fast
+    "tests/test_cellsearch_growth.py::test_all_kinds_over_rounds_keep_the_genotype_shared_and_edges_fit_widened_cells",
+    # torch.compile after growth: refusing an unusable backend stays fast
+    "tests/test_precision.py::test_compiled_model_is_recompiled_after_growth_and_matches_eager",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of `SLOW_TESTS` slow; warn about ids that match nothing (a renamed test would otherwise
+    silently join the fast tier)."""
+    listed = set(SLOW_TESTS)
+    seen = set()
+    for item in items:
+        for key in (item.nodeid, item.nodeid.split("[", 1)[0]):
+            if key in listed:
+                item.add_marker(pytest.mark.slow)
+                seen.add(key)
+    whole_files = not config.option.keyword and not any("::" in str(a) for a in config.args)
+    files = {item.nodeid.split("::", 1)[0] for item in items}
+    stale = [n for n in SLOW_TESTS if n not in seen and n.split("::", 1)[0] in files]
+    if whole_files and stale:
+        warnings.warn(f"tests/conftest.py SLOW_TESTS names tests that do not exist: {stale}", stacklevel=1)

@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/suites.py, benchmarks/make_docs.py) on a tiny slice of suite B.
+"""The benchmark harness (benchmarks/suites.py, suite_defs/, results_io.py, make_docs.py) on a tiny slice of suite B.
 
 Runs the quick preset of suite B with two methods plus the replay control, one seed and a few hundred
 MNIST-1D samples (seconds): result files are written atomically with their provenance, a re-run skips
@@ -19,6 +19,8 @@ if str(BENCH) not in sys.path:
 
 suites = pytest.importorskip("suites")
 make_docs = pytest.importorskip("make_docs")
+suite_defs = pytest.importorskip("suite_defs")
+growth_cost = pytest.importorskip("growth_cost")
 
 TINY = ["--set", "data.kwargs.num_samples=300", "--set", "train.epochs=2", "--set", "growth.at=[1]"]
 
@@ -156,7 +158,7 @@ def test_suite_e_matches_budgets_and_reports_depth_decisions(tmp_path: Path, mon
     the report lists each round's inserted blocks and the depth share of the budget."""
     report = pytest.importorskip("suite_e_report")
     grow = [m for m in suites.SUITES["E"].methods.values() if m.kind == "grow"]
-    assert {m.kwargs["budget"] for m in grow} == {suites.E_BUDGET}
+    assert {m.kwargs["budget"] for m in grow} == {suite_defs.e.BUDGET} == {"params:8000"}
     assert {m.kwargs.get("candidates") for m in grow if m.grower == "firefly"} == {"all", "width", "depth"}
     monkeypatch.delenv(suites.CIFAR10_ENV, raising=False)
     with pytest.raises(suites.SkipRun, match="--cifar10"):
@@ -175,3 +177,15 @@ def test_suite_e_matches_budgets_and_reports_depth_decisions(tmp_path: Path, mon
     rounds = report.depth_rounds(rec)
     assert [len(r["kept"]) for r in rounds] == [1, 0]
     assert [r["share"] for r in rounds] == [0.25, 0.0]
+
+
+def test_suite_c_passes_its_methods_to_growth_cost_without_writing_its_globals(tmp_path: Path) -> None:
+    """Suite C's methods (budget 0.35, seeded) reach growth_cost.py as arguments; its METHODS table is untouched."""
+    before = {k: (g, dict(kw)) for k, (g, kw) in growth_cost.METHODS.items()}
+    assert suites._cost_method("tiny", 3) == ("tiny", {"budget": 0.35, "holdout": 2, "seed": 3})
+    assert suites._cost_method("firefly", 1) == ("firefly", {"budget": 0.35, "seed": 1})
+    rec = suites.run_cost("random", 2, "quick", tmp_path, [], "cmd", memory=False)
+    assert rec["config"]["grower_kwargs"] == {"budget": 0.35, "seed": 2} and rec["config"]["model"] == "vgg11"
+    assert rec["cost"]["params_after"] > rec["cost"]["params_before"] > 0
+    assert rec["rerun"].endswith("--methods random --seeds 2 --results " + str(tmp_path))
+    assert growth_cost.METHODS == before and "tiny" not in growth_cost.METHODS
