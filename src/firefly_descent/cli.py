@@ -171,12 +171,16 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from firefly_descent.paths import check_output_dir
-    from firefly_descent.report import make_report
+    from firefly_descent.report import incomplete_note, make_report
 
     out = args.out if args.out is not None else Path("firefly-report")
     check_output_dir(out, "--out")
     result = make_report(args.run_dirs, out)
     print(result["table"])
+    for row in result["rows"]:
+        note = incomplete_note(row)
+        if note:
+            print(note)
     print(f"\nwrote {result['markdown']}")
     for path in result["plots"]:
         print(f"wrote {path}")
@@ -303,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not os.environ.get("FIREFLY_LAUNCHED"):  # a worker of `--nproc`: the launcher says it once
+            print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if debug:

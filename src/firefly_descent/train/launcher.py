@@ -25,7 +25,7 @@ from .config import ConfigError, config_from_dict, load_config
 from .loop import finished_summary, latest_readable_checkpoint
 from .rundir import CheckpointError, check_new_run_dir, default_run_dir
 
-__all__ = ["LaunchError", "launch", "launch_resume", "launch_train"]
+__all__ = ["LAUNCHED_ENV", "LaunchError", "launch", "launch_resume", "launch_train"]
 
 
 class LaunchError(RuntimeError):
@@ -36,10 +36,15 @@ class LaunchError(RuntimeError):
         self.exit_code = exit_code
 
 
+# set for the workers of `launch`: an interrupted worker leaves the one ``interrupted`` line to the launcher
+LAUNCHED_ENV = "FIREFLY_LAUNCHED"
+
+
 @contextmanager
 def _quiet_agent() -> Iterator[None]:
     """Keep torchrun's agent from logging a signal's shutdown as warnings and tracebacks."""
-    loggers = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.run")]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -58,8 +63,9 @@ def launch(cli_args: Sequence[str], nproc: int, torchrun_args: Sequence[str] = (
         raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
     argv = ["--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "--module", "firefly_descent.cli"]
     args = get_args_parser().parse_args([*argv, *cli_args])
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets anyway, minus its banner
-    t0 = time.time()
+    added = [k for k, v in (("OMP_NUM_THREADS", "1"), (LAUNCHED_ENV, "1")) if k not in os.environ]
+    os.environ.update(dict.fromkeys(added, "1"))  # for the workers only (removed below); OMP_NUM_THREADS=1 is
+    t0 = time.time()  # what torchrun sets anyway, minus its banner
     try:
         with _quiet_agent():
             run(args)
@@ -77,6 +83,9 @@ def launch(cli_args: Sequence[str], nproc: int, torchrun_args: Sequence[str] = (
             f"exit code {code}); see its error line above",
             exit_code=2 if code == 2 else 1,
         ) from None
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
     return 0
 
 
