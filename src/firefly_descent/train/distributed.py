@@ -13,9 +13,9 @@ train``) runs the ordinary loop with a `DistributedRuntime`:
   and a seed fixed by the seed and the growth's position in the history: the same batches for 1 or
   N processes. A grower with ``sharded_growth = True`` (Firefly, splitting, GradMax, ...) runs on every
   rank, each on its strided slice of every global batch, with rank 0's RNG state, and reduces its
-  statistics through `collective.current_sync()` (`RankSync` here: candidate gradients, scores,
+  statistics through `collective.current_sync()` (`RankSync`, train/sync.py: candidate gradients, scores,
   held-out losses, BatchNorm statistics); every rank computes the same plan, which a digest of the
-  plan records all-gathered across ranks checks (`PlanMismatchError`). Any other grower runs on
+  plan records all-gathered across ranks checks (`PlanMismatchError`, train/hashing.py). Any other grower runs on
   rank 0 alone on the whole global batches; rank 0 broadcasts the plans it applied (pure data, the
   engine's growth-history records) and every other rank applies them through the same engine,
   remapping its optimizer. An architecture hash (module types, tensor names, shapes
