@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from firefly_descent.train.config import load_config
-from firefly_descent.train.loop import _Run, prepare
+from firefly_descent.train.epochs import train_epoch
+from firefly_descent.train.growth_step import grow
+from firefly_descent.train.setup import prepare
+from firefly_descent.train.state import Run
 
 
 def _sync(device: torch.device) -> None:
@@ -51,27 +54,27 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     setup = prepare(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        run = _Run(setup, Path(tmp), progress=False)
+        run = Run(setup, Path(tmp), progress=False)
         dev = run.device
         n_train = len(setup.train_loader.dataset)
-        run.train_epoch()  # warm-up: cuDNN autotuning, allocator, torch.compile
+        train_epoch(run)  # warm-up: cuDNN autotuning, allocator, torch.compile
         run.epochs_done += 1
         _reset_peak(dev)
         t0 = time.perf_counter()
         for _ in range(args.epochs):
-            run.train_epoch()
+            train_epoch(run)
             run.epochs_done += 1
         _sync(dev)
         train_s = time.perf_counter() - t0
         train_peak = _peak(dev)
-        params_before = run._params
+        params_before = run.params
         _reset_peak(dev)
         t1 = time.perf_counter()
-        run.grow()
+        grow(run)
         _sync(dev)
         grow_s = time.perf_counter() - t1
         grow_peak = _peak(dev)
-        run.train_epoch()  # the grown model trains (DDP/compile rebuilt)
+        train_epoch(run)  # the grown model trains (DDP/compile rebuilt)
         _sync(dev)
     result = {
         "config": cfg.name,
@@ -89,7 +92,7 @@ def main() -> None:
         "growth_s": grow_s,
         "growth_peak_bytes": grow_peak,
         "params_before_growth": params_before,
-        "params_after_growth": run._params,
+        "params_after_growth": run.params,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -47,12 +47,12 @@ import os, sys, time
 
 slow = float(os.environ.get("FIREFLY_TEST_SLOW", "0") or 0)
 if slow:
-    import firefly_descent.train.loop as loop
-    _orig = loop._to_device
+    import firefly_descent.train.epochs as epochs
+    _orig = epochs.to_device
     def _slow(batch, device):
         time.sleep(slow)
         return _orig(batch, device)
-    loop._to_device = _slow
+    epochs.to_device = _slow
 
 from firefly_descent.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -16,7 +16,10 @@ import torch
 
 from firefly_descent.cli import main
 from firefly_descent.train.config import ConfigError, load_config
-from firefly_descent.train.loop import _autocast, _Run, prepare
+from firefly_descent.train.epochs import run_epochs
+from firefly_descent.train.precision import autocast
+from firefly_descent.train.setup import prepare
+from firefly_descent.train.state import Run
 
 BASE = {
     "name": "prec",
@@ -40,19 +43,19 @@ def _cfg(model: dict | None = None, **train: object) -> dict:
     return cfg
 
 
-def _run(tmp_path: Path, model: dict | None = None, **train: object) -> _Run:
+def _run(tmp_path: Path, model: dict | None = None, **train: object) -> Run:
     setup = prepare(load_config(_cfg(model, **train)))
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return _Run(setup, tmp_path, progress=False)
+    return Run(setup, tmp_path, progress=False)
 
 
 def test_bf16_autocast_on_cpu_trains_and_grows(tmp_path: Path) -> None:
     run = _run(tmp_path, precision="bf16")
     assert run.amp == "bf16" and run.scaler is None  # bf16 needs no loss scaling
     x = run.s.example_inputs
-    with _autocast(run.device, run.amp):
+    with autocast(run.device, run.amp):
         assert run.model(x).dtype == torch.bfloat16  # the forward really runs in bf16
-    summary = run.run()
+    summary = run_epochs(run)
     assert summary["num_growths"] == 1
     growth = json.loads((tmp_path / "growth.jsonl").read_text().splitlines()[0])
     assert growth["params_after"] > growth["params_before"]
@@ -81,7 +84,7 @@ def test_compiled_model_is_recompiled_after_growth_and_matches_eager(tmp_path: P
     first = run.rt.forward_module(run.model)
     assert run.rt.compiles == 1 and getattr(first, "_orig_mod", None) is run.model
     before = sum(p.numel() for p in run.model.parameters())
-    run.run()
+    run_epochs(run)
     assert sum(p.numel() for p in run.model.parameters()) > before
     assert run.rt.compiles == 2  # once at the start, once after the growth
     fwd = run.rt.forward_module(run.model)
@@ -115,7 +118,7 @@ def test_channels_last_survives_growth(tmp_path: Path) -> None:
     convs = lambda: [p for p in run.model.parameters() if p.dim() == 4]  # noqa: E731
     assert convs() and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs())
     n = len(convs())
-    run.run()
+    run_epochs(run)
     assert run.num_growths == 1
     grown = convs()
     assert len(grown) >= n and all(p.is_contiguous(memory_format=torch.channels_last) for p in grown)
@@ -127,7 +130,7 @@ def test_cuda_autocast_trains_and_grows(tmp_path: Path, precision: str) -> None:
     run = _run(tmp_path, precision=precision, device="cuda")
     assert run.device.type == "cuda"
     assert (run.scaler is not None) == (precision == "fp16")  # GradScaler for fp16 only
-    summary = run.run()
+    summary = run_epochs(run)
     assert summary["num_growths"] == 1
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in run.model.parameters())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

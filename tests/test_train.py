@@ -230,7 +230,7 @@ def test_refresh_batchnorm_is_cumulative_and_restores_momentum():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=0.3))
     batches = [(torch.randn(16, 4) * 2 + 1, torch.zeros(16)) for _ in range(3)]
     model.eval()
-    assert refresh_batchnorm(model, batches, torch.device("cpu"), max_batches=2) == 1
+    assert refresh_batchnorm(model, batches, max_batches=2) == 1  # the engine's, re-exported
     bn = model[1]
     assert bn.momentum == 0.3 and not model.training
     with torch.no_grad():

@@ -115,7 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from firefly_descent.train import train
 
     if args.nproc is not None:
-        from firefly_descent.train.distributed import launch_train
+        from firefly_descent.train.launcher import launch_train
 
         return launch_train(args.config, args.out, tuple(args.overrides), args.nproc, args.no_progress)
     summary = train(cfg, args.out, progress=not args.no_progress)  # logs its own `done:` line
@@ -128,7 +128,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from firefly_descent.train import resume
 
     if args.nproc is not None:
-        from firefly_descent.train.distributed import launch_resume
+        from firefly_descent.train.launcher import launch_resume
 
         return launch_resume(args.run_dir, args.nproc, args.no_progress)
     summary = resume(args.run_dir, progress=not args.no_progress)
@@ -154,11 +154,11 @@ def _write_plots(summary: dict[str, Any]) -> None:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from firefly_descent.train.config import ConfigError, _configs_dir, named_configs
+    from firefly_descent.train.config import ConfigError, configs_dir, named_configs
 
     names = named_configs()
     if args.show is not None:
-        entry = _configs_dir() / f"{args.show}.yaml"
+        entry = configs_dir() / f"{args.show}.yaml"
         if not entry.is_file():
             raise ConfigError(f"configs --show: no named config {args.show!r}; named: {', '.join(names)}")
         sys.stdout.write(entry.read_text(encoding="utf-8"))
@@ -171,12 +171,16 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from firefly_descent.paths import check_output_dir
-    from firefly_descent.report import make_report
+    from firefly_descent.report import incomplete_note, make_report
 
     out = args.out if args.out is not None else Path("firefly-report")
     check_output_dir(out, "--out")
     result = make_report(args.run_dirs, out)
     print(result["table"])
+    for row in result["rows"]:
+        note = incomplete_note(row)
+        if note:
+            print(note)
     print(f"\nwrote {result['markdown']}")
     for path in result["plots"]:
         print(f"wrote {path}")
@@ -193,7 +197,7 @@ def _load_model(path: Path) -> tuple[dict[str, Any], Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from firefly_descent.train.loop import _count_flops, _count_params
+    from firefly_descent.train.metrics import flops_per_example, param_count
 
     ckpt, model = _load_model(args.checkpoint)
     cfg = ckpt["config"]
@@ -225,9 +229,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {g.name:<48} {g.width:>6}{note}")
     except Exception as e:  # analysis is informative here; never fail inspect over it
         print(f"  unavailable ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
-    flops = _count_flops(model, example)
+    flops = flops_per_example(model, example)
     print()
-    print(f"params      {_count_params(model):,}")
+    print(f"params      {param_count(model):,}")
     print(f"FLOPs       {flops:,} per example" if flops is not None else "FLOPs       unavailable")
     reports = ckpt.get("growth_reports") or []
     history = ckpt.get("growth_history") or []
@@ -282,7 +286,7 @@ _INPUT_ERRORS = (
     ("firefly_descent.data.errors", "DatasetError"),
     ("firefly_descent.paths", "OutputPathError"),
     ("firefly_descent.exporting", "ExportError"),
-    ("firefly_descent.train.distributed", "LaunchError"),
+    ("firefly_descent.train.launcher", "LaunchError"),
 )
 
 
@@ -303,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if not os.environ.get("FIREFLY_LAUNCHED"):  # a worker of `--nproc`: the launcher says it once
+            print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if debug:

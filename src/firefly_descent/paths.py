@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["OutputPathError", "check_output_dir", "os_error_line"]
+__all__ = ["OutputPathError", "check_output_dir", "is_run_dir", "os_error_line"]
 
 
 class OutputPathError(ValueError):
@@ -27,6 +27,13 @@ def os_error_line(e: OSError) -> str:
     if e.filename is not None:
         return f"{e.filename}: {reason}"
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a training run's folder (it has the per-epoch log or checkpoints): other commands
+    never write into one."""
+    p = Path(path)
+    return (p / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir()
 
 
 def check_output_dir(path: str | os.PathLike[str], label: str = "output directory") -> Path:

@@ -1,7 +1,8 @@
 """Compare training runs: a markdown table and PNG plots (matplotlib, Agg backend).
 
 Reads each run directory's ``metrics.jsonl``, ``growth.jsonl`` and ``config.yaml`` (as written
-by `firefly_descent.train`), so it also works on unfinished or killed runs.
+by `firefly_descent.train`), so it also works on unfinished or killed runs, which the table marks as
+incomplete ("2 of 5 (incomplete)"). A report is never written into a run directory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReportError", "RunData", "load_run", "make_report", "markdown_table", "summary_rows", "write_run_plots"]
+from .paths import is_run_dir
+
+__all__ = [
+    "ReportError",
+    "RunData",
+    "incomplete_note",
+    "load_run",
+    "make_report",
+    "markdown_table",
+    "summary_rows",
+    "write_run_plots",
+]
 
 
 class ReportError(ValueError):
@@ -85,11 +97,15 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
         m = r.metrics
         last = m[-1] if m else {}
         accs = [row["test_acc"] for row in m if row.get("test_acc") is not None]
+        planned = (r.config.get("train") or {}).get("epochs")
+        done = last.get("epoch", 0)
         rows.append(
             {
                 "run": label,
                 "method": (r.config.get("growth") or {}).get("method", "?"),
-                "epochs": last.get("epoch", 0),
+                "epochs": done,
+                "planned_epochs": planned,
+                "complete": not isinstance(planned, int) or done >= planned,
                 "final_test_acc": last.get("test_acc"),
                 "best_test_acc": max(accs) if accs else None,
                 "final_test_loss": last.get("test_loss"),
@@ -106,6 +122,23 @@ def summary_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
 def _changed(g: dict[str, Any]) -> bool:
     """Whether a growth step changed the model (the static control records no-op steps)."""
     return g.get("params_after") != g.get("params_before") or bool(g.get("layers_inserted"))
+
+
+def _epochs(row: dict[str, Any]) -> str:
+    """Epochs trained; for a run stopped early, of how many (an interrupted run is not a result)."""
+    if row.get("complete", True):
+        return str(row["epochs"])
+    return f"{row['epochs']} of {row['planned_epochs']} (incomplete)"
+
+
+def incomplete_note(row: dict[str, Any]) -> str | None:
+    """One line saying a run stopped before its last epoch (and how to finish it), or None."""
+    if row.get("complete", True):
+        return None
+    return (
+        f"note: {row['run']} is incomplete ({row['epochs']} of {row['planned_epochs']} epochs); "
+        "its numbers are not final (finish it with `firefly resume RUN_DIR`)"
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -142,7 +175,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             str(r["run"]),
             str(r["method"]),
-            str(r["epochs"]),
+            _epochs(r),
             _pct(r["final_test_acc"]),
             _pct(r["best_test_acc"]),
             _int(r["params"]),
@@ -343,10 +376,12 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str
 
     Returns ``{"table": markdown, "rows": [...], "markdown": path, "plots": [paths]}``.
     """
+    out = Path(out_dir)
+    if is_run_dir(out):
+        raise ReportError(f"--out {out}: is a training run's folder; write the report somewhere else")
     runs = [load_run(p) for p in run_dirs]
     rows = summary_rows(runs)
     table = markdown_table(rows)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = _unique_labels(runs)
     plots = [

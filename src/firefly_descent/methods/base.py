@@ -8,6 +8,7 @@ models. `grow` returns a `GrowthReport` describing what happened.
 from __future__ import annotations
 
 import abc
+import inspect
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -206,3 +207,16 @@ def make_grower(name: str, **kwargs: Any) -> Grower:
 
 def available_growers() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def grower_takes(name: str, option: str) -> bool:
+    """Whether the grower registered as `name` takes keyword `option` itself (the loop passes its seed
+    only to growers that take one)."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        return False
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return option in params

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..train.config import ConfigError, DataConfig, _build_section, apply_overrides, load_raw
+from ..train.config import ConfigError, DataConfig, apply_overrides, build_section, load_raw
 
 METHODS = ("firefly", "darts", "random")
 
@@ -150,7 +150,7 @@ def load_search_config(source: str | Path | Mapping[str, Any], overrides: Sequen
     """Load YAML (or a dict), apply `--set` overrides, build and validate."""
     raw = dict(source) if isinstance(source, Mapping) else load_raw(source)
     raw = apply_overrides(raw, overrides)
-    cfg = _build_section(SearchConfig, raw, "")
+    cfg = build_section(SearchConfig, raw, "")
     validate(cfg)
     return cfg
 

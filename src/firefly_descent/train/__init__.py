@@ -1,5 +1,10 @@
 """Training with a growth schedule: typed configs, the loop, checkpoints and exact resume.
 
+A file per job: `config` (typed, validated configs), `setup` (data, model and grower from a config),
+`rundir` (the run directory and its logs), `state` + `checkpoint` (a run's state and its files),
+`growth_step`, `epochs` (the loop), `metrics`, `device`, `schedule`, `loop` (`train` / `resume`);
+under torchrun `runtime`, `distributed`, `sync`, `hashing` and `launcher`.
+
 >>> from firefly_descent.train import train
 >>> summary = train("digits-mlp-firefly", "runs/demo")          # doctest: +SKIP
 """
@@ -27,40 +32,25 @@ from .config import (
 )
 
 if TYPE_CHECKING:
+    from ..engine import refresh_batchnorm
     from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
-    from .loop import (
-        DeviceLoader,
-        build_model_for,
-        evaluate,
-        prepare,
-        refresh_batchnorm,
-        resolve_device,
-        resume,
-        seed_everything,
-        summarize,
-        train,
-    )
+    from .device import DeviceLoader, resolve_device, seed_everything
+    from .loop import resume, train
+    from .metrics import evaluate, summarize
     from .schedule import LRSchedule, make_optimizer
+    from .setup import RunSetup, build_model_for, prepare
+    from .state import Run
 
 # torch-backed names load on first use, so reading and validating a config stays instant
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint"), ".checkpoint"),
-    **dict.fromkeys(
-        (
-            "DeviceLoader",
-            "build_model_for",
-            "evaluate",
-            "prepare",
-            "refresh_batchnorm",
-            "resolve_device",
-            "resume",
-            "seed_everything",
-            "summarize",
-            "train",
-        ),
-        ".loop",
-    ),
+    **dict.fromkeys(("DeviceLoader", "resolve_device", "seed_everything"), ".device"),
+    **dict.fromkeys(("resume", "train"), ".loop"),
+    **dict.fromkeys(("evaluate", "summarize"), ".metrics"),
     **dict.fromkeys(("LRSchedule", "make_optimizer"), ".schedule"),
+    **dict.fromkeys(("RunSetup", "build_model_for", "prepare"), ".setup"),
+    "Run": ".state",
+    "refresh_batchnorm": "..engine",  # the engine's: one BatchNorm refresh for growers and the loop
 }
 
 
@@ -78,6 +68,8 @@ __all__ = [
     "LRSchedule",
     "ModelConfig",
     "OptimConfig",
+    "Run",
+    "RunSetup",
     "ScheduleConfig",
     "TrainConfig",
     "build_model_for",

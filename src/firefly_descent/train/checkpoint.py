@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine import replay_history
 from ..io import atomic_save
+from ..models import build_model
+from .rundir import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -38,10 +41,6 @@ __all__ = [
 FORMAT = "firefly-descent-checkpoint"
 VERSION = 1
 _NAME_RE = re.compile(r"^ckpt-(\d{6})-e(\d{4})(g?)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run directory is missing, unreadable or not ours (one-line message)."""
 
 
 def jsonable(obj: Any) -> Any:
@@ -140,14 +139,10 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 def rebuild_model(ckpt: dict[str, Any], map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The checkpoint's (possibly grown) model: constructor + `replay_history` + weights."""
-    from firefly_descent.models import build_model
-
     spec = ckpt["model"]
     model = build_model(spec["name"], **spec["kwargs"])
     history = ckpt.get("growth_history") or []
     if history:
-        from firefly_descent.engine import replay_history
-
         replay_history(model, history)
     try:
         model.load_state_dict(ckpt["model_state"])

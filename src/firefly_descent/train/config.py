@@ -9,7 +9,9 @@ epoch ``E + 1``. With ``growth.every = N`` the growth epochs are ``W, W + N, W +
 where ``W = growth.warmup_epochs`` (default ``N``), all strictly below ``train.epochs``;
 ``growth.at`` lists them explicitly instead. ``schedule.milestones`` are *fractions* of a
 learning-rate phase: the whole run, or (with ``restart_after_growth``) the epochs between
-two growths, as in the paper's code.
+two growths, as in the paper's code. The ``step`` schedule changes the rate at epoch boundaries
+only, so milestone ``m`` acts only in phases of at least ``1 / (1 - m)`` epochs (0.75 needs 4); a
+run whose phases are all shorter says so when it starts (train/schedule.py).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "build_section",
     "config_from_dict",
     "config_to_dict",
+    "configs_dir",
     "growth_epochs",
     "load_config",
     "named_configs",
@@ -132,7 +136,9 @@ class TrainConfig:
     log_every: int = 20
     deterministic: bool = True
     threads: int | None = None
-    tensorboard: bool = True
+    # TensorBoard scalars in <run>/tensorboard; off by default since tensorboard is an optional extra
+    # (`pip install firefly-descent[tensorboard]`); on without it installed, a run says so once
+    tensorboard: bool = False
     # scale-out options (train/precision.py, train/runtime.py, docs/distributed.md)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
@@ -239,7 +245,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise _Mismatch  # pragma: no cover - unsupported annotation
 
 
-def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a raw mapping, refusing unknown keys and wrong types with one line naming
+    the key under `prefix` (also used by `firefly search`'s config)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -253,7 +261,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(names)}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build_section(tp, v, key)
+            kwargs[k] = build_section(tp, v, key)
             continue
         try:
             kwargs[k] = _coerce(v, tp, key)
@@ -264,7 +272,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
 
 def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
     """Build and validate a `Config` from plain data (e.g. parsed YAML)."""
-    cfg = _build_section(Config, raw or {}, "")
+    cfg = build_section(Config, raw or {}, "")
     validate(cfg)
     return cfg
 
@@ -410,14 +418,15 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _configs_dir() -> Any:
+def configs_dir() -> Any:
+    """The folder of the built-in named configs (``firefly configs``)."""
     return resources.files("firefly_descent") / "configs"
 
 
 def named_configs() -> dict[str, str]:
     """Built-in named configs: name -> first line of its description comment."""
     out: dict[str, str] = {}
-    root = _configs_dir()
+    root = configs_dir()
     if not root.is_dir():
         return out
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
@@ -455,7 +464,7 @@ def load_raw(source: str | Path) -> dict[str, Any]:
         raw = _read_yaml(path.read_text(encoding="utf-8"), str(path))
         raw.setdefault("name", path.stem)
         return raw
-    entry = _configs_dir() / f"{source}.yaml"
+    entry = configs_dir() / f"{source}.yaml"
     if not entry.is_file():
         names = ", ".join(named_configs()) or "(none)"
         raise ConfigError(f"config: {str(source)!r} is neither a YAML file nor a named config; named: {names}")

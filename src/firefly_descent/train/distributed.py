@@ -13,9 +13,9 @@ train``) runs the ordinary loop with a `DistributedRuntime`:
   and a seed fixed by the seed and the growth's position in the history: the same batches for 1 or
   N processes. A grower with ``sharded_growth = True`` (Firefly, splitting, GradMax, ...) runs on every
   rank, each on its strided slice of every global batch, with rank 0's RNG state, and reduces its
-  statistics through `collective.current_sync()` (`RankSync` here: candidate gradients, scores,
+  statistics through `collective.current_sync()` (`RankSync`, train/sync.py: candidate gradients, scores,
   held-out losses, BatchNorm statistics); every rank computes the same plan, which a digest of the
-  plan records all-gathered across ranks checks (`PlanMismatchError`). Any other grower runs on
+  plan records all-gathered across ranks checks (`PlanMismatchError`, train/hashing.py). Any other grower runs on
   rank 0 alone on the whole global batches; rank 0 broadcasts the plans it applied (pure data, the
   engine's growth-history records) and every other rank applies them through the same engine,
   remapping its optimizer. An architecture hash (module types, tensor names, shapes
@@ -31,66 +31,35 @@ train``) runs the ordinary loop with a `DistributedRuntime`:
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import os
-import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..collective import GrowthSync, plan_digest, sync_growth
+from ..collective import plan_digest, sync_growth
 from ..engine.apply import apply, growth_history
 from ..errors import GrowthError
 from ..plan import Plan
 from .config import ConfigError
+from .device import DeviceLoader
+from .hashing import ArchitectureMismatchError, PlanMismatchError, architecture_hash
 from .precision import compile_module
-from .runtime import Runtime
+from .runtime import Runtime, under_torchrun
+from .sync import ProcessGroup, RankSync
 
 __all__ = [
     "ArchitectureMismatchError",
     "DistributedRuntime",
-    "LaunchError",
     "PlanMismatchError",
     "RankSync",
     "architecture_hash",
-    "launch",
+    "runtime_for",
 ]
-
-
-class ArchitectureMismatchError(GrowthError):
-    """The ranks of a job hold different architectures (they did not apply the same plans)."""
-
-
-class PlanMismatchError(ArchitectureMismatchError):
-    """The ranks of a job computed different growth plans from their shards (a reduction is missing)."""
-
-
-class LaunchError(RuntimeError):
-    """A worker process of `launch` failed (its own error line was printed above)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def architecture_hash(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
-    """Short digest of the architecture: module names and types, every parameter/buffer's name, shape and
-    dtype, and (if given) the optimizer's param-group sizes and per-parameter state keys and shapes."""
-    desc: list[Any] = [[n, type(m).__name__] for n, m in model.named_modules()]
-    desc += [[n, list(t.shape), str(t.dtype)] for n, t in model.state_dict().items()]
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            desc.append(len(group["params"]))
-            for p in group["params"]:
-                st = optimizer.state.get(p, {})
-                desc.append(sorted([k, list(v.shape) if isinstance(v, torch.Tensor) else None] for k, v in st.items()))
-    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -150,42 +119,6 @@ class _ShardBatches:
         return len(self.loader)
 
 
-class RankSync(GrowthSync):
-    """`GrowthSync` over the ranks of the process group: all-reduces in float64 (then cast back), so the
-    combined statistics do not depend on the number of ranks beyond float summation order."""
-
-    def __init__(self, runtime: DistributedRuntime) -> None:
-        self.rt = runtime
-        self.world_size, self.rank = runtime.world_size, runtime.rank
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        return self.rt._all_reduce(t.detach().to(torch.float64)).to(t.dtype)
-
-    def sum_floats(self, *values: float) -> tuple[float, ...]:
-        return self.rt.reduce_sums(*values)
-
-    def mean(self, t: torch.Tensor, weight: float) -> torch.Tensor:
-        if not self.active:
-            return t
-        w = torch.tensor([float(weight)], dtype=torch.float64, device=t.device)
-        buf = self.rt._all_reduce(torch.cat([t.detach().reshape(-1).to(torch.float64) * w, w]))
-        return (buf[:-1] / buf[-1].clamp(min=1e-300)).view(t.shape).to(t.dtype)
-
-    @torch.no_grad()
-    def broadcast(self, tensors: Any) -> None:
-        ts = list(tensors)
-        if not ts or not self.active:
-            return
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in ts])
-        self.rt._bcast(flat)
-        at = 0
-        for t in ts:
-            t.copy_(flat[at : at + t.numel()].view(t.shape))
-            at += t.numel()
-
-
 class DistributedRuntime(Runtime):
     """One rank of a torch.distributed job (see the module docstring for what is synchronised)."""
 
@@ -206,6 +139,7 @@ class DistributedRuntime(Runtime):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        self.group = ProcessGroup(self.comm_device)
         self._full_train: Any = None
         self._full_val: Any = None
         self._sampler: DistributedSampler | None = None
@@ -256,10 +190,9 @@ class DistributedRuntime(Runtime):
     def wrap(self, model: nn.Module) -> nn.Module:
         """DDP around the (grown) module, then torch.compile if asked."""
         gc.collect()  # the previous DDP wrapper's reducer releases its hooks on shared parameters
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(model, device_ids=ids)  # buffers (BatchNorm statistics) follow rank 0 on every forward
+        # buffers (BatchNorm statistics) follow rank 0 on every forward
+        ddp = DistributedDataParallel(model, device_ids=ids)
         if self.compile:
             self.compiles += 1
             return compile_module(ddp, self.compile_backend, self.example)
@@ -267,44 +200,24 @@ class DistributedRuntime(Runtime):
 
     # ---- collectives
 
-    def _bcast(self, t: torch.Tensor) -> None:
-        """In-place broadcast from rank 0 of any tensor (moved through the comm device if needed)."""
-        if self.comm_device is not None and t.device != self.comm_device or not t.is_contiguous():
-            tmp = t.detach().to(self.comm_device or t.device).contiguous()
-            dist.broadcast(tmp, 0)
-            t.copy_(tmp)
-        else:
-            dist.broadcast(t, 0)
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.comm_device is not None and t.device != self.comm_device:
-            tmp = t.to(self.comm_device)
-            dist.all_reduce(tmp)
-            return tmp.to(t.device)
-        dist.all_reduce(t)
-        return t
-
     def reduce_sums(self, *values: float) -> tuple[float, ...]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        return tuple(float(v) for v in self._all_reduce(t).tolist())
+        return self.group.reduce_sums(*values)
 
     def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self._all_reduce(t)
+        return self.group.all_reduce(t)
 
     def sync_buffers(self, model: nn.Module) -> None:
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                     for buf in (m.running_mean, m.running_var):
-                        buf.copy_(self._all_reduce(buf.detach().clone()) / self.world_size)
+                        buf.copy_(self.group.all_reduce(buf.detach().clone()) / self.world_size)
 
     def barrier(self) -> None:
         dist.barrier()
 
     def agree(self, value: Any) -> Any:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return self.group.agree(value)
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device, task: str, amp: Any) -> dict[str, Any]:
         res = super().evaluate(model, loader, device, task, amp)
@@ -319,8 +232,7 @@ class DistributedRuntime(Runtime):
     def check_architecture(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, when: str) -> str:
         """All-gather `architecture_hash` and stop with one line if any rank differs; return the hash."""
         mine = architecture_hash(model, optimizer)
-        hashes: list[Any] = [None] * self.world_size
-        dist.all_gather_object(hashes, mine)
+        hashes = self.group.all_gather(mine, self.world_size)
         bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
         if bad:
             raise ArchitectureMismatchError(
@@ -332,7 +244,7 @@ class DistributedRuntime(Runtime):
     def _broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         with torch.no_grad():
             for t in model.state_dict().values():
-                self._bcast(t)
+                self.group.broadcast(t)
             if optimizer is None:
                 return
             for group in optimizer.param_groups:
@@ -340,7 +252,7 @@ class DistributedRuntime(Runtime):
                     st = optimizer.state.get(p, {})
                     for k in sorted(st):
                         if isinstance(st[k], torch.Tensor):
-                            self._bcast(st[k])
+                            self.group.broadcast(st[k])
 
     # ---- growth
 
@@ -373,8 +285,6 @@ class DistributedRuntime(Runtime):
     ) -> Any:
         """Every rank runs the grower on its shard of the global growth batches, reducing through `RankSync`;
         the plans must come out identical (checked), then weights and state are synced as below."""
-        from .loop import DeviceLoader
-
         n_before = len(growth_history(model))
         self._agree_rng()
         shard = _ShardBatches(self._growth_loader(n_before), self.rank, self.world_size)
@@ -390,8 +300,7 @@ class DistributedRuntime(Runtime):
             "error": None if failure is None else f"{type(failure).__name__}: {' '.join(str(failure).split())}",
             "plans": plan_digest(growth_history(model)[n_before:]),
         }
-        every: list[Any] = [None] * self.world_size
-        dist.all_gather_object(every, mine)
+        every = self.group.all_gather(mine, self.world_size)
         if failure is not None:
             raise failure
         bad = next((r for r, m in enumerate(every) if m["error"]), None)
@@ -421,8 +330,6 @@ class DistributedRuntime(Runtime):
     ) -> Any:
         """Sharded growers: every rank decides on its shard with reduced statistics (`_grow_sharded`).
         Others: rank 0 decides and applies; the others apply the same plans; then weights and state are synced."""
-        from .loop import DeviceLoader
-
         if getattr(grower, "sharded_growth", False) and not getattr(grower, "needs_validation", False):
             return self._grow_sharded(grower, model, data, loss_fn, optimizer, example_inputs)
         n_before = len(growth_history(model))
@@ -462,71 +369,10 @@ class DistributedRuntime(Runtime):
             dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- launcher
 
-
-def launch(cli_args: Sequence[str], nproc: int, torchrun_args: Sequence[str] = ()) -> int:
-    """Run ``firefly <cli_args>`` in `nproc` local processes through torch.distributed.run (torchrun's
-    elastic launcher, standalone rendezvous on a free port). Returns 0, or raises `LaunchError`."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    if nproc < 1:
-        raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
-    argv = ["--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "--module", "firefly_descent.cli"]
-    args = get_args_parser().parse_args([*argv, *cli_args])
-    t0 = time.time()
-    try:
-        run(args)
-    except ChildFailedError as e:
-        failures = sorted(e.failures.items())
-        rank, first = failures[0]
-        code = int(first.exitcode) if first.exitcode is not None else 1
-        sys.stderr.flush()
-        raise LaunchError(
-            f"{len(failures)} of {nproc} processes failed after {time.time() - t0:.0f}s (first: rank {rank}, "
-            f"exit code {code}); see its error line above",
-            exit_code=2 if code == 2 else 1,
-        ) from None
-    return 0
-
-
-def launch_train(
-    config: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None,
-    overrides: Sequence[str],
-    nproc: int,
-    no_progress: bool = False,
-) -> int:
-    """``firefly train CONFIG --nproc N``: validate here (one-line errors, nothing spawned), fix the run
-    directory once for all ranks, then `launch` N ranks of ``firefly train``."""
-    from .checkpoint import CheckpointError, list_checkpoints
-    from .config import load_config
-    from .loop import _default_run_dir
-
-    cfg = load_config(config, overrides)
-    if nproc < 1:
-        raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
-    if cfg.data.batch_size % nproc:
-        raise ConfigError(
-            f"data.batch_size: the global batch {cfg.data.batch_size} is not divisible by --nproc {nproc}; "
-            f"use a multiple of {nproc}"
-        )
-    run_dir = str(out) if out is not None else str(_default_run_dir(cfg))
-    if list_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir}: already holds a run; use `firefly resume {run_dir}` or another --out")
-    args = ["train", str(config), "--out", run_dir]
-    for o in overrides:
-        args += ["--set", o]
-    if no_progress:
-        args.append("--no-progress")
-    return launch(args, nproc)
-
-
-def launch_resume(run_dir: str | os.PathLike[str], nproc: int, no_progress: bool = False) -> int:
-    """``firefly resume RUN_DIR --nproc N`` (N may differ from the run's original process count)."""
-    from .checkpoint import CheckpointError
-
-    if not os.path.isdir(run_dir):
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    return launch(["resume", str(run_dir)] + (["--no-progress"] if no_progress else []), nproc)
+def runtime_for(device_name: str) -> Runtime:
+    """A `DistributedRuntime` inside a torchrun job (or an initialised process group), else `Runtime`."""
+    dist_ready = dist.is_available() and dist.is_initialized()
+    if dist_ready or under_torchrun():
+        return DistributedRuntime(device_name)
+    return Runtime()

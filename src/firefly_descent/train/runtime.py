@@ -1,9 +1,10 @@
 """How the training loop executes: one process, or one of many under torch.distributed.
 
-The loop (`train/loop.py`) only asks its `Runtime` a few questions: which module runs the forward pass,
-how to reduce metric sums, how to grow, whether this process writes files. `Runtime` answers them for
-one process (with precision, ``torch.compile`` and ``channels_last`` from `train/precision.py`);
-`train/distributed.py`'s `DistributedRuntime` answers them for a rank of a torchrun job.
+The loop (`train/epochs.py`, `train/growth_step.py`) only asks its `Runtime` a few questions: which
+module runs the forward pass, how to reduce metric sums, how to grow, whether this process writes files.
+`Runtime` answers them for one process (with precision, ``torch.compile`` and ``channels_last`` from
+`train/precision.py`); `train/distributed.py`'s `DistributedRuntime` answers them for a rank of a torchrun job, and its
+`runtime_for` picks the one that fits the process.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .metrics import evaluate
 from .precision import batch_channels_last, compile_module, make_scaler, resolve_precision, to_channels_last
 
-__all__ = ["Runtime", "runtime_for", "under_torchrun"]
+__all__ = ["Runtime", "under_torchrun"]
 
 
 def under_torchrun() -> bool:
@@ -128,9 +130,7 @@ class Runtime:
         return value
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device, task: str, amp: Any) -> dict[str, Any]:
-        """`loop.evaluate` over this process's share of `loader`, combined over processes."""
-        from .loop import evaluate
-
+        """`metrics.evaluate` over this process's share of `loader`, combined over processes."""
         return evaluate(model, loader, device, task, amp)
 
     def grow(
@@ -148,12 +148,3 @@ class Runtime:
     def close(self) -> None:
         """Release process-group resources (no-op here)."""
 
-
-def runtime_for(device_name: str) -> Runtime:
-    """A `DistributedRuntime` inside a torchrun job (or an initialised process group), else `Runtime`."""
-    dist_ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if dist_ready or under_torchrun():
-        from .distributed import DistributedRuntime
-
-        return DistributedRuntime(device_name)
-    return Runtime()

@@ -3,6 +3,11 @@
 The schedule is a pure function of (epoch, batch) within a *phase*: the whole run, or, with
 ``schedule.restart_after_growth`` (the paper's code), the span from one growth to the next.
 Its only state is the current phase's bounds, so checkpoints store two integers.
+
+``step`` changes the rate only at epoch boundaries: milestone ``m`` of a phase of ``L`` epochs acts from
+the first epoch ``e`` with ``e / L >= m``, so it acts only in phases of at least ``1 / (1 - m)`` epochs (0.75
+needs 4). Stepping within epochs would change every existing run's numbers, so a run whose phases are all
+too short for one of its milestones starts with a one-line notice naming it (`milestone_notice`) instead.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, OptimConfig, ScheduleConfig
+from .config import Config, OptimConfig, ScheduleConfig, growth_epochs
 
-__all__ = ["LRSchedule", "make_optimizer"]
+__all__ = ["LRSchedule", "inert_milestones", "make_optimizer", "milestone_notice"]
 
 
 class LRSchedule:
@@ -69,6 +74,37 @@ class LRSchedule:
     def from_config(cls, cfg: Config, phase_end: int) -> LRSchedule:
         """The first phase: epochs ``[0, phase_end)``."""
         return cls(cfg.schedule, cfg.optim.lr, 0, phase_end)
+
+
+def phase_lengths(cfg: Config) -> list[int]:
+    """Lengths in epochs of the run's LR phases as planned (growth may stop early at a size limit)."""
+    epochs = cfg.train.epochs
+    if not cfg.schedule.restart_after_growth:
+        return [epochs]
+    bounds = [0, *(e for e in growth_epochs(cfg) if 0 < e < epochs), epochs]
+    return [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def inert_milestones(cfg: Config) -> list[float]:
+    """The ``step`` milestones that take effect in no LR phase of the run (the rate steps only at epoch
+    boundaries, so milestone m needs a phase of at least 1 / (1 - m) epochs)."""
+    if cfg.schedule.name != "step":
+        return []
+    longest = max(phase_lengths(cfg), default=1)
+    return [m for m in cfg.schedule.milestones if (longest - 1) / longest < m - 1e-12]
+
+
+def milestone_notice(cfg: Config) -> str | None:
+    """One line naming milestones that never act (see `inert_milestones`), or None."""
+    inert = inert_milestones(cfg)
+    if not inert:
+        return None
+    longest = max(phase_lengths(cfg), default=1)
+    return (
+        f"notice: schedule.milestones {', '.join(f'{m:g}' for m in inert)} never take effect: the step schedule "
+        f"changes the LR only at epoch boundaries and the longest LR phase is {longest} epoch(s); "
+        "drop them, use longer phases, or schedule.name=cosine"
+    )
 
 
 def make_optimizer(
