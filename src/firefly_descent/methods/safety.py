@@ -37,7 +37,7 @@ from ..collective import current_sync
 from ..engine import apply_undoable, growth_history, prepare_batchnorm, refresh_batchnorm
 from ..errors import GrowthError
 from ..plan import Plan
-from .base import GrowthReport, LossFn, Timer
+from .report import GrowthReport, LossFn, Timer
 
 AMPLITUDE_MODES = ("step-one", "line-search")
 

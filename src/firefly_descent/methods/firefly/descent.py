@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis import analyze
 from ...budget import (
     Budget,
     Candidate,
@@ -35,9 +34,18 @@ from ...collective import current_sync
 from ...errors import GrowthError
 from ...layers import Residual, body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
-from ..base import Grower, GrowthReport, LossFn, Timer, register_grower
-from ..common import as_inputs, commit_plan, example_from, mean_loss, model_device, start_report, take_batches
-from ..safety import GrowthData, Safeguard, settle_batchnorm
+from ..base import (
+    Decision,
+    Grower,
+    GrowthContext,
+    GrowthReport,
+    LossFn,
+    Timer,
+    as_inputs,
+    register_grower,
+    take_batches,
+)
+from ..safety import GrowthData, Safeguard
 from .candidates import (
     DepthCandidates,
     GateBank,
@@ -208,36 +216,46 @@ class Firefly(Grower):
         self.preset = preset
         self.last_scores: list[Candidate] = []
 
-    # ---- public entry point ------------------------------------------------------------------------
-    def grow(
-        self,
-        model: nn.Module,
-        data: Any,
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        cfg = self.config
-        device = model_device(model)
-        guard = Safeguard.parse(self.safeguard)
-        epoch = self.epoch_batches or (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-        data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
+    # ---- the template's hooks (methods/base.py: Grower.grow) ---------------------------------------
+    def draw(self, data: GrowthData, device: torch.device, n: int | None = None) -> tuple[list[Any], list[Any]]:
+        """Step one's batches (BatchNorm is settled on them) and step two's, on which the loss before and
+        after growth is read."""
         batches, score_batches, self.score_data = self._draw(data, device)
-        x = example_from(batches, example_inputs)
-        full_batches = batches  # whole batches for BatchNorm statistics before and after growth
-        report_bn = settle_batchnorm(model, full_batches, guard)
-        graph = analyze(model, x)
-        groups = [g for g in graph.growable() if block_size(g) is not None and not _feeds_itself(g, model)]
-        if not groups and cfg.candidates != "depth":
+        return batches, score_batches
+
+    def select_groups(self, graph: Any, model: nn.Module, skipped: dict[str, str]) -> list[Any]:
+        groups = []
+        for g in graph.growable():
+            if block_size(g) is None:
+                skipped[g.name] = "a GroupNorm/LayerNorm/grouped-conv constraint: Firefly has no candidates for it"
+            elif _feeds_itself(g, model):
+                skipped[g.name] = "a tensor both produces and consumes it (a square conv in a residual loop)"
+            else:
+                groups.append(g)
+        if not groups and self.config.candidates != "depth":
             raise GrowthError(
                 "the model has no growable group without GroupNorm/LayerNorm/grouped-conv constraints; "
                 "nothing for Firefly to grow"
             )
-        report = start_report(f"firefly[{self.preset}]", model, graph, x)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        return groups
+
+    def report_name(self) -> str:
+        return f"firefly[{self.preset}]"
+
+    def generator(self, model: nn.Module) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed)
+
+    # ---- the decision: step one, step two, selection ---------------------------------------------
+    def decide(self, ctx: GrowthContext) -> Decision:
+        cfg = self.config
+        model, graph, groups, x, gen, report, loss_fn = (
+            ctx.model, ctx.graph, ctx.groups, ctx.x, ctx.gen, ctx.report, ctx.loss_fn
+        )
+        guard = Safeguard.parse(self.safeguard)
+        epoch = ctx.epoch_batches
+        batches, score_batches = ctx.batches, ctx.loss_batches or ctx.batches
         report.extra["score_data"] = self.score_data
-        report.extra["batchnorm_refreshed_before"] = report_bn
-        report.loss_before = mean_loss(model, score_batches, loss_fn)
+        report.extra["batchnorm_refreshed_before"] = ctx.bn_refreshed
 
         use_splits = cfg.candidates in ("width", "splits", "all")
         use_new = cfg.candidates in ("width", "new", "all")
@@ -333,13 +351,9 @@ class Firefly(Grower):
             }
         )
         plan = self._materialize(graph, width_c, depth_c, kept, x)
-        width_c = depth_c = None  # free the over-grown copies before the model itself grows
-        commit_plan(
-            self, model, plan, report, x, optimizer, loss_fn, data, full_batches,
-            calibrate_new_bn=False if cfg.bn_mode == "batch" else None,
-        )
-        report.loss_after = mean_loss(model, score_batches, loss_fn)
-        return report
+        ctx.loss_batches = score_batches  # the loss after growth is read on the samples step two scored
+        # returning frees the over-grown copies before the model itself grows
+        return Decision(plan, calibrate_new_bn=False if cfg.bn_mode == "batch" else None)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _draw(self, data: GrowthData, device: torch.device) -> tuple[list[Any], list[Any], str]:
