@@ -75,8 +75,14 @@ def mean_loss(model: nn.Module, batches: list[tuple[Any, Any]], loss_fn: LossFn)
     return heldout_loss(model, batches, loss_fn, train=False)
 
 
-def start_report(method: str, model: nn.Module, graph: GrowthGraph, x: tuple[torch.Tensor, ...]) -> GrowthReport:
-    return GrowthReport(
+def start_report(
+    method: str,
+    model: nn.Module,
+    graph: GrowthGraph,
+    x: tuple[torch.Tensor, ...],
+    cls: type[GrowthReport] = GrowthReport,
+) -> GrowthReport:
+    return cls(
         method=method,
         widths_before={g.name: g.width for g in graph.growable()},
         params_before=count_params(model),
@@ -141,6 +147,8 @@ class Grower:
     seed: int = 0  # all randomness of a decision derives from it (and the model's growth-step count)
     group_names: list[str] | None = None  # grow only these groups (None: every growable group)
     last_plan: Plan | None = None  # the plan of the last step (inspection, tests, logging)
+    report_type: type[GrowthReport] = GrowthReport  # a method whose report carries fields of its own subclasses it
+    example_samples: int = 4  # samples of the first batch used as example inputs when none are given
 
     def set_safeguard(self, **options: Any) -> Grower:
         """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""
@@ -188,11 +196,11 @@ class Grower:
         with Timer(timings, "analyze"):
             batches, loss_batches = self.draw(data, device, n_batches)
             refreshed = settle_batchnorm(model, batches, guard)
-            x = tuple(t.to(device) for t in example_from(batches, example_inputs))
+            x = tuple(t.to(device) for t in example_from(batches, example_inputs, self.example_samples))
             graph = analyze(model, x)
         skipped: dict[str, str] = {}
         groups = self.select_groups(graph, model, skipped)
-        report = start_report(self.report_name(), model, graph, x)
+        report = start_report(self.report_name(), model, graph, x, self.report_type)
         report.timings.update(timings)
         with Timer(report.timings, "eval"):
             report.loss_before = mean_loss(model, loss_batches, loss_fn)
