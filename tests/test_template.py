@@ -1,5 +1,6 @@
-"""The grower template (methods/base.py): per-layer budget pools for every grower, and a printed report
-that lists the groups a method left alone and says why an empty step is empty."""
+"""The grower template (methods/base.py): per-layer budget pools for every grower, a printed report that
+lists the groups a method left alone and says why an empty step is empty, and cell growth on the template
+with every edit in its plan (`Plan.values`, set by the engine)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import firefly_descent as ff
 from firefly_descent.budget import Budget
-from firefly_descent.errors import GrowthError
+from firefly_descent.errors import GrowthError, PlanError
 from firefly_descent.methods import make_grower
 from firefly_descent.methods.base import _REGISTRY, Grower, GrowthReport, register_grower
-from firefly_descent.methods.cellsearch import FireflyCells
+from firefly_descent.methods.cellsearch import CellGrowthReport, FireflyCells, minimal_genotype
+from firefly_descent.models.darts import DartsNetwork
+from firefly_descent.plan import GroupChange, NewUnits, Plan
 
 pytestmark = pytest.mark.usefixtures("raw_plans")  # plans as the methods decided them (tests/conftest.py)
 
@@ -134,3 +138,47 @@ def test_an_empty_step_says_why(name, kwargs, why):
     assert report.outcome == "empty" and report.params_after == report.params_before
     assert report.extra["empty_reason"] == why
     assert f"  check: empty ({why})" in str(report).splitlines()
+
+
+def test_plan_values_are_set_by_the_engine_and_undone_with_the_resize():
+    model = _uneven()
+    x = torch.randn(4, 5)
+    group = ff.analyze(model, x)["a"]
+    plan = Plan([GroupChange(group, new=NewUnits(2, init="zero"))], function_preserving=False)
+    want = torch.arange(22 * 5, dtype=torch.float32).reshape(22, 5) / 100
+    plan.values = {"a.weight": want}
+    old_b = model.b.weight.detach().clone()
+    undo = ff.engine.apply_undoable(model, plan, None, x)
+    assert torch.equal(model.a.weight, want) and model.b.weight.shape == (6, 22)
+    undo()
+    assert model.a.weight.shape == (20, 5) and torch.equal(model.b.weight, old_b)
+    # only tensors the plan resizes, in their grown shape; a plan with values is kept or undone, never scaled
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for values, msg in [({"c.weight": torch.zeros(3, 6)}, "does not resize"), ({"a.weight": want[:3]}, "shape")]:
+        plan.values = values
+        with pytest.raises(PlanError, match=msg):
+            ff.apply(model, plan, example_inputs=x)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plan.values = {"a.weight": want}
+    with pytest.raises(PlanError, match="cannot be scaled"):
+        plan.scaled(0.5)
+    assert torch.equal(Plan.from_dict(plan.to_dict()).values["a.weight"], want)
+    assert "values" not in plan.to_dict(tensors=False)  # growth histories record structure only
+
+
+def test_cell_growth_is_a_grower_whose_widening_is_all_in_its_plan():
+    torch.manual_seed(0)
+    model = DartsNetwork(minimal_genotype(2), C=4, layers=3, num_classes=3, in_channels=1, input_size=8).eval()
+    torch.manual_seed(1)
+    xs, ys = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    loader = [(xs[i:i + 16], ys[i:i + 16]) for i in range(0, 64, 16)]
+    grower = FireflyCells(kinds=("widen",), budget=0.9, step_one_batches=2, score_batches=2, points=2,
+                          rank="score", safeguard={"check": False})
+    assert isinstance(grower, Grower)
+    report = grower.grow(model, loader, F.cross_entropy)
+    assert isinstance(report, CellGrowthReport) and isinstance(report, GrowthReport)
+    assert report.kept == ["reduce:widen"] and report.candidates == 2
+    values = grower.last_plan.values
+    convs = {k: v for k, v in values.items() if v.dim() == 4}  # BatchNorm's are calibrated and refreshed after
+    assert len(convs) >= 4 and all(torch.equal(model.get_parameter(k), v) for k, v in convs.items())
+    assert report.params_after > report.params_before and "kept" in report.to_dict()
