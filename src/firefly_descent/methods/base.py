@@ -31,7 +31,7 @@ from .safety import SAFEGUARD_KEYS, GrowthData, Safeguard, commit, heldout_loss,
 __all__ = [
     "Decision",
     "Grower",
-    "GrowthContext",
+    "Context",
     "GrowthReport",
     "LossFn",
     "Timer",
@@ -91,7 +91,7 @@ def start_report(
 
 
 @dataclass
-class GrowthContext:
+class Context:
     """Everything a decision reads in one growth step (built by `Grower.begin`)."""
 
     model: nn.Module
@@ -173,7 +173,7 @@ class Grower:
         model.train(was)
         return self.finish(ctx, decision)
 
-    def decide(self, ctx: GrowthContext) -> Plan | Decision:
+    def decide(self, ctx: Context) -> Plan | Decision:
         """The method itself: read `ctx` (batches, graph, groups, generator), write report fields it
         measures into `ctx.report`, and return the plan (or a `Decision`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement decide(ctx) or override grow()")
@@ -185,7 +185,7 @@ class Grower:
         loss_fn: LossFn,
         example_inputs: Any = None,
         n_batches: int | None = None,
-    ) -> GrowthContext:
+    ) -> Context:
         """Draw the decision's batches, settle BatchNorm on them, analyse the model, start the report,
         measure the loss before growth and seed the generator."""
         device = model_device(model)
@@ -205,7 +205,7 @@ class Grower:
         with Timer(report.timings, "eval"):
             report.loss_before = mean_loss(model, loss_batches, loss_fn)
         gen = self.generator(model)
-        return GrowthContext(model, loss_fn, device, batches, x, graph, groups, report, gen, data, skipped,
+        return Context(model, loss_fn, device, batches, x, graph, groups, report, gen, data, skipped,
                              loss_batches, epoch, refreshed)
 
     def draw(self, data: GrowthData, device: torch.device, n: int | None = None) -> tuple[list[Any], list[Any]]:
@@ -231,7 +231,7 @@ class Grower:
         would."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + len(growth_history(model)))
 
-    def commit(self, ctx: GrowthContext, decision: Decision, optimizer: torch.optim.Optimizer | None) -> None:
+    def commit(self, ctx: Context, decision: Decision, optimizer: torch.optim.Optimizer | None) -> None:
         """Apply the decision's plan through the engine under the grower's safeguard (check, shrink or undo,
         BatchNorm made ready to train) and record what it changed in the report."""
         guard = Safeguard.parse(self.safeguard)
@@ -243,7 +243,7 @@ class Grower:
         commit(ctx.model, decision.plan, ctx.report, ctx.x, optimizer, ctx.loss_fn, ctx.data, ctx.batches, guard,
                decision.finalize, settled=True)
 
-    def finish(self, ctx: GrowthContext, decision: Decision) -> GrowthReport:
+    def finish(self, ctx: Context, decision: Decision) -> GrowthReport:
         """The loss after growth, the groups left alone and why, and why an empty step is empty."""
         report = ctx.report
         with Timer(report.timings, "eval"):
@@ -254,7 +254,7 @@ class Grower:
             report.extra["empty_reason"] = decision.why_empty or self._why_empty(ctx)
         return report
 
-    def _why_empty(self, ctx: GrowthContext) -> str:
+    def _why_empty(self, ctx: Context) -> str:
         if not ctx.groups:
             return "no growable group (see the analysis: print(ff.analyze(model, x)))"
         if ctx.skipped and set(ctx.skipped) >= {g.name for g in ctx.groups}:

@@ -20,12 +20,9 @@ from ...engine import layer_spec
 from ...errors import GrowthError
 from ...layers import build_body
 from ...plan import NewLayer, Plan
-from ..base import Decision, Grower, GrowthContext, GrowthReport
+from ..base import Context, Decision, Grower, GrowthReport
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: an identity-initialised Linear/Conv + ReLU after them is exact
-
-
-Context = GrowthContext  # the name the baselines' helpers use for one growth step's context
 
 
 class BaselineGrower(Grower):

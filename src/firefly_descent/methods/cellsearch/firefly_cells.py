@@ -30,7 +30,7 @@ from ...errors import GrowthError
 from ...layers import build_body
 from ...models.darts import DartsNetwork, base_cell, cell_paths
 from ...plan import NewBranch, NewLayer, Plan
-from ..base import Decision, Grower, GrowthContext, GrowthReport, LossFn
+from ..base import Context, Decision, Grower, GrowthReport, LossFn
 from ..safety import GrowthData, Safeguard
 from .overgrown import (  # noqa: F401  (re-exported: the over-grown copies' old import path)
     CellCandidate,
@@ -233,7 +233,7 @@ class FireflyCells(Grower):
     def begin(
         self, model: nn.Module, data: Iterable[Any], loss_fn: LossFn, example_inputs: Any = None,
         n_batches: int | None = None,
-    ) -> GrowthContext:
+    ) -> Context:
         if not isinstance(model, DartsNetwork):
             raise GrowthError(f"cell growth needs a DartsNetwork, got {type(model).__name__}")
         return super().begin(model, data, loss_fn, example_inputs, n_batches)
@@ -249,7 +249,7 @@ class FireflyCells(Grower):
         return decision, decision[: self.score_batches] if self.score_batches else decision
 
     # ---- the decision: candidates of every kind, step one, step two, one selection ----------------
-    def decide(self, ctx: GrowthContext) -> Decision:
+    def decide(self, ctx: Context) -> Decision:
         """One Firefly round: candidates of every kind, step one, step two, one selection, one plan."""
         model, loss_fn, decision, report = ctx.model, ctx.loss_fn, ctx.batches, ctx.report
         assert isinstance(model, DartsNetwork) and isinstance(report, CellGrowthReport)
@@ -320,7 +320,7 @@ class FireflyCells(Grower):
 
         return Decision(plan, finalize=calibrate, why_empty="no candidate lowered the loss within the budget")
 
-    def finish(self, ctx: GrowthContext, decision: Decision) -> GrowthReport:
+    def finish(self, ctx: Context, decision: Decision) -> GrowthReport:
         report = super().finish(ctx, decision)
         assert isinstance(report, CellGrowthReport)
         if report.outcome == "rolled-back":

@@ -35,9 +35,9 @@ from ...errors import GrowthError
 from ...layers import Residual, body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..base import (
+    Context,
     Decision,
     Grower,
-    GrowthContext,
     GrowthReport,
     LossFn,
     Timer,
@@ -246,7 +246,7 @@ class Firefly(Grower):
         return torch.Generator().manual_seed(self.config.seed)
 
     # ---- the decision: step one, step two, selection ---------------------------------------------
-    def decide(self, ctx: GrowthContext) -> Decision:
+    def decide(self, ctx: Context) -> Decision:
         cfg = self.config
         model, graph, groups, x, gen, report, loss_fn = (
             ctx.model, ctx.graph, ctx.groups, ctx.x, ctx.gen, ctx.report, ctx.loss_fn
