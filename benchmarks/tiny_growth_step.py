@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from firefly_descent.data.synthetic import make_mnist1d
 from firefly_descent.methods import make_grower
-from firefly_descent.methods.common import mean_loss
+from firefly_descent.methods.base import mean_loss
 from firefly_descent.models.mlp import MLP
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -23,6 +23,7 @@ from firefly_descent.budget import Budget
 from firefly_descent.engine import apply
 from firefly_descent.errors import GrowthError
 from firefly_descent.methods import available_growers, make_grower
+from firefly_descent.methods.base import mean_loss
 from firefly_descent.methods.baselines import (
     NASH,
     GradMax,
@@ -32,7 +33,6 @@ from firefly_descent.methods.baselines import (
     SplittingFast,
     Static,
 )
-from firefly_descent.methods.common import mean_loss
 from firefly_descent.plan import GroupChange, Plan, Split
 
 NAMES = ["static", "net2net", "random", "nash", "splitting-exact", "splitting-fast", "gradmax"]

@@ -19,7 +19,7 @@ from torch import nn
 import firefly_descent as ff
 from firefly_descent.data import DatasetError
 from firefly_descent.methods import Firefly, make_grower
-from firefly_descent.methods.common import start_report
+from firefly_descent.methods.base import start_report
 from firefly_descent.methods.safety import GrowthData, Safeguard, commit, heldout_loss
 from firefly_descent.plan import GroupChange, NewUnits, Plan
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from firefly_descent.methods import make_grower
+from firefly_descent.methods.base import mean_loss
 from firefly_descent.methods.baselines import TINY
-from firefly_descent.methods.common import mean_loss
 
 
 @pytest.fixture(autouse=True, scope="module")

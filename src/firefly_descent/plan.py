@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .analysis.graph import Group
+from .errors import PlanError
 
 
 @dataclass
@@ -107,6 +108,9 @@ class Plan:
     shapes: dict[str, list[int]] = field(default_factory=dict)  # model tensor shapes the plan was made for
     input_shapes: list[list[int]] = field(default_factory=list)  # for verification when no inputs are given
     branches: list[NewBranch] = field(default_factory=list)
+    # values of tensors the plan resizes, named as in the grown model, set by the engine after the resize (a
+    # method that trained the new entries in a copy: Firefly cell growth's wider cells); such a plan is not scaled
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not self.layers and not self.branches and all(c.added == 0 for c in self.changes)
@@ -118,6 +122,8 @@ class Plan:
         function-preserving and the loss
         along amplitudes is the line the growth step moves on."""
         a = float(amplitude)
+        if self.values and a != 1.0:
+            raise PlanError("a plan that sets tensor values (Plan.values) cannot be scaled")
         changes = [
             GroupChange(
                 c.group,
@@ -146,6 +152,7 @@ class Plan:
             shapes=self.shapes,
             input_shapes=self.input_shapes,
             branches=[NewBranch(b.into, b.spec, b.args, b.params, b.scale * a) for b in self.branches],
+            values=self.values,
         )
 
     def explain(self) -> str:
@@ -218,6 +225,8 @@ class Plan:
                 {"into": b.into, "spec": dict(b.spec), "args": dict(b.args), "scale": b.scale, "params": t(b.params)}
                 for b in self.branches
             ],
+            # only where set: growth histories (tensors=False) of every other plan keep their old records
+            **({"values": t(self.values)} if self.values and tensors else {}),
         }
 
     @classmethod
@@ -261,6 +270,7 @@ class Plan:
                 NewBranch(b["into"], dict(b["spec"]), dict(b.get("args", {})), dict(b.get("params", {})), b["scale"])
                 for b in d.get("branches", [])
             ],
+            dict(d.get("values", {})),
         )
 
     def save(self, path: str) -> None:

@@ -200,6 +200,8 @@ def _apply(
             _insert_layer(model, layer, optimizer, tx)
         for branch in plan.branches:
             _add_branch(model, branch, optimizer, tx)
+        if plan.values:
+            _set_values(model, plan, tx)
         if verify and inputs is not None:
             _verify(model, plan, inputs, before)
     except GrowthError as e:
@@ -216,6 +218,23 @@ def _apply(
     if record:
         setattr(model, HISTORY_ATTR, tx.history + [plan.to_dict(tensors=False)])
     return tx
+
+
+def _set_values(model: nn.Module, plan: Plan, tx: _Transaction) -> None:
+    """The values a plan gives for tensors it resized, copied in inside the transaction (so a rollback or
+    an undo takes them back with the resize). Only tensors this apply replaced may be set."""
+    replaced = {(id(store), name) for store, name, _ in tx.tensors}
+    with torch.no_grad():
+        for tensor, value in plan.values.items():
+            module, kind, attr = _owner(model, tensor)
+            store = getattr(module, kind)
+            if (id(store), attr) not in replaced:
+                raise PlanError(f"the plan sets values of {tensor!r}, which it does not resize")
+            current = store[attr]
+            if tuple(current.shape) != tuple(value.shape):
+                raise PlanError(f"the plan's values for {tensor!r} have shape {list(value.shape)}, "
+                                f"the grown tensor {list(current.shape)}")
+            current.copy_(value)
 
 
 def _verify(model: nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...], before: list[torch.Tensor] | None) -> None:

@@ -37,7 +37,7 @@ from ..collective import current_sync
 from ..engine import apply_undoable, growth_history, prepare_batchnorm, refresh_batchnorm
 from ..errors import GrowthError
 from ..plan import Plan
-from .base import GrowthReport, LossFn, Timer
+from .report import GrowthReport, LossFn, Timer
 
 AMPLITUDE_MODES = ("step-one", "line-search")
 
@@ -205,9 +205,10 @@ def commit(
     settled: bool = False,
 ) -> None:
     """Apply `plan` under `guard` and record in `report` what changed and what the check measured.
-    `finalize` runs right after each application (before BatchNorm preparation); with it the step is
-    tried at amplitude 1 only, then kept or undone. `settled`: the grower already refreshed the running
-    statistics on these decision batches (`settle_batchnorm`), so eval mode before growth needs no refresh."""
+    `finalize` runs right after each application (before BatchNorm preparation); with it (or with a plan
+    that sets tensor values, `Plan.values`) the step is tried at amplitude 1 only, then kept or undone.
+    `settled`: the grower already refreshed the running statistics on these decision batches
+    (`settle_batchnorm`), so eval mode before growth needs no refresh."""
     record = SafetyRecord(outcome="unchecked", amplitude=1.0, tolerance=guard.tolerance)
     report.safety = record
     if plan.is_empty():
@@ -274,12 +275,13 @@ def commit(
         return guard.allows(b["train"], t.train) and guard.allows(b["eval"], t.eval)
 
     start = 1.0
-    if guard.check and guard.amplitude == "line-search" and finalize is None:
+    fixed = finalize is not None or bool(plan.values)  # a step with fixed values is kept or undone, never scaled
+    if guard.check and guard.amplitude == "line-search" and not fixed:
         for a in guard.line_search:
             undo, t = attempt(a, full=False)  # train mode only: the mode training continues in
             undo()
         start = min(tried.values(), key=lambda t: (t.train, -t.amplitude)).amplitude
-    ladder = [start] + ([start * f for f in guard.shrink] if finalize is None else [])
+    ladder = [start] + ([start * f for f in guard.shrink] if not fixed else [])
     for i, a in enumerate(ladder):
         undo, t = attempt(a)
         if t is None or passes(t):

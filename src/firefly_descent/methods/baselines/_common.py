@@ -1,59 +1,38 @@
-"""Plumbing shared by the baseline growers: setup, seeded randomness, random unit draws, slices, depth.
+"""Plumbing shared by the baseline growers: constructor options, random unit draws, slices, depth.
 
-Every baseline only *writes a plan*; `apply_and_report` hands it to the engine. Randomness comes
-from a `torch.Generator` seeded by the grower's `seed` and the number of growth steps the model
-has already taken, so a run is reproducible and a resumed run draws the same units as an
-uninterrupted one.
+Every baseline only *writes a plan* (its `decide`); the `Grower` template (methods/base.py) hands it to
+the engine through the safeguard. Randomness comes from a `torch.Generator` seeded by the grower's
+`seed` and the number of growth steps the model has already taken (`Grower.generator`), so a run is
+reproducible and a resumed run draws the same units as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...analysis import GrowthGraph, analyze
 from ...analysis.graph import Group, Member
 from ...budget import Budget, group_unit_costs
-from ...engine import growth_history, layer_spec
+from ...engine import layer_spec
 from ...errors import GrowthError
 from ...layers import build_body
 from ...plan import NewLayer, Plan
-from ..base import Grower, GrowthReport, LossFn, Timer
-from ..common import commit_plan, example_from, mean_loss, model_device, start_report, take_batches
-from ..safety import GrowthData, Safeguard, settle_batchnorm
+from ..base import Context, Decision, Grower, GrowthReport
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: an identity-initialised Linear/Conv + ReLU after them is exact
 
 
-@dataclass
-class Context:
-    """Everything a baseline needs for one growth step."""
-
-    model: nn.Module
-    loss_fn: LossFn
-    device: torch.device
-    batches: list[tuple[Any, Any]]
-    x: tuple[torch.Tensor, ...]
-    graph: GrowthGraph
-    groups: list[Group]  # growable groups this method may grow
-    report: GrowthReport
-    gen: torch.Generator
-    data: GrowthData | None = None  # the rest of the growth data (the safeguard's held-out batches)
-    skipped: dict[str, str] = field(default_factory=dict)  # group -> why this method leaves it alone
-
-
 class BaselineGrower(Grower):
-    """Common constructor arguments and the begin/finish steps of every baseline.
+    """Common constructor arguments of every baseline; the step itself is the `Grower` template.
 
     budget: anything `Budget.parse` accepts (0.35 = 35 % of the growable units, "params:N", ...).
     seed:   all randomness derives from it (and the model's growth-step count).
     batches: how many batches of `data` the method reads (None = all).
     groups: restrict growth to these group names (default: every growable group, one global pool).
+    per_group: every group gets its own budget pool (`Budget.group_limit`) instead of one global pool.
     """
 
     name = "baseline"
@@ -64,62 +43,18 @@ class BaselineGrower(Grower):
         seed: int = 0,
         batches: int | None = 8,
         groups: list[str] | None = None,
+        per_group: bool = False,
     ) -> None:
         self.budget = Budget.parse(budget)
         self.seed = int(seed)
         self.batches = batches
         self.group_names = list(groups) if groups is not None else None
         self.last_plan: Plan | None = None
+        if per_group:
+            self.use_group_pools()
 
-    # ---- steps shared by all baselines ---------------------------------------------------------
-    def begin(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        example_inputs: Any,
-        n_batches: int | None = None,
-    ) -> Context:
-        """Read batches, analyse the model, measure the loss before growth, seed the generator."""
-        device = model_device(model)
-        guard = Safeguard.parse(self.safeguard)
-        data = GrowthData.of(data, reserve=guard.check_batches if guard.check else 0)
-        timings: dict[str, float] = {}
-        with Timer(timings, "analyze"):
-            batches = take_batches(data, self.batches if n_batches is None else n_batches, device)
-            settle_batchnorm(model, batches, guard)
-            x = tuple(t.to(device) for t in example_from(batches, example_inputs))
-            graph = analyze(model, x)
-        groups = graph.growable()
-        if self.group_names is not None:
-            for n in self.group_names:
-                graph[n].check_growable()  # unknown or blocked names raise here
-            groups = [g for g in groups if g.name in self.group_names]
-        report = start_report(self.name, model, graph, x)
-        report.timings.update(timings)
-        with Timer(report.timings, "eval"):
-            report.loss_before = mean_loss(model, batches, loss_fn)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(growth_history(model)))
-        return Context(model, loss_fn, device, batches, x, graph, groups, report, gen, data)
-
-    def finish(
-        self,
-        ctx: Context,
-        plan: Plan,
-        optimizer: torch.optim.Optimizer | None,
-        finalize: Callable[[], Any] | None = None,
-    ) -> GrowthReport:
-        """Apply the plan through the engine (checked by the safeguard) and record the loss after growth.
-        `finalize` runs right after the plan is applied (an edit of existing weights that belongs to the step)."""
-        report = ctx.report
-        self.last_plan = plan  # what was applied (inspection, tests, logging)
-        commit_plan(
-            self, ctx.model, plan, report, ctx.x, optimizer, ctx.loss_fn, ctx.data, ctx.batches, finalize=finalize
-        )
-        with Timer(report.timings, "eval"):
-            report.loss_after = mean_loss(ctx.model, ctx.batches, ctx.loss_fn)
-        if ctx.skipped:
-            report.extra["skipped_groups"] = dict(ctx.skipped)
+    def finish(self, ctx: Context, decision: Decision) -> GrowthReport:
+        report = super().finish(ctx, decision)
         report.extra["seed"] = self.seed
         return report
 

@@ -35,8 +35,7 @@ from torch import nn
 
 from ...analysis.graph import Group, Member
 from ...errors import GrowthError
-from ..base import LossFn
-from ..common import as_inputs
+from ..base import LossFn, as_inputs
 from ._common import forward_with_hooks
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (

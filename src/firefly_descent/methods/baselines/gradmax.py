@@ -37,7 +37,7 @@ from ...collective import current_sync
 from ...engine import apply
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits, Plan
-from ..base import GrowthReport, LossFn, Timer, register_grower
+from ..base import LossFn, Timer, register_grower
 from ._common import BaselineGrower, Context, slice_shape, unit_costs, unit_slice
 from ._probe import UnitPath, collect, find_paths, verify_paths
 
@@ -77,9 +77,10 @@ class GradMax(BaselineGrower):
         relative: bool = True,
         max_probe: int = 4096,
         groups: list[str] | None = None,
+        per_group: bool = False,
         incoming_std: float = 1e-3,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if scale <= 0:
             raise ValueError(f"scale must be > 0, not {scale}")
         if incoming_std < 0:
@@ -155,15 +156,7 @@ class GradMax(BaselineGrower):
         return self.scale * (mean if mean > 0 else 1.0)
 
     # ---- growth -------------------------------------------------------------------------------
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
+    def decide(self, ctx: Context) -> Plan:
         report = ctx.report
         svd: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         with Timer(report.timings, "score"):
@@ -209,4 +202,4 @@ class GradMax(BaselineGrower):
             plan = self.make_plan(ctx, changes, preserving=self.incoming_std == 0)
         report.extra["singular_values"] = {n: [float(s) for s in S[:8]] for n, (_, S, _) in svd.items()}
         report.extra["out_norm"] = {n: c for n, (_, _, c) in svd.items()}
-        return self.finish(ctx, plan, optimizer)
+        return plan

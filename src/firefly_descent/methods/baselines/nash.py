@@ -29,8 +29,7 @@ from torch import nn
 from ...engine import apply
 from ...errors import GrowthError
 from ...plan import Plan
-from ..base import GrowthReport, LossFn, Timer, register_grower
-from ..common import as_inputs, commit_plan, mean_loss, take_batches
+from ..base import Decision, LossFn, Timer, as_inputs, mean_loss, register_grower, take_batches
 from ._common import BaselineGrower, Context
 from .net2net import DEEPEN_KINDS, pick_layers, split_changes
 
@@ -89,8 +88,9 @@ class NASH(BaselineGrower):
         val_batches: int | None = None,
         batches: int | None = 20,
         groups: list[str] | None = None,
+        per_group: bool = False,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if children < 1 or child_steps < 0:
             raise ValueError("nash needs children >= 1 and child_steps >= 0")
         if deepen_kind not in DEEPEN_KINDS:
@@ -129,16 +129,8 @@ class NASH(BaselineGrower):
             opt.step()
             sched.step()
 
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
-        report = ctx.report
+    def decide(self, ctx: Context) -> Decision:
+        model, loss_fn, report = ctx.model, ctx.loss_fn, ctx.report
         if self.val_data is not None:
             train, val = ctx.batches, take_batches(self.val_data, self.val_batches, ctx.device)
             report.extra["validation"] = "val_data"
@@ -146,7 +138,6 @@ class NASH(BaselineGrower):
             train, val = carve_validation(ctx.batches, self.val_fraction, ctx.gen)
             report.extra["validation"] = f"carved from the growth batches (fraction {self.val_fraction:g})"
         t0 = time.perf_counter()
-        was = model.training
         best: tuple[float, int, Plan, nn.Module] | None = None
         losses: list[float] = []
         morphs: list[dict[str, Any]] = []
@@ -177,15 +168,6 @@ class NASH(BaselineGrower):
             "winner_val_loss": val_loss,
             "morphisms": morphs,
         })
-        if ctx.skipped:
-            report.extra["skipped_groups"] = dict(ctx.skipped)
-        self.last_plan = plan
         state = child.state_dict()
         # the step is the morphism plus the winner's training: checked as one, never scaled
-        commit_plan(self, model, plan, report, ctx.x, optimizer, loss_fn, ctx.data, ctx.batches,
-                    finalize=lambda: model.load_state_dict(state))
-        model.train(was)
-        with Timer(report.timings, "eval"):
-            report.loss_after = mean_loss(model, ctx.batches, loss_fn)
-        report.extra["seed"] = self.seed
-        return report
+        return Decision(plan, finalize=lambda: model.load_state_dict(state))

@@ -13,16 +13,14 @@ z + 0·h(z) elsewhere ("residual"); `deepen_kind="auto"` picks by the module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from ...analysis.graph import Group
 from ...budget import Budget
-from ...plan import GroupChange, NewLayer, Split
-from ..base import GrowthReport, LossFn, Timer, register_grower
+from ...plan import GroupChange, NewLayer, Plan, Split
+from ..base import Timer, register_grower
 from ._common import (
     BaselineGrower,
     Context,
@@ -102,8 +100,9 @@ class Net2Net(BaselineGrower):
         deepen_kind: str = "auto",
         batches: int | None = 8,
         groups: list[str] | None = None,
+        per_group: bool = False,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if noise < 0:
             raise ValueError(f"noise must be >= 0, not {noise}")
         if deepen_kind not in DEEPEN_KINDS:
@@ -114,18 +113,9 @@ class Net2Net(BaselineGrower):
         self.deepen_after = list(deepen_after) if deepen_after is not None else None
         self.deepen_kind = deepen_kind
 
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
+    def decide(self, ctx: Context) -> Plan:
         with Timer(ctx.report.timings, "search"):
             changes = split_changes(ctx, self.budget, ctx.gen, self.noise) if self.widen else []
             added = {c.group.name: c.added for c in changes}
             layers = pick_layers(ctx, self.deepen_after, self.deepen_kind, ctx.gen, added) if self.deepen else []
-            plan = self.make_plan(ctx, changes, layers, preserving=self.noise == 0)
-        return self.finish(ctx, plan, optimizer)
+            return self.make_plan(ctx, changes, layers, preserving=self.noise == 0)

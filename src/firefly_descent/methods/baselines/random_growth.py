@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ...errors import GrowthError
-from ...plan import GroupChange, NewUnits
-from ..base import GrowthReport, LossFn, Timer, register_grower
+from ...plan import GroupChange, NewUnits, Plan
+from ..base import Timer, register_grower
 from ._common import BaselineGrower, Context, eligible_groups, fan_in, random_units, slice_shape, uniform, unit_costs
 
 
@@ -79,9 +78,10 @@ class RandomGrowth(BaselineGrower):
         out_scale: float = 0.0,
         batches: int | None = 8,
         groups: list[str] | None = None,
+        per_group: bool = False,
         placement: list[dict[str, int]] | str | None = None,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if out_scale < 0:
             raise ValueError(f"out_scale must be >= 0, not {out_scale}")
         self.out_scale = float(out_scale)
@@ -94,15 +94,7 @@ class RandomGrowth(BaselineGrower):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
 
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
+    def decide(self, ctx: Context) -> Plan:
         counts = None
         if self.placement is not None:
             if self.steps >= len(self.placement):
@@ -113,7 +105,7 @@ class RandomGrowth(BaselineGrower):
             changes = random_new_units(ctx, self.budget, ctx.gen, self.out_scale, counts)
             plan = self.make_plan(ctx, changes, preserving=self.out_scale == 0)
         self.steps += 1
-        return self.finish(ctx, plan, optimizer)
+        return plan
 
 
 def read_placement(run: str | Path) -> list[dict[str, int]]:

@@ -38,8 +38,8 @@ from torch import nn
 from ...budget import Budget, Candidate, group_unit_costs, select
 from ...collective import current_sync
 from ...errors import GrowthError
-from ...plan import GroupChange, Split
-from ..base import GrowthReport, LossFn, Timer, register_grower
+from ...plan import GroupChange, Plan, Split
+from ..base import LossFn, Timer, register_grower
 from ._common import BaselineGrower, Context, unit_costs
 from ._probe import UnitData, UnitPath, collect, find_paths, verify_paths
 
@@ -252,8 +252,9 @@ class _Splitting(BaselineGrower):
         beta: float = 3.0,
         energy_aware: bool = False,
         groups: list[str] | None = None,
+        per_group: bool = False,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, not {eps}")
         self.eps, self.relative_eps = float(eps), bool(relative_eps)
@@ -278,15 +279,7 @@ class _Splitting(BaselineGrower):
         ctx = self.begin(model, data, loss_fn, example_inputs)
         return self.eigs(ctx, self.paths(ctx))
 
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
+    def decide(self, ctx: Context) -> Plan:
         report = ctx.report
         with Timer(report.timings, "score"):
             paths = self.paths(ctx)
@@ -296,7 +289,7 @@ class _Splitting(BaselineGrower):
         report.predicted_loss_change = predicted
         report.extra["min_eigenvalues"] = {n: float(v.min()) for n, (v, _) in eigs.items()}
         report.extra["negative_units"] = {n: int((v < 0).sum()) for n, (v, _) in eigs.items()}
-        return self.finish(ctx, plan, optimizer)
+        return plan
 
     def plan(self, ctx: Context, paths: dict[str, UnitPath], eigs: Eigs) -> tuple[Any, float]:
         costs = unit_costs(ctx, self.budget)

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-import torch
-from torch import nn
-
-from ..base import GrowthReport, LossFn, register_grower
-from ._common import BaselineGrower
+from ..base import Decision, register_grower
+from ._common import BaselineGrower, Context
 
 
 @register_grower("static")
@@ -18,13 +12,5 @@ class Static(BaselineGrower):
 
     name = "static"
 
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
-        ctx = self.begin(model, data, loss_fn, example_inputs)
-        return self.finish(ctx, self.make_plan(ctx, []), optimizer)
+    def decide(self, ctx: Context) -> Decision:
+        return Decision(self.make_plan(ctx, []), why_empty="the static control never grows")

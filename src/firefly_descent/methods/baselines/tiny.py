@@ -80,8 +80,7 @@ from torch.nn import grad as nn_grad
 from ...budget import Candidate, select
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits
-from ..base import GrowthReport, LossFn, Timer, register_grower
-from ..common import as_inputs, mean_loss
+from ..base import Decision, Timer, as_inputs, mean_loss, register_grower
 from ._common import BaselineGrower, Context, slice_shape, unit_costs
 from ._probe import UnitPath, find_paths, patches, verify_paths
 from .gradmax import slope_at_zero
@@ -202,6 +201,7 @@ class TINY(BaselineGrower):
         seed: int = 0,
         batches: int | None = 8,
         groups: list[str] | None = None,
+        per_group: bool = False,
         update_existing: bool = True,
         gamma: float | None = None,
         gamma_min: float = 1e-3,
@@ -212,7 +212,7 @@ class TINY(BaselineGrower):
         holdout: int = 0,
         stat_dtype: torch.dtype = torch.float64,
     ) -> None:
-        super().__init__(budget, seed, batches, groups)
+        super().__init__(budget, seed, batches, groups, per_group)
         if gamma is not None and gamma < 0:
             raise ValueError(f"gamma must be >= 0, not {gamma}")
         if not 0 < gamma_min < 1:
@@ -593,18 +593,10 @@ class TINY(BaselineGrower):
         return float(best), tried[best]
 
     # ---- growth -------------------------------------------------------------------------------------
-    def grow(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFn,
-        optimizer: torch.optim.Optimizer | None = None,
-        example_inputs: Any = None,
-    ) -> GrowthReport:
+    def decide(self, ctx: Context) -> Decision:
         """Select neurons under the budget by expected improvement, then set each chosen group's γ by a line
         search with the groups already accepted switched on (best expected improvement first), so the
         amplitudes account for each other; a group whose best γ is 0 is not grown."""
-        ctx = self.begin(model, data, loss_fn, example_inputs)
         report = ctx.report
         with Timer(report.timings, "score"):
             tps = self.paths(ctx)
@@ -668,7 +660,7 @@ class TINY(BaselineGrower):
         report.extra.update(extra)
         report.extra["update_existing"] = self.update_existing
         self.last_solution = sol
-        return self.finish(ctx, plan, optimizer, finalize=finalize)
+        return Decision(plan, finalize=finalize)
 
     def _random_directions(self, ctx: Context, tg: TinyGroup) -> tuple[torch.Tensor, torch.Tensor]:
         def like(t: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Cell-based architecture search in the DARTS space: Firefly cell growth, DARTS and random search."""
 
-from .firefly_cells import (
+from .firefly_cells import CellGrowthReport, CellSearchCandidate, FireflyCells
+from .overgrown import (
     CellCandidate,
-    CellGrowthReport,
-    FireflyCells,
     WidenCandidate,
     branch_plan,
     build_overgrown,
@@ -20,6 +19,7 @@ __all__ = [
     "SEARCH_OPS",
     "CellCandidate",
     "CellGrowthReport",
+    "CellSearchCandidate",
     "EdgeCandidate",
     "FireflyCells",
     "branch_plan",

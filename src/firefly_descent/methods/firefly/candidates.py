@@ -28,7 +28,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
-from ...engine import apply, layer_spec, plan_deepen, plan_expansions, plan_new_blocks
+from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...layers import Residual
 from ...plan import GroupChange, NewUnits, Plan, Split
@@ -212,8 +212,6 @@ def build_width_candidates(
     generator: torch.Generator,
 ) -> WidthCandidates:
     """Deep-copy `model`, switch on every width candidate (off), and parametrise the perturbations."""
-    from ...engine.apply import plan_edits
-
     changes = []
     split_groups = {g.name for g in groups if splits and block_size(g) == 1}  # heads: new whole heads only
     for g in groups:
