@@ -997,7 +997,8 @@ def resume(run_dir: str | Path, progress: bool = True, callbacks: Sequence[Any] 
 
 def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+        what = "is a file, not a run directory (a run's --out folder)" if run_dir.exists() else "no such run directory"
+        raise CheckpointError(f"{run_dir}: {what}")
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         if (run_dir / "config.yaml").is_file():  # killed during the first epoch: start over
