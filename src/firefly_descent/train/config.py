@@ -115,9 +115,11 @@ class GrowthConfig:
     max_flops: int | None = None
     refresh_bn: bool = True
     refresh_bn_batches: int | None = 50
-    # rewrite new units' BatchNorm channels so train mode computes what eval mode scored
-    # (engine/calibrate.py); uses refresh_bn_batches training batches
-    calibrate_new_bn: bool = True
+    # rewrite new units' BatchNorm channels so train mode computes what eval mode scored (engine/calibrate.py;
+    # refresh_bn_batches batches). null = as the grower does it: every grower calibrates, except Firefly with
+    # bn_mode "batch" (its default), which scores in train mode and so has nothing to calibrate; true is
+    # refused there, false turns calibration off
+    calibrate_new_bn: bool | None = None
     data_batches: int | None = None
 
 

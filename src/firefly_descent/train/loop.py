@@ -395,9 +395,15 @@ def prepare(cfg: Config) -> RunSetup:
     try:
         grower = make_grower(g.method, **kwargs)
         if callable(getattr(grower, "set_safeguard", None)):  # the grower makes BatchNorm ready to train itself
-            grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn, refresh_bn=g.refresh_bn)
+            grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn is not False, refresh_bn=g.refresh_bn)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
+    if g.calibrate_new_bn and getattr(getattr(grower, "config", None), "bn_mode", None) == "batch":
+        raise ConfigError(
+            f"growth.calibrate_new_bn: {g.method} with bn_mode 'batch' (its default) scores candidates with batch "
+            "statistics and never calibrates new BatchNorm channels; drop the key, or calibrate with "
+            "growth.kwargs.bn_mode: frozen"
+        )
     if getattr(grower, "needs_validation", False) and val_loader is None:
         raise ConfigError(
             f"data.val_fraction: growth method {g.method!r} selects on validation data; set data.val_fraction > 0"
@@ -666,7 +672,7 @@ class _Run:
         handled = safety is not None
         if handled:
             n_cal = int(safety["batchnorm"].get("calibrated_channels", 0))
-        if cfg.growth.calibrate_new_bn and not handled:
+        if cfg.growth.calibrate_new_bn is not False and not handled:
             channels = new_norm_channels(self.model, growth_history(self.model)[n_plans:])
             if channels:
                 batches = DeviceLoader(s.train_loader, self.device, cfg.growth.refresh_bn_batches)
