@@ -398,12 +398,6 @@ def prepare(cfg: Config) -> RunSetup:
             grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn is not False, refresh_bn=g.refresh_bn)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
-    if g.calibrate_new_bn and getattr(getattr(grower, "config", None), "bn_mode", None) == "batch":
-        raise ConfigError(
-            f"growth.calibrate_new_bn: {g.method} with bn_mode 'batch' (its default) scores candidates with batch "
-            "statistics and never calibrates new BatchNorm channels; drop the key, or calibrate with "
-            "growth.kwargs.bn_mode: frozen"
-        )
     if getattr(grower, "needs_validation", False) and val_loader is None:
         raise ConfigError(
             f"data.val_fraction: growth method {g.method!r} selects on validation data; set data.val_fraction > 0"
@@ -975,6 +969,8 @@ def _start(
     check_output_dir(run_dir, "run directory")  # before the data loads
     rt.barrier()  # every rank checked the directory before rank 0 writes into it
     setup = prepare(cfg)
+    if not restart:  # a new run's config only: runs saved before this check (calibrate_new_bn: true) still resume
+        _refuse_calibration_without_effect(cfg, setup.grower)
     rt.configure(setup)  # refuses bad precision/batch options before anything is written
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -994,6 +990,16 @@ def _start(
         return run.run()
     finally:
         rt.close()
+
+
+def _refuse_calibration_without_effect(cfg: Config, grower: Any) -> None:
+    """`growth.calibrate_new_bn: true` where the grower never calibrates (Firefly scoring with batch statistics)."""
+    if cfg.growth.calibrate_new_bn and getattr(getattr(grower, "config", None), "bn_mode", None) == "batch":
+        raise ConfigError(
+            f"growth.calibrate_new_bn: {cfg.growth.method} with bn_mode 'batch' (its default) scores candidates with "
+            "batch statistics and never calibrates new BatchNorm channels; drop the key, or calibrate with "
+            "growth.kwargs.bn_mode: frozen"
+        )
 
 
 def resume(run_dir: str | Path, progress: bool = True, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
