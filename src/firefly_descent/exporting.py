@@ -110,7 +110,8 @@ def load_export(
     try:
         replay_history(model, history)
     except (GrowthError, KeyError) as e:
-        raise ExportError(f"{arch_path}: growth history does not replay: {describe_misfit(e)}; {fix}") from None
+        maker = "build()" if build is not None else f"model {arch['model']['name']!r}"
+        raise ExportError(f"{arch_path}: growth history does not replay: {describe_misfit(e, maker)}; {fix}") from None
     setattr(model, HISTORY_ATTR, list(history))
     try:
         weights = load_file(str(weights_path), device=str(map_location))

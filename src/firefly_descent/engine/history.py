@@ -92,9 +92,10 @@ def load(path: str, build: Callable[[], nn.Module], map_location: str | torch.de
     return model
 
 
-def describe_misfit(e: Exception) -> str:
-    """What a wrong constructor did: the engine's or torch's complaint on one line, without its advice."""
+def describe_misfit(e: Exception, maker: str = "build()") -> str:
+    """What a wrong constructor did: the engine's or torch's complaint on one line, without its advice
+    ("re-analyse the model" is for plans made by hand, not for loading)."""
     detail = " ".join(str(e).split()) or type(e).__name__
     for advice in ("; the plan is stale - re-analyse the model", "; re-analyse the model"):
         detail = detail.replace(advice, "")
-    return f"the model that build() makes does not fit the saved one ({detail[:200]})"
+    return f"the model that {maker} makes does not fit the saved one ({detail[:200]})"
