@@ -4,10 +4,12 @@
 
 It runs the README's command (`firefly train fashion-vgg-firefly`) and its static control
 (`firefly train fashion-vgg-static`), both with the default thread count, then `firefly report` into
-docs/default-run/, copies the Firefly run's own `summary.json` there as `run-summary.json` (a test checks
-the committed numbers against it and against a fresh run's format) and writes docs/default-run/README.md
-from the numbers. A run directory that already holds a finished run is reused (`firefly resume` says it
-is complete), and a killed one is resumed, so the command can be re-run after an interruption.
+docs/default-run/, copies the Firefly run's own `summary.json` there as `run-summary.json` and its
+`growth.jsonl` and `metrics.jsonl` as `run-growth.jsonl` and `run-metrics.jsonl` without their wall-clock
+fields (tests check the committed numbers, and the README's, against them and against a fresh run's format)
+and writes docs/default-run/README.md from the numbers. A run directory that already holds a finished run
+is reused (`firefly resume` says it is complete), and a killed one is resumed, so the command can be re-run
+after an interruption.
 
 Accuracy and parameter counts do not depend on timing; wall times do, so the README records the load
 average seen during the runs and flags times measured on a busy machine.
@@ -23,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -75,6 +78,40 @@ def run_all(runs_dir: Path, names: list[str], threads: int | None) -> tuple[list
     return loads, reused
 
 
+def without_times(record: object) -> object:
+    """A run record without its wall-clock fields (`*time`, `timings`, `elapsed`): they depend on the machine's
+    load, every other field on the code and the thread count only."""
+    if isinstance(record, dict):
+        drop = ("timings", "elapsed")
+        return {k: without_times(v) for k, v in record.items() if not (k.endswith("time") or k in drop)}
+    if isinstance(record, list):
+        return [without_times(v) for v in record]
+    return record
+
+
+def growth_steps(growths: list[dict]) -> str:
+    """"4,322 → 7,520 (+74 %), …": parameters before and after each growth, as the README quotes the first."""
+    return ", ".join(
+        f"{g['params_before']:,} → {g['params_after']:,} "
+        f"(+{round(100 * (g['params_after'] / g['params_before'] - 1))} %)"
+        for g in growths
+    )
+
+
+def batchnorm_sentence(growths: list[dict]) -> str:
+    """What the growths did to BatchNorm, read from the growth records."""
+    counts = ", ".join(str(g.get("bn_channels_calibrated")) for g in growths)
+    if all(g.get("bn_channels_calibrated") == 0 for g in growths):
+        text = (
+            f"BatchNorm running statistics are refreshed after each growth; no new BatchNorm channel is calibrated "
+            f"(`bn_channels_calibrated`: {counts}), since Firefly's default `bn_mode=\"batch\"` fits and scores its "
+            "candidates with batch statistics, the mode training continues in."
+        )
+    else:
+        text = f"New BatchNorm channels calibrated at each growth (`bn_channels_calibrated`): {counts}."
+    return textwrap.fill(text, 108, break_on_hyphens=False)
+
+
 def write_readme(
     docs: Path, runs_dir: Path, loads: list[float], reused: list[str], table: str, static: bool
 ) -> None:
@@ -85,6 +122,7 @@ def write_readme(
     from firefly_descent.train.threads import available_cores
 
     summary = json.loads((docs / "run-summary.json").read_text())
+    growths = [json.loads(line) for line in (docs / "run-growth.jsonl").read_text().splitlines() if line.strip()]
     cores = available_cores()
     shown = str(runs_dir.resolve().relative_to(ROOT)) if runs_dir.resolve().is_relative_to(ROOT) else str(runs_dir)
     commands = []
@@ -128,7 +166,8 @@ python benchmarks/default_run.py        # add --threads 1 on a machine shared wi
 
 It trains `fashion-vgg-firefly` (the README's command) and `fashion-vgg-static` (the same network and
 schedule, never grown) into `runs/docs/` (about a minute each on 2 idle cores), reports them here with
-`firefly report` and copies the Firefly run's `summary.json` as `run-summary.json`. The numbers below
+`firefly report` and copies the Firefly run's `summary.json` as `run-summary.json` (and its `growth.jsonl` and
+`metrics.jsonl`, without wall times, as `run-growth.jsonl` and `run-metrics.jsonl`). The numbers below
 come from these commands, with torch {torch.__version__} on {platform.machine()} ({cores} cores available;
 a run without `train.threads` uses {default_threads} intra-op threads here):
 
@@ -139,8 +178,9 @@ firefly report {" ".join(f"{shown}/{n}" for n, _ in RUNS if (runs_dir / n).is_di
 
 Fashion-MNIST (20,000-image training subset, 5,000 test images), VGG-11 with BatchNorm and a 1×1-conv
 classifier starting at 8 channels in every conv, SGD-Nesterov lr 0.05 restarted after each growth, Firefly
-(default preset, budget 0.35 = 35 % more units per growth) after epochs 2, 4 and 6; new units' BatchNorm
-channels are calibrated after each growth (`growth.calibrate_new_bn`).
+(default preset, budget 0.35 = 35 % more units per growth) after epochs 2, 4 and 6. Parameters at each
+growth (`run-growth.jsonl`): {growth_steps(growths)}.
+{batchnorm_sentence(growths)}
 
 {table}
 
@@ -169,6 +209,10 @@ def main() -> int:
     with contextlib.suppress(ValueError):  # a path inside the checkout is recorded relative to it
         summary["run_dir"] = str(Path(summary["run_dir"]).resolve().relative_to(ROOT))
     (args.out / "run-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name in ("growth.jsonl", "metrics.jsonl"):  # the run's own records; their times are in the table
+        lines = (args.runs / "default" / name).read_text().splitlines()
+        records = [json.dumps(without_times(json.loads(line))) for line in lines if line.strip()]
+        (args.out / f"run-{name}").write_text("".join(r + "\n" for r in records))
     table = (args.out / "report.md").read_text().split("\n\n")[1].strip()
     write_readme(args.out, args.runs, loads, reused, table, static=not args.without_static)
     print(f"wrote {args.out}")

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from firefly_descent.data import load_dataset, make_loaders
-from firefly_descent.engine import calibrate_new_batchnorm, growth_history, new_norm_channels
 from firefly_descent.methods import Firefly
 from firefly_descent.models import build_model
 
@@ -60,15 +59,12 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         print(f"epoch {epoch}: test acc {acc:.4f}, {params:,} params, {time.perf_counter() - t0:.1f}s")
         if epoch % args.grow_every == 0 and epoch < args.epochs:
-            # the grower edits `model` in place and remaps the optimizer's parameters and state
-            plans_before = len(growth_history(model))
+            # the grower edits `model` in place, remaps the optimizer's parameters and state, and leaves
+            # BatchNorm ready to train (running statistics refreshed). Firefly's default bn_mode="batch" scored
+            # its candidates with batch statistics, the mode training continues in, so the new units' BatchNorm
+            # channels need no calibration (bn_mode="frozen" calibrates them inside `grow`): nothing to do here
             report = grower.grow(model, train_loader, F.cross_entropy, optimizer=optimizer)
             print(report)
-            # new units got fresh BatchNorm channels: make train mode compute what Firefly scored (eval mode)
-            new_channels = new_norm_channels(model, growth_history(model)[plans_before:])
-            batches = ((x.to(device),) for x, _ in train_loader)
-            n = calibrate_new_batchnorm(model, new_channels, batches, max_batches=20)
-            print(f"calibrated {n} new BatchNorm channels")
 
 
 if __name__ == "__main__":

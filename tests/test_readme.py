@@ -4,7 +4,7 @@ Every ```python block of README.md is executed, each in a fresh namespace holdin
 leaves to the reader: a small CNN class `MyModel` (with `features.0` and `layer1`, as the snippets
 name them), an instance `model`, `example_inputs`, an optimizer (`opt`/`optimizer`), a `train_loader`,
 plus `torch` and `ff` (what the first block imports). The working directory is a temporary folder
-holding `exported/`, an export as `firefly export` writes it. A block preceded by
+holding `runs/exported/`, an export as `firefly export` writes it. A block preceded by
 ``<!-- readme-test: skip REASON -->`` is skipped, and must say why.
 """
 
@@ -86,7 +86,7 @@ def test_readme_python_block_runs(line, code, reason, tmp_path, monkeypatch):
     from firefly_descent.models import build_model
 
     spec = {"name": "mlp", "kwargs": {"in_features": 4, "hidden": [5], "num_classes": 2}}
-    ff.export_model(build_model(spec["name"], **spec["kwargs"]), "exported", spec)
+    ff.export_model(build_model(spec["name"], **spec["kwargs"]), "runs/exported", spec)
     ns = namespace(tmp_path)
     params_before = sum(p.numel() for p in ns["model"].parameters())
     exec(compile(code, f"README.md:{line}", "exec"), ns)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .engine.apply import HISTORY_ATTR, growth_history
-from .engine.history import replay_history
+from .engine.history import describe_misfit, replay_history
+from .errors import GrowthError
 from .io import atomic_write, atomic_write_text
 
 __all__ = ["ExportError", "export_checkpoint", "export_model", "load_export"]
@@ -105,11 +106,22 @@ def load_export(
 
         model = build_model(spec["name"], **(spec.get("kwargs") or {}))
     history = arch.get("growth_history") or []
-    replay_history(model, history)
+    fix = "pass as build the constructor of the exported model" if build is not None else "the export is damaged"
+    try:
+        replay_history(model, history)
+    except (GrowthError, KeyError) as e:
+        maker = "build()" if build is not None else f"model {arch['model']['name']!r}"
+        raise ExportError(f"{arch_path}: growth history does not replay: {describe_misfit(e, maker)}; {fix}") from None
     setattr(model, HISTORY_ATTR, list(history))
     try:
-        model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
+        weights = load_file(str(weights_path), device=str(map_location))
+    except Exception as e:  # safetensors' own error type: a truncated or overwritten file
+        raise ExportError(
+            f"{weights_path}: unreadable ({type(e).__name__}); export again with `firefly export RUN_DIR {folder}`"
+        ) from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as e:
         msg = " ".join(str(e).split())[:300]
-        raise ExportError(f"{weights_path}: weights do not fit the rebuilt model ({msg})") from None
+        raise ExportError(f"{weights_path}: weights do not fit the rebuilt model ({msg}); {fix}") from None
     return model.to(map_location).eval()

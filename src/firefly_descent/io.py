@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import stat
 import tempfile
 from collections.abc import Callable
@@ -70,3 +71,24 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_torch_file(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", error: type[Exception] = ValueError
+) -> Any:
+    """`torch.load(path, weights_only=True)` whose failures raise `error` with one line saying what happened
+    and what to do: a corrupt or truncated file, bytes that are not a torch file, or a file holding Python
+    objects beyond tensors and plain data. Never advises ``weights_only=False``, as torch's own message does:
+    that would run code from the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise error(
+            f"{path}: holds Python objects beyond tensors and plain data (not a firefly-descent file, or corrupt); "
+            "refused, since loading arbitrary objects can run code from the file"
+        ) from None
+    except Exception as e:  # a broken zip archive (truncated, partly copied), or not a torch file at all
+        kind = "is corrupt or truncated" if "zip archive" in str(e) else "is not a file written by torch.save"
+        raise error(
+            f"{path}: {kind} ({type(e).__name__}); write it again, or copy it again if it was transferred"
+        ) from None

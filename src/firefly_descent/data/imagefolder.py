@@ -75,7 +75,8 @@ def _decode(items: list[tuple[Path, int]], channels: int, size_hw: tuple[int, in
         elif a.shape != first_shape:
             raise DatasetError(
                 f"images differ in size ({items[0][0]} is {first_shape[1]}x{first_shape[0]}, "
-                f"{path} is {a.shape[1]}x{a.shape[0]}); pass image_size=… to resize them"
+                f"{path} is {a.shape[1]}x{a.shape[0]}); resize them with image_size=N "
+                "(in a run config: data.kwargs.image_size: N)"
             )
         arrays.append(a)
     x = np.stack(arrays)
@@ -150,7 +151,7 @@ def load_imagefolder(
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DatasetError(
             f"train images in {train_path} are {tuple(train_x.shape[2:])} but test images in {test_path} are "
-            f"{tuple(test_x.shape[2:])}; pass image_size=… to resize them"
+            f"{tuple(test_x.shape[2:])}; resize them with image_size=N (in a run config: data.kwargs.image_size: N)"
         )
     out = {
         "source": str(root),

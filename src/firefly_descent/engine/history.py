@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import GrowthError
-from ..io import atomic_save
+from ..io import atomic_save, load_torch_file
 from ..plan import Plan
 from .apply import HISTORY_ATTR, apply, growth_history
 from .modules import rederive_attrs, snapshot_attrs
@@ -68,16 +68,34 @@ def load(path: str, build: Callable[[], nn.Module], map_location: str | torch.de
     """Rebuild a grown model: `build()` the original, replay its history, load its weights."""
     if not os.path.exists(path):
         raise GrowthError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = load_torch_file(path, map_location, GrowthError)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "firefly-descent-checkpoint":
+        raise GrowthError(
+            f"{path} is a training checkpoint of `firefly train`, not a firefly_descent.save file; export it with "
+            "`firefly export RUN_DIR OUT_DIR` and load that with firefly_descent.load_export(OUT_DIR)"
+        )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise GrowthError(
             f"{path} is not a firefly-descent checkpoint (no state_dict); save it with firefly_descent.save"
         )
     model = build()
-    if ckpt.get("history"):
-        replay_history(model, ckpt["history"])
-    else:
-        resize_to_shapes(model, ckpt.get("shapes", {}))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        if ckpt.get("history"):
+            replay_history(model, ckpt["history"])
+        else:
+            resize_to_shapes(model, ckpt.get("shapes", {}))
+        model.load_state_dict(ckpt["state_dict"])
+    except (GrowthError, RuntimeError, KeyError) as e:
+        fix = "pass as build the constructor of the model that was saved"
+        raise GrowthError(f"{path}: {describe_misfit(e)}; {fix}") from None
     setattr(model, HISTORY_ATTR, list(ckpt.get("history", [])))
     return model
+
+
+def describe_misfit(e: Exception, maker: str = "build()") -> str:
+    """What a wrong constructor did: the engine's or torch's complaint on one line, without its advice
+    ("re-analyse the model" is for plans made by hand, not for loading)."""
+    detail = " ".join(str(e).split()) or type(e).__name__
+    for advice in ("; the plan is stale - re-analyse the model", "; re-analyse the model"):
+        detail = detail.replace(advice, "")
+    return f"the model that {maker} makes does not fit the saved one ({detail[:200]})"

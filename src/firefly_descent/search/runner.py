@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from ..methods.cellsearch.darts_search import Darts, SearchNetwork
 from ..models.darts import DartsNetwork, count_parameters
 from ..models.genotype import Genotype
 from ..train.config import ConfigError
+from ..train.threads import busy_notice
 from .config import SearchConfig, load_search_config, search_config_to_dict
 from .draw import draw_cell
 
@@ -392,6 +394,10 @@ def run_search(source: Any, out_dir: str | Path, overrides: tuple[str, ...] = ()
         atomic_write_text(saved, resolved)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    on_cpu = _device(cfg.device).type == "cpu"
+    notice = busy_notice(torch.get_num_threads(), cfg.threads, "threads") if on_cpu else None  # as `firefly train`
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     results = [run_seed(cfg, s, out / f"seed-{s}", progress) for s in cfg.seeds]
     summary = {"name": cfg.name, "method": cfg.method.name, "results": results}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))

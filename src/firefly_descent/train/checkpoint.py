@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..engine import replay_history
-from ..io import atomic_save
+from ..io import atomic_save, load_torch_file
 from ..models import build_model
 from .rundir import CheckpointError
 
@@ -164,12 +164,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = latest
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # any unpickling problem means "not a readable checkpoint"
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {msg})") from None
+    ckpt = load_torch_file(path, map_location, CheckpointError)  # one line, never torch's unsafe advice
+    if isinstance(ckpt, dict) and ckpt.get("format") == "firefly-descent/1":
+        raise CheckpointError(
+            f"{path}: a firefly_descent.save file, not a training checkpoint; load it with "
+            "firefly_descent.load(path, build=YourModel)"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a firefly-descent checkpoint")
+        raise CheckpointError(
+            f"{path}: not a firefly-descent checkpoint (`firefly train` writes them in RUN/checkpoints/)"
+        )
     ckpt["path"] = str(path)
     return ckpt

@@ -119,9 +119,11 @@ class GrowthConfig:
     max_flops: int | None = None
     refresh_bn: bool = True
     refresh_bn_batches: int | None = 50
-    # rewrite new units' BatchNorm channels so train mode computes what eval mode scored
-    # (engine/calibrate.py); uses refresh_bn_batches training batches
-    calibrate_new_bn: bool = True
+    # rewrite new units' BatchNorm channels so train mode computes what eval mode scored (engine/calibrate.py;
+    # refresh_bn_batches batches). null = as the grower does it: every grower calibrates, except Firefly with
+    # bn_mode "batch" (its default), which scores in train mode and so has nothing to calibrate; true is
+    # refused there, false turns calibration off
+    calibrate_new_bn: bool | None = None
     data_batches: int | None = None
 
 
@@ -455,13 +457,32 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return raw
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text; a file that is not UTF-8 is refused naming its first bad byte and that byte's line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
+
+
 def load_raw(source: str | Path) -> dict[str, Any]:
     """Read a YAML file, or a built-in named config, into plain data (no validation)."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            run = (path / "config.yaml").is_file()
+            hint = f"; a run directory: `firefly resume {path}` continues it" if run else ""
+            raise ConfigError(f"config: {str(path)!r} is a directory, not a YAML config file{hint}")
         if not path.is_file():
             raise ConfigError(f"config: no such file {str(path)!r}")
-        raw = _read_yaml(path.read_text(encoding="utf-8"), str(path))
+        raw = _read_yaml(_read_text(path), str(path))
         raw.setdefault("name", path.stem)
         return raw
     entry = configs_dir() / f"{source}.yaml"

@@ -31,7 +31,7 @@ def _prepare_batchnorm(run: Run, n_plans: int, handled: bool) -> tuple[int, int]
     returns (channels calibrated, layers refreshed) for growers that did not report their own."""
     cfg, s = run.cfg, run.s
     n_cal = n_bn = 0
-    if cfg.growth.calibrate_new_bn and not handled:
+    if cfg.growth.calibrate_new_bn is not False and not handled:
         channels = new_norm_channels(run.model, growth_history(run.model)[n_plans:])
         if channels:
             batches = DeviceLoader(s.train_loader, run.device, cfg.growth.refresh_bn_batches)

@@ -23,7 +23,7 @@ from torch.distributed.run import get_args_parser, run
 
 from .config import ConfigError, config_from_dict, load_config
 from .loop import finished_summary, latest_readable_checkpoint
-from .rundir import CheckpointError, check_new_run_dir, default_run_dir
+from .rundir import check_new_run_dir, default_run_dir, require_run_dir
 
 __all__ = ["LAUNCHED_ENV", "LaunchError", "launch", "launch_resume", "launch_train"]
 
@@ -120,8 +120,7 @@ def launch_resume(run_dir: str | os.PathLike[str], nproc: int, no_progress: bool
     """``firefly resume RUN_DIR --nproc N`` (N may differ from the run's original process count); a finished
     run is reported as complete here, without starting any process."""
     path = Path(run_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+    require_run_dir(path)
     ckpt = latest_readable_checkpoint(path)
     if ckpt is not None:
         cfg = config_from_dict(ckpt["config"])

@@ -22,10 +22,10 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .config import Config, config_from_dict, load_config
 from .distributed import runtime_for
 from .epochs import run_epochs
-from .rundir import CheckpointError, RunDir, check_new_run_dir, check_resumable_dir, default_run_dir
+from .rundir import CheckpointError, RunDir, check_new_run_dir, check_resumable_dir, default_run_dir, require_run_dir
 from .runtime import Runtime
 from .schedule import milestone_notice
-from .setup import prepare
+from .setup import prepare, refuse_calibration_without_effect
 from .state import Run
 
 __all__ = ["finished_summary", "latest_readable_checkpoint", "resume", "train"]
@@ -72,6 +72,8 @@ def _start(
     check_new_run_dir(run_dir, restart=restart)  # before the data loads
     rt.barrier()  # every rank checked the directory before rank 0 writes into it
     setup = prepare(cfg)
+    if not restart:  # a new run's config only: runs saved before this check (calibrate_new_bn: true) still resume
+        refuse_calibration_without_effect(cfg, setup.grower)
     rt.configure(setup)  # refuses bad precision/batch options before anything is written
     notice = milestone_notice(setup.cfg)
     if notice and rt.is_main:
@@ -110,8 +112,7 @@ def latest_readable_checkpoint(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
+    require_run_dir(run_dir)
     ckpt = latest_readable_checkpoint(run_dir)
     if ckpt is None:
         if (run_dir / "config.yaml").is_file():  # killed during the first epoch: start over

@@ -56,6 +56,13 @@ class CheckpointError(ValueError):
     """A checkpoint or run directory is missing, unreadable or not ours (one-line message)."""
 
 
+def require_run_dir(run_dir: Path) -> None:
+    """Refuse a path that is not a run directory, saying whether it is missing or a file."""
+    if not run_dir.is_dir():
+        what = "is a file, not a run directory (a run's --out folder)" if run_dir.exists() else "no such run directory"
+        raise CheckpointError(f"{run_dir}: {what}")
+
+
 def default_run_dir(cfg: Config) -> Path:
     """``runs/<config name>-<timestamp>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -128,7 +128,7 @@ def _make_grower(cfg: Config) -> Any:
     try:
         grower = make_grower(g.method, **kwargs)
         if callable(getattr(grower, "set_safeguard", None)):  # the grower makes BatchNorm ready to train itself
-            grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn, refresh_bn=g.refresh_bn)
+            grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn is not False, refresh_bn=g.refresh_bn)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
     return grower
@@ -196,3 +196,13 @@ def prepare(cfg: Config) -> RunSetup:
         example_inputs=example_inputs,
         planned=growth_epochs(cfg),
     )
+
+
+def refuse_calibration_without_effect(cfg: Config, grower: Any) -> None:
+    """`growth.calibrate_new_bn: true` where the grower never calibrates (Firefly scoring with batch statistics)."""
+    if cfg.growth.calibrate_new_bn and getattr(getattr(grower, "config", None), "bn_mode", None) == "batch":
+        raise ConfigError(
+            f"growth.calibrate_new_bn: {cfg.growth.method} with bn_mode 'batch' (its default) scores candidates with "
+            "batch statistics and never calibrates new BatchNorm channels; drop the key, or calibrate with "
+            "growth.kwargs.bn_mode: frozen"
+        )

@@ -43,9 +43,10 @@ def choose_threads(requested: int | None) -> int:
     return n
 
 
-def busy_notice(threads: int, requested: int | None) -> str | None:
+def busy_notice(threads: int, requested: int | None, key: str = "train.threads") -> str | None:
     """One line when the 1-minute load average says other work already occupies CPUs this run's
-    `threads` workers need (None when quiet, single-threaded, or the thread count was set explicitly)."""
+    `threads` workers need (None when quiet, single-threaded, or the thread count was set explicitly).
+    `key` is the config key whose ``--set KEY=1`` the notice advises (``threads`` for `firefly search`)."""
     if threads <= 1 or requested is not None:
         return None
     try:
@@ -57,5 +58,5 @@ def busy_notice(threads: int, requested: int | None) -> str | None:
         return None
     return (
         f"note: this machine is busy (load {load:.1f} on {cores} cores); {threads} intra-op threads can slow "
-        f"training many times over when CPUs are shared: --set train.threads=1 avoids it"
+        f"training many times over when CPUs are shared: --set {key}=1 avoids it"
     )
