@@ -57,6 +57,7 @@ def _producer(a: Propagation, m: nn.Module, name: str, width: int, node: fx.Node
 
 class LinearRule(LayerRule):
     attrs = ("in_features", "out_features")
+    linear_map = True
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Linear, name: str) -> Any:
         lay, s = _input(a, node)
@@ -107,6 +108,7 @@ class ConvRule(LayerRule):
     channel per group): the units pass through, and the group grows by whole conv groups."""
 
     attrs = ("in_channels", "out_channels", "groups")
+    linear_map = True
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.modules.conv._ConvNd, name: str) -> Any:
         lay, s = _input(a, node)
@@ -156,7 +158,7 @@ class ConvRule(LayerRule):
         return None
 
     def per_channel(self, m: nn.modules.conv._ConvNd) -> bool:
-        return m.groups != 1 and m.groups == m.in_channels == m.out_channels
+        return m.groups != 1 and m.groups == m.in_channels  # (unfolds only with in == out: `unfold_reason`)
 
     def unfold_input(self, m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
         X = unfold_patches(x, m.kernel_size, m.stride, m.padding, m.dilation)  # [rows, C_in * k]

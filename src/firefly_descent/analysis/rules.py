@@ -54,6 +54,7 @@ class LayerRule:
     # ---- what the growth methods ask (the defaults describe a layer none of this applies to) ----------
     running_stats: bool = False  # a normalisation with running statistics (BatchNorm): see `batchnorms`
     attention: bool = False  # attention: a block holding it is copied whole as a new depth candidate
+    linear_map: bool = False  # its output is its input times its weight (+ bias): zero weights, zero output
     residual: bool = False  # a growth-inserted residual wrapper z + s·h(z) (its inside may feed itself)
 
     def post_norm(self, m: nn.Module) -> bool:

@@ -27,6 +27,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import analyze
+from ...analysis.rules import is_batchnorm
 from ...analysis.trace import as_input_tuple
 from ...budget import count_flops
 from ...engine import apply, calibrate_new_batchnorm
@@ -589,7 +590,7 @@ class FireflyCells:
                     getattr(module, attr).copy_(value)
                 channels = {
                     name: list(range(m.num_features)) for name, m in model.named_modules()
-                    if name not in names_before and isinstance(m, nn.BatchNorm2d) and m.affine
+                    if name not in names_before and is_batchnorm(m) and m.affine
                 }
                 xs = [x for x, _ in decision[: self.calibrate_batches]]
                 if channels:
