@@ -19,16 +19,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import wrap_torch_function
 from zoo import randomize_norm_stats
 
 import firefly_descent as ff
 from firefly_descent.analysis import LayerRule, register_rule, rule_for, unregister_rule
-from firefly_descent.analysis.activations import activation_of, activation_of_function
+from firefly_descent.analysis.activations import (
+    Activation,
+    activation_of,
+    activation_of_function,
+    register_activation,
+    unregister_activation,
+)
 from firefly_descent.analysis.graph import Member
 from firefly_descent.analysis.rules import batchnorms, with_bias_column
 from firefly_descent.methods import make_grower
 from firefly_descent.methods.baselines import TINY, GradMax, SplittingExact
 from firefly_descent.methods.firefly import Firefly
+from firefly_descent.models._common import make_activation
 
 pytestmark = pytest.mark.usefixtures("raw_plans")  # plans as decided, no safeguard (tests/conftest.py)
 
@@ -203,6 +211,47 @@ def test_registry_answers():
     assert batchnorms(net) == [net[1], net[3]] and batchnorms(net, tracking=True) == [net[1]]
     assert rule_for(nn.Conv2d(3, 3, 3, groups=3)).per_channel(nn.Conv2d(3, 3, 3, groups=3))
     assert rule_for(nn.Conv2d(4, 4, 3, groups=2)).unfold_reason(nn.Conv2d(4, 4, 3, groups=2)) is not None
+
+
+# ---- a new activation is one call ------------------------------------------------------------------------
+@wrap_torch_function(lambda x: (x,))  # dispatches __torch_function__, so the probe sees the call
+def lecun_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 1.7159 * torch.tanh(x * (2.0 / 3.0))
+
+
+class LeCunTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lecun_tanh(x)
+
+
+def test_new_activation_is_one_call():
+    register_activation(Activation("lecun_tanh", lecun_tanh, LeCunTanh, depth_host=True))
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), make_activation("lecun_tanh"), nn.Linear(8, 3))
+        fun = FunctionalHead()
+        fun.load_state_dict(model.state_dict())
+        data = _batches((6,))
+        for net in (model, fun):
+            assert [g.name for g in ff.analyze(net, (data[0][0],)).growable()] == ["0"]
+            for method in ("splitting-exact", "gradmax"):
+                report = make_grower(method, budget=0.5, seed=0).grow(copy.deepcopy(net), data, F.cross_entropy)
+                assert report.extra.get("skipped_groups", {}) == {}
+                assert sum(report.units_added.values()) + sum(report.units_split.values()) > 0
+    finally:
+        unregister_activation("lecun_tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        make_activation("lecun_tanh")
+
+
+class FunctionalHead(nn.Sequential):
+    """Linear -> lecun_tanh (a function call) -> Linear, with the Sequential's parameter names."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(6, 8), nn.Identity(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self[2](lecun_tanh(self[0](x)))
 
 
 # ---- functional activations grow exactly as modules -----------------------------------------------------

@@ -11,7 +11,8 @@ function rule), so a new activation is one call in one file.
 
 Modules call their functional form (`nn.ReLU.forward` calls `F.relu`, `nn.ReLU6` calls `F.hardtanh`), so a
 `torch.overrides.TorchFunctionMode` sees module and functional activations alike: `ActivationMode` is how
-the growth methods find an activation by data flow (`methods/baselines/_probe.py`).
+the growth methods find an activation by data flow (`methods/baselines/_probe.py`). A user's own activation
+function must dispatch `__torch_function__` for that (`torch.overrides.wrap_torch_function`); torch's do.
 """
 
 from __future__ import annotations

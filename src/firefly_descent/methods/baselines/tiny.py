@@ -329,9 +329,23 @@ class TINY(BaselineGrower):
                                                 atol=1e-6 * (1 + float(a.abs().max()))):
                     why = (f"its consumer {tp.consumer!r} does not read the activation {tp.path.act!r} directly "
                            "(pooling, reshaping or other ops in between)")
+                elif tp.flatten and not self._plain_dense(ctx, tp, c["a"]):
+                    why = f"its consumer {tp.consumer!r} is not a plain matrix product of the flattened map"
             if why is not None:
                 skipped[n] = f"{self.name} does not apply: {why}"
         return skipped
+
+    @staticmethod
+    def _plain_dense(ctx: Context, tp: TinyPath, amap: torch.Tensor) -> bool:
+        """Whether the consumer's rule runs it on the flattened map as W·a (what the full-map convolution the
+        line search uses for it computes), checked with a fixed test weight."""
+        cons = ctx.model.get_submodule(tp.consumer)
+        w = torch.linspace(-1.0, 1.0, 2 * amap[0].numel(), dtype=amap.dtype, device=amap.device).reshape(2, -1)
+        with torch.no_grad():
+            dense = layer_rule(cons).run_with(cons, amap.flatten(1), w, None)
+            conv = F.conv2d(amap, w.reshape(2, *amap.shape[1:])).flatten(1)
+        return dense.shape == conv.shape and torch.allclose(dense, conv, rtol=1e-4,
+                                                            atol=1e-5 * (1 + float(conv.abs().max())))
 
     def _split(self, ctx: Context) -> tuple[list[Any], list[Any]]:
         """(batches for the statistics, batches for the line search): with `holdout` = k > 0 the last k
