@@ -258,6 +258,7 @@ class FunctionalHead(nn.Sequential):
 class MLPModules(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        # act2 is in-place: the probe clones its input before the call overwrites it
         self.fc1, self.act1, self.fc2, self.act2, self.fc3 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(
             inplace=True), nn.Linear(7, 3)
 
