@@ -210,8 +210,10 @@ def _softplus_d2(y: torch.Tensor, p: dict[str, Any], beta: float) -> torch.Tenso
 def builtin() -> Iterator[Activation]:
     """The built-in activations (registered when this module is imported)."""
     A = Activation
-    yield A("relu", F.relu, nn.ReLU, ("inplace",), (torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_),
-            ("relu", "relu_"), relu_like=True, depth_host=True, kink_d2=_relu_d2)
+    # (`x.relu_()` is traced as element-wise, but the probe does not take it: code may ignore its return value,
+    # and dL/da is read by replacing the call's result)
+    yield A("relu", F.relu, nn.ReLU, ("inplace",), (torch.relu, torch.Tensor.relu), ("relu", "relu_"),
+            relu_like=True, depth_host=True, kink_d2=_relu_d2)
     yield A("relu6", F.relu6, nn.ReLU6, ("inplace",), relu_like=True, depth_host=True, kink_d2=_relu6_d2)
     yield A("hardtanh", F.hardtanh, nn.Hardtanh, ("min_val", "max_val", "inplace"), kink_d2=_hardtanh_d2)
     yield A("leaky_relu", F.leaky_relu, nn.LeakyReLU, ("negative_slope", "inplace"), depth_host=True,

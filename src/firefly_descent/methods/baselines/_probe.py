@@ -275,8 +275,9 @@ class Hooks:
     """Temporary hooks capturing, per path: the producer's input `x` (and output `h` with `want_h`), the
     activation's input `y` and output `a` (`want_a`), and a zero leaf `z` added to the activation's output
     (`want_z`), whose gradient is dL/da. The activation is found by data flow: the activation call whose
-    input is the BatchNorm's (or the producer's) output tensor of this forward. Use as a context manager
-    around one forward."""
+    input is the BatchNorm's (or the producer's) output tensor of this forward; its result is replaced by
+    `a + z`, so a functional in-place call whose result the model ignores (`F.relu(x, inplace=True)` as a bare
+    statement) would read dL/da = 0. Use as a context manager around one forward."""
 
     def __init__(
         self, model: nn.Module, paths: dict[str, UnitPath], want_h: bool = False, want_a: bool = False,
