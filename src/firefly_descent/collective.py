@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .analysis.rules import is_batchnorm
+
 __all__ = ["GrowthSync", "current_sync", "plan_digest", "sync_growth"]
 
 
@@ -89,7 +91,7 @@ class GrowthSync:
         bufs = [
             b
             for m in modules
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if is_batchnorm(m)
             for b in (m.running_mean, m.running_var)
             if b is not None
         ]

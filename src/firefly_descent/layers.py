@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+from .analysis.activations import activation_module
+from .analysis.rules import LayerRule, register_rule
 
 
 class Residual(nn.Module):
@@ -25,6 +26,17 @@ class Residual(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.scale * self.body(z)
+
+
+class ResidualRule(LayerRule):
+    """`Residual` is traced into (its body's layers carry the rules); growth methods read `residual`: the
+    layers inside it were inserted by growth (their square weights may widen with the stage)."""
+
+    leaf = False
+    residual = True
+
+
+register_rule(Residual, ResidualRule())
 
 
 class Then(nn.Sequential):
@@ -104,7 +116,7 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
     kind = spec.get("type")
     if kind in _BODIES:
         return _BODIES[kind](spec)
-    act = ACTIVATIONS[spec.get("act", "relu")]
+    act = activation_module(spec.get("act", "relu"))  # any registered activation's short name, or "identity"
     if kind in ("conv_bn_act", "conv_identity"):
         c, k, dims = int(spec["channels"]), int(spec.get("kernel_size", 3)), int(spec.get("dims", 2))
         conv_t = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]

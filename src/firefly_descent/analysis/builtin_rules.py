@@ -8,14 +8,34 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import activations as _activations  # noqa: F401 - registers the built-in activations
 from . import shapeops
 from .graph import Constraint, Member
-from .rules import PASS_THROUGH_MODULES, LayerRule, register_constraint, register_rule, whole_blocks
+from .rules import (
+    LayerRule,
+    PassThroughRule,
+    register_constraint,
+    register_rule,
+    unfold_patches,
+    whole_blocks,
+    with_bias_column,
+)
 from .trace import source_of
+
+# Channel-preserving modules that are not activations (those are in `activations`): units flow through.
+PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
 
 if TYPE_CHECKING:
     from .propagate import Propagation
@@ -37,6 +57,7 @@ def _producer(a: Propagation, m: nn.Module, name: str, width: int, node: fx.Node
 
 class LinearRule(LayerRule):
     attrs = ("in_features", "out_features")
+    linear_map = True
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Linear, name: str) -> Any:
         lay, s = _input(a, node)
@@ -49,6 +70,18 @@ class LinearRule(LayerRule):
 
     def check(self, m: nn.Linear) -> bool:
         return tuple(m.weight.shape) == (m.out_features, m.in_features)
+
+    def unfold_reason(self, m: nn.Linear) -> str | None:
+        return None
+
+    def unfold_input(self, m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return with_bias_column(x.reshape(-1, x.shape[-1]), m)
+
+    def output_rows(self, m: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(-1, y.shape[-1])
+
+    def run_with(self, m: nn.Linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 class EmbeddingRule(LayerRule):
@@ -75,6 +108,7 @@ class ConvRule(LayerRule):
     channel per group): the units pass through, and the group grows by whole conv groups."""
 
     attrs = ("in_channels", "out_channels", "groups")
+    linear_map = True
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.modules.conv._ConvNd, name: str) -> Any:
         lay, s = _input(a, node)
@@ -116,6 +150,36 @@ class ConvRule(LayerRule):
     def check(self, m: nn.modules.conv._ConvNd) -> bool:
         return m.weight.shape[0] == m.out_channels and m.weight.shape[1] * m.groups == m.in_channels
 
+    def unfold_reason(self, m: nn.modules.conv._ConvNd) -> str | None:
+        if m.groups != 1 and not (m.groups == m.in_channels == m.out_channels):
+            return "is a grouped convolution"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return "uses non-zero or string padding"
+        return None
+
+    def per_channel(self, m: nn.modules.conv._ConvNd) -> bool:
+        return m.groups != 1 and m.groups == m.in_channels  # (unfolds only with in == out: `unfold_reason`)
+
+    def unfold_input(self, m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+        X = unfold_patches(x, m.kernel_size, m.stride, m.padding, m.dilation)  # [rows, C_in * k]
+        if self.per_channel(m):  # depthwise: unit c reads its own channel's patch
+            X = X.reshape(X.shape[0], m.out_channels, -1)
+        return with_bias_column(X, m)
+
+    def output_rows(self, m: nn.modules.conv._ConvNd, y: torch.Tensor) -> torch.Tensor:
+        return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+    def run_with(
+        self, m: nn.modules.conv._ConvNd, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(m.kernel_size) - 1]
+        groups = weight.shape[0] if self.per_channel(m) else 1  # depthwise keeps one filter per channel
+        return conv(x, weight, bias, m.stride, m.padding, m.dilation, groups)
+
+    def conv_geometry(self, m: nn.modules.conv._ConvNd) -> dict[str, tuple[int, ...]] | None:
+        return {"kernel": tuple(m.kernel_size), "stride": tuple(m.stride), "padding": tuple(m.padding),
+                "dilation": tuple(m.dilation)}
+
 
 def _norm_members(a: Propagation, dl: Any, m: nn.Module, name: str, stats: bool) -> None:
     if getattr(m, "weight", None) is not None:
@@ -128,6 +192,7 @@ def _norm_members(a: Propagation, dl: Any, m: nn.Module, name: str, stats: bool)
 
 
 class BatchNormRule(LayerRule):
+    running_stats = True
     attrs = ("num_features",)
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.modules.batchnorm._NormBase, name: str) -> Any:
@@ -229,17 +294,6 @@ def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
     return list(lay)
 
 
-class PassThroughRule(LayerRule):
-    """Activations, dropout, identity: each unit flows through unchanged."""
-
-    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
-        x = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
-        lay = a.layout(x) if x is not None else None
-        if lay is None and x is not None and a.shape(x) is not None:
-            return a.fixed(len(a.shape(x)))
-        return list(lay) if lay is not None else None
-
-
 class PoolRule(LayerRule):
     """Pooling, upsampling and padding act per channel over the spatial dims."""
 
@@ -286,7 +340,7 @@ register_rule(nn.Embedding, EmbeddingRule())
 shapeops.register_function_rule(F.layer_norm, layer_norm_function)
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_t, ConvRule())
-for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
     register_rule(_t, BatchNormRule())
 register_rule(nn.GroupNorm, GroupNormRule())
 register_rule(nn.LayerNorm, LayerNormRule())
@@ -306,6 +360,7 @@ class MultiheadAttentionRule(LayerRule):
     or copies of whole heads with halved out-projection columns, leave the output unchanged."""
 
     attrs = ("embed_dim", "kdim", "vdim", "num_heads", "head_dim")
+    attention = True
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.MultiheadAttention, name: str) -> Any:
         out_shapes = a.output_shapes(node)
@@ -362,3 +417,16 @@ class MultiheadAttentionRule(LayerRule):
 
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
+
+
+class TransformerEncoderLayerRule(LayerRule):
+    """nn.TransformerEncoderLayer is traced into (its attention and Linear layers carry the rules); post-norm
+    (`norm_first=False`) it normalises the stream after the residual add."""
+
+    leaf = False
+
+    def post_norm(self, m: nn.TransformerEncoderLayer) -> bool:
+        return not m.norm_first
+
+
+register_rule(nn.TransformerEncoderLayer, TransformerEncoderLayerRule())

@@ -14,48 +14,20 @@ in the manner of Torch-Pruning's per-layer pruners. Adding a layer type is one r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ApproximationRequiredError
 from .graph import Constraint, Group, Member
 
 if TYPE_CHECKING:
-    import torch.fx as fx
-
     from .propagate import Propagation
-
-
-# The one list of activation modules (element-wise non-linearities). Dropout, Identity and friends are
-# channel-preserving too; `PASS_THROUGH_MODULES` is the union the analysis lets units flow through.
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Softplus,
-    nn.Mish,
-    nn.Hardtanh,
-    nn.SELU,
-    nn.CELU,
-    nn.Softsign,
-)
-PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = ACTIVATIONS + (
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-)
 
 
 class LayerRule:
@@ -78,6 +50,117 @@ class LayerRule:
     def check(self, m: nn.Module) -> bool:
         """Engine: True when the module's attributes agree with its tensors."""
         return True
+
+    # ---- what the growth methods ask (the defaults describe a layer none of this applies to) ----------
+    running_stats: bool = False  # a normalisation with running statistics (BatchNorm): see `batchnorms`
+    attention: bool = False  # attention: a block holding it is copied whole as a new depth candidate
+    linear_map: bool = False  # its output is its input times its weight (+ bias): zero weights, zero output
+    residual: bool = False  # a growth-inserted residual wrapper z + s·h(z) (its inside may feed itself)
+
+    def post_norm(self, m: nn.Module) -> bool:
+        """Whether `m` is a block that normalises after its residual add: a copy of it cannot start as the
+        identity."""
+        return False
+
+    def unfold_reason(self, m: nn.Module) -> str | None:
+        """Why `m`'s weight does not multiply an unfolded input row by row (None: it does, and
+        `unfold_input`, `output_rows`, `run_with` and `conv_geometry` answer for it). Phrased to follow
+        "the layer": "is a grouped convolution"."""
+        return f"is a {type(m).__name__} (no rule says how its input unfolds)"
+
+    def per_channel(self, m: nn.Module) -> bool:
+        """Whether each output unit reads only its own input channel (a depthwise convolution)."""
+        return False
+
+    def unfold_input(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The rows unit i's incoming vector θ_i (its weight row flattened, then its bias if any) multiplies:
+        [rows, D] with `output_rows(m, m(x))[:, i] == X @ θ_i`, or [rows, C, D] when each unit reads only
+        its own channel (a depthwise convolution)."""
+        raise NotImplementedError(f"{type(m).__name__} {self.unfold_reason(m)}")
+
+    def output_rows(self, m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output (or a tensor shaped like it) as [rows, units], rows in `unfold_input`'s order."""
+        raise NotImplementedError(f"{type(m).__name__} {self.unfold_reason(m)}")
+
+    def run_with(
+        self, m: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layer's forward on `x` with other weights (same geometry; any number of output units)."""
+        raise NotImplementedError(f"{type(m).__name__} {self.unfold_reason(m)}")
+
+    def conv_geometry(self, m: nn.Module) -> dict[str, tuple[int, ...]] | None:
+        """kernel/stride/padding/dilation per spatial dim of a convolution; None for a dense layer whose
+        weight [out, in] reads the input's last dim."""
+        return None
+
+
+class PassThroughRule(LayerRule):
+    """Activations, dropout, identity: each unit flows through unchanged."""
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        x = next((arg for arg in node.args if isinstance(arg, fx.Node)), None)
+        lay = a.layout(x) if x is not None else None
+        if lay is None and x is not None and a.shape(x) is not None:
+            return a.fixed(len(a.shape(x)))
+        return list(lay) if lay is not None else None
+
+
+def with_bias_column(X: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """Append the column of ones a unit's bias multiplies, when `m` has a bias."""
+    if getattr(m, "bias", None) is None:
+        return X
+    return torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=X.dtype, device=X.device)], -1)
+
+
+def unfold_patches(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int]) -> torch.Tensor:
+    """[B, C, *spatial] -> [B*L, C*prod(kernel)]: every output position's input patch (1, 2 or 3 spatial
+    dims), rows in (batch, position) order, columns in a flattened weight row's (channel, offset) order."""
+    n = len(kernel)
+    if n == 1:
+        x = x.unsqueeze(-2)
+        kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
+    if n <= 2:
+        cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    x = F.pad(x, [p for d in reversed(range(n)) for p in (padding[d], padding[d])])
+    for d in range(n):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])  # [B, C, *out, *spans]
+    x = x[(..., *[slice(None, None, dl) for dl in dilation])]  # [B, C, *out, *kernel]
+    B, C = x.shape[:2]
+    out = x.shape[2:2 + n]
+    return x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)).reshape(B * math.prod(out), -1)
+
+
+def batchnorms(model: nn.Module, tracking: bool = False) -> list[nn.Module]:
+    """The normalisations with running statistics in `model` (their rule's `running_stats`), in module order;
+    `tracking=True`: only those that hold running statistics now (`running_mean` is not None)."""
+    return [m for m in model.modules() if is_batchnorm(m) and (not tracking or m.running_mean is not None)]
+
+
+def is_batchnorm(m: nn.Module | None) -> bool:
+    """Whether `m` is a normalisation with running statistics (its rule says so)."""
+    rule = rule_for(m) if m is not None else None
+    return rule is not None and rule.running_stats
+
+
+def is_attention(m: nn.Module | None) -> bool:
+    """Whether `m` is an attention layer (its rule says so)."""
+    rule = rule_for(m) if m is not None else None
+    return rule is not None and rule.attention
+
+
+def is_post_norm(m: nn.Module | None) -> bool:
+    """Whether `m` is a post-norm block (its rule says so)."""
+    rule = rule_for(m) if m is not None else None
+    return rule is not None and rule.post_norm(m)
+
+
+def is_residual(m: nn.Module | None) -> bool:
+    """Whether `m` is a growth-inserted residual wrapper (its rule says so)."""
+    rule = rule_for(m) if m is not None else None
+    return rule is not None and rule.residual
 
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {}

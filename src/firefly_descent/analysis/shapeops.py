@@ -41,32 +41,16 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 # ---- elementwise -------------------------------------------------------------------------------
-# Ops that act per element (or per sample) and never mix positions of a dim: units flow through.
+# Ops that act per element (or per sample) and never mix positions of a dim: units flow through. Activations
+# (F.relu, torch.tanh, "relu", ...) are registered with this same rule by `activations.register_activation`.
 PER_ELEMENT_FUNCS: set[Any] = {
-    torch.relu,
-    F.relu,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.hardswish,
-    F.hardsigmoid,
-    torch.sigmoid,
-    F.sigmoid,
-    torch.tanh,
-    F.tanh,
-    F.leaky_relu,
-    F.elu,
-    F.softplus,
-    F.mish,
     F.dropout,
     F.dropout1d,
     F.dropout2d,
-    F.hardtanh,
     torch.abs,
     torch.neg,
     torch.exp,
     operator.neg,
-    F.selu,
     torch.square,
     torch.clamp,
     torch.clip,
@@ -77,10 +61,6 @@ PER_ELEMENT_FUNCS: set[Any] = {
     torch.minimum,
 }
 PER_ELEMENT_METHODS = {
-    "relu",
-    "relu_",
-    "sigmoid",
-    "tanh",
     "contiguous",
     "clone",
     "float",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.rules import batchnorms, is_batchnorm
 from ..collective import current_sync
 from ..plan import Plan
 from .apply import plan_edits
@@ -115,12 +116,12 @@ def calibrate_new_batchnorm(
     targets: dict[str, tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor]] = {}
     for name, idx in channels.items():
         m = model.get_submodule(name)
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None or not m.affine or not idx:
+        if not is_batchnorm(m) or m.running_mean is None or not m.affine or not idx:
             continue  # without γ and β the train-mode map cannot be made to match
         targets[name] = (m, torch.as_tensor(idx, dtype=torch.long, device=m.running_mean.device))
     if not targets:
         return 0
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
     stats: dict[str, list[torch.Tensor]] = {name: [] for name in targets}  # per batch: count, sum, sum of squares
     # the eval-mode map of each new channel, y = scale·(h − rm) + β, as it was before calibration
@@ -186,11 +187,7 @@ def calibrate_new_batchnorm(
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    ]
+    return [m for m in batchnorms(model, tracking=True) if m.track_running_stats]
 
 
 @torch.no_grad()

@@ -10,10 +10,16 @@ from torch import nn
 
 from ..analysis import GrowthGraph, analyze
 from ..analysis.graph import Boundary
+from ..analysis.rules import rule_for
 from ..errors import GrowthError
 from ..plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from .apply import apply
 
+
+def _linear_map(m: nn.Module) -> bool:
+    """Whether `m` is a linear map of its input by its weight (its rule's `linear_map`: Linear, Conv)."""
+    rule = rule_for(m)
+    return rule is not None and rule.linear_map
 
 def spread_units(width: int, k: int) -> list[int]:
     """k units to split, spread evenly over the group (cycling when k > width)."""
@@ -128,7 +134,7 @@ def plan_new_blocks(graph: GrowthGraph, model: nn.Module, after: list[str]) -> P
             {
                 m.tensor[len(name) + 1 :]
                 for m in producers
-                if isinstance(model.get_submodule(m.module), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                if _linear_map(model.get_submodule(m.module))
                 or (m.kind in ("weight", "bias") and slices[m.tensor] == 1)
             }
         )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.rules import batchnorms
 from ..analysis.trace import as_input_tuple
 from ..budget import count_flops, count_params
 from ..collective import current_sync
@@ -136,8 +137,7 @@ class GrowthData:
 def _norm_buffers(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
     return [
         (m._buffers, k, b.clone())
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for m in batchnorms(model)
         for k, b in m._buffers.items()
         if b is not None
     ]

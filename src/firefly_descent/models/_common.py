@@ -6,21 +6,11 @@ initialisation, which makes growth experiments comparable across models.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "silu": nn.SiLU,
-    "elu": nn.ELU,
-    "leaky_relu": nn.LeakyReLU,
-    "relu6": nn.ReLU6,
-    "identity": nn.Identity,
-}
+from ..analysis.activations import activation_module, activation_names
 
 
 def make_activation(name: str) -> nn.Module:
@@ -30,9 +20,9 @@ def make_activation(name: str) -> nn.Module:
     growth analysis relies on to track channels through it.
     """
     try:
-        return _ACTIVATIONS[name.lower()]()
+        return activation_module(name.lower())()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}") from None
+        raise ValueError(f"unknown activation {name!r}; choose from {activation_names()}") from None
 
 
 def scale_width(channels: int, multiplier: float) -> int:

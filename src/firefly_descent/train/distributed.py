@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from ..analysis.rules import batchnorms
 from ..collective import plan_digest, sync_growth
 from ..engine.apply import apply, growth_history
 from ..errors import GrowthError
@@ -208,10 +209,9 @@ class DistributedRuntime(Runtime):
 
     def sync_buffers(self, model: nn.Module) -> None:
         with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                    for buf in (m.running_mean, m.running_var):
-                        buf.copy_(self.group.all_reduce(buf.detach().clone()) / self.world_size)
+            for m in batchnorms(model, tracking=True):
+                for buf in (m.running_mean, m.running_var):
+                    buf.copy_(self.group.all_reduce(buf.detach().clone()) / self.world_size)
 
     def barrier(self) -> None:
         dist.barrier()

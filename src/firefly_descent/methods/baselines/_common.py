@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.graph import Group, Member
+from ...analysis.graph import Boundary, Group, Member
 from ...budget import Budget, group_unit_costs
 from ...engine import layer_spec
 from ...errors import GrowthError
 from ...layers import build_body
 from ...plan import NewLayer, Plan
 from ..base import Context, Decision, Grower, GrowthReport
-
-RELU_LIKE = (nn.ReLU, nn.ReLU6)  # outputs >= 0: an identity-initialised Linear/Conv + ReLU after them is exact
+from ..boundaries import depth_boundaries as find_depth_boundaries
+from ..boundaries import is_relu_like
 
 
 class BaselineGrower(Grower):
@@ -203,24 +203,19 @@ def call_counts(model: nn.Module, x: tuple[torch.Tensor, ...]) -> dict[str, int]
 
 
 def depth_boundaries(ctx: Context, kind: str) -> list[str]:
-    """Modules after which a new layer may go: activation modules (kind "identity": ReLU/ReLU6 only,
+    """Modules after which a new layer may go: activation modules (kind "identity": ReLU-like only,
     whose outputs are >= 0), run exactly once per forward, on a group that does not reach the output."""
-    counts = call_counts(ctx.model, ctx.x)
-    modules = dict(ctx.model.named_modules())
-    ok = {n for n, g in ctx.graph.groups.items() if not g.at_output}
-    acts = RELU_LIKE if kind == "identity" else RELU_LIKE + (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh,
-                                                             nn.Hardswish)
-    out = []
-    for b in ctx.graph.boundaries.values():
-        m = modules.get(b.module)
-        if m is None or b.group not in ok or counts.get(b.module, 0) != 1 or not isinstance(m, acts):
-            continue
+    spec_kind = "identity" if kind == "identity" else "residual"
+
+    def has_spec(b: Boundary) -> bool:
         try:
-            layer_spec(b, "identity" if kind == "identity" else "residual")
+            layer_spec(b, spec_kind)
         except GrowthError:
-            continue
-        out.append(b.module)
-    return out
+            return False
+        return True
+
+    return find_depth_boundaries(ctx.graph, ctx.model, relu_like=kind == "identity",
+                                 counts=call_counts(ctx.model, ctx.x), accept=has_spec)
 
 
 def new_layers(
@@ -242,8 +237,8 @@ def new_layers(
                               f"group's units; candidates: {', '.join(depth_boundaries(ctx, 'residual')[:12])}")
         k = kind
         if k == "auto":
-            k = "identity" if isinstance(modules.get(name), RELU_LIKE) else "residual"
-        if k == "identity" and not isinstance(modules.get(name), RELU_LIKE):
+            k = "identity" if is_relu_like(modules.get(name)) else "residual"
+        if k == "identity" and not is_relu_like(modules.get(name)):
             raise GrowthError(f"an identity layer after {name!r} needs non-negative inputs (a ReLU before it); "
                               "use kind 'residual'")
         spec = dict(layer_spec(b, k))

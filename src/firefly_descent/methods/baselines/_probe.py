@@ -1,52 +1,54 @@
 """Per-unit data for the splitting and GradMax baselines, read with temporary hooks.
 
 Both methods look at a unit i as  x --producer--> h_i --BatchNorm (optional)--> y_i --activation--> a_i.
-`find_paths` finds, for each group, the producer (one Linear or ungrouped Conv1d/Conv2d, or for
-groups that pass through a depthwise conv, that depthwise conv: see `find_paths`), its BatchNorm
-and the activation *module* that follows it in execution order; groups that do not have this shape
-(several producers tied by a residual add, no activation module right after the producer,
-LayerNorm/GroupNorm, ...) are reported with a reason and left alone. `verify_paths` checks
-numerically that the activation's input really is the BatchNorm of the producer's output
-(y = c·h + d), so a wrong guess can never go unnoticed.
+`find_paths` finds, for each group, the producer (a layer whose rule says how its input unfolds:
+Linear, ungrouped Conv1d/2d/3d, a user's layer with such a rule; for groups that pass through a
+depthwise conv, that depthwise conv: see `find_paths`), its BatchNorm and the activation that reads its
+output, by data flow: the activation (a module such as nn.ReLU or a call such as F.relu, torch.tanh,
+x.relu(): anything in the activation registry) whose input tensor *is* the BatchNorm's (or producer's)
+output. Groups that do not have this shape (several producers tied by a residual add, no activation
+reading the producer's output, LayerNorm/GroupNorm, ...) are reported with a reason and left alone.
+`verify_paths` checks numerically that the activation's input really is the BatchNorm of the
+producer's output (y = c·h + d), so a wrong guess can never go unnoticed.
 
 `collect` runs the model in eval mode (BatchNorm statistics frozen, so BN is the per-unit affine map
 y = c·h + d) and yields, per batch and group, with positions (batch × spatial) as rows:
-  X  [n, D]  the producer's input patch of every output position (F.unfold for convs), plus a
-             column of ones when the producer has a bias: a unit's incoming weights are a vector in R^D
-             ([n, C, D] for a depthwise producer: unit c's patch of its own channel)
+  X  [n, D]  the producer's input patch of every output position (its rule's `unfold_input`: F.unfold
+             for convs), plus a column of ones when the producer has a bias: a unit's incoming weights
+             are a vector in R^D ([n, C, D] for a depthwise producer: unit c's patch of its own channel)
   y  [n, C]  the activation's input
-  g  [n, C]  dL/da, the loss gradient at the activation's *output*: the forward hook returns
-             `a + z` with z a zero leaf tensor and dL/dz is read with `torch.autograd.grad`, which is
-             exact whatever follows (later in-place ops, pooling, flatten) and never touches `.grad`
+  g  [n, C]  dL/da, the loss gradient at the activation's *output*: the activation call (intercepted by
+             an `ActivationMode`) returns `a + z` with z a zero leaf tensor and dL/dz is read with
+             `torch.autograd.grad`, which is exact whatever follows (later in-place ops, pooling,
+             flatten) and never touches `.grad`
   c  [C]     the BatchNorm scale γ/sqrt(running_var + eps) (ones without BatchNorm)
 Hooks live only for the duration of one pass; the model is left exactly as it was.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ...analysis.activations import Activation, ActivationCall, ActivationMode, activation_of
 from ...analysis.graph import Group, Member
+from ...analysis.rules import LayerRule, is_batchnorm, rule_for
 from ...errors import GrowthError
 from ..base import LossFn, as_inputs
-from ._common import forward_with_hooks
 
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-    nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Hardswish,
-)
+
+def layer_rule(m: nn.Module) -> LayerRule:
+    """The rule of `m`, or the base rule (whose answers say it is not a weight-times-unfolded-input layer)."""
+    return rule_for(m) or LayerRule()
 
 
 @dataclass
 class UnitPath:
-    """Where one group's units are computed: producer -> (BatchNorm) -> activation (its `act_call`-th call)."""
+    """Where one group's units are computed: producer -> (BatchNorm) -> activation (`act` names it)."""
 
     group: Group
     producer: str
@@ -54,7 +56,7 @@ class UnitPath:
     bias: str | None
     norm: str | None
     act: str
-    act_call: int
+    activation: ActivationCall
     depthwise: bool = False  # the unit is a depthwise neuron: its input is its own channel only
 
     def weight_numel(self, model: nn.Module) -> int:
@@ -83,29 +85,79 @@ class UnitPath:
         return w
 
 
-def _leaf_call_order(model: nn.Module, x: tuple[torch.Tensor, ...]) -> list[str]:
-    order: list[str] = []
+@dataclass
+class _Flow:
+    """One forward's data flow: each leaf module call (name, first input, output) and each activation call
+    (its input, the call), holding the tensors so that identity (`is`) comparisons stay valid."""
+
+    calls: list[tuple[str, Any, Any]]
+    acts: list[tuple[torch.Tensor, ActivationCall]]
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _, _ in self.calls if n == name)
+
+    def output(self, name: str) -> Any:
+        return next(o for n, _, o in self.calls if n == name)
+
+    def readers(self, t: Any) -> list[str]:
+        return [n for n, i, _ in self.calls if i is t]
+
+    def activation_reading(self, t: Any) -> ActivationCall | None:
+        return next((c for i, c in self.acts if i is t), None)
+
+
+def _flow(model: nn.Module, x: tuple[torch.Tensor, ...]) -> _Flow:
+    """Run the model once (eval, no grad) recording `_Flow`. An activation call made inside an activation
+    module's forward is named by that module; a functional one by its function and the module before it."""
+    calls: list[tuple[str, Any, Any]] = []
+    acts: list[tuple[torch.Tensor, ActivationCall]] = []
+    inside: list[str] = []
+    handles = []
 
     def record(name: str) -> Any:
-        return lambda _m, _i, _o: order.append(name)
+        def hook(_m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            calls.append((name, inp[0] if inp else None, out))
+        return hook
 
-    leaves = {name: record(name) for name, m in model.named_modules() if name and not any(True for _ in m.children())}
-    forward_with_hooks(model, x, leaves)
-    return order
+    def enter(name: str) -> Any:
+        return lambda _m, _i: inside.append(name)
+
+    def leave(_m: nn.Module, _i: Any, _o: Any) -> None:
+        inside.pop()
+
+    def on_act(act: Activation, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        where = inside[-1] if inside else f"{act.name}() after {calls[-1][0] if calls else 'the input'!r}"
+        acts.append((args[0], ActivationCall(act, act.bind(args[1:], kwargs), where)))
+        return None
+
+    for name, m in model.named_modules():
+        if name and activation_of(m) is not None:
+            handles.append(m.register_forward_pre_hook(enter(name)))
+            handles.append(m.register_forward_hook(leave))
+        if name and not any(True for _ in m.children()):
+            handles.append(m.register_forward_hook(record(name)))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), ActivationMode(on_act):
+            model(*x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return _Flow(calls, acts)
 
 
 def _producer_reason(m: nn.Module, depthwise: bool = False) -> str | None:
-    if isinstance(m, nn.Linear) and not depthwise:
-        return None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        if depthwise and not (m.groups == m.in_channels == m.out_channels):
-            return "its per-channel layer is not a depthwise convolution with one filter per channel"
-        if not depthwise and m.groups != 1:
-            return "its producer is a grouped convolution"
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return "its producer uses non-zero or string padding"
-        return None
-    return f"its producer is a {type(m).__name__} (Linear, Conv1d or Conv2d needed)"
+    rule = layer_rule(m)
+    why = rule.unfold_reason(m)
+    if why is not None:
+        return f"its {'per-channel layer' if depthwise else 'producer'} {why}"
+    if depthwise and not rule.per_channel(m):
+        return "its per-channel layer is not a depthwise convolution with one filter per channel"
+    if not depthwise and rule.per_channel(m):
+        return "its producer is a grouped convolution"
+    return None
 
 
 def _structure(g: Group) -> tuple[str | None, list[Member], list[Member], bool]:
@@ -135,16 +187,15 @@ def find_paths(
 ) -> tuple[dict[str, UnitPath], dict[str, str]]:
     """Paths of the groups that fit `producer -> (BatchNorm) -> activation`, and why the others do not.
 
-    In a group whose units pass through a depthwise convolution (MobileNet), the unit is the
+    The BatchNorm is the group's norm layer whose input is the producer's output tensor; the activation is
+    the registered activation (module or functional call) whose input is the BatchNorm's (or producer's)
+    output tensor. In a group whose units pass through a depthwise convolution (MobileNet), the unit is the
     depthwise neuron (its k×k filter over its own channel); the layer before it is copied exactly
     by a split, so the split pair's outputs still meet only in the (halved) consumer. With
     `depthwise=False` such groups are skipped.
     """
-    order = _leaf_call_order(model, x)
+    flow = _flow(model, x)
     modules = dict(model.named_modules())
-    counts: dict[str, int] = defaultdict(int)
-    for n in order:
-        counts[n] += 1
     paths: dict[str, UnitPath] = {}
     skipped: dict[str, str] = {}
     for g in groups:
@@ -156,26 +207,28 @@ def find_paths(
             why = _producer_reason(modules[pname], dw)
         if why is None:
             norms = {m.module for m in g.members if m.role == "norm"}
-            if counts[pname] != 1:
+            if flow.count(pname) != 1:
                 why = "its producer runs more than once per forward"
             else:
-                i = order.index(pname) + 1
-                norm = order[i] if i < len(order) and order[i] in norms else None
+                t = flow.output(pname)
+                norm = next((n for n in flow.readers(t) if n in norms), None)
                 if norm is not None:
                     nm = modules[norm]
-                    if not isinstance(nm, nn.modules.batchnorm._BatchNorm) or nm.running_mean is None:
+                    if not is_batchnorm(nm) or nm.running_mean is None:
                         why = "its normalisation is not a BatchNorm with running statistics"
-                    elif counts[norm] != 1:
+                    elif flow.count(norm) != 1:
                         why = "its BatchNorm runs more than once per forward"
-                    i += 1
+                    else:
+                        t = flow.output(norm)
                 elif not dw and norms:
                     why = "its normalisation layer does not directly follow the producer"
-                if why is None and (i >= len(order) or not isinstance(modules[order[i]], ACTIVATIONS)):
-                    why = "no activation module directly follows the producer (and its BatchNorm)"
+                act = flow.activation_reading(t) if why is None else None
+                if why is None and act is None:
+                    why = "no activation reads the output of the producer (and its BatchNorm)"
                 if why is None:
-                    act = order[i]
+                    assert act is not None
                     bias = biases[0].tensor if biases else None
-                    paths[g.name] = UnitPath(g, pname, weights[0].tensor, bias, norm, act, order[:i].count(act), dw)
+                    paths[g.name] = UnitPath(g, pname, weights[0].tensor, bias, norm, act.where, act, dw)
         if why is not None:
             skipped[g.name] = f"{method} does not apply: {why}"
     return paths, skipped
@@ -195,34 +248,18 @@ def bn_affine(model: nn.Module, path: UnitPath, like: torch.Tensor) -> tuple[tor
     return c, beta - c * bn.running_mean.detach().to(like.dtype)
 
 
-def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
-    """[..., C] (Linear) or [B, C, *spatial] (conv) -> [positions, C]."""
-    if linear:
-        return t.reshape(-1, t.shape[-1])
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
+def rows(model: nn.Module, path: UnitPath, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the producer's output as [positions, C] (its rule's `output_rows`)."""
+    p = model.get_submodule(path.producer)
+    return layer_rule(p).output_rows(p, t)
 
 
 def patches(model: nn.Module, path: UnitPath, inp: torch.Tensor) -> torch.Tensor:
-    """The producer's input as rows in the order of `_rows` of its output: [positions, D] shared by all
-    units, or [positions, C, D] for a depthwise producer (each unit sees its own channel)."""
+    """The producer's input as rows in the order of `rows` of its output: [positions, D] shared by all
+    units, or [positions, C, D] for a depthwise producer (each unit sees its own channel); a column of
+    ones for the bias last (the producer's rule's `unfold_input`)."""
     p = model.get_submodule(path.producer)
-    if isinstance(p, nn.Linear):
-        X = inp.reshape(-1, inp.shape[-1])
-    else:
-        if isinstance(p, nn.Conv1d):
-            inp = inp.unsqueeze(-2)
-            k, d, pad, s = (1, *p.kernel_size), (1, *p.dilation), (0, *p.padding), (1, *p.stride)
-        else:
-            k, d, pad, s = p.kernel_size, p.dilation, p.padding, p.stride
-        cols = F.unfold(inp, k, dilation=d, padding=pad, stride=s)  # [B, C_in*kk, L]
-        if path.depthwise:
-            B, _, L = cols.shape
-            X = cols.reshape(B, p.out_channels, -1, L).permute(0, 3, 1, 2).reshape(B * L, p.out_channels, -1)
-        else:
-            X = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if path.bias:
-        X = torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=X.dtype, device=X.device)], -1)
-    return X
+    return layer_rule(p).unfold_input(p, inp)
 
 
 @dataclass
@@ -233,52 +270,67 @@ class UnitData:
     c: torch.Tensor
 
 
-class _Hooks:
-    """Temporary hooks capturing producer inputs, activation inputs and dL/da for some paths."""
+class Hooks:
+    """Temporary hooks capturing, per path: the producer's input `x` (and output `h` with `want_h`), the
+    activation's input `y` and output `a` (`want_a`), and a zero leaf `z` added to the activation's output
+    (`want_z`), whose gradient is dL/da. The activation is found by data flow: the activation call whose
+    input is the BatchNorm's (or the producer's) output tensor of this forward; its result is replaced by
+    `a + z`, so a functional in-place call whose result the model ignores (`F.relu(x, inplace=True)` as a bare
+    statement) would read dL/da = 0. Use as a context manager around one forward."""
 
-    def __init__(self, model: nn.Module, paths: dict[str, UnitPath], want_h: bool = False) -> None:
-        self.model, self.paths, self.want_h = model, paths, want_h
+    def __init__(
+        self, model: nn.Module, paths: dict[str, UnitPath], want_h: bool = False, want_a: bool = False,
+        want_z: bool = True,
+    ) -> None:
+        self.want_h, self.want_a, self.want_z = want_h, want_a, want_z
         self.cap: dict[str, dict[str, torch.Tensor]] = {n: {} for n in paths}
-        self.calls: dict[str, int] = defaultdict(int)
+        self.expect: list[tuple[torch.Tensor, str]] = []  # (tensor an activation should read, path)
         self.handles: list[Any] = []
-        by_act: dict[str, dict[int, str]] = defaultdict(dict)
         for n, p in paths.items():
-            by_act[p.act][p.act_call] = n
             prod = model.get_submodule(p.producer)
-            self.handles.append(prod.register_forward_hook(self._producer_hook(n)))
-        for act, which in by_act.items():
-            m = model.get_submodule(act)
-            self.handles.append(m.register_forward_pre_hook(self._act_pre(act, which)))
-            self.handles.append(m.register_forward_hook(self._act_post(act, which)))
+            self.handles.append(prod.register_forward_hook(self._producer_hook(n, p.norm is None)))
+            if p.norm is not None:
+                self.handles.append(model.get_submodule(p.norm).register_forward_hook(self._norm_hook(n)))
+        self.mode = ActivationMode(self._on_act)
 
-    def _producer_hook(self, n: str) -> Any:
+    def _producer_hook(self, n: str, last: bool) -> Any:
         def hook(_m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> None:
             self.cap[n]["x"] = inp[0].detach()
             if self.want_h:
                 self.cap[n]["h"] = out.detach().clone()
+            if last:
+                self.expect.append((out, n))
         return hook
 
-    def _act_pre(self, act: str, which: dict[int, str]) -> Any:
-        def hook(_m: nn.Module, inp: tuple[Any, ...]) -> None:
-            n = which.get(self.calls[act])
-            if n is not None:
-                self.cap[n]["y"] = inp[0].detach().clone()  # clone: in-place activations overwrite it
+    def _norm_hook(self, n: str) -> Any:
+        def hook(_m: nn.Module, _inp: tuple[Any, ...], out: torch.Tensor) -> None:
+            self.expect.append((out, n))
         return hook
 
-    def _act_post(self, act: str, which: dict[int, str]) -> Any:
-        def hook(_m: nn.Module, _inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-            n = which.get(self.calls[act])
-            self.calls[act] += 1
-            if n is None:
-                return None
+    def _on_act(self, act: Activation, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        i = next((i for i, (t, _) in enumerate(self.expect) if t is args[0]), None)
+        if i is None:
+            return None
+        n = self.expect.pop(i)[1]
+        self.cap[n]["y"] = args[0].detach().clone()  # clone: in-place activations overwrite it
+        out = func(*args, **kwargs)
+        if self.want_a:
+            self.cap[n]["a"] = out.detach().clone()
+        if self.want_z:
             z = torch.zeros_like(out, requires_grad=True)
             self.cap[n]["z"] = z
-            return out + z
-        return hook
+            out = out + z
+        return out
 
-    def remove(self) -> None:
+    def __enter__(self) -> Hooks:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
         for h in self.handles:
             h.remove()
+        self.expect.clear()
 
 
 def _forward(model: nn.Module, batch: tuple[Any, Any], loss_fn: LossFn | None) -> torch.Tensor | None:
@@ -294,22 +346,19 @@ def verify_paths(
     skipped: dict[str, str] = {}
     if not paths:
         return skipped
-    hooks = _Hooks(model, paths, want_h=True)
     was = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), Hooks(model, paths, want_h=True) as hooks:
             _forward(model, batch, None)
     finally:
         model.train(was)
-        hooks.remove()
     for n, p in list(paths.items()):
         cap = hooks.cap[n]
         if "h" not in cap or "y" not in cap or cap["h"].shape != cap["y"].shape:
             skipped[n] = f"{method} does not apply: the activation after {p.producer!r} sees another tensor"
         else:
-            lin = isinstance(model.get_submodule(p.producer), nn.Linear)
-            h, y = _rows(cap["h"], lin), _rows(cap["y"], lin)
+            h, y = rows(model, p, cap["h"]), rows(model, p, cap["y"])
             c, d = bn_affine(model, p, h)
             if not torch.allclose(c * h + d, y, rtol=1e-3, atol=1e-4 * (1 + float(y.abs().max()))):
                 skipped[n] = f"{method} does not apply: ops between {p.producer!r} and its activation {p.act!r}"
@@ -325,25 +374,23 @@ def collect(
     if not paths:
         return
     for batch in batches:
-        hooks = _Hooks(model, paths)
         was = model.training
         model.eval()
         try:
             with torch.enable_grad():
-                loss = _forward(model, batch, loss_fn)
+                with Hooks(model, paths) as hooks:
+                    loss = _forward(model, batch, loss_fn)
                 names = [n for n in paths if "z" in hooks.cap[n]]
                 missing = [n for n in paths if n not in names]
                 if missing:
                     raise GrowthError(f"the activation of group {missing[0]!r} did not run on a growth batch")
                 grads = torch.autograd.grad(loss, [hooks.cap[n]["z"] for n in names], allow_unused=True)
         finally:
-            hooks.remove()
             model.train(was)
         out = {}
         for n, gz in zip(names, grads):
             p, cap = paths[n], hooks.cap[n]
-            lin = isinstance(model.get_submodule(p.producer), nn.Linear)
-            y = _rows(cap["y"], lin)
-            g = torch.zeros_like(y) if gz is None else _rows(gz, lin)
+            y = rows(model, p, cap["y"])
+            g = torch.zeros_like(y) if gz is None else rows(model, p, gz)
             out[n] = UnitData(patches(model, p, cap["x"]), y, g, bn_affine(model, p, y)[0])
         yield out

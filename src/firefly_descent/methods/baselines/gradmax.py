@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -42,8 +42,8 @@ from ._common import BaselineGrower, Context, slice_shape, unit_costs, unit_slic
 from ._probe import UnitPath, collect, find_paths, verify_paths
 
 
-def slope_at_zero(act: nn.Module, like: torch.Tensor) -> tuple[float, float]:
-    """(σ(0), right derivative σ'(0⁺)) of an activation module."""
+def slope_at_zero(act: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> tuple[float, float]:
+    """(σ(0), right derivative σ'(0⁺)) of an activation (a module or a `_probe.UnitPath.activation`)."""
     with torch.enable_grad():
         t = torch.tensor([1e-6], dtype=torch.float64, device=like.device, requires_grad=True)
         (d,) = torch.autograd.grad(act(t).sum(), t)
@@ -94,7 +94,7 @@ class GradMax(BaselineGrower):
         skipped.update(verify_paths(ctx.model, paths, ctx.batches[0], self.name))
         ref = next(ctx.model.parameters())
         for n, p in list(paths.items()):
-            s0, _ = slope_at_zero(ctx.model.get_submodule(p.act), ref)
+            s0, _ = slope_at_zero(p.activation, ref)
             d_out = sum(math.prod(slice_shape(ctx.model, m)) for m in p.group.members if m.role == "consumer")
             if abs(s0) > 1e-12:
                 skipped[n] = f"gradmax does not apply: its activation {p.act!r} is not 0 at 0"
@@ -135,7 +135,7 @@ class GradMax(BaselineGrower):
             acc = part if acc is None else acc + part
             c_new = d.c[C:C + d_out]
         assert acc is not None
-        _, slope = slope_at_zero(probe.get_submodule(path.act), acc)
+        _, slope = slope_at_zero(path.activation, acc)
         M = (acc * (c_new * slope)).transpose(0, 1) / len(ctx.batches)
         return current_sync().mean(M, sum(len(y) for _, y in ctx.batches))  # every rank's shard (sharded growth)
 

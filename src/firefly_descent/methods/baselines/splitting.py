@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...analysis.activations import ActivationCall, softplus_d2
 from ...budget import Budget, Candidate, group_unit_costs, select
 from ...collective import current_sync
 from ...errors import GrowthError
@@ -43,36 +44,20 @@ from ..base import LossFn, Timer, register_grower
 from ._common import BaselineGrower, Context, unit_costs
 from ._probe import UnitData, UnitPath, collect, find_paths, verify_paths
 
+__all__ = ["SplittingExact", "SplittingFast", "exact_eigs", "fast_eigs", "second_derivative", "softplus_d2"]
+
 Eigs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # group -> (min eigenvalue [C], unit eigenvector [C, D])
 
 
-def softplus_d2(y: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
-    """Second derivative of softplus_β(y) = log(1 + e^{βy})/β: β·s(1 − s), s = sigmoid(βy)."""
-    s = torch.sigmoid(beta * y)
-    return beta * s * (1 - s)
-
-
-def second_derivative(act: nn.Module, y: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
-    """σ''(y) of an activation module: exact when smooth, the softplus(β) surrogate at ReLU-like kinks."""
-    if isinstance(act, nn.ReLU):
-        return softplus_d2(y, beta)
-    if isinstance(act, nn.Hardtanh):  # includes ReLU6
-        return softplus_d2(y - act.min_val, beta) - softplus_d2(y - act.max_val, beta)
-    if isinstance(act, nn.LeakyReLU):
-        return (1 - act.negative_slope) * softplus_d2(y, beta)
-    if isinstance(act, nn.Softplus):
-        return softplus_d2(y, float(act.beta))
-    with torch.enable_grad():
-        yy = y.detach().requires_grad_(True)
-        (d1,) = torch.autograd.grad(act(yy).sum(), yy, create_graph=True)
-        (d2,) = torch.autograd.grad(d1.sum(), yy, allow_unused=True)
-    return torch.zeros_like(y) if d2 is None else d2.detach()
+def second_derivative(act: ActivationCall, y: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
+    """σ''(y) of an activation call: exact when smooth, the softplus(β) surrogate at ReLU-like kinks (the
+    activation registry's `kink_d2`)."""
+    return act.second_derivative(y, beta)
 
 
 def unit_weights(model: nn.Module, path: UnitPath, d: UnitData, beta: float) -> torch.Tensor:
     """w[n, i] = ∂L/∂a_i · σ''(y_i) · c_i² per position: S_i = Σ_n w[n, i] x_n x_nᵀ."""
-    act = model.get_submodule(path.act)
-    return d.g * second_derivative(act, d.y, beta) * d.c.pow(2)
+    return d.g * second_derivative(path.activation, d.y, beta) * d.c.pow(2)
 
 
 def _position_chunk(n: int, per_row: int, limit: int) -> int:

@@ -56,11 +56,13 @@ to ~1e-14 relative and the spans of α and ω to ~4e-8 rad on MLPs and a 3×3 co
 - `holdout` (default 0, GroMo's in-sample search) can keep the last growth batches out of the statistics to
   choose γ on data the neurons were not fitted to.
 
-Groups handled: producer Linear or ungrouped Conv2d (zero padding), optional BatchNorm, an activation with
-σ(0) = 0, and exactly one consumer (Linear, ungrouped Conv2d, or a Linear reading the flattened activation
-map) whose input *is* the activation output (checked numerically). Other groups (pooling or other ops
-between the activation and its consumer, residual-tied or concatenated producers, depthwise or grouped
-convolutions, LayerNorm/GroupNorm, several consumers) are skipped with the reason in
+Groups handled: a dense or 2-d convolutional producer whose rule says how its input unfolds (Linear,
+ungrouped zero-padded Conv2d, a user's layer with such a rule), optional BatchNorm, an activation (module
+or functional) with σ(0) = 0, and exactly one such consumer (or a dense consumer reading the flattened
+activation map, run as a full-map convolution) whose input *is* the activation output (checked
+numerically). Other groups (pooling or other ops between the activation and its consumer, residual-tied
+or concatenated producers, depthwise or grouped convolutions, LayerNorm/GroupNorm, several consumers) are
+skipped with the reason in
 `report.extra["skipped_groups"]` (GrowthError when named in `groups=`).
 """
 
@@ -82,7 +84,7 @@ from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits
 from ..base import Decision, Timer, as_inputs, mean_loss, register_grower
 from ._common import BaselineGrower, Context, slice_shape, unit_costs
-from ._probe import UnitPath, find_paths, patches, verify_paths
+from ._probe import Hooks, UnitPath, find_paths, layer_rule, patches, verify_paths
 from .gradmax import slope_at_zero
 
 
@@ -137,14 +139,6 @@ class TinyGroup:
 
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def _unfold(t: torch.Tensor, tp: TinyPath) -> torch.Tensor:
-    """[N, C, H, W] -> consumer patches [N*L, C*k] in the consumer's row order."""
-    if tp.kind == "linear":
-        return t.reshape(-1, t.shape[1])
-    cols = F.unfold(t, tp.kernel, dilation=tp.dilation, padding=tp.padding, stride=tp.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def _corr(bmap: torch.Tensor, v: torch.Tensor, tp: TinyPath) -> torch.Tensor:
@@ -249,11 +243,13 @@ class TINY(BaselineGrower):
 
     def _consumer(self, ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None, TinyPath | None]:
         model = ctx.model
-        s0, slope = slope_at_zero(model.get_submodule(p.act), ref)
+        s0, slope = slope_at_zero(p.activation, ref)
         if abs(s0) > 1e-12:
             return f"its activation {p.act!r} is not 0 at 0", None
-        if not isinstance(model.get_submodule(p.producer), (nn.Linear, nn.Conv2d)):
-            return "its producer is not a Linear or Conv2d", None
+        prod = model.get_submodule(p.producer)
+        geo = layer_rule(prod).conv_geometry(prod)
+        if geo is not None and len(geo["kernel"]) != 2:
+            return "its producer is not a dense layer or a 2-d convolution", None
         cons = [m for m in p.group.members if m.role == "consumer"]
         if len(cons) != 1 or cons[0].kind != "weight":
             return f"it has {len(cons)} consumer tensors (one consumer weight needed)", None
@@ -266,35 +262,29 @@ class TINY(BaselineGrower):
                       is not None, bn_scale=bn, slope=slope)
         if m.offset != 0 or m.dim != 1:
             return "its units are a part of the consumer's input (concatenation)", None
-        if isinstance(mod, nn.Linear):
-            if m.inner * p.group.width != mod.in_features:
+        rule = layer_rule(mod)
+        why = rule.unfold_reason(mod)
+        if why is not None or rule.per_channel(mod):
+            return f"its consumer {why or 'is a grouped convolution'}", None
+        geo = rule.conv_geometry(mod)
+        if geo is None:  # dense: its weight [out, in] reads the last dim
+            if m.inner * p.group.width != mod.weight.shape[1]:
                 return "its consumer reads other features besides the group's units", None
             if m.inner == 1:
                 return None, TinyPath(kind="linear", **common)
             return None, TinyPath(kind="conv", flatten=True, **common)  # kernel set from the map in verify
-        if isinstance(mod, nn.Conv2d):
-            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                return "its consumer is a grouped or non-zero-padded convolution", None
-            if m.inner != 1 or mod.in_channels != p.group.width:
-                return "its consumer reads other channels besides the group's units", None
-            return None, TinyPath(kind="conv", kernel=_pair(mod.kernel_size), stride=_pair(mod.stride),
-                                  padding=_pair(mod.padding), dilation=_pair(mod.dilation), **common)
-        return f"its consumer is a {type(mod).__name__} (Linear or Conv2d needed)", None
+        if len(geo["kernel"]) != 2:
+            return f"its consumer is a {len(geo['kernel'])}-d convolution (dense or 2-d needed)", None
+        if m.inner != 1 or mod.weight.shape[1] != p.group.width:
+            return "its consumer reads other channels besides the group's units", None
+        return None, TinyPath(kind="conv", kernel=_pair(geo["kernel"]), stride=_pair(geo["stride"]),
+                              padding=_pair(geo["padding"]), dilation=_pair(geo["dilation"]), **common)
 
     def _verify_consumers(self, ctx: Context, tps: dict[str, TinyPath]) -> dict[str, str]:
         """Skip groups whose consumer does not read the activation output itself (pooling, ops in between)."""
         cap: dict[str, dict[str, torch.Tensor]] = {n: {} for n in tps}
-        calls: dict[str, int] = {}
         handles = []
         modules = dict(ctx.model.named_modules())
-
-        def act_hook(name: str, want: dict[int, str]) -> Any:
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-                c = calls.get(name, 0)
-                calls[name] = c + 1
-                if c in want:
-                    cap[want[c]]["a"] = out.detach().clone()
-            return hook
 
         def cons_hook(n: str) -> Any:
             def hook(_m: nn.Module, inp: tuple[Any, ...], _o: Any) -> None:
@@ -302,16 +292,13 @@ class TINY(BaselineGrower):
                 cap[n]["count"] = cap[n].get("count", torch.zeros(())) + 1
             return hook
 
-        by_act: dict[str, dict[int, str]] = {}
         for n, tp in tps.items():
-            by_act.setdefault(tp.path.act, {})[tp.path.act_call] = n
             handles.append(modules[tp.consumer].register_forward_hook(cons_hook(n)))
-        for act, want in by_act.items():
-            handles.append(modules[act].register_forward_hook(act_hook(act, want)))
         was = ctx.model.training
         try:
             ctx.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), Hooks(ctx.model, {n: tp.path for n, tp in tps.items()}, want_a=True,
+                                        want_z=False) as acts:
                 ctx.model(*as_inputs(ctx.batches[0][0]))
         finally:
             ctx.model.train(was)
@@ -320,6 +307,8 @@ class TINY(BaselineGrower):
         skipped = {}
         for n, tp in tps.items():
             c = cap[n]
+            if "a" in acts.cap[n]:
+                c["a"] = acts.cap[n]["a"]
             why = None
             if "a" not in c or "in" not in c:
                 why = "its activation or consumer did not run"
@@ -340,9 +329,23 @@ class TINY(BaselineGrower):
                                                 atol=1e-6 * (1 + float(a.abs().max()))):
                     why = (f"its consumer {tp.consumer!r} does not read the activation {tp.path.act!r} directly "
                            "(pooling, reshaping or other ops in between)")
+                elif tp.flatten and not self._plain_dense(ctx, tp, c["a"]):
+                    why = f"its consumer {tp.consumer!r} is not a plain matrix product of the flattened map"
             if why is not None:
                 skipped[n] = f"{self.name} does not apply: {why}"
         return skipped
+
+    @staticmethod
+    def _plain_dense(ctx: Context, tp: TinyPath, amap: torch.Tensor) -> bool:
+        """Whether the consumer's rule runs it on the flattened map as W·a (what the full-map convolution the
+        line search uses for it computes), checked with a fixed test weight."""
+        cons = ctx.model.get_submodule(tp.consumer)
+        w = torch.linspace(-1.0, 1.0, 2 * amap[0].numel(), dtype=amap.dtype, device=amap.device).reshape(2, -1)
+        with torch.no_grad():
+            dense = layer_rule(cons).run_with(cons, amap.flatten(1), w, None)
+            conv = F.conv2d(amap, w.reshape(2, *amap.shape[1:])).flatten(1)
+        return dense.shape == conv.shape and torch.allclose(dense, conv, rtol=1e-4,
+                                                            atol=1e-5 * (1 + float(conv.abs().max())))
 
     def _split(self, ctx: Context) -> tuple[list[Any], list[Any]]:
         """(batches for the statistics, batches for the line search): with `holdout` = k > 0 the last k
@@ -366,21 +369,7 @@ class TINY(BaselineGrower):
         """One batch of `_captures`."""
         modules = dict(ctx.model.named_modules())
         cap: dict[str, dict[str, Any]] = {n: {} for n in tps}
-        calls: dict[str, int] = {}
         handles = []
-
-        def prod_hook(n: str) -> Any:
-            def hook(_m: nn.Module, inp: tuple[Any, ...], _o: Any) -> None:
-                cap[n]["x"] = inp[0].detach()
-            return hook
-
-        def act_hook(name: str, want: dict[int, str]) -> Any:
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-                c = calls.get(name, 0)
-                calls[name] = c + 1
-                if c in want:
-                    cap[want[c]]["a"] = out.detach().clone()
-            return hook
 
         def cons_hook(n: str) -> Any:
             def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
@@ -389,19 +378,15 @@ class TINY(BaselineGrower):
                 return out + z
             return hook
 
-        by_act: dict[str, dict[int, str]] = {}
         for n, tp in tps.items():
-            by_act.setdefault(tp.path.act, {})[tp.path.act_call] = n
-            handles.append(modules[tp.path.producer].register_forward_hook(prod_hook(n)))
             handles.append(modules[tp.consumer].register_forward_hook(cons_hook(n)))
-        for act, want in by_act.items():
-            handles.append(modules[act].register_forward_hook(act_hook(act, want)))
         was = ctx.model.training
         ctx.model.eval()
         try:
             with torch.enable_grad():
-                xb, yb = batch
-                loss = ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)
+                with Hooks(ctx.model, {n: tp.path for n, tp in tps.items()}, want_a=True, want_z=False) as acts:
+                    xb, yb = batch
+                    loss = ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)
                 names = list(tps)
                 grads = torch.autograd.grad(loss, [cap[n]["z"] for n in names], allow_unused=True)
         finally:
@@ -409,7 +394,8 @@ class TINY(BaselineGrower):
             for h in handles:
                 h.remove()
         nb = int(yb.shape[0])
-        return nb, {n: (cap[n]["x"], cap[n]["a"], torch.zeros_like(cap[n]["z"]) if gz is None else gz.detach(), nb)
+        return nb, {n: (acts.cap[n]["x"], acts.cap[n]["a"],
+                        torch.zeros_like(cap[n]["z"]) if gz is None else gz.detach(), nb)
                     for n, gz in zip(names, grads)}
 
     def _maps(self, ctx: Context, tp: TinyPath, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -426,11 +412,14 @@ class TINY(BaselineGrower):
         bmap = X.reshape(a.shape[0], a.shape[2], a.shape[3], -1).permute(0, 3, 1, 2)
         return bmap, a, v[:, :, None, None] if tp.flatten else v
 
-    def _consumer_input(self, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
-        A = _unfold(amap, tp)
-        if tp.consumer_bias:
-            A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=A.dtype, device=A.device)], 1)
-        return A
+    def _consumer_input(self, ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
+        """The consumer's input rows (its rule's `unfold_input`, bias column last) from the activation map."""
+        cons = ctx.model.get_submodule(tp.consumer)
+        if tp.kind == "linear":
+            amap = amap.reshape(-1, amap.shape[1])
+        elif tp.flatten:
+            amap = amap.flatten(1)
+        return layer_rule(cons).unfold_input(cons, amap)
 
     def analyse(self, ctx: Context, tps: dict[str, TinyPath]) -> dict[str, TinyGroup]:
         """The closed-form TINY solution of every group in `tps` (two passes over the growth batches)."""
@@ -441,7 +430,7 @@ class TINY(BaselineGrower):
             for n, raw in caps.items():
                 tp, s = tps[n], acc[n]
                 bmap, amap, vmap = self._maps(ctx, tp, raw)
-                A = self._consumer_input(amap, tp)
+                A = self._consumer_input(ctx, amap, tp)
                 V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
                 w = _offset_weight((bmap.shape[2], bmap.shape[3]), (vmap.shape[2], vmap.shape[3]), tp, bmap)
                 Bw = bmap * w
@@ -466,7 +455,7 @@ class TINY(BaselineGrower):
             for n, raw in caps.items():
                 tp, s = tps[n], acc[n]
                 bmap, amap, vmap = self._maps(ctx, tp, raw)
-                A = self._consumer_input(amap, tp)
+                A = self._consumer_input(ctx, amap, tp)
                 V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
                 Vp = V - A @ deltas[n]
                 shape = (vmap.shape[0], vmap.shape[2], vmap.shape[3], vmap.shape[1])
@@ -516,7 +505,8 @@ class TINY(BaselineGrower):
         tp = tg.tpath
         w = self._weights(ctx, tg, ks, gamma)
         modules = dict(ctx.model.named_modules())
-        prod, act, cons = modules[tp.path.producer], modules[tp.path.act], modules[tp.consumer]
+        prod, act, cons = modules[tp.path.producer], tp.path.activation, modules[tp.consumer]
+        prod_rule, cons_rule = layer_rule(prod), layer_rule(cons)
         state: dict[str, torch.Tensor] = {}
         delta = None
         if self.update_existing and gamma > 0:
@@ -526,26 +516,16 @@ class TINY(BaselineGrower):
             delta = (dw.reshape(cons.weight.shape), d[:, -1] if has_b else None)
 
         def prod_hook(_m: nn.Module, inp: tuple[Any, ...], _o: Any) -> None:
-            x = inp[0]
-            if isinstance(prod, nn.Linear):
-                h = F.linear(x, w["pw"], w["pb"])
-            else:
-                h = F.conv2d(x, w["pw"], w["pb"], prod.stride, prod.padding, prod.dilation)
-            state["a"] = act(h * tp.bn_scale)
+            state["a"] = act(prod_rule.run_with(prod, inp[0], w["pw"], w["pb"]) * tp.bn_scale)
 
         def cons_hook(_m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             a = state.pop("a")
-            if tp.kind == "linear":
-                extra = F.linear(a, w["cw"])
+            if tp.flatten:  # a dense consumer of the flattened map: a convolution over the whole map
+                extra = F.conv2d(a, w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
             else:
-                extra = F.conv2d(a, w["cw"], None, tp.stride, tp.padding, tp.dilation)
-                if tp.flatten:
-                    extra = extra.reshape(out.shape)
+                extra = cons_rule.run_with(cons, a, w["cw"], None)
             if delta is not None:
-                if isinstance(cons, nn.Linear):
-                    extra = extra + F.linear(inp[0], delta[0], delta[1])
-                else:
-                    extra = extra + F.conv2d(inp[0], delta[0], delta[1], cons.stride, cons.padding, cons.dilation)
+                extra = extra + cons_rule.run_with(cons, inp[0], delta[0], delta[1])
             return out + extra
 
         return [prod.register_forward_hook(prod_hook), cons.register_forward_hook(cons_hook)]

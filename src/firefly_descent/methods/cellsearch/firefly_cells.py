@@ -24,6 +24,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from ...analysis.rules import is_batchnorm
 from ...budget import count_flops
 from ...engine import calibrate_new_batchnorm, plan_edits
 from ...errors import GrowthError
@@ -312,7 +313,7 @@ class FireflyCells(Grower):
             with torch.no_grad():
                 channels = {
                     name: list(range(m.num_features)) for name, m in model.named_modules()
-                    if name not in names_before and isinstance(m, nn.BatchNorm2d) and m.affine
+                    if name not in names_before and is_batchnorm(m) and m.affine
                 }
                 xs = [x for x, _ in decision[: self.calibrate_batches]]
                 if channels:

@@ -28,9 +28,9 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
+from ...analysis.rules import is_attention, is_post_norm, is_residual, rule_for
 from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
-from ...layers import Residual
 from ...plan import GroupChange, NewUnits, Plan, Split
 
 
@@ -382,7 +382,7 @@ class DepthCandidates:
     def trainables(self) -> list[nn.Parameter]:
         out = []
         for layer in self.layers:
-            if isinstance(layer, Residual):
+            if is_residual(layer):
                 out += list(layer.body.parameters())
                 out.append(layer.parametrizations.scale.original)
             else:  # a copied block: all its parameters, the gated outputs' values included
@@ -401,7 +401,7 @@ class DepthCandidates:
     def added_params(self, i: int) -> int:
         """Parameters candidate i adds: a Residual's body and scale, or a whole copied block."""
         layer = self.layers[i]
-        if isinstance(layer, Residual):
+        if is_residual(layer):
             return sum(p.numel() for p in layer.body.parameters()) + 1
         return sum(p.numel() for p in layer.parameters())
 
@@ -414,9 +414,9 @@ def is_attention_block(graph: GrowthGraph, model: nn.Module, name: str) -> bool:
     are a group grown by whole heads) and, if it is a stock nn.TransformerEncoderLayer, is pre-norm (a
     post-norm copy normalises the stream, so it cannot start as the identity)."""
     module = model.get_submodule(name)
-    if isinstance(module, nn.TransformerEncoderLayer) and not module.norm_first:
+    if is_post_norm(module):
         return False
-    if any(isinstance(m, nn.MultiheadAttention) for m in module.modules()):
+    if any(is_attention(m) for m in module.modules()):
         return True
     return any(
         c.kind == "blocks" and c.module.startswith(name + ".") for g in graph.groups.values() for c in g.constraints
@@ -437,8 +437,8 @@ def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: st
     if block == "layer" or spec["type"] != "conv_bn_act" or spec.get("dims") != 2:
         return spec
     if block == "auto":
-        convs = [m for m in _own_modules(model.get_submodule(after)) if isinstance(m, nn.Conv2d)]
-        if any(m.groups > 1 and m.groups == m.in_channels for m in convs):
+        convs = [m for m in _own_modules(model.get_submodule(after)) if _conv2d(m)]
+        if any(rule_for(m).per_channel(m) for m in convs):
             block = "dwsep"
         elif len(convs) >= 2:
             block = "basic_block"
@@ -452,11 +452,18 @@ def depth_block_spec(graph: GrowthGraph, model: nn.Module, after: str, block: st
     return out
 
 
+def _conv2d(m: nn.Module) -> bool:
+    """A 2-d convolution (its rule gives a geometry with two spatial dims)."""
+    rule = rule_for(m)
+    geo = rule.conv_geometry(m) if rule is not None else None
+    return geo is not None and len(geo["kernel"]) == 2
+
+
 def _own_modules(module: nn.Module) -> list[nn.Module]:
     """`module` and its descendants, leaving out residual layers inserted by earlier growth."""
     out = [module]
     for child in module.children():
-        if not isinstance(child, Residual):
+        if not is_residual(child):
             out += _own_modules(child)
     return out
 
@@ -505,7 +512,7 @@ def build_depth_candidates(
                 parametrize.register_parametrization(owner, attr, _GatedScale(bank, "layer", i))
             layers.append(layer)
             continue
-        assert isinstance(layer, Residual)
+        assert is_residual(layer)
         for p in layer.body.parameters():
             p.requires_grad_(True)
         with torch.no_grad():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...analysis.rules import batchnorms, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -31,7 +32,7 @@ from ...budget import (
 )
 from ...collective import current_sync
 from ...errors import GrowthError
-from ...layers import Residual, body_members, build_body
+from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..base import (
     Context,
@@ -44,6 +45,7 @@ from ..base import (
     register_grower,
     take_batches,
 )
+from ..boundaries import depth_boundaries
 from ..safety import GrowthData, Safeguard
 from .candidates import (
     DepthCandidates,
@@ -336,7 +338,7 @@ class Firefly(Grower):
         self._set_mode(net)
         if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
             for layer in bn_train.layers:
-                if isinstance(layer, Residual):  # (a copied transformer block stays in eval: no dropout)
+                if is_residual(layer):  # (a copied transformer block stays in eval: no dropout)
                     layer.body.train()
         if cfg.step_one_optimizer == "rmsprop":
             opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
@@ -381,10 +383,9 @@ class Firefly(Grower):
         statistics stay as they are)."""
         net.eval()
         if self.config.bn_mode == "batch":
-            for m in net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
-                    m.momentum = 0.0
+            for m in batchnorms(net):
+                m.train()
+                m.momentum = 0.0
 
     def _scores(
         self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn
@@ -521,7 +522,7 @@ def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
     named = dict(model.named_modules())
     for name in names:
         parts = name.split(".")
-        if not any(isinstance(named.get(".".join(parts[:k])), Residual) for k in range(1, len(parts))):
+        if not any(is_residual(named.get(".".join(parts[:k]))) for k in range(1, len(parts))):
             return False
     return True
 
@@ -610,24 +611,7 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
     """Where new layers may go by default: after each block or activation that is an element of a
     Sequential/ModuleList (the stages of the network), one per distinct output tensor, never nested,
     never on a group that reaches the model output."""
-    ok = {n for n, g in graph.groups.items() if not g.at_output}
-    modules = dict(model.named_modules())
-    out: list[str] = []
-    seen: set[str] = set()
-    for b in graph.boundaries.values():
-        parent = modules.get(b.module.rpartition(".")[0]) if "." in b.module else None
-        m = modules.get(b.module)
-        if b.group not in ok or m is None or not isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            continue
-        is_block = any(True for _ in m.children())
-        is_act = isinstance(m, (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh))
-        if not (is_block or is_act) or b.node in seen:
-            continue
-        if any(b.module.startswith(o + ".") or o.startswith(b.module + ".") for o in out):
-            continue
-        seen.add(b.node)
-        out.append(b.module)
-    return out
+    return depth_boundaries(graph, model, blocks=True, stages=True)
 
 
 def exact_added_params(
