@@ -16,6 +16,8 @@ Every hook is a collective: all ranks must call it in the same order with tensor
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -126,7 +128,5 @@ def sync_growth(sync: GrowthSync | None) -> Iterator[GrowthSync]:
 def plan_digest(history: Any) -> str:
     """Short digest of plan records (growth-history entries: structure, units, amplitudes, no tensors), to
     check that every rank applied the same plans. The records must be identical, not merely close."""
-    import hashlib
-    import json
 
     return hashlib.sha256(json.dumps(history, sort_keys=True, default=repr).encode()).hexdigest()[:16]

@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .engine.apply import HISTORY_ATTR, growth_history
 from .engine.history import describe_misfit, replay_history
 from .errors import GrowthError
 from .io import atomic_write, atomic_write_text
+from .models import build_model
+from .train.checkpoint import load_checkpoint, rebuild_model
 
 __all__ = ["ExportError", "export_checkpoint", "export_model", "load_export"]
 
@@ -40,7 +45,6 @@ def export_model(
 ) -> dict[str, Any]:
     """Write `model` to `out_dir`; `model_spec` is ``{"name": ..., "kwargs": {...}}`` of a registered model
     (`firefly_descent.models`), or None for a model of your own class. Returns the architecture record."""
-    from safetensors.torch import save as st_save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +60,6 @@ def export_model(
     }
     atomic_write_text(out / ARCHITECTURE, json.dumps(arch, indent=2, default=str) + "\n")
     if config is not None:
-        import yaml
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None))
     return arch
@@ -64,7 +67,6 @@ def export_model(
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Export a training checkpoint (or a run directory's newest one), as ``firefly export`` does."""
-    from .train.checkpoint import load_checkpoint, rebuild_model
 
     ckpt = load_checkpoint(checkpoint)
     model = rebuild_model(ckpt)
@@ -85,7 +87,6 @@ def load_export(
 ) -> nn.Module:
     """Rebuild an exported model: its constructor (``build()``, or the registered model named in
     ``architecture.json``), its recorded growth replayed, then its weights. Returns the model in eval mode."""
-    from safetensors.torch import load_file
 
     folder = Path(path)
     arch_path, weights_path = folder / ARCHITECTURE, folder / WEIGHTS
@@ -102,7 +103,6 @@ def load_export(
         spec = arch.get("model")
         if not isinstance(spec, dict) or "name" not in spec:
             raise ExportError(f"{arch_path}: names no registered model; pass build= (your model's constructor)")
-        from .models import build_model
 
         model = build_model(spec["name"], **(spec.get("kwargs") or {}))
     history = arch.get("growth_history") or []

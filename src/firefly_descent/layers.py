@@ -6,6 +6,7 @@ They are ordinary `nn.Module`s (no hooks or parametrisations), so grown models k
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .analysis.activations import activation_module
+from .analysis.graph import Member
 from .analysis.rules import LayerRule, register_rule
 
 
@@ -83,7 +85,6 @@ def register_body(
 def body_members(spec: dict[str, Any], prefix: str = "") -> list[Any]:
     """The (tensor, dim, role) members of a body built from `spec` that follow its channel group:
     its output units are tied to the boundary's group (residual add) and it reads that group."""
-    from .analysis.graph import Member
 
     kind = spec.get("type")
     if kind in _MEMBERS:
@@ -147,7 +148,6 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
 
 
 def _bn_members(name: str) -> list[Any]:
-    from .analysis.graph import Member
 
     kinds = ("weight", "norm_weight"), ("bias", "norm_bias"), ("running_mean", "running_mean")
     out = [Member(f"{name}.{t}", 0, "norm", k, name) for t, k in kinds]
@@ -156,7 +156,6 @@ def _bn_members(name: str) -> list[Any]:
 
 def _dwsep_body(spec: dict[str, Any]) -> nn.Module:
     """A stride-1 depthwise-separable block (MobileNetV1): 3x3 depthwise-BN-ReLU, 1x1 pointwise-BN-ReLU."""
-    from collections import OrderedDict
 
     c, k = int(spec["channels"]), int(spec.get("kernel_size", 3))
     return nn.Sequential(
@@ -172,7 +171,6 @@ def _dwsep_body(spec: dict[str, Any]) -> nn.Module:
 
 
 def _dwsep_members(spec: dict[str, Any], prefix: str) -> list[Any]:
-    from .analysis.graph import Member
 
     return [
         Member(f"{prefix}dw_conv.weight", 0, "passthrough", "weight", f"{prefix}dw_conv"),
@@ -186,7 +184,6 @@ def _dwsep_members(spec: dict[str, Any], prefix: str) -> list[Any]:
 def _basic_block_body(spec: dict[str, Any]) -> nn.Module:
     """A ResNet basic block's residual branch: conv-BN-ReLU-conv-BN; its hidden width may be smaller
     than the channels it reads and writes (`hidden`, default the same)."""
-    from collections import OrderedDict
 
     c = int(spec["channels"])
     h, k = int(spec.get("hidden", c)), int(spec.get("kernel_size", 3))
@@ -202,7 +199,6 @@ def _basic_block_body(spec: dict[str, Any]) -> nn.Module:
 
 
 def _basic_block_members(spec: dict[str, Any], prefix: str) -> list[Any]:
-    from .analysis.graph import Member
 
     return [
         Member(f"{prefix}conv1.weight", 1, "consumer", "weight", f"{prefix}conv1"),

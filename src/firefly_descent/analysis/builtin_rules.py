@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ApproximationRequiredError
 from . import activations as _activations  # noqa: F401 - registers the built-in activations
 from . import shapeops
 from .graph import Constraint, Member
@@ -262,7 +263,6 @@ class LayerNormRule(LayerRule):
 
 
 def _layernorm_check(c: Constraint, group: Any, split_units: Any, new_count: int, approximate: bool) -> None:
-    from ..errors import ApproximationRequiredError
 
     if not approximate and (new_count or sorted(split_units) != list(range(group.width))):
         raise ApproximationRequiredError(

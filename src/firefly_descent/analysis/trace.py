@@ -12,6 +12,7 @@ import copy
 import inspect
 import io
 import os
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -270,7 +271,6 @@ def _inside(tracer: _Tracer) -> str:
 
 
 def _user_frame_of_exception(e: BaseException) -> str:
-    import traceback
 
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
     if not frames:

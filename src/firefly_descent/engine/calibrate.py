@@ -28,7 +28,7 @@ from torch import nn
 from ..analysis.rules import batchnorms, is_batchnorm
 from ..collective import current_sync
 from ..plan import Plan
-from .apply import plan_edits
+from .apply import growth_history, plan_edits
 from .tensors import NEW, build_source_map
 
 __all__ = ["calibrate_new_batchnorm", "new_norm_channels", "prepare_batchnorm", "refresh_batchnorm"]
@@ -246,7 +246,6 @@ def prepare_batchnorm(
 
         n = len(ff.growth_history(model)); ff.apply(model, plan, opt); ff.prepare_batchnorm(model, batches, n)
     """
-    from .apply import growth_history
 
     batches = list(itertools.islice(iter(batches), max_batches)) if max_batches is not None else batches
     done = {"calibrated_channels": 0, "refreshed_layers": 0}

@@ -11,11 +11,15 @@ takes `in_channels` (or `in_features`) and `num_classes`.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..engine import replay_history
+from ..engine.apply import HISTORY_ATTR
 from ._common import init_weights
 from .darts import DartsNetwork, darts_eval
 from .mlp import MLP, ResidualBlock, ResidualMLP
@@ -135,11 +139,8 @@ def replayed_architecture(
     `run` reads all three from a training run directory (or one checkpoint file) instead. The replayed
     growth is not kept as history, so the new model is an ordinary (ungrown) model of that shape.
     """
-    from ..engine import replay_history
-    from ..engine.apply import HISTORY_ATTR
 
     if run is not None:
-        import os
 
         path = run
         if os.path.isdir(run):
@@ -148,7 +149,6 @@ def replayed_architecture(
             if not names:
                 raise ValueError(f"no checkpoint in {folder}; pass a run directory with checkpoints or a .pt file")
             path = os.path.join(folder, names[-1])
-        import torch
 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         base, base_kwargs = ckpt["model"]["name"], dict(ckpt["model"]["kwargs"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..methods.safety import SAFEGUARD_KEYS
 from ..train.config import ConfigError, DataConfig, apply_overrides, build_section, load_raw
 
 METHODS = ("firefly", "darts", "random")
@@ -134,7 +135,6 @@ def validate(cfg: SearchConfig) -> None:
         guard = kw.get("safeguard", {})
         need(guard is None or isinstance(guard, dict), "method.kwargs.safeguard: a mapping of safeguard options")
         if isinstance(guard, dict):
-            from ..methods.safety import SAFEGUARD_KEYS
 
             bad_g = sorted(set(guard) - set(SAFEGUARD_KEYS))
             need(not bad_g, f"method.kwargs.safeguard: unknown option(s) {', '.join(bad_g)}; "
