@@ -64,110 +64,29 @@ numerically). Other groups (pooling or other ops between the activation and its 
 or concatenated producers, depthwise or grouped convolutions, LayerNorm/GroupNorm, several consumers) are
 skipped with the reason in
 `report.extra["skipped_groups"]` (GrowthError when named in `groups=`).
+
+Where the code is: `_tiny_paths.py` decides which groups fit (the paragraph above), `_tiny_closed_form.py`
+computes steps 1-3 (statistics, δW*, V_proj, the SVD), `_tiny_amplitude.py` step 4 (weights at γ, hooks, line
+search, the δW* edit); this file is the grower: its settings, step 5 and the plan.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn import grad as nn_grad
 
 from ...budget import Candidate, select
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits
-from ..base import Decision, Timer, as_inputs, mean_loss, register_grower
+from ..base import Decision, Timer, mean_loss, register_grower
+from . import _tiny_amplitude as amplitude
 from ._common import BaselineGrower, Context, slice_shape, unit_costs
-from ._probe import Hooks, UnitPath, find_paths, layer_rule, patches, verify_paths
-from .gradmax import slope_at_zero
+from ._tiny_closed_form import TinyGroup, closed_form
+from ._tiny_paths import TinyPath, tiny_paths
 
-
-@dataclass
-class TinyPath:
-    """One group TINY can grow: its unit path and consumer geometry (a Linear on [*, C] is "linear";
-    a Conv2d, or a Linear over the flattened [C, H, W] map, is "conv" with kernel/stride/padding/dilation)."""
-
-    path: UnitPath
-    consumer: str
-    consumer_weight: str
-    consumer_bias: bool
-    kind: str  # "linear" | "conv"
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    flatten: bool = False  # Linear consumer of the flattened activation map (kernel = the map's size)
-    bn_scale: float = 1.0  # fresh BatchNorm scale of a new channel, 1/sqrt(1+eps)
-    slope: float = 1.0  # σ'(0⁺)
-
-    @property
-    def name(self) -> str:
-        return self.path.group.name
-
-    @property
-    def k(self) -> int:
-        return self.kernel[0] * self.kernel[1]
-
-
-@dataclass
-class TinyGroup:
-    """The closed-form TINY solution of one group (float64, on the model's device)."""
-
-    tpath: TinyPath
-    alpha: torch.Tensor  # [r, D_in] incoming (weights, then bias)
-    omega: torch.Tensor  # [r, D_out * k] outgoing (consumer slice order)
-    lambdas: torch.Tensor  # [r] singular values of S^{-1/2} N_proj
-    first_order: torch.Tensor  # [r] σ'(0)·c·α_kᵀ N_full ω_k: loss decrease per unit of γ², neuron alone
-    delta: torch.Tensor  # [D_out, C*k (+1)] best update δW* of the existing consumer weights (bias last)
-    delta_decrease: float  # tr(M_Aᵀ δW*): its first-order loss decrease per unit of γ²
-    residual_corr: float  # ‖E[A V_projᵀ]‖ / ‖E[A Vᵀ]‖ (0 up to rounding: the projection is orthogonal)
-    n: int = 0  # samples seen
-    gamma: float = 0.0
-    line: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def improvement(self) -> torch.Tensor:
-        """Expected first-order improvement per neuron (GroMo's ranking): σ'(0)·c·λ_k²."""
-        return self.tpath.slope * self.tpath.bn_scale * self.lambdas ** 2
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def _corr(bmap: torch.Tensor, v: torch.Tensor, tp: TinyPath) -> torch.Tensor:
-    """Σ over rows and consumer offsets of B(row ⊕ offset) V(row)ᵀ as [D_in, D_out*k] (ω order (o, offset))."""
-    if tp.kind == "linear":
-        return bmap.reshape(-1, bmap.shape[1]).transpose(0, 1) @ v.reshape(-1, v.shape[1])
-    d_in, d_out = bmap.shape[1], v.shape[1]
-    w = nn_grad.conv2d_weight(bmap, (d_out, d_in, *tp.kernel), v, stride=tp.stride, padding=tp.padding,
-                              dilation=tp.dilation)  # [D_out, D_in, kh, kw]
-    return w.transpose(0, 1).reshape(d_in, d_out * tp.k)
-
-
-def _offset_weight(shape: tuple[int, int], out: tuple[int, int], tp: TinyPath, like: torch.Tensor) -> torch.Tensor:
-    """How many (consumer row, offset) pairs read each position of the activation map, [H, W]."""
-    if tp.kind == "linear":
-        return torch.ones(1, 1, dtype=like.dtype, device=like.device)
-    ones_out = torch.ones(1, 1, *out, dtype=like.dtype, device=like.device)
-    ker = torch.ones(1, 1, *tp.kernel, dtype=like.dtype, device=like.device)
-    return nn_grad.conv2d_input((1, 1, *shape), ker, ones_out, stride=tp.stride, padding=tp.padding,
-                                dilation=tp.dilation)[0, 0]
-
-
-def _sqrt_inv(S: torch.Tensor, rel: float) -> torch.Tensor:
-    S = (S + S.transpose(0, 1)) / 2
-    ev, vec = torch.linalg.eigh(S)
-    keep = ev > rel * max(float(ev.max()), 0.0) if ev.numel() else ev > 0
-    if not bool(keep.any()):
-        return torch.zeros_like(S)
-    return (vec[:, keep] * ev[keep].rsqrt()) @ vec[:, keep].transpose(0, 1)
+__all__ = ["TINY", "TinyGroup", "TinyPath"]
 
 
 @register_grower("tiny")
@@ -217,135 +136,14 @@ class TINY(BaselineGrower):
         self.rel_threshold, self.random_directions, self.stat_dtype = float(rel_threshold), bool(
             random_directions), stat_dtype
 
-    # ---- which groups ------------------------------------------------------------------------------
+    # ---- which groups, and their closed form --------------------------------------------------------
     def paths(self, ctx: Context) -> dict[str, TinyPath]:
         """The groups TINY can grow (reasons for the others go to `ctx.skipped`)."""
-        paths, skipped = find_paths(ctx.model, ctx.groups, ctx.x, self.name, depthwise=False)
-        skipped.update(verify_paths(ctx.model, paths, ctx.batches[0], self.name))
-        ref = next(ctx.model.parameters())
-        out: dict[str, TinyPath] = {}
-        for n, p in paths.items():
-            why, tp = self._consumer(ctx, p, ref)
-            if why is None:
-                assert tp is not None
-                out[n] = tp
-            else:
-                skipped[n] = f"{self.name} does not apply: {why}"
-        if out:
-            skipped.update(self._verify_consumers(ctx, out))
-            for n in skipped:
-                out.pop(n, None)
-        if self.group_names is not None and skipped:
-            n = next(iter(skipped))
-            raise GrowthError(f"group {n!r}: {skipped[n]}")
-        ctx.skipped.update(skipped)
-        return out
+        return tiny_paths(ctx, self.name, self.group_names)
 
-    def _consumer(self, ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None, TinyPath | None]:
-        model = ctx.model
-        s0, slope = slope_at_zero(p.activation, ref)
-        if abs(s0) > 1e-12:
-            return f"its activation {p.act!r} is not 0 at 0", None
-        prod = model.get_submodule(p.producer)
-        geo = layer_rule(prod).conv_geometry(prod)
-        if geo is not None and len(geo["kernel"]) != 2:
-            return "its producer is not a dense layer or a 2-d convolution", None
-        cons = [m for m in p.group.members if m.role == "consumer"]
-        if len(cons) != 1 or cons[0].kind != "weight":
-            return f"it has {len(cons)} consumer tensors (one consumer weight needed)", None
-        m = cons[0]
-        mod = model.get_submodule(m.module)
-        bn = 1.0
-        if p.norm is not None:
-            bn = 1.0 / math.sqrt(1.0 + float(model.get_submodule(p.norm).eps))
-        common = dict(path=p, consumer=m.module, consumer_weight=m.tensor, consumer_bias=getattr(mod, "bias", None)
-                      is not None, bn_scale=bn, slope=slope)
-        if m.offset != 0 or m.dim != 1:
-            return "its units are a part of the consumer's input (concatenation)", None
-        rule = layer_rule(mod)
-        why = rule.unfold_reason(mod)
-        if why is not None or rule.per_channel(mod):
-            return f"its consumer {why or 'is a grouped convolution'}", None
-        geo = rule.conv_geometry(mod)
-        if geo is None:  # dense: its weight [out, in] reads the last dim
-            if m.inner * p.group.width != mod.weight.shape[1]:
-                return "its consumer reads other features besides the group's units", None
-            if m.inner == 1:
-                return None, TinyPath(kind="linear", **common)
-            return None, TinyPath(kind="conv", flatten=True, **common)  # kernel set from the map in verify
-        if len(geo["kernel"]) != 2:
-            return f"its consumer is a {len(geo['kernel'])}-d convolution (dense or 2-d needed)", None
-        if m.inner != 1 or mod.weight.shape[1] != p.group.width:
-            return "its consumer reads other channels besides the group's units", None
-        return None, TinyPath(kind="conv", kernel=_pair(geo["kernel"]), stride=_pair(geo["stride"]),
-                              padding=_pair(geo["padding"]), dilation=_pair(geo["dilation"]), **common)
-
-    def _verify_consumers(self, ctx: Context, tps: dict[str, TinyPath]) -> dict[str, str]:
-        """Skip groups whose consumer does not read the activation output itself (pooling, ops in between)."""
-        cap: dict[str, dict[str, torch.Tensor]] = {n: {} for n in tps}
-        handles = []
-        modules = dict(ctx.model.named_modules())
-
-        def cons_hook(n: str) -> Any:
-            def hook(_m: nn.Module, inp: tuple[Any, ...], _o: Any) -> None:
-                cap[n]["in"] = inp[0].detach().clone()
-                cap[n]["count"] = cap[n].get("count", torch.zeros(())) + 1
-            return hook
-
-        for n, tp in tps.items():
-            handles.append(modules[tp.consumer].register_forward_hook(cons_hook(n)))
-        was = ctx.model.training
-        try:
-            ctx.model.eval()
-            with torch.no_grad(), Hooks(ctx.model, {n: tp.path for n, tp in tps.items()}, want_a=True,
-                                        want_z=False) as acts:
-                ctx.model(*as_inputs(ctx.batches[0][0]))
-        finally:
-            ctx.model.train(was)
-            for h in handles:
-                h.remove()
-        skipped = {}
-        for n, tp in tps.items():
-            c = cap[n]
-            if "a" in acts.cap[n]:
-                c["a"] = acts.cap[n]["a"]
-            why = None
-            if "a" not in c or "in" not in c:
-                why = "its activation or consumer did not run"
-            elif int(c["count"]) != 1:
-                why = "its consumer runs more than once per forward"
-            else:
-                a, inp = c["a"], c["in"]
-                if tp.kind == "linear":
-                    ok = a.shape == inp.shape
-                elif tp.flatten:
-                    ok = a.dim() == 4 and inp.dim() == 2 and a.shape[0] == inp.shape[0] and a[0].numel() == inp.shape[1]
-                    if ok:
-                        tp.kernel = (int(a.shape[2]), int(a.shape[3]))
-                        a = a.flatten(1)
-                else:
-                    ok = a.shape == inp.shape and a.dim() == 4
-                if not ok or not torch.allclose(a, inp.reshape(a.shape), rtol=1e-5,
-                                                atol=1e-6 * (1 + float(a.abs().max()))):
-                    why = (f"its consumer {tp.consumer!r} does not read the activation {tp.path.act!r} directly "
-                           "(pooling, reshaping or other ops in between)")
-                elif tp.flatten and not self._plain_dense(ctx, tp, c["a"]):
-                    why = f"its consumer {tp.consumer!r} is not a plain matrix product of the flattened map"
-            if why is not None:
-                skipped[n] = f"{self.name} does not apply: {why}"
-        return skipped
-
-    @staticmethod
-    def _plain_dense(ctx: Context, tp: TinyPath, amap: torch.Tensor) -> bool:
-        """Whether the consumer's rule runs it on the flattened map as W·a (what the full-map convolution the
-        line search uses for it computes), checked with a fixed test weight."""
-        cons = ctx.model.get_submodule(tp.consumer)
-        w = torch.linspace(-1.0, 1.0, 2 * amap[0].numel(), dtype=amap.dtype, device=amap.device).reshape(2, -1)
-        with torch.no_grad():
-            dense = layer_rule(cons).run_with(cons, amap.flatten(1), w, None)
-            conv = F.conv2d(amap, w.reshape(2, *amap.shape[1:])).flatten(1)
-        return dense.shape == conv.shape and torch.allclose(dense, conv, rtol=1e-4,
-                                                            atol=1e-5 * (1 + float(conv.abs().max())))
+    def analyse(self, ctx: Context, tps: dict[str, TinyPath]) -> dict[str, TinyGroup]:
+        """The closed-form TINY solution of every group in `tps` (two passes over the statistics batches)."""
+        return closed_form(ctx, tps, self._split(ctx)[0], self.stat_dtype, self.rel_threshold)
 
     def _split(self, ctx: Context) -> tuple[list[Any], list[Any]]:
         """(batches for the statistics, batches for the line search): with `holdout` = k > 0 the last k
@@ -358,219 +156,21 @@ class TINY(BaselineGrower):
                               "raise the growth batches or lower holdout")
         return ctx.batches[:-k], ctx.batches[-k:]
 
-    # ---- statistics ----------------------------------------------------------------------------------
-    def _captures(self, ctx: Context, tps: dict[str, TinyPath]) -> Iterator[tuple[int, dict[str, tuple]]]:
-        """Per growth batch: its sample count and, per group, the raw (producer input, activation output,
-        ∂(batch loss)/∂z at the consumer output, batch size) for `_maps`."""
-        for batch in self._split(ctx)[0]:
-            yield self._capture(ctx, tps, batch)
-
-    def _capture(self, ctx: Context, tps: dict[str, TinyPath], batch: tuple[Any, Any]) -> tuple[int, dict[str, tuple]]:
-        """One batch of `_captures`."""
-        modules = dict(ctx.model.named_modules())
-        cap: dict[str, dict[str, Any]] = {n: {} for n in tps}
-        handles = []
-
-        def cons_hook(n: str) -> Any:
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
-                z = torch.zeros_like(out, requires_grad=True)
-                cap[n]["z"] = z
-                return out + z
-            return hook
-
-        for n, tp in tps.items():
-            handles.append(modules[tp.consumer].register_forward_hook(cons_hook(n)))
-        was = ctx.model.training
-        ctx.model.eval()
-        try:
-            with torch.enable_grad():
-                with Hooks(ctx.model, {n: tp.path for n, tp in tps.items()}, want_a=True, want_z=False) as acts:
-                    xb, yb = batch
-                    loss = ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)
-                names = list(tps)
-                grads = torch.autograd.grad(loss, [cap[n]["z"] for n in names], allow_unused=True)
-        finally:
-            ctx.model.train(was)
-            for h in handles:
-                h.remove()
-        nb = int(yb.shape[0])
-        return nb, {n: (acts.cap[n]["x"], acts.cap[n]["a"],
-                        torch.zeros_like(cap[n]["z"]) if gz is None else gz.detach(), nb)
-                    for n, gz in zip(names, grads)}
-
-    def _maps(self, ctx: Context, tp: TinyPath, raw: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B map [N, D_in, H, W], A map [N, C, H, W], V map [N, D_out, H', W']) of one group and batch in
-        `stat_dtype`, built one group at a time (the patch maps are the large tensors)."""
-        x, a, g, nb = raw
-        dt = self.stat_dtype
-        a = a.to(dt)
-        X = patches(ctx.model, tp.path, x).to(dt)  # [rows, D_in]
-        v = -nb * g.to(dt)
-        if tp.kind == "linear":
-            return X[:, :, None, None], a.reshape(-1, a.shape[-1])[:, :, None, None], v.reshape(
-                -1, v.shape[-1])[:, :, None, None]
-        bmap = X.reshape(a.shape[0], a.shape[2], a.shape[3], -1).permute(0, 3, 1, 2)
-        return bmap, a, v[:, :, None, None] if tp.flatten else v
-
-    def _consumer_input(self, ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
-        """The consumer's input rows (its rule's `unfold_input`, bias column last) from the activation map."""
-        cons = ctx.model.get_submodule(tp.consumer)
-        if tp.kind == "linear":
-            amap = amap.reshape(-1, amap.shape[1])
-        elif tp.flatten:
-            amap = amap.flatten(1)
-        return layer_rule(cons).unfold_input(cons, amap)
-
-    def analyse(self, ctx: Context, tps: dict[str, TinyPath]) -> dict[str, TinyGroup]:
-        """The closed-form TINY solution of every group in `tps` (two passes over the growth batches)."""
-        acc: dict[str, dict[str, Any]] = {n: {} for n in tps}
-        n_total = 0
-        for nb, caps in self._captures(ctx, tps):
-            n_total += nb
-            for n, raw in caps.items():
-                tp, s = tps[n], acc[n]
-                bmap, amap, vmap = self._maps(ctx, tp, raw)
-                A = self._consumer_input(ctx, amap, tp)
-                V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
-                w = _offset_weight((bmap.shape[2], bmap.shape[3]), (vmap.shape[2], vmap.shape[3]), tp, bmap)
-                Bw = bmap * w
-                parts = {
-                    "S_A": A.transpose(0, 1) @ A,
-                    "M_A": A.transpose(0, 1) @ V,
-                    "S_B": torch.einsum("ndhw,nehw->de", Bw, bmap),
-                    "N": _corr(bmap, vmap, tp),
-                }
-                for k, t in parts.items():
-                    s[k] = s[k] + t if k in s else t
-        out: dict[str, TinyGroup] = {}
-        deltas = {}
-        for n, s in acc.items():
-            S_A, M_A = s["S_A"] / n_total, s["M_A"] / n_total
-            delta_t = torch.linalg.pinv(S_A, hermitian=True, rtol=self.rel_threshold) @ M_A  # [C*k(+1), D_out]
-            deltas[n] = delta_t
-            s["delta_decrease"] = float((M_A * delta_t).sum())
-            s["M_A_norm"] = float(M_A.norm())
-        # second pass: the projected desired update V_proj = V - δW*ᵀA
-        for _, caps in self._captures(ctx, tps):
-            for n, raw in caps.items():
-                tp, s = tps[n], acc[n]
-                bmap, amap, vmap = self._maps(ctx, tp, raw)
-                A = self._consumer_input(ctx, amap, tp)
-                V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
-                Vp = V - A @ deltas[n]
-                shape = (vmap.shape[0], vmap.shape[2], vmap.shape[3], vmap.shape[1])
-                vpmap = Vp.reshape(shape).permute(0, 3, 1, 2)
-                parts = {"N_proj": _corr(bmap, vpmap, tp), "R": A.transpose(0, 1) @ Vp}
-                for k, t in parts.items():
-                    s[k] = s[k] + t if k in s else t
-        for n, s in acc.items():
-            tp = tps[n]
-            S_B, N_full, N_proj = s["S_B"] / n_total, s["N"] / n_total, s["N_proj"] / n_total
-            P = _sqrt_inv(S_B, self.rel_threshold)
-            U, lam, Vh = torch.linalg.svd(P @ N_proj, full_matrices=False)
-            keep = lam > self.rel_threshold * max(float(lam.max()) if lam.numel() else 0.0, 1e-300)
-            U, lam, Vh = U[:, keep], lam[keep], Vh[keep]
-            idx = Vh.abs().argmax(1)  # sign convention: each ω's largest entry is positive
-            sign = torch.sign(Vh.gather(1, idx[:, None]))
-            U, Vh = U * sign.transpose(0, 1), Vh * sign
-            alpha = (P @ U * lam.sqrt()).transpose(0, 1)  # [r, D_in]
-            omega = Vh * lam.sqrt()[:, None]  # [r, D_out*k]
-            fo = tp.slope * tp.bn_scale * ((alpha @ N_full) * omega).sum(1)
-            out[n] = TinyGroup(tp, alpha, omega, lam, fo, deltas[n].transpose(0, 1).contiguous(),
-                               s["delta_decrease"], float((s["R"] / n_total).norm()) / max(s["M_A_norm"], 1e-300),
-                               n_total)
-        return out
-
     # ---- the amplitude -----------------------------------------------------------------------------
-    def _weights(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> dict[str, torch.Tensor]:
-        """Producer weight/bias and consumer weight of the new neurons `ks` at amplitude γ (live dtype)."""
-        tp, model = tg.tpath, ctx.model
-        prod = model.get_submodule(tp.path.producer)
-        cons = model.get_submodule(tp.consumer)
-        dt = prod.weight.dtype
-        a = tg.alpha[ks] * gamma
-        nw = int(prod.weight[0].numel())
-        out = {"pw": a[:, :nw].reshape(len(ks), *prod.weight.shape[1:]).to(dt)}
-        out["pb"] = a[:, nw].to(dt) if tp.path.bias else None
-        om = (tg.omega[ks] * gamma).reshape(len(ks), -1, tp.k)  # [r, D_out, k]
-        if tp.kind == "linear":
-            out["cw"] = om[:, :, 0].transpose(0, 1).to(cons.weight.dtype)  # [D_out, r]
-        else:
-            out["cw"] = om.transpose(0, 1).reshape(om.shape[1], len(ks), *tp.kernel).to(cons.weight.dtype)
-        return out
-
-    def _hooks(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> list[Any]:
-        """Temporary forward hooks that add neurons `ks` of one group at amplitude γ to the unchanged model
-        (and, with `update_existing`, γ²·δW* to its consumer): the model the engine will build."""
-        tp = tg.tpath
-        w = self._weights(ctx, tg, ks, gamma)
-        modules = dict(ctx.model.named_modules())
-        prod, act, cons = modules[tp.path.producer], tp.path.activation, modules[tp.consumer]
-        prod_rule, cons_rule = layer_rule(prod), layer_rule(cons)
-        state: dict[str, torch.Tensor] = {}
-        delta = None
-        if self.update_existing and gamma > 0:
-            d = (tg.delta * gamma ** 2).to(cons.weight.dtype)
-            has_b = tp.consumer_bias
-            dw = d[:, :-1] if has_b else d
-            delta = (dw.reshape(cons.weight.shape), d[:, -1] if has_b else None)
-
-        def prod_hook(_m: nn.Module, inp: tuple[Any, ...], _o: Any) -> None:
-            state["a"] = act(prod_rule.run_with(prod, inp[0], w["pw"], w["pb"]) * tp.bn_scale)
-
-        def cons_hook(_m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            a = state.pop("a")
-            if tp.flatten:  # a dense consumer of the flattened map: a convolution over the whole map
-                extra = F.conv2d(a, w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
-            else:
-                extra = cons_rule.run_with(cons, a, w["cw"], None)
-            if delta is not None:
-                extra = extra + cons_rule.run_with(cons, inp[0], delta[0], delta[1])
-            return out + extra
-
-        return [prod.register_forward_hook(prod_hook), cons.register_forward_hook(cons_hook)]
-
     def virtual_loss(self, ctx: Context, tg: TinyGroup, ks: list[int], gamma: float,
                      fixed: Iterable[tuple[TinyGroup, list[int], float]] = ()) -> float:
-        """Growth batches' mean loss with neurons `ks` of `tg` at amplitude γ, plus the already accepted
+        """Line-search batches' mean loss with neurons `ks` of `tg` at amplitude γ, plus the already accepted
         groups `fixed` (group, neurons, γ), computed with hooks (tested to equal the engine's grown model)."""
-        handles = []
-        was = ctx.model.training
-        total, count = 0.0, 0
-        try:
-            for g, k, gm in [*fixed, (tg, ks, gamma)]:
-                handles += self._hooks(ctx, g, k, gm)
-            ctx.model.eval()
-            with torch.no_grad():
-                for xb, yb in self._split(ctx)[1]:
-                    total += float(ctx.loss_fn(ctx.model(*as_inputs(xb)), yb)) * yb.shape[0]
-                    count += int(yb.shape[0])
-        finally:
-            ctx.model.train(was)
-            for h in handles:
-                h.remove()
-        return total / max(1, count)
+        return amplitude.virtual_loss(ctx, tg, ks, gamma, fixed, batches=self._split(ctx)[1],
+                                      update_existing=self.update_existing)
 
     def line_search(self, ctx: Context, tg: TinyGroup, ks: list[int],
                     fixed: Iterable[tuple[TinyGroup, list[int], float]] = ()) -> tuple[float, float]:
-        """(γ, loss) minimising the growth batches' loss on 0 ∪ a log grid from `gamma_min`, extended by a
+        """(γ, loss) minimising the line-search batches' loss on 0 ∪ a log grid from `gamma_min`, extended by a
         decade while the best point is the largest one tried (at most `max_decades` extensions)."""
-        fixed = list(fixed)
-        lo = math.log10(self.gamma_min)
-        grid = [0.0] + list(np.logspace(lo, 0.0, max(2, int(round(-lo * self.points)) + 1)))
-        tried: dict[float, float] = {}
-        for _ in range(self.max_decades + 1):
-            for gm in grid:
-                if gm not in tried:
-                    tried[gm] = self.virtual_loss(ctx, tg, ks, float(gm), fixed)
-            best = min(tried, key=lambda g: (tried[g], g))
-            top = max(tried)
-            if best < top:
-                break
-            grid = list(np.logspace(math.log10(top), math.log10(top) + 1, self.points + 1))[1:]
-        best = min(tried, key=lambda g: (tried[g], g))
-        tg.line = {"gammas": sorted(tried), "losses": [tried[g] for g in sorted(tried)]}
-        return float(best), tried[best]
+        return amplitude.line_search(ctx, tg, ks, fixed, batches=self._split(ctx)[1],
+                                     update_existing=self.update_existing, gamma_min=self.gamma_min,
+                                     points=self.points, max_decades=self.max_decades)
 
     # ---- growth -------------------------------------------------------------------------------------
     def decide(self, ctx: Context) -> Decision:
@@ -617,7 +217,7 @@ class TINY(BaselineGrower):
                                                                            else 0.0)) for tg, ks, gm in accepted)
         changes = []
         for tg, ks, gamma in accepted:
-            w = self._weights(ctx, tg, ks, gamma)
+            w = amplitude.new_weights(ctx, tg, ks, gamma)
             p = tg.tpath
             cons_shape = slice_shape(ctx.model, next(m for m in p.path.group.members if m.role == "consumer"))
             incoming = {p.path.weight: w["pw"].unsqueeze(1).detach().cpu()}
@@ -633,7 +233,7 @@ class TINY(BaselineGrower):
             extra["delta_decrease"][n] = tg.delta_decrease
         finalize = None
         if self.update_existing:  # applied right after the engine adds the units, inside the safeguard's step
-            finalize = self._existing_update(ctx, accepted)
+            finalize = amplitude.existing_update(ctx, accepted)
         preserving = all(gm == 0.0 for _, _, gm in accepted)
         plan = self.make_plan(ctx, changes, preserving=preserving)
         report.predicted_loss_change = predicted
@@ -648,26 +248,3 @@ class TINY(BaselineGrower):
             return r * (t.norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-300))
         return like(tg.alpha), like(tg.omega)
 
-    def _existing_update(self, ctx: Context, accepted: list[tuple[TinyGroup, list[int], float]]):
-        """A function adding γ²·δW* to the consumer weights of the grown groups once the engine has added the
-        units (appended after the old inputs, so the old inputs are the first columns). Run inside the
-        safeguard's step, the engine's undo takes it back with the units."""
-        edits = []
-        for tg, _, gamma in accepted:
-            if gamma == 0.0:
-                continue
-            cons = ctx.model.get_submodule(tg.tpath.consumer)
-            edits.append((tg.tpath.consumer, tg.tpath.consumer_bias, list(cons.weight.shape), tg.delta * gamma**2))
-
-        def update() -> None:
-            with torch.no_grad():
-                for name, has_bias, old_shape, d in edits:
-                    cons = ctx.model.get_submodule(name)
-                    # the consumer may grow its own outputs in the same plan: old rows and columns come first
-                    if has_bias:
-                        cons.bias.narrow(0, 0, old_shape[0]).add_(d[:, -1].to(cons.bias.dtype))
-                        d = d[:, :-1]
-                    old = cons.weight.narrow(0, 0, old_shape[0]).narrow(1, 0, old_shape[1])
-                    old.add_(d.reshape(old_shape).to(cons.weight.dtype))
-
-        return update
