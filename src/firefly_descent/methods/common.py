@@ -11,7 +11,8 @@ from torch import nn
 
 from ..analysis import GrowthGraph
 from ..analysis.trace import as_input_tuple as as_inputs
-from ..budget import count_flops, count_params
+from ..budget import count_params
+from ..cost import flop_profile
 from ..errors import GrowthError
 from ..plan import Plan
 from .base import Grower, GrowthReport, LossFn
@@ -46,11 +47,13 @@ def mean_loss(model: nn.Module, batches: list[tuple[Any, Any]], loss_fn: LossFn)
 
 
 def start_report(method: str, model: nn.Module, graph: GrowthGraph, x: tuple[torch.Tensor, ...]) -> GrowthReport:
+    """The report a step fills in. Its `flops_before` is the step's one count of the model (`flop_profile`,
+    cached while the structure holds), which the step's costs and the training loop reuse."""
     return GrowthReport(
         method=method,
         widths_before={g.name: g.width for g in graph.growable()},
         params_before=count_params(model),
-        flops_before=count_flops(model, x),
+        flops_before=flop_profile(model, x).total,
     )
 
 

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..analysis.trace import as_input_tuple
-from ..budget import count_flops, count_params
+from ..budget import count_params
 from ..collective import current_sync
+from ..cost import flop_profile
 from ..engine import apply_undoable, growth_history, prepare_batchnorm, refresh_batchnorm
 from ..errors import GrowthError
 from ..plan import Plan
@@ -340,4 +341,6 @@ def _record_structure(
         for name, w in report.widths_before.items()
     }
     report.params_after = count_params(model)
-    report.flops_after = count_flops(model, x)
+    # counted once for the step (a model left as it was hits the count `flops_before` made); the training
+    # loop reads it from the report instead of counting again
+    report.flops_after = flop_profile(model, x).total

@@ -678,7 +678,10 @@ class _Run:
         bn_time = time.perf_counter() - t1
         params_before = self._params
         self._params = _count_params(self.model)
-        self._flops = _count_flops(self.model, s.example_inputs)
+        # growers count the model's FLOPs once per step and carry the count in the report (per sample, on
+        # the same example inputs): no second count here (a dict on ranks other than 0; None: count)
+        flops_after = report.get("flops_after") if isinstance(report, dict) else getattr(report, "flops_after", None)
+        self._flops = int(flops_after) if flops_after is not None else _count_flops(self.model, s.example_inputs)
         test = self.rt.evaluate(self.model, s.test_loader, self.device, s.task, self.amp)
         self.num_growths += 1
         rec = report.to_dict() if hasattr(report, "to_dict") else dict(report)
