@@ -171,3 +171,32 @@ def test_flop_and_param_budgets_with_depth_grow_no_meta_copy():
     for budget in ("flops:200000", "params:600"):
         Firefly(budget=budget, candidates="all", step_one_steps=2, cost_limit=None).grow(model, data, F.cross_entropy)
     assert cost.MEASUREMENTS["meta_applies"] == metas0
+
+
+def test_the_check_reuses_a_pass_it_already_ran_with_the_same_numbers(monkeypatch):
+    """On a model without BatchNorm the refresh after growth changes nothing, so eval mode is the pass the
+    check just ran: it is answered from the memo, and every number is what a fresh pass gives."""
+    from firefly_descent.methods import safety
+
+    def step(memo: bool):
+        if not memo:
+            monkeypatch.setattr(safety, "_MEMO", type("NoMemo", (), {"setdefault": lambda self, m, d: {}})())
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = build_model("mlp", in_features=10, num_classes=3, hidden=(8, 8))
+        data = [(torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(12)]
+        safety.FORWARDS.update(measured=0, reused=0)
+        grower = Firefly()
+        grower.epoch_batches = 12
+        report = grower.grow(model, data, F.cross_entropy)
+        return report, dict(safety.FORWARDS)
+
+    report, forwards = step(memo=True)
+    fresh, fresh_forwards = step(memo=False)
+    assert report.outcome == fresh.outcome == "accepted"
+    assert report.safety.heldout_before == fresh.safety.heldout_before
+    assert report.safety.heldout_after == fresh.safety.heldout_after
+    assert report.safety.trials == fresh.safety.trials
+    assert (report.loss_before, report.loss_after) == (fresh.loss_before, fresh.loss_after)
+    assert forwards == {"measured": 6, "reused": 1}
+    assert fresh_forwards == {"measured": 7, "reused": 0}
