@@ -95,12 +95,12 @@ def flop_profile(model: nn.Module, example_inputs: Any) -> FlopProfile:
 
 def _measure(model: nn.Module, run: list[torch.Tensor]) -> FlopProfile:
     MEASUREMENTS["profiles"] += 1
-    owners: dict[int, str | None] = {}
+    owners: dict[int, tuple[str, int] | None] = {}
     for name, p in model.named_parameters():
         if p.is_meta:
             continue
         key = p.untyped_storage().data_ptr()
-        owners[key] = None if key in owners else name  # parameters sharing storage: not attributable
+        owners[key] = None if key in owners else (name, p.numel())  # sharing storage: not attributable
     stack: list[str] = [""]
     profile = FlopProfile(0)
 
@@ -112,9 +112,10 @@ def _measure(model: nn.Module, run: list[torch.Tensor]) -> FlopProfile:
             owner = owners.get(w.untyped_storage().data_ptr()) if isinstance(w, torch.Tensor) and owners else None
             if (
                 owner is not None
+                and w.numel() == owner[1]  # the whole parameter (a slice of it grows differently)
                 and sum(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in owners for a in args) <= 2
             ):  # the weight (and at most a bias)
-                profile.by_param[owner] = profile.by_param.get(owner, 0) + flops
+                profile.by_param[owner[0]] = profile.by_param.get(owner[0], 0) + flops
             else:
                 profile.free += flops
             for name in set(stack):
