@@ -169,11 +169,15 @@ def heldout_loss(
     BatchNorm refresh that found no BatchNorm), the number that pass gave is returned. Single process
     only (ranks must run the same collectives)."""
     memo = _MEMO.setdefault(model, {}) if current_sync().world_size == 1 else None
+    try:
+        loss_ref = weakref.ref(loss_fn)
+    except TypeError:  # a callable that cannot be referenced weakly cannot be told from a later one
+        memo = None
     tensors = _inputs_of(model, batches) if memo is not None else []
     key = (train, seed, id(loss_fn), tuple((id(t), t._version) for t in tensors))
     hit = memo.get(key) if memo is not None else None
-    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):  # the same objects, not reused ids
-        FORWARDS["reused"] += 1
+    if hit is not None and hit[0][0]() is loss_fn and all(r() is t for r, t in zip(hit[0][1:], tensors)):
+        FORWARDS["reused"] += 1  # the same objects (not ids reused after others were freed), unchanged
         return hit[1]
     FORWARDS["measured"] += 1
     was = model.training
@@ -196,7 +200,7 @@ def heldout_loss(
     if memo is not None:
         if len(memo) >= 8:
             memo.pop(next(iter(memo)))
-        memo[key] = ([weakref.ref(t) for t in tensors], value)
+        memo[key] = ([loss_ref, *(weakref.ref(t) for t in tensors)], value)
     return value
 
 
