@@ -22,7 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from firefly_descent import cost
 from firefly_descent.methods import make_grower
 from firefly_descent.models import build_model
 
@@ -136,14 +138,36 @@ def memory_probe(cfg: dict, what: str, methods: dict[str, tuple[str, dict]] | No
     return mem.delta
 
 
+class CountFlopCounts:
+    """How many times the growth step runs the FLOP counter (any model) and grows a meta copy to cost a
+    plan: deterministic, unlike the times."""
+
+    def __enter__(self) -> CountFlopCounts:
+        self.flop_counts = 0
+        self._enter = FlopCounterMode.__enter__
+        self._meta = cost.MEASUREMENTS["meta_applies"]
+
+        def enter(counter: FlopCounterMode) -> FlopCounterMode:
+            self.flop_counts += 1
+            return self._enter(counter)
+
+        FlopCounterMode.__enter__ = enter  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        FlopCounterMode.__enter__ = self._enter  # type: ignore[method-assign]
+        self.meta_applies = cost.MEASUREMENTS["meta_applies"] - self._meta
+
+
 def measure_growth(cfg: dict, grower_name: str, kw: dict, seed: int = 0) -> dict:
     """One warm-up, one timed training epoch, one timed growth step, one epoch after growth."""
     model, opt, loader, _ = setup(cfg, seed)
     train_epoch(model, opt, loader[:2])  # warm-up
     epoch = train_epoch(model, opt, loader)
-    t0 = time.perf_counter()
-    report = make_grower(grower_name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
-    grow = time.perf_counter() - t0
+    with CountFlopCounts() as counted:
+        t0 = time.perf_counter()
+        report = make_grower(grower_name, **kw).grow(model, loader, F.cross_entropy, optimizer=opt)
+        grow = time.perf_counter() - t0
     epoch_after = train_epoch(model, opt, loader)
     return {
         "epoch_s": epoch,
@@ -153,6 +177,11 @@ def measure_growth(cfg: dict, grower_name: str, kw: dict, seed: int = 0) -> dict
         "params_before": report.params_before,
         "params_after": report.params_after,
         "timings": report.timings,
+        # the rest of the step: analysis, FLOP counts, losses before/after, sizing
+        "untimed_s": grow - sum(report.timings.values()),
+        "flop_counts": counted.flop_counts,
+        "meta_applies": counted.meta_applies,
+        "outcome": report.outcome,
         "cost_estimate": report.extra.get("cost"),  # Firefly's FLOP-based sizing (None for other methods)
         "check_batches": report.safety.check_batches if report.safety else None,
     }
@@ -199,6 +228,13 @@ def main() -> None:
         print(
             f"{name:20s} epoch {epoch:7.2f}s  growth {grow:8.2f}s  ratio {grow / epoch:7.2f}"
             + (f"  memory x{row['growth_over_train_memory']:.2f}" if "growth_over_train_memory" in row else ""),
+            flush=True,
+        )
+        phases = {**row["timings"], "rest": row["untimed_s"]}
+        print(
+            f"{'':20s} "
+            + ", ".join(f"{k} {v:.2f}s ({v / epoch:.2f} ep)" for k, v in phases.items())
+            + f"; FLOP counts {row['flop_counts']}, meta applies {row['meta_applies']}, {row['outcome']}",
             flush=True,
         )
     out = args.out or f"benchmarks/results/growth_cost_{args.preset}.json"

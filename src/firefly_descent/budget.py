@@ -1,8 +1,8 @@
 """What growth costs: units, parameters or FLOPs, and greedy selection under a budget.
 
-Costs are measured, not modelled: the parameter cost of one unit of a group is the size of its
-slices across the group's members; the FLOP cost is the difference of `torch.utils.flop_counter`
-counts between the model and the same model grown by one unit (both on meta-device copies).
+The parameter cost of one unit of a group is the size of its slices across the group's members; the FLOP
+cost is what one more unit adds to the model's `torch.utils.flop_counter` count, computed from one count
+of the model and the grown shapes (`cost.plan_cost`; no copy of the model is grown).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .analysis import GrowthGraph, meta_copy
+from .analysis import GrowthGraph
 from .analysis.graph import Group
 from .analysis.trace import as_input_tuple
+from .cost import plan_cost
 from .errors import GrowthError
+from .plan import GroupChange, NewUnits, Plan
 
 BUDGET_KINDS = ("ratio", "units", "params", "flops")
 
@@ -66,14 +68,10 @@ def unit_param_cost(group: Group, model: nn.Module) -> int:
 
 
 def unit_flop_cost(group: Group, model: nn.Module, example_inputs: Any, base: int | None = None) -> int:
-    """FLOPs (per sample) added by one more unit of `group`, measured by growing a meta copy."""
-    from .engine.apply import apply
-    from .plan import GroupChange, NewUnits, Plan
-
-    meta = meta_copy(model)
-    base = count_flops(meta, example_inputs) if base is None else base
-    apply(meta, Plan([GroupChange(group, new=NewUnits(1))], function_preserving=False), verify=False, record=False)
-    return max(0, count_flops(meta, example_inputs) - base)
+    """FLOPs (per sample) added by one more unit of `group` (`base`, the model's own count, is no longer
+    needed: the model is counted once and cached)."""
+    plan = Plan([GroupChange(group, new=NewUnits(1))], function_preserving=False)
+    return max(0, plan_cost(model, plan, example_inputs).flops)
 
 
 @dataclass
@@ -141,8 +139,7 @@ def group_unit_costs(budget: Budget, groups: list[Group], model: nn.Module, exam
         return {g.name: 1.0 for g in groups}
     if budget.currency == "params":
         return {g.name: float(max(1, unit_param_cost(g, model))) for g in groups}
-    base = count_flops(model, example_inputs)
-    return {g.name: float(max(1, unit_flop_cost(g, model, example_inputs, base))) for g in groups}
+    return {g.name: float(max(1, unit_flop_cost(g, model, example_inputs))) for g in groups}
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch import nn
 from ..analysis import GrowthGraph, analyze
 from ..analysis.graph import Group
 from ..analysis.trace import as_input_tuple as as_inputs
-from ..budget import Budget, count_flops, count_params
+from ..budget import Budget, count_params
+from ..cost import flop_profile
 from ..engine import growth_history
 from ..errors import GrowthError
 from ..plan import Plan
@@ -86,7 +87,7 @@ def start_report(
         method=method,
         widths_before={g.name: g.width for g in graph.growable()},
         params_before=count_params(model),
-        flops_before=count_flops(model, x),
+        flops_before=flop_profile(model, x).total,
     )
 
 

@@ -68,7 +68,9 @@ def grow(run: Run) -> None:
         n_bn = int(safety["batchnorm"].get("refreshed_layers", 0))
     bn_time = time.perf_counter() - t1
     params_before = run.params
-    run.measure()
+    # growers count the model's FLOPs once per step (per sample) and carry the count in the report: no second
+    # count here (other ranks get rank 0's report as a dict)
+    run.measure(report.get("flops_after") if isinstance(report, dict) else getattr(report, "flops_after", None))
     test = run.rt.evaluate(run.model, s.test_loader, run.device, s.task, run.amp)
     run.num_growths += 1
     rec = report.to_dict() if hasattr(report, "to_dict") else dict(report)

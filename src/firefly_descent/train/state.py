@@ -83,10 +83,11 @@ class Run:
         """A log line on stdout and in ``train.log`` (main process only)."""
         self.files.log(line)
 
-    def measure(self) -> None:
-        """Count the model's parameters and FLOPs again (after growth or a restore)."""
+    def measure(self, flops: int | None = None) -> None:
+        """Count the model's parameters and FLOPs again (after growth or a restore); `flops`: the count a
+        grower already made of the grown model (its report's ``flops_after``), used instead of a second count."""
         self.params = param_count(self.model)
-        self.flops = flops_per_example(self.model, self.s.example_inputs)
+        self.flops = int(flops) if flops is not None else flops_per_example(self.model, self.s.example_inputs)
 
     # ---- growth schedule
 

@@ -24,13 +24,12 @@ from ...budget import (
     Budget,
     Candidate,
     count_flops,
-    count_params,
     group_unit_costs,
-    meta_copy,
     select,
     unit_param_cost,
 )
 from ...collective import current_sync
+from ...cost import plan_cost
 from ...errors import GrowthError
 from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
@@ -298,7 +297,9 @@ class Firefly(Grower):
             return batches, score_batches
         else:  # in global samples (all ranks' shards together), then this rank's share
             batch = int(batches[0][1].shape[0]) * current_sync().world_size
-            ratio = count_flops(net, x) / max(count_flops(model, x), 1)
+            # the model's count is the report's (measured once per step); the over-grown net is counted here
+            base = report.flops_before if report.flops_before is not None else count_flops(model, x)
+            ratio = count_flops(net, x) / max(base, 1)
             steps = len(batches) if cfg.step_one_steps is None else cfg.step_one_steps
             passes = steps + len(score_batches) * len(cfg.score_points)
             check = guard.check_batches if guard.check else 0
@@ -427,27 +428,17 @@ class Firefly(Grower):
             return out
         if self.budget.currency == "params":
             return params
-        from ...engine import apply
-
-        base = count_flops(model, x)
-        out = []
-        for after, spec in zip(depth_c.after, depth_c.specs):
-            meta = meta_copy(model)
-            apply(
-                meta,
-                Plan(layers=[NewLayer(after, _layer_kind(spec), spec)], function_preserving=False),
-                verify=False,
-                record=False,
-            )
-            out.append(float(max(1, count_flops(meta, x) - base)))
-        return out
+        return [
+            float(max(1, plan_cost(model, Plan(layers=[NewLayer(a, _layer_kind(spec), spec)]), x, graph).flops))
+            for a, spec in zip(depth_c.after, depth_c.specs)
+        ]
 
     def _fit_params(
         self, model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
     ) -> list[Candidate]:
         """Greedy selection adds per-candidate costs; units added to two adjacent groups, or a new block on
         a group that also widens, add cross terms. Drop the kept candidate with the worst score per cost
-        until the exact parameter increase (a meta copy grown by the selection) fits the budget."""
+        until the exact parameter increase (the selection's plan, costed from its shapes) fits the budget."""
         limit = self.budget.limit([])
         kept = sorted(kept, key=lambda c: c.score / c.cost)
         while kept and exact_added_params(model, graph, depth_c, kept) > limit + 1e-9:
@@ -617,10 +608,8 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
 def exact_added_params(
     model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
 ) -> int:
-    """Parameters the selection `kept` adds to `model`, counted on a meta copy grown by its structure (new
-    blocks widened with the group they sit on, as `_widen_body` does)."""
-    from ...engine import apply
-
+    """Parameters the selection `kept` adds to `model`: its structure's plan (new blocks widened with the
+    group they sit on, as `_widen_body` does), costed from the grown shapes (`cost.plan_cost`)."""
     added: dict[str, int] = {}
     for c in kept:
         if c.kind in ("split", "new", "head"):
@@ -635,9 +624,7 @@ def exact_added_params(
             key = "channels" if "channels" in spec else "features"
             spec[key] = int(spec[key]) + added.get(graph.boundaries[c.group].group or "", 0)
             layers.append(NewLayer(c.group, "residual", spec))
-    meta = meta_copy(model)
-    apply(meta, Plan(changes, layers, function_preserving=False), verify=False, record=False)
-    return count_params(meta) - count_params(model)
+    return plan_cost(model, Plan(changes, layers, function_preserving=False), None, graph, flops=False).params
 
 
 def depth_summary(candidates: list[Candidate], kept: list[Candidate], depth_c: DepthCandidates) -> dict[str, Any]:
