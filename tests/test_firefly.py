@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from zoo import ZOO, randomize_norm_stats
 
 import firefly_descent as ff
@@ -82,6 +83,27 @@ def test_overgrown_net_is_f_t_when_switched_off(name):
     cands.bank.alpha = 1.0  # switched on: the function moves
     with torch.no_grad():
         assert (cands.net(*fresh) - model(*fresh)).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("name", ["vgg_flatten", "mobilenetv2"])
+def test_perturbation_indices_are_built_once_and_reused(name):
+    """Each forward reuses the placement indices and moved multipliers the first one built: the same values
+    as a parametrisation that builds them afresh, one cached index per contribution whatever the forwards."""
+    model, x, cands = _width_candidates(name)
+    perts = [p for m in cands.net.modules() if parametrize.is_parametrized(m) for pl in m.parametrizations.values()
+             for p in pl]
+    assert perts
+    with torch.no_grad():
+        first = cands.net(*x)
+        sizes = [len(p._places) for p in perts]
+        assert sizes == [len(p.contribs) for p in perts]
+        again = cands.net(*x)
+        assert [len(p._places) for p in perts] == sizes
+        for p in perts:
+            p._places.clear()
+            p._moved.clear()
+        fresh = cands.net(*x)
+    assert torch.equal(first, again) and torch.equal(first, fresh)
 
 
 def test_split_gradient_is_zero_at_zero_but_integrated_score_is_not():

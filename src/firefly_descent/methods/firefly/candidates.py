@@ -73,6 +73,11 @@ class CandidatePerturbation(nn.Module):
         self.values = nn.ParameterList()
         self.contribs: list[_Contribution] = []
         self.ops: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
+        # per contribution, device and dtype: the other-dim indices and multipliers on that device and the row
+        # placement index; they depend only on shapes, so every forward (step one's steps, step two's
+        # points) reuses them instead of rebuilding them (and copying them to the GPU) each time
+        self._moved: dict[tuple[int, torch.device, torch.dtype], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._places: dict[tuple[int, torch.device, int, int], torch.Tensor] = {}
 
     def add(self, c: _Contribution) -> None:
         if not any(c.value is v for v in self.values):
@@ -89,24 +94,43 @@ class CandidatePerturbation(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w
-        for c, ops in zip(self.contribs, self.ops):
+        for i, (c, ops) in enumerate(zip(self.contribs, self.ops)):
             v = c.value if c.scale is None else c.value * c.scale.to(c.value.device, c.value.dtype)
             if c.gate is not None:
                 m = self.bank.mult(c.gate)
                 v = v * m.view(-1, *([1] * (v.dim() - 1)))
             if c.sign != 1.0:
                 v = v * c.sign
-            for dim, idx, mult in ops:
-                if idx.device != v.device:
-                    idx, mult = idx.to(v.device), mult.to(v.device)
-                v = v.index_select(dim, idx) * mult.to(v.dtype)
+            for dim, idx, mult in self._ops_on(i, ops, v.device, v.dtype):
+                v = v.index_select(dim, idx) * mult
             v = v.movedim(0, c.dim).flatten(c.dim, c.dim + 1)  # [.., n*inner, ..]
             # place rows by a gather from [v; 0] (index_add stalls in multi-threaded CPU runs under load)
             zero = torch.zeros_like(v.narrow(c.dim, 0, 1))
-            place = torch.full((w.shape[c.dim],), v.shape[c.dim], dtype=torch.long, device=w.device)
-            place[c.positions.to(w.device)] = torch.arange(v.shape[c.dim], device=w.device)
+            place = self._place(i, c, w, v.shape[c.dim])
             out = out + torch.cat([v, zero], dim=c.dim).index_select(c.dim, place)
         return out
+
+    def _ops_on(
+        self, i: int, ops: list[tuple[int, torch.Tensor, torch.Tensor]], device: torch.device, dtype: torch.dtype
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Contribution i's other-dim expansions with their index on `device` and multiplier in `dtype`."""
+        key = (i, device, dtype)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = [(dim, idx.to(device), mult.to(device).to(dtype)) for dim, idx, mult in ops]
+            self._moved[key] = moved
+        return moved
+
+    def _place(self, i: int, c: _Contribution, w: torch.Tensor, rows: int) -> torch.Tensor:
+        """Where each row of the over-grown tensor takes its value from [v; 0]: row `rows` (the zero) except
+        at the contribution's positions."""
+        key = (i, w.device, w.shape[c.dim], rows)
+        place = self._places.get(key)
+        if place is None:
+            place = torch.full((w.shape[c.dim],), rows, dtype=torch.long, device=w.device)
+            place[c.positions.to(w.device)] = torch.arange(rows, device=w.device)
+            self._places[key] = place
+        return place
 
 
 @dataclass
