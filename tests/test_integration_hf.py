@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from firefly_descent.engine import growth_history  # noqa: E402
+from firefly_descent.engine import growth_history, plan_deepen  # noqa: E402
 from firefly_descent.errors import GrowthError  # noqa: E402
 from firefly_descent.integrations.hf import (  # noqa: E402
     HISTORY_FILE,
@@ -28,6 +28,7 @@ from firefly_descent.integrations.hf import (  # noqa: E402
     read_history,
     save_history,
 )
+from firefly_descent.methods import Grower  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -40,6 +41,22 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = self.fc2(torch.relu(self.fc1(x)))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class DeepNet(nn.Module):
+    """Two hidden layers in a Sequential: Firefly's depth candidates insert a residual Linear block there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.body(x))
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = F.cross_entropy(logits, labels)
@@ -66,12 +83,16 @@ def _args(out: str, epochs: int = 3, **kw) -> TrainingArguments:
     return TrainingArguments(out, **base)
 
 
-def _train(out: str, resume: str | None = None, callbacks: tuple = (), **kw) -> tuple[TinyNet, Trainer]:
+def _train(out: str, resume: str | None = None, callbacks: tuple = (), build: type[nn.Module] = TinyNet,
+           grower: dict | Grower | None = None, **kw) -> tuple[nn.Module, Trainer]:
     torch.manual_seed(0)
-    model = TinyNet()
+    model = build()
     if resume is not None:
         prepare_resume(model, resume)
-    grow = FireflyTrainerCallback(at=[1], budget=0.5)
+    if isinstance(grower, Grower):
+        grow = FireflyTrainerCallback(grower, at=[1])
+    else:
+        grow = FireflyTrainerCallback(at=[1], **{"budget": 0.5, **(grower or {})})
     trainer = Trainer(model=model, args=_args(out, **kw), train_dataset=Blobs(), callbacks=[grow, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
@@ -85,6 +106,33 @@ def test_resume_after_growth_is_exact(tmp_path):
     assert read_history(str(ckpt)) == growth_history(full)
     resumed, _ = _train(str(tmp_path / "b"), resume=str(ckpt))
     assert resumed.fc1.out_features == full.fc1.out_features
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _Deepen(Grower):
+    """Inserts one identity-at-init residual layer after the first place that takes one (a depth step every time)."""
+
+    name = "deepen-test"
+
+    def decide(self, ctx):
+        return plan_deepen(ctx.graph, [next(iter(ctx.graph.boundaries))])
+
+
+def test_resume_after_depth_growth_is_exact_with_weight_decay(tmp_path):
+    # the new layer's bias goes to the Trainer's no-decay group, where a resumed run's fresh optimizer has it
+    run = dict(build=DeepNet, grower=_Deepen(), weight_decay=0.1)
+    full, trainer = _train(str(tmp_path / "a"), save_strategy="steps", save_steps=6, **run)
+    names = {id(p): n for n, p in full.named_parameters()}
+    assert len(growth_history(full)) == 1
+    decay, plain = trainer.optimizer.optimizer.param_groups
+    # 3 Linear layers + the new one (and its residual scale), each parameter where Trainer's rule puts it
+    assert sorted(names[id(p)].rsplit(".", 1)[1] for p in decay["params"]) == ["scale"] + ["weight"] * 4
+    assert sorted(names[id(p)].rsplit(".", 1)[1] for p in plain["params"]) == ["bias"] * 4
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    resumed, _ = _train(str(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoint-6"), **run)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..engine import growth_history, replay_history, resize_to_shapes
 from ..engine.apply import HISTORY_ATTR
@@ -124,6 +124,36 @@ def _order_like_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> Non
         g["params"] = sorted(g["params"], key=lambda p: order.get(id(p), len(order)))
 
 
+def _trainer_rule(model: nn.Module) -> dict[int, int] | None:
+    """For each parameter, the group (0: weight decay, 1: none) an optimizer `Trainer.create_optimizer` made from
+    `model` would put it in; None when the rule cannot be read."""
+    try:
+        decay = set(Trainer.get_decay_parameter_names(None, model))  # the rule reads only the model
+    except (TypeError, AttributeError):
+        return None
+    return {id(p): 0 if n in decay else 1 for n, p in model.named_parameters()}
+
+
+def _follows_rule(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Whether the optimizer's groups are the Trainer's two (weight decay, none), as `create_optimizer` makes them."""
+    groups, rule = optimizer.param_groups, _trainer_rule(model)
+    if rule is None or len(groups) != 2 or groups[1].get("weight_decay") != 0.0:
+        return False
+    return all(rule.get(id(p)) == i for i, g in enumerate(groups) for p in g["params"])
+
+
+def _regroup(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Move each parameter to the group the Trainer's rule gives it (the engine puts a new layer's parameters
+    in their neighbour's group: a new bias would otherwise decay, and a resumed run's fresh optimizer would
+    not match the checkpoint's groups)."""
+    rule = _trainer_rule(model)
+    assert rule is not None
+    now = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, g in enumerate(optimizer.param_groups):
+        g["params"] = [p for p in held if rule.get(id(p), now[id(p)]) == i]
+
+
 def _growth_loader(dataloader: Any, seed: int) -> Iterable[Any]:
     """The train dataloader's dataset, batch size and collate function, in an order of its own (seeded): the
     growth step draws no number from the global generators and leaves accelerate's dataloader state alone."""
@@ -139,7 +169,7 @@ def _growth_loader(dataloader: Any, seed: int) -> Iterable[Any]:
 
 class FireflyTrainerCallback(TrainerCallback):
     """Grow the Trainer's model after the epochs in `at` (1-based: `at=[1]` grows after the first epoch), or
-    after every `every`-th epoch, with `make_grower(method, **grower_kwargs)`.
+    after every `every`-th epoch, with `make_grower(method, **grower_kwargs)` (or `method`, a Grower itself).
 
     The growth loss is the model's own (`outputs["loss"]`, given `label_key` in the batch) unless `loss_fn
     (logits, labels)` is given; `batch_adapter(batch) -> dict` maps a train-dataloader batch to the model's
@@ -149,7 +179,7 @@ class FireflyTrainerCallback(TrainerCallback):
 
     def __init__(
         self,
-        method: str = "firefly",
+        method: str | Grower = "firefly",
         at: Iterable[int] | None = None,
         every: int | None = None,
         *,
@@ -166,7 +196,9 @@ class FireflyTrainerCallback(TrainerCallback):
             raise GrowthError(f"FireflyTrainerCallback: every must be >= 1, got {every}")
         self.at = sorted({int(e) for e in at}) if at is not None else None
         self.every = int(every) if every is not None else None
-        self.grower: Grower = make_grower(method, **grower_kwargs)
+        if isinstance(method, Grower) and grower_kwargs:
+            raise GrowthError("FireflyTrainerCallback: options go to make_grower; a Grower instance takes none")
+        self.grower: Grower = method if isinstance(method, Grower) else make_grower(method, **grower_kwargs)
         self.loss_fn = loss_fn
         self.batch_adapter = batch_adapter or _dict_batch
         self.label_key = label_key
@@ -226,11 +258,14 @@ class FireflyTrainerCallback(TrainerCallback):
         view = _GrowthView(target, keys, "loss" if own else "logits")
         devices = [device.index or 0] if device.type == "cuda" else []
         was = target.training
+        trainer_groups = opt is not None and _follows_rule(opt, target)
         with torch.random.fork_rng(devices=devices):  # the run draws what it would draw without growth
             report = self.grower.grow(view, data, _own_loss if own else self.loss_fn, optimizer=opt)
         target.train(was)
         _set_history(target, growth_history(view))
         if opt is not None:
+            if trainer_groups:
+                _regroup(opt, target)
             _order_like_model(opt, target)
         self.reports.append(report)
         return report
