@@ -104,6 +104,12 @@ def test_resume_after_growth_is_exact(tmp_path):
     assert full.fc1.out_features > 8 and len(growth_history(full)) == 1
     ckpt = tmp_path / "a" / "checkpoint-6"
     assert read_history(str(ckpt)) == growth_history(full)
+    with open(ckpt / "trainer_state.json") as f:
+        logged = [e for e in json.load(f)["log_history"] if "firefly/params_after" in e]
+    assert len(logged) == 1 and logged[0]["step"] == 4
+    assert logged[0]["firefly/params_before"] == 83 < logged[0]["firefly/params_after"] == sum(
+        p.numel() for p in full.parameters()
+    )
     resumed, _ = _train(str(tmp_path / "b"), resume=str(ckpt))
     assert resumed.fc1.out_features == full.fc1.out_features
     a, b = full.state_dict(), resumed.state_dict()
@@ -212,6 +218,28 @@ def test_transformers_model_carries_its_history_in_its_config(tmp_path):
     back.eval()
     x = batches[0]["input_ids"]
     assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_own_loss_function_and_batch_adapter():
+    """Tuple batches through a batch adapter, the growth loss from `loss_fn(logits, labels)`."""
+    data = Blobs()
+    batches = [(data.x[i : i + 16], data.y[i : i + 16]) for i in range(0, 64, 16)]
+    seen = []
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(logits.shape))
+        return F.cross_entropy(logits, labels)
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():  # the loss before growth, on the first k batches (the decision's; the rest is held out)
+        losses = [F.cross_entropy(model(x)["logits"], y).item() for x, y in batches]
+        before = [sum(losses[:k]) / k for k in range(1, 5)]
+    grow = FireflyTrainerCallback(every=1, loss_fn=loss_fn, batch_adapter=lambda b: {"x": b[0], "labels": b[1]},
+                                  budget=0.5)
+    report = grow.grow(model, torch.optim.SGD(model.parameters(), lr=0.1), batches)
+    assert (16, 3) in seen and report.widths_after["fc1"] == model.fc1.out_features > 8
+    assert any(report.loss_before == pytest.approx(b, rel=1e-6) for b in before)
 
 
 def test_schedule_and_batches_are_checked():

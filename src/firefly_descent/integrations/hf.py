@@ -174,7 +174,8 @@ class FireflyTrainerCallback(TrainerCallback):
     The growth loss is the model's own (`outputs["loss"]`, given `label_key` in the batch) unless `loss_fn
     (logits, labels)` is given; `batch_adapter(batch) -> dict` maps a train-dataloader batch to the model's
     keyword tensors (default: the tensors of a dict batch). Growth reads `data_batches` batches of the train
-    dataset. Each step's `GrowthReport` is kept in `reports` and logged.
+    dataset. Each step's `GrowthReport` is kept in `reports`, logged, and its numbers go to the Trainer's log
+    history (`trainer.state.log_history`, saved in trainer_state.json).
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class FireflyTrainerCallback(TrainerCallback):
         if self.due(epoch):
             report = self.grow(kwargs["model"], kwargs.get("optimizer"), kwargs["train_dataloader"])
             log.info("firefly growth after epoch %d (step %d): %s", epoch, state.global_step, report)
+            state.log_history.append({"epoch": state.epoch, "step": state.global_step, **_log_record(report)})
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -269,6 +271,19 @@ class FireflyTrainerCallback(TrainerCallback):
             _order_like_model(opt, target)
         self.reports.append(report)
         return report
+
+
+def _log_record(report: GrowthReport) -> dict[str, Any]:
+    """The report's numbers for the Trainer's log history (trainer_state.json)."""
+    safety = getattr(report, "safety", None)
+    return {
+        "firefly/params_before": report.params_before,
+        "firefly/params_after": report.params_after,
+        "firefly/loss_before": report.loss_before,
+        "firefly/loss_after": report.loss_after,
+        "firefly/outcome": getattr(safety, "outcome", report.outcome),
+        "firefly/widths_after": dict(report.widths_after),
+    }
 
 
 # ---- saving, loading, resuming ---------------------------------------------------------------------
