@@ -18,6 +18,7 @@ pytest.importorskip("accelerate")
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+import firefly_descent as ff  # noqa: E402
 from firefly_descent.engine import growth_history, plan_deepen  # noqa: E402
 from firefly_descent.errors import GrowthError  # noqa: E402
 from firefly_descent.integrations.hf import (  # noqa: E402
@@ -253,3 +254,14 @@ def test_schedule_and_batches_are_checked():
         cb.grow(TinyNet(), None, [(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))])
     with pytest.raises(GrowthError, match="no 'labels'"):
         cb.grow(TinyNet(), None, [{"x": torch.randn(4, 6)}])
+
+
+def test_a_loss_module_made_inside_forward_is_traced_into():
+    """transformers models build `CrossEntropyLoss()` inside forward: analysis traces into that stateless module."""
+    class LossInside(TinyNet):
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return nn.CrossEntropyLoss()(self.fc2(torch.relu(self.fc1(x))), labels)
+
+    graph = ff.analyze(LossInside(), (torch.randn(4, 6), torch.zeros(4, dtype=torch.long)))
+    assert graph["fc1"].width == 8 and not graph["fc1"].blocked
+    assert graph["fc2"].blocked  # the loss has no channel rule: the output layer stays as it is
