@@ -66,7 +66,12 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        path = self.path_of_module(m)
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # made inside forward (`CrossEntropyLoss()(logits, labels)`): stateless, trace into it
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise
+            return forward(*args, **kwargs)
         self._paths.append(f"{path or '(root)'} ({type(m).__name__})")
         try:
             out = super().call_module(m, forward, args, kwargs)
