@@ -67,21 +67,25 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def test_resume_from_a_checkpoint_after_growth_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("candidates", ["width", "depth"])
+def test_resume_from_a_checkpoint_after_growth_is_exact(tmp_path: Path, candidates: str) -> None:
     # run A: grows after epochs 2 and 3, checkpoints every epoch
     L.seed_everything(0, verbose=False)
     a = Net()
     p0 = n_params(a)
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    ta = trainer(4, [FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy), ckpt])
+    grow = FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy, candidates=candidates)
+    ta = trainer(4, [grow, ckpt])
     ta.fit(a, loader())
-    assert len(growth_history(a)) == 2 and n_params(a) > p0
+    assert len(growth_history(a)) >= 1 and n_params(a) > p0
+    if candidates == "depth":  # new layers: their parameters join the optimizer after the old ones
+        assert any(r.layers_inserted for r in grow.reports)
     saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)  # end of epoch 2: after the first growth
     assert len(saved[CHECKPOINT_KEY]["history"]) == 1
     # run B: a fresh module (other init seed) resumed mid-run from that checkpoint grows once more itself
     L.seed_everything(123, verbose=False)
     b = Net()
-    cb = FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy)
+    cb = FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy, candidates=candidates)
     tb = trainer(4, [cb], enable_checkpointing=False)
     tb.fit(b, loader(), ckpt_path=str(tmp_path / "epoch=1.ckpt"))
     assert cb.grown_after == [2, 3] and len(cb.reports) == 1
