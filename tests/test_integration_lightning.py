@@ -42,6 +42,10 @@ class Net(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self):  # noqa: ANN201
         decay = [p for n, p in self.named_parameters() if n.endswith("weight")]
         rest = [p for n, p in self.named_parameters() if not n.endswith("weight")]
@@ -67,8 +71,10 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize("candidates", ["width", "depth"])
-def test_resume_from_a_checkpoint_after_growth_is_exact(tmp_path: Path, candidates: str) -> None:
+@pytest.mark.parametrize(("candidates", "resume_epoch"), [("width", 2), ("depth", 2), ("width", 1)])
+def test_resume_from_a_checkpoint_after_growth_is_exact(tmp_path: Path, candidates: str, resume_epoch: int) -> None:
+    """Resume from the checkpoint of epoch 3 (after the first growth; the second one is the resumed run's), or of
+    epoch 2 (written before the growth that follows it: the resumed run does both)."""
     # run A: grows after epochs 2 and 3, checkpoints every epoch
     L.seed_everything(0, verbose=False)
     a = Net()
@@ -76,19 +82,20 @@ def test_resume_from_a_checkpoint_after_growth_is_exact(tmp_path: Path, candidat
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     grow = FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy, candidates=candidates)
     ta = trainer(4, [grow, ckpt])
-    ta.fit(a, loader())
+    ta.fit(a, loader(), loader())  # with validation: checkpoints are written at validation end
     assert len(growth_history(a)) >= 1 and n_params(a) > p0
     if candidates == "depth":  # new layers: their parameters join the optimizer after the old ones
         assert any(r.layers_inserted for r in grow.reports)
-    saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)  # end of epoch 2: after the first growth
+    # growth after epoch E runs as epoch E + 1 starts: the checkpoint of epoch 3 holds the first growth only
+    saved = torch.load(tmp_path / "epoch=2.ckpt", weights_only=False)
     assert len(saved[CHECKPOINT_KEY]["history"]) == 1
     # run B: a fresh module (other init seed) resumed mid-run from that checkpoint grows once more itself
     L.seed_everything(123, verbose=False)
     b = Net()
     cb = FireflyCallback("firefly", at=[2, 3], loss_fn=F.cross_entropy, candidates=candidates)
     tb = trainer(4, [cb], enable_checkpointing=False)
-    tb.fit(b, loader(), ckpt_path=str(tmp_path / "epoch=1.ckpt"))
-    assert cb.grown_after == [2, 3] and len(cb.reports) == 1
+    tb.fit(b, loader(), loader(), ckpt_path=str(tmp_path / f"epoch={resume_epoch}.ckpt"))
+    assert cb.grown_after == [2, 3] and len(cb.reports) == 3 - resume_epoch
     assert architecture_hash(a, ta.optimizers[0]) == architecture_hash(b, tb.optimizers[0])
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -174,14 +181,14 @@ class _TwoOptimizers(Net):
 
 
 class _Snapshot(Callback):
-    """Each optimizer's state at the end of epoch 1: placed before FireflyCallback it sees the state before
-    growth, after it the state after."""
+    """Each optimizer's state as epoch 2 starts (when growth after epoch 1 runs): placed before FireflyCallback it
+    sees the state before growth, after it the state after."""
 
     def __init__(self) -> None:
         self.state: list[dict[str, dict[str, torch.Tensor]]] = []
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == 0:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
             names = {id(p): n for n, p in pl_module.named_parameters()}
             self.state = [
                 {n: {k: v.clone() for k, v in o.state[p].items()} for g in o.param_groups for p in g["params"]

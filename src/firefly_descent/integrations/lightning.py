@@ -4,9 +4,11 @@
 
 What the callback does, and why each piece is where it is:
 
-* **When.** At the end of training epoch ``E`` (1-based, the schedule of the project's own loop): ``at=[2, 4]``
-  grows after epochs 2 and 4; ``every=N`` after ``W, W + N, ...`` with ``W = warmup`` (default ``N``); never
-  after the last epoch. An epoch that already grew (the callback's state, saved in checkpoints) never grows again.
+* **When.** After training epoch ``E`` (1-based, the schedule of the project's own loop): ``at=[2, 4]`` grows
+  after epochs 2 and 4; ``every=N`` after ``W, W + N, ...`` with ``W = warmup`` (default ``N``); never after the
+  last epoch. The step runs as epoch ``E + 1`` starts, so epoch ``E``'s validation and checkpoints all see the
+  model before it, whatever hook they run in; an epoch that grew (the callback's state, saved in checkpoints)
+  never grows again.
 * **On what.** The grower reads batches of the trainer's train dataloader (``data=`` overrides it), turned into
   ``(inputs, targets)`` by ``batch=`` (default: a 2-tuple or a dict with ``input``/``target``-like keys). It grows
   the LightningModule itself, whose ``forward(inputs)`` must give the outputs ``loss_fn(outputs, targets)`` reads,
@@ -243,9 +245,12 @@ class FireflyCallback(Callback):
             _set_optimizer_layouts(pl_module, trainer.optimizers, self._layouts)
         self._layouts = None
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if epoch in self.grown_after or not self.grows_after(epoch, trainer.max_epochs):
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Growth after epoch E runs as epoch E + 1 starts: after E's validation and checkpoints (a checkpoint of
+        epoch E holds the model before this growth, which a resumed run then redoes identically), before any
+        loader iterator of epoch E + 1 is open."""
+        epoch = trainer.current_epoch  # training epochs completed
+        if epoch < 1 or epoch in self.grown_after or not self.grows_after(epoch, trainer.max_epochs):
             return
         rec = self.grow(trainer, pl_module)
         self.grown_after.append(epoch)
