@@ -21,6 +21,7 @@ from firefly_descent.engine import growth_history  # noqa: E402
 from firefly_descent.integrations.lightning import (  # noqa: E402
     CHECKPOINT_KEY,
     FireflyCallback,
+    default_batch,
     load_grown,
 )
 from firefly_descent.train.hashing import architecture_hash  # noqa: E402
@@ -237,3 +238,20 @@ def test_ddp_two_cpu_processes_grow_identically(tmp_path: Path) -> None:
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def test_schedule_follows_the_project_loop_and_bad_arguments_say_so() -> None:
+    at = FireflyCallback("random", at=[3, 1, 3])
+    assert [e for e in range(1, 8) if at.grows_after(e, 5)] == [1, 3]
+    every = FireflyCallback("random", every=2)
+    assert [e for e in range(1, 10) if every.grows_after(e, 8)] == [2, 4, 6]  # never after the last epoch
+    warm = FireflyCallback("random", every=3, warmup=1)
+    assert [e for e in range(1, 10) if warm.grows_after(e, None)] == [1, 4, 7]
+    for kwargs, msg in [({}, "give at="), ({"at": [1], "every": 2}, "give at="), ({"every": 0}, "every must be"),
+                        ({"at": [1], "warmup": 2}, "only used with every")]:
+        with pytest.raises(ValueError, match=msg):
+            FireflyCallback("random", **kwargs)
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert default_batch((x, y)) == (x, y) and default_batch({"input": x, "labels": y}) == (x, y)
+    with pytest.raises(TypeError, match="pass batch="):
+        default_batch(x)

@@ -52,7 +52,7 @@ from ..methods.base import Grower, make_grower
 from ..plan import Plan
 from ..train.hashing import ArchitectureMismatchError, architecture_hash
 
-__all__ = ["CHECKPOINT_KEY", "FireflyCallback", "load_grown", "optimizer_layouts", "replay_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "FireflyCallback", "default_batch", "load_grown", "optimizer_layouts", "replay_checkpoint"]
 
 CHECKPOINT_KEY = "firefly_growth"  # the key of a Lightning checkpoint that holds the growth history
 
