@@ -171,7 +171,7 @@ def _numeric(rec: dict[str, Any]) -> dict[str, float]:
 
 
 class FireflyCallback(Callback):
-    """Grow the model at epoch ends on a schedule (module docstring: data, optimizers, DDP, checkpoints)."""
+    """Grow the model between epochs on a schedule (module docstring: data, optimizers, DDP, checkpoints)."""
 
     def __init__(
         self,
