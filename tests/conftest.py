@@ -56,6 +56,8 @@ SLOW_TESTS = (
     "tests/test_cellsearch_growth.py::test_all_kinds_over_rounds_keep_the_genotype_shared_and_edges_fit_widened_cells",
     # torch.compile after growth: refusing an unusable backend stays fast
     "tests/test_precision.py::test_compiled_model_is_recompiled_after_growth_and_matches_eager",
+    # Lightning DDP: two processes started by Lightning (~30 s); the single-process Lightning tests stay fast
+    "tests/test_integration_lightning.py::test_ddp_two_cpu_processes_grow_identically",
 )
 
 

@@ -1,3 +1,7 @@
-"""Growth inside the training stacks people use: `integrations.lightning` (PyTorch Lightning callback) and
-`integrations.hf` (transformers.Trainer callback). Each is imported on its own, so neither framework is
-needed to use the other or the rest of the library (install the `[lightning]` or `[hf]` extra)."""
+"""Growth inside training frameworks that own the optimizer, the DDP wrapper and the checkpoints.
+
+Each integration is its own module with an optional dependency, imported only when asked for:
+``firefly_descent.integrations.lightning`` (``pip install "firefly-descent[lightning]"``) and
+``firefly_descent.integrations.hf`` (``pip install "firefly-descent[hf]"``). Nothing is imported here, so
+``import firefly_descent`` never needs either framework.
+"""
