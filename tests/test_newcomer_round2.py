@@ -131,7 +131,7 @@ def test_docs_say_firefly_batch_mode_does_not_calibrate():
     assert 'except Firefly with its default `bn_mode="batch"`' in flat
     arch = " ".join((ROOT / "docs" / "architecture.md").read_text().split())
     assert "old weights and BatchNorm statistics frozen" not in arch
-    assert '`bn_mode="batch"`, the default, normalises with each batch\'s statistics' in arch
+    assert '`bn_mode="batch"`, the default, normalises with batch statistics' in arch
     assert "calibrated after each growth (`growth.calibrate_new_bn`)" not in (DEFAULT_RUN / "README.md").read_text()
 
 
