@@ -56,13 +56,14 @@ class Then(nn.Sequential):
         """Public data attributes and submodules of the first (followed) module stay reachable through
         `Then`, because a parent's forward may read them (`nn.TransformerEncoder` reads
         `self.layers[0].self_attn`). Only names `nn.Module` cannot resolve fall through; private and
-        dunder names (copy/pickle protocols, hooks, parametrizations) and methods never do, so `Then` is
-        not mistaken for the module it wraps (e.g. a second `reset_parameters`)."""
+        dunder names (copy/pickle protocols, hooks, parametrizations), child indices and methods never do,
+        so `Then` is not mistaken for the module it wraps (e.g. a second `reset_parameters`)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules")  # absent while unpickling: never recurse
-            first = modules.get("0") if modules and not name.startswith("_") else None
+            public = name.isidentifier() and not name.startswith("_")  # never "1": add_module's own check
+            first = modules.get("0") if modules and public else None
             if first is None:
                 raise
             value = getattr(first, name)
