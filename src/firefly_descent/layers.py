@@ -6,6 +6,7 @@ They are ordinary `nn.Module`s (no hooks or parametrisations), so grown models k
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,25 @@ class Then(nn.Sequential):
         for m in list(self)[1:]:
             out = m(out)
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        """Public data attributes and submodules of the first (followed) module stay reachable through
+        `Then`, because a parent's forward may read them (`nn.TransformerEncoder` reads
+        `self.layers[0].self_attn`). Only names `nn.Module` cannot resolve fall through; private and
+        dunder names (copy/pickle protocols, hooks, parametrizations), child indices and methods never do,
+        so `Then` is not mistaken for the module it wraps (e.g. a second `reset_parameters`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")  # absent while unpickling: never recurse
+            public = name.isidentifier() and not name.startswith("_")  # never "1": add_module's own check
+            first = modules.get("0") if modules and public else None
+            if first is None:
+                raise
+            value = getattr(first, name)
+            if inspect.ismethod(value):
+                raise
+            return value
 
 
 class ScaledBranch(nn.Module):

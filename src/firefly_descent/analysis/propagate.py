@@ -25,7 +25,7 @@ from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchv
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
 from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, register_module_rule, rule_for
 from .shapeops import FUNCTION_RULES, METHOD_RULES
-from .trace import NO_SOURCE, as_input_tuple, source_of, trace_with_shapes
+from .trace import NO_SOURCE, as_input_tuple, module_of, source_of, trace_with_shapes
 
 Seg = tuple[Any, int]  # (group id, inner) or (None, fixed size)
 DimLayout = tuple[Seg, ...] | None
@@ -185,7 +185,8 @@ class Propagation:
         return [tuple(t.shape) if isinstance(t, TensorMetadata) else None for t in node.meta["tensor_meta"]]
 
     def block_unknown(self, node: fx.Node, what: str) -> Any:
-        reason = f"{what} at {source_of(node)} has no channel rule (register a module rule or exclude it)"
+        where = module_of(node) if node.op != "call_module" else ""
+        reason = f"{what}{where} at {source_of(node)} has no channel rule (register a module rule or exclude it)"
         for a in self.tensor_args(node):
             self.block_layout(self.env.get(a), "UnsupportedOpError", reason)
         s = self.shape(node)
@@ -230,18 +231,28 @@ class Propagation:
     # ---- driver ---------------------------------------------------------------------------------
     def run(self) -> None:
         """Propagate layouts through the graph; a rule that fails becomes one line naming the node."""
-        node = None
-        try:
-            for node in self.gm.graph.nodes:
+        for node in self.gm.graph.nodes:
+            try:
                 self._visit(node)
-        except GrowthError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a rule's own failure must not escape as a torch traceback
-            what = f"{node.op} {getattr(node.target, '__name__', node.target)}" if node is not None else "the graph"
-            msg = (str(e).strip().splitlines() or [""])[0][:200]
-            raise GrowthError(
-                f"the analysis failed at {what} ({type(e).__name__}: {msg}); exclude that module or register a rule"
-            ) from None
+            except GrowthError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a rule's own failure blocks what the node touches
+                self.env[node] = self._failed(node, e)
+
+    def _failed(self, node: fx.Node, e: Exception) -> Any:
+        """A node whose rule failed (an internal error): the groups it reads are blocked, the reason naming the
+        op, the module and the user's source line; its output is fixed, so the analysis goes on."""
+        what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
+        where = module_of(node) if node.op != "call_module" else ""
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = (
+            f"{what}{where} at {source_of(node)} cannot be analysed ({type(e).__name__}: {msg}); "
+            "exclude that module or register a rule"
+        )
+        for a in self.tensor_args(node):
+            self.block_layout(self.env.get(a), "UnsupportedOpError", reason)
+        s = self.shape(node)
+        return self.fixed(len(s)) if isinstance(s, (tuple, list)) else None
 
     def _visit(self, node: fx.Node) -> None:
         if node.op in ("placeholder", "get_attr"):

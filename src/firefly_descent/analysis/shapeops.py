@@ -339,9 +339,14 @@ def pad(a: Propagation, node: fx.Node) -> Layout | None:
 
 
 def cat(a: Propagation, node: fx.Node) -> Layout:
-    tensors = list(node.args[0])
     out_s = a.shape(node)
     n = len(out_s)
+    # torch.cat skips 1-d empty tensors of any rank (a key/value cache starts as `torch.tensor([])`)
+    tensors = [t for t in node.args[0] if not (n != 1 and a.shape(t) == (0,))]
+    if any(a.shape(t) is None or len(a.shape(t)) != n for t in tensors):
+        for t in a.tensor_args(node):
+            a.block_layout(a.env.get(t), "UnsupportedOpError", f"{source_of(node)} concatenates tensors of other ranks")
+        return a.fixed(n)
     dim = a.norm_dim(_arg(node, 1, "dim", 0), n)
     segs: list[Seg] = []
     for t in tensors:

@@ -217,7 +217,7 @@ def trace_with_shapes(
     and the reason.
     """
     inputs = as_input_tuple(example_inputs)
-    meta_model = meta_copy(model)
+    meta_model = _unwrapped_forward(meta_copy(model))
     meta_inputs = [torch.empty_like(t, device="meta") for t in inputs]
     defaults = _defaulted_args(meta_model, len(inputs))
     tracer = _Tracer(extra_leaves, leaf_names or set(), stack_traces, is_leaf)
@@ -252,6 +252,44 @@ def trace_with_shapes(
             f"on meta tensors: {_one_line(cause)}"
         ) from None
     return gm
+
+
+def _unwrapped_forward(model: nn.Module) -> nn.Module:
+    """`model` (a meta copy), its class's forward undecorated when a decorator wraps it in `(*args, **kwargs)`
+    (Hugging Face's `can_return_tuple`): torch.fx patches the wrapper's code with the inner signature's
+    arguments and fails. Only the analysis's copy changes; the decorators only shape the output container."""
+    cls = type(model)
+    inner = inspect.unwrap(cls.forward)
+    if inner is cls.forward:
+        return model
+    model.__class__ = type(cls.__name__, (cls,), {"forward": _fixed_arity(inner), "__module__": cls.__module__})
+    return model
+
+
+def _fixed_arity(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` without its `*args`/`**kwargs` (they stay empty): torch.fx would make them proxies, and a
+    `**kwargs` passed on to a submodule cannot be unpacked while tracing. A `use_cache` argument defaults
+    to False (a Hugging Face key/value cache object cannot be traced, and one forward needs none)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    kept = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(kept) == len(params) or not kept:
+        return fn
+    defaults = {p.name: p.default for p in kept if p.default is not p.empty}
+    if "use_cache" in defaults:  # Hugging Face: a key/value cache object cannot be traced, and one call needs none
+        defaults["use_cache"] = False
+    heads, calls, star = [], [], False
+    for i, p in enumerate(kept):
+        if p.kind == p.KEYWORD_ONLY and not star:
+            heads.append("*")
+            star = True
+        heads.append(f"{p.name}=_d[{p.name!r}]" if p.name in defaults else p.name)
+        calls.append(p.name if i == 0 or p.kind == p.POSITIONAL_ONLY else f"{p.name}={p.name}")
+    namespace: dict[str, Any] = {"_d": defaults, "_fn": fn}
+    exec(f"def forward({', '.join(heads)}):\n    return _fn({', '.join(calls)})\n", namespace)  # noqa: S102
+    out = namespace["forward"]
+    out.__qualname__, out.__doc__ = fn.__qualname__, fn.__doc__
+    return out
 
 
 def _defaulted_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
@@ -295,7 +333,8 @@ def source_of(node: fx.Node) -> str:
         return f"node {node.name} {NO_SOURCE}"
     trace = node.stack_trace or ""
     lines = trace.splitlines()
-    for i, line in enumerate(lines):
+    found = ""
+    for i, line in enumerate(lines):  # outermost first: the last user frame is the line that made the node
         line = line.strip()
         if line.startswith("File ") and f"{os.sep}torch{os.sep}" not in line and _HERE not in line:
             try:
@@ -303,6 +342,14 @@ def source_of(node: fx.Node) -> str:
                 lineno = line.split("line ")[1].split(",")[0]
             except IndexError:
                 continue
+            if path.startswith("<"):  # generated code (the analysis's own forward wrapper)
+                continue
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return f"{os.path.basename(path)}:{lineno} `{code}`"
-    return f"node {node.name} ({node.target})"
+            found = f"{os.path.basename(path)}:{lineno} `{code}`"
+    return found or f"node {node.name} ({node.target})"
+
+
+def module_of(node: fx.Node) -> str:
+    """` in module 'a.b'`: the innermost module whose forward made `node` ("" at the model's own forward)."""
+    stack = [p for p in (node.meta.get("nn_module_stack") or {}) if p]
+    return f" in module {stack[-1]!r}" if stack else ""

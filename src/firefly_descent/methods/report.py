@@ -111,6 +111,8 @@ class GrowthReport:
             lines.append(f"  check: empty ({self.extra.get('empty_reason') or 'the plan changes nothing'})")
         for group, why in sorted((self.extra.get("skipped_groups") or {}).items()):
             lines.append(f"  skipped {group}: {why}")
+        for what, why in sorted((self.extra.get("skipped_candidates") or {}).items()):
+            lines.append(f"  skipped {what}: {why}")
         if s is not None and s.outcome not in ("empty",):
             hb, ha = s.heldout_before, s.heldout_after
             held = ""

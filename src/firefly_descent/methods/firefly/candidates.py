@@ -31,6 +31,7 @@ from ...analysis import Group, GrowthGraph
 from ...analysis.rules import is_attention, is_post_norm, is_residual, rule_for
 from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
+from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits, Plan, Split
 
 
@@ -402,6 +403,7 @@ class DepthCandidates:
     specs: list[dict[str, Any]]
     layers: list[nn.Module]
     sources: list[nn.Module | None] = field(default_factory=list)  # per copied block: its source as it was
+    skipped: dict[str, str] = field(default_factory=dict)  # boundary -> why no candidate could go after it
 
     def trainables(self) -> list[nn.Parameter]:
         out = []
@@ -503,17 +505,28 @@ def build_depth_candidates(
     """A copy of `model` with a residual candidate (scale 0: exact) after each of `after`; `block` picks
     each body (see `depth_block_spec`). A new transformer block (a copy, spec type "copy") is trained in its
     own parameters, its residual outputs W = (alpha + g) V with V = `init_scale` times the copied block's
-    (a parametrisation, like a Residual's scale): exact at alpha = 0."""
-    net = copy.deepcopy(model)
-    if hasattr(net, "_firefly_history"):
-        net._firefly_history = []
-    plan = plan_deepen(graph, after, "residual", scale=0.0)
-    specs = [depth_block_spec(graph, model, a, block) for a in after]
-    for layer, spec in zip(plan.layers, specs):
-        layer.spec = spec
-        if spec["type"] == "copy":
-            layer.kind = "copy"
-    apply(net, plan, example_inputs=example_inputs, record=False)
+    (a parametrisation, like a Residual's scale): exact at alpha = 0. A candidate that cannot be built or
+    inserted (a GrowthError) is left out, its reason in `skipped`: one bad boundary never fails the step."""
+    skipped: dict[str, str] = {}
+    kept: list[tuple[str, dict[str, Any]]] = []
+    for a in after:
+        try:
+            plan_deepen(graph, [a], "residual", scale=0.0)  # a boundary carrying one group's units
+            kept.append((a, depth_block_spec(graph, model, a, block)))
+        except GrowthError as e:
+            skipped[a] = f"no new block after it: {e}"
+    net = _depth_net(model, graph, kept, example_inputs)
+    if net is None:  # one insertion breaks the model: find which, on their own (RNG state kept as it was)
+        with torch.random.fork_rng(devices=[]):
+            for a, spec in list(kept):
+                try:
+                    _depth_net(model, graph, [(a, spec)], example_inputs, single=True)
+                except GrowthError as e:
+                    skipped[a] = f"no new block after it: {e}"
+                    kept.remove((a, spec))
+        net = _depth_net(model, graph, kept, example_inputs, single=True)
+    assert net is not None
+    after, specs = [a for a, _ in kept], [spec for _, spec in kept]
     for p in net.parameters():
         p.requires_grad_(False)
     bank = GateBank()
@@ -544,7 +557,33 @@ def build_depth_candidates(
         layer.scale.requires_grad_(True)
         parametrize.register_parametrization(layer, "scale", _GatedScale(bank, "layer", i))
         layers.append(layer)
-    return DepthCandidates(net, bank, list(after), specs, layers, sources)
+    return DepthCandidates(net, bank, list(after), specs, layers, sources, skipped)
+
+
+def _depth_net(
+    model: nn.Module,
+    graph: GrowthGraph,
+    kept: list[tuple[str, dict[str, Any]]],
+    example_inputs: tuple[torch.Tensor, ...],
+    single: bool = False,
+) -> nn.Module | None:
+    """A copy of `model` with the blocks `kept` (boundary, spec) inserted at scale 0; None when inserting
+    them all fails (unless `single`: then the GrowthError propagates, to name the candidate at fault)."""
+    net = copy.deepcopy(model)
+    if hasattr(net, "_firefly_history"):
+        net._firefly_history = []
+    plan = plan_deepen(graph, [a for a, _ in kept], "residual", scale=0.0)
+    for layer, (_, spec) in zip(plan.layers, kept):
+        layer.spec = spec
+        if spec["type"] == "copy":
+            layer.kind = "copy"
+    try:
+        apply(net, plan, example_inputs=example_inputs, record=False)
+    except GrowthError:
+        if single:
+            raise
+        return None
+    return net
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:

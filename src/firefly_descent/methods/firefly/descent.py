@@ -215,6 +215,14 @@ class Firefly(Grower):
                         model, graph, after, x, cfg.init_layer_scale, block=cfg.depth_block
                     )
                     current_sync().broadcast(depth_c.trainables())
+                if depth_c.skipped:  # candidates that could not be built or inserted: dropped, with why
+                    report.extra.setdefault("skipped_candidates", {}).update(
+                        {f"new layer after {a}": why for a, why in depth_c.skipped.items()}
+                    )
+                if not depth_c.after:
+                    depth_c = None
+            if depth_c is not None:
+                after = depth_c.after
                 if width_c is None:
                     batches, score_batches = self._size(
                         depth_c.net, model, x, batches, score_batches, epoch, guard, report
