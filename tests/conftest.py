@@ -56,6 +56,14 @@ SLOW_TESTS = (
     "tests/test_cellsearch_growth.py::test_all_kinds_over_rounds_keep_the_genotype_shared_and_edges_fit_widened_cells",
     # torch.compile after growth: refusing an unusable backend stays fast
     "tests/test_precision.py::test_compiled_model_is_recompiled_after_growth_and_matches_eager",
+    # cell search resumed after growing wider and new cells: random search's resume and each kind alone stay fast
+    "tests/test_cellsearch_growth.py::test_search_with_wider_and_new_cells_resumes_to_the_same_result",
+    # DDP: a killed rank resumed with another process count; two ranks matching one process stays fast
+    "tests/test_distributed.py::test_kill_one_rank_then_resume_with_another_process_count",
+    # a grown stage's new units exact at zero amplitude: the splits-exact test of the same stage stays fast
+    "tests/test_depth_growth.py::test_stage_with_an_inserted_block_gets_new_units_exactly_at_zero_amplitude",
+    # Firefly cell growth lowering the loss: the score = finite difference test stays fast
+    "tests/test_darts.py::test_firefly_cell_growth_keeps_best_edges_and_lowers_the_loss",
     # Lightning DDP: two processes started by Lightning (~30 s); the single-process Lightning tests stay fast
     "tests/test_integration_lightning.py::test_ddp_two_cpu_processes_grow_identically",
 )

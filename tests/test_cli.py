@@ -81,7 +81,7 @@ def tiny(**sections: Any) -> dict[str, Any]:
         "optim": {"name": "sgd", "lr": 0.05},
         "schedule": {"name": "step", "milestones": [0.5]},
         "growth": {"method": "cli-widen", "at": [2]},
-        "train": {"epochs": 3, "seed": 3},
+        "train": {"epochs": 3, "seed": 3, "threads": 1},  # one thread: subprocess runs stay fast on a busy CPU
         "checkpoint": {"keep_last": 2},
     }
     for key, value in sections.items():
