@@ -11,13 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis import GrowthGraph
 from .analysis.graph import Group
-from .analysis.trace import as_input_tuple
+from .cost import count_flops as count_flops  # re-exported: FLOPs are counted in cost.py
 from .cost import plan_cost
 from .errors import GrowthError
 from .plan import GroupChange, NewUnits, Plan
@@ -28,31 +26,6 @@ BUDGET_KINDS = ("ratio", "units", "params", "flops")
 def count_params(model: nn.Module) -> int:
     """Number of trainable and frozen parameters (buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
-    """FLOPs of one forward pass (per sample by default), counted by `torch.utils.flop_counter`.
-
-    A model on the meta device is counted as it is; a real model runs one sample (eval mode, no grad),
-    which is much cheaper than deep-copying it to the meta device.
-    """
-    inputs = as_input_tuple(example_inputs)
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta:
-        run = [torch.empty_like(t, device="meta") for t in inputs]
-    else:
-        run = [t[:1] if per_sample and t.dim() > 0 else t for t in inputs]
-    counter = FlopCounterMode(display=False)
-    was = model.training
-    model.eval()
-    try:
-        with counter, torch.no_grad():
-            model(*run)
-    finally:
-        model.train(was)
-    total = counter.get_total_flops()
-    batch = run[0].shape[0] if run and run[0].dim() > 0 else 1
-    return int(total // max(1, batch)) if per_sample else int(total)
 
 
 def unit_param_cost(group: Group, model: nn.Module) -> int:

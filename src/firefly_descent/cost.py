@@ -259,17 +259,29 @@ def _measured_plan_cost(model: nn.Module, plan: Plan, example_inputs: Any) -> Pl
     meta = meta_copy(model)
     apply(meta, plan, verify=False, record=False)
     params = sum(p.numel() for p in meta.parameters()) - sum(p.numel() for p in model.parameters())
-    return PlanCost(params, _count_meta(meta, inputs) - flop_profile(model, example_inputs).total, measured=True)
+    return PlanCost(params, count_flops(meta, inputs) - flop_profile(model, example_inputs).total, measured=True)
 
 
-def _count_meta(model: nn.Module, inputs: list[torch.Tensor]) -> int:
+def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) -> int:
+    """FLOPs of one forward pass (per sample by default), counted by `torch.utils.flop_counter`.
+
+    A model on the meta device is counted as it is; a real model runs one sample (eval mode, no grad),
+    which is much cheaper than deep-copying it to the meta device.
+    """
+    inputs = as_input_tuple(example_inputs)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:
+        run = [torch.empty_like(t, device="meta") for t in inputs]
+    else:
+        run = [t[:1] if per_sample and t.dim() > 0 else t for t in inputs]
     counter = FlopCounterMode(display=False)
     was = model.training
     model.eval()
     try:
         with counter, torch.no_grad():
-            model(*inputs)
+            model(*run)
     finally:
         model.train(was)
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 1
-    return int(counter.get_total_flops() // max(1, batch))
+    total = counter.get_total_flops()
+    batch = run[0].shape[0] if run and run[0].dim() > 0 else 1
+    return int(total // max(1, batch)) if per_sample else int(total)
