@@ -221,9 +221,11 @@ class Propagation:
         return rule(self, node)
 
     def call_method(self, node: fx.Node) -> Any:
-        if self.shape(node) is None:
-            return None
         rule = METHOD_RULES.get(str(node.target))
+        if self.shape(node) is None:
+            if rule is None and isinstance(node.meta.get("tensor_meta"), (tuple, list)):  # x.split(…), x.chunk(…)
+                return self.block_unknown(node, f"method .{node.target}()")
+            return None
         if rule is None:
             return self.block_unknown(node, f"method .{node.target}()")
         return rule(self, node)
