@@ -163,10 +163,12 @@ def test_tiny_language_models_analyse_and_blocked_groups_say_where(kind):
     model = _hf(kind)
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     graph = ff.analyze(model, ids)
-    if kind == "gpt2":  # no rule yet for transformers' Conv1D: it is traced into, and its addmm blocks the stream
-        kind_, why = graph["transformer.wte"].blocked
-        assert kind_ == "UnsupportedOpError" and "addmm in module 'transformer.h.0.attn.c_attn'" in why, why
-        assert "pytorch_utils.py:" in why
+    if kind == "gpt2":  # transformers' Conv1D has a rule (transformers_rules.py): the stream and the MLPs grow
+        assert graph["transformer.wte"].blocked is None and graph["transformer.wte"].width == 32
+        mlp = [g for g in graph.growable() if g.name.endswith("mlp.c_fc")]
+        assert len(mlp) == 2 and all(g.width == 128 for g in mlp)
+        kind_, why = graph["transformer.h.0.attn.c_attn"].blocked  # q/k/v split out of one tensor
+        assert kind_ == "UnsupportedOpError" and "method .split()" in why, why
     for g in graph.groups.values():
         if g.blocked is None:
             continue
@@ -219,3 +221,22 @@ def test_cat_skips_a_legacy_empty_tensor():
 
     graph = ff.analyze(Net(), torch.randn(2, 4))
     assert graph["a"].blocked is None and graph["a"].width == 6
+
+
+def test_a_tensor_method_that_returns_several_tensors_blocks_what_it_reads():
+    """`x.chunk(2, dim=-1)` (GLU, GPT-2's q/k/v `.split`): no rule says which units each piece holds, so the
+    group it reads is blocked; before, its tuple output silently dropped the group's layout (growable, wrong)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            u, v = self.a(x).chunk(2, dim=-1)
+            return self.b(u * torch.sigmoid(v))
+
+    graph = ff.analyze(Net(), torch.randn(2, 4))
+    kind, why = graph["a"].blocked
+    assert kind == "UnsupportedOpError" and "method .chunk()" in why and "test_transformer_robustness.py:" in why
+    assert [g.name for g in graph.growable()] == []

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..errors import GrowthError
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
 from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
+from . import transformers_rules as _transformers  # noqa: F401 - rules for transformers' own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
 from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, register_module_rule, rule_for
 from .shapeops import FUNCTION_RULES, METHOD_RULES
@@ -221,9 +222,11 @@ class Propagation:
         return rule(self, node)
 
     def call_method(self, node: fx.Node) -> Any:
-        if self.shape(node) is None:
-            return None
         rule = METHOD_RULES.get(str(node.target))
+        if self.shape(node) is None:
+            if rule is None and isinstance(node.meta.get("tensor_meta"), (tuple, list)):  # x.split(…), x.chunk(…)
+                return self.block_unknown(node, f"method .{node.target}()")
+            return None
         if rule is None:
             return self.block_unknown(node, f"method .{node.target}()")
         return rule(self, node)
