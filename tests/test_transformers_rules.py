@@ -16,6 +16,8 @@ from firefly_descent.methods import make_grower
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+import firefly_descent.analysis.transformers_rules  # noqa: E402, F401 - registers (analyze does it when transformers is imported)
+
 MLP = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
 
 

@@ -12,7 +12,9 @@ with the reason.
 
 from __future__ import annotations
 
+import importlib
 import operator
+import sys
 from typing import Any
 
 import torch.fx as fx
@@ -22,7 +24,6 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..errors import GrowthError
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
 from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
-from . import transformers_rules as _transformers  # noqa: F401 - rules for transformers' own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
 from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, register_module_rule, rule_for
 from .shapeops import FUNCTION_RULES, METHOD_RULES
@@ -325,6 +326,13 @@ class Propagation:
         return out
 
 
+def _load_optional_rules() -> None:
+    """Register the rules for transformers' own layers once a model could use them: only when the user's code
+    has imported transformers (importing it here would cost every analysis a second of start-up)."""
+    if "transformers" in sys.modules:
+        importlib.import_module(".transformers_rules", __package__)
+
+
 def analyze(
     model: nn.Module,
     example_inputs: Any,
@@ -335,6 +343,7 @@ def analyze(
 
     `exclude` names submodules to treat as opaque: groups touching them cannot grow.
     """
+    _load_optional_rules()
     excluded = set(exclude or [])
     extra = leaf_types()
     gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, is_leaf=is_leaf)
