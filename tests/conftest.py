@@ -28,7 +28,7 @@ def raw_plans(monkeypatch):
 # test_distributed_cli.py, test_safety.py's torchvision models). An id without "[...]" covers every parametrization.
 # Every behaviour keeps at least one fast test; the comments say which.
 SLOW_TESTS = (
-    # the safeguard on a residual net and VGG-19: the same checks stay fast on vgg11-bn-linear and mlp
+    # the safeguard on a residual net and VGGs: it stays fast on mlp (Firefly), vgg11-bn-linear (random, net2net)
     "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-splitting-fast]",
     "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-nash]",
     "tests/test_safety.py::test_every_function_changing_grower_is_safe[our-resnet18-gradmax]",
@@ -40,6 +40,7 @@ SLOW_TESTS = (
     "tests/test_safety.py::test_every_function_changing_grower_is_safe[vgg11-bn-linear-nash]",
     "tests/test_safety.py::test_firefly_default_step_is_safe_and_predicted[our-resnet18]",
     "tests/test_safety.py::test_firefly_default_step_is_safe_and_predicted[vgg19-bn]",
+    "tests/test_safety.py::test_firefly_default_step_is_safe_and_predicted[vgg11-bn-linear]",
     # subprocess CLI runs: a killed run resumes identically (test_train's resume tests stay fast), errors
     # without traceback (in-process one-line error tests stay fast), no torch import for --help (subprocesses)
     "tests/test_cli.py::test_killed_run_resumes_to_identical_result",
