@@ -140,8 +140,24 @@ def build_config(
                 "name": "replayed-architecture",
                 "kwargs": {"base": arch["name"], "base_kwargs": arch["kwargs"], "history": arch["growth_history"]},
             }
+    if m.budget_of is not None:
+        spent = _round_params(suite, method, m.budget_of, seed, preset, results)
+        raw["growth"]["budgets"] = [f"params:{n}" for n in spent]
     cfg = load_config(raw, list(overrides))
     return jsonable(config_to_dict(cfg))
+
+
+def _round_params(suite: str, method: str, source: str, seed: int, preset: str, results: Path | None) -> list[int]:
+    """Parameters the finished `source` run (same suite, seed and preset) added in each growth round (at least
+    1: a round the safeguard undid gives the peer a budget nothing fits)."""
+    src = result_path(results or HERE / "results", suite, source, seed)
+    prior = read_json(src)
+    if not (prior and prior.get("preset") == preset and prior.get("growths")):
+        raise SkipRun(
+            f"{method} (seed {seed}) is budget-matched to the finished {source} run of the same seed and preset "
+            f"({src} is missing or from another preset); run `--methods {source}` first"
+        )
+    return [max(1, int(g["params_after"]) - int(g["params_before"])) for g in prior["growths"]]
 
 
 # --------------------------------------------------------------------------- training suites

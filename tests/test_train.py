@@ -375,6 +375,47 @@ def test_param_target_stops_growth_and_lr_continues(tmp_path):
     assert rows[-1]["lr"] < 0.01  # the last phase ran to the end of the run (cosine annealed)
 
 
+def test_budget_schedule_gives_each_growth_step_its_own_budget(tmp_path):
+    """growth.budgets: step k spends at most budgets[k] (here parameters), close to all of it; later steps fall
+    back to the grower's own budget; the schedule survives a resume (the step index is the run's growth count)."""
+    budgets = ["params:300", "params:900"]
+    cfg = tiny(
+        growth={"method": "random", "kwargs": {"budget": 0.25}, "max_growths": 3, "budgets": budgets},
+        train={"epochs": 4},
+    )
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    growths = read_jsonl(out / "growth.jsonl")
+    assert len(growths) == 3
+    for g, limit in zip(growths, (300, 900)):
+        # the budget prices each unit at the current widths (layer 1: 64 in + 1 bias + w2 out; layer 2: w1 in + 1 +
+        # 10 out); units added to both layers at once also meet each other: k1 * k2 more weights
+        (w1, w2), (a1, a2) = g["widths_before"].values(), g["widths_after"].values()
+        k1, k2 = a1 - w1, a2 - w2
+        priced = k1 * (64 + 1 + w2) + k2 * (w1 + 1 + 10)
+        assert g["params_after"] - g["params_before"] == priced + k1 * k2
+        assert limit - (64 + 1 + w2) < priced <= limit  # all of the step's budget that fits, no more
+    widths = growths[2]["widths_before"]
+    assert sum(growths[2]["widths_after"].values()) - sum(widths.values()) == int(0.25 * sum(widths.values()))
+    # killed right after the first growth and resumed: same schedule, same model
+    ref = final_state(out)
+    for p in list_checkpoints(out)[2:]:
+        p.unlink()
+    (out / "summary.json").unlink()
+    resume(out, progress=False)
+    assert state_equal(final_state(out), ref)
+    assert strip_times(read_jsonl(out / "growth.jsonl")) == strip_times(growths)
+
+
+def test_budget_schedule_errors_name_the_key(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^growth.budgets\[1\]: cannot read a budget from 'lots'"):
+        train(tiny(growth={"method": "random", "budgets": ["params:300", "lots"]}), out, progress=False)
+    with pytest.raises(ConfigError, match=r"^growth.budgets: growth method 'test-noop' has no budget to replace"):
+        train(tiny(growth={"method": "test-noop", "budgets": [0.5]}), out, progress=False)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
 def test_optimizers_and_label_smoothing(tmp_path, optim):
     cfg = tiny(

@@ -34,6 +34,9 @@ class Method:
     model: dict[str, Any] | None = None  # model kwargs replacing the suite's (controls)
     replay_of: str | None = None
     growth: dict[str, Any] = field(default_factory=dict)  # growth-config keys replacing the suite's (ablations)
+    # budget-matched peer: each growth round may add as many parameters as the run of method `budget_of` with the
+    # same seed added in that round (growth.budgets); the method chooses where
+    budget_of: str | None = None
     note: str = ""
 
 

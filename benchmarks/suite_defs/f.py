@@ -56,6 +56,12 @@ SUITE = Suite(
     ),
     methods={
         **pick(growers_width(), ("firefly", "random", "random-matched", "net2net", "splitting-fast", "tiny")),
+        "tiny-matched": Method(
+            "tiny",
+            {"holdout": 2},
+            budget_of="firefly",
+            note="TINY budget-matched: each round adds the parameters the firefly run of the same seed added",
+        ),
         "static-small": static_small(),
         "static-wide": Method(
             "static",

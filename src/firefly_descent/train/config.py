@@ -115,6 +115,10 @@ class GrowthConfig:
     warmup_epochs: int | None = None
     at: list[int] | None = None
     max_growths: int | None = None
+    # one budget per growth step, replacing the grower's own (`growth.kwargs.budget`) at that step: step k uses
+    # budgets[k] (0.35, "params:20000", ...), later steps the grower's own. How a suite gives every method the
+    # parameters another method's run spent in each round (budget-matched peers)
+    budgets: list[Any] | None = None
     max_params: int | None = None
     max_flops: int | None = None
     refresh_bn: bool = True

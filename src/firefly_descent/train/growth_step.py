@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..budget import Budget
 from ..engine import calibrate_new_batchnorm, growth_history, new_norm_channels, refresh_batchnorm
 from .checkpoint import jsonable
 from .device import DeviceLoader
@@ -51,6 +52,11 @@ def grow(run: Run) -> None:
     if getattr(grower, "needs_validation", False):
         grower.val_data = DeviceLoader(s.val_loader, run.device)
     grower.epoch_batches = len(s.train_loader)  # for growers that size their work in epochs
+    if cfg.growth.budgets is not None and run.num_growths < len(cfg.growth.budgets):
+        # this step's budget (setup checked the grower has one); per-group pools stay as the grower set them
+        per_group = grower.budget.per_group
+        grower.budget = Budget.parse(cfg.growth.budgets[run.num_growths])
+        grower.budget.per_group = per_group
     t0 = time.perf_counter()
     run.model.train()
     n_plans = len(growth_history(run.model))

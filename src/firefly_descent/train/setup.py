@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..budget import Budget
 from ..data import DatasetError, load_dataset, make_loaders
+from ..errors import GrowthError
 from ..methods import available_growers, make_grower
 from ..methods.base import grower_takes
 from ..models import available_models, build_model, model_spec
@@ -131,7 +133,22 @@ def _make_grower(cfg: Config) -> Any:
             grower.set_safeguard(calibrate_new_bn=g.calibrate_new_bn is not False, refresh_bn=g.refresh_bn)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"growth.kwargs: {' '.join(str(e).split())}") from None
+    if g.budgets is not None:
+        _check_budgets(g.method, grower, g.budgets)
     return grower
+
+
+def _check_budgets(method: str, grower: Any, budgets: Any) -> None:
+    """`growth.budgets` needs a grower with a `Budget` and a list of readable budget specs."""
+    if not isinstance(budgets, list):
+        raise ConfigError(f"growth.budgets: expected a list with one budget per growth step, not {budgets!r}")
+    if not isinstance(getattr(grower, "budget", None), Budget):
+        raise ConfigError(f"growth.budgets: growth method {method!r} has no budget to replace; drop growth.budgets")
+    for k, spec in enumerate(budgets):
+        try:
+            Budget.parse(spec)
+        except GrowthError as e:
+            raise ConfigError(f"growth.budgets[{k}]: {e}") from None
 
 
 def _check_limits(cfg: Config, model: nn.Module, example_inputs: torch.Tensor) -> None:
