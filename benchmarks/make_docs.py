@@ -161,6 +161,66 @@ def plot_acc_vs_params(suite: Suite, ok: dict[str, list[dict[str, Any]]], path: 
     return True
 
 
+def training_flops(rec: dict[str, Any]) -> list[tuple[float, float]]:
+    """(cumulative training FLOPs, test accuracy) after each epoch of one run: 3x the forward FLOPs per sample
+    (forward and backward) times the training samples, per epoch at that epoch's size, plus each growth step
+    charged as its wall time in epochs of the epoch that follows it (its FLOPs are not counted directly)."""
+    d = rec.get("config", {}).get("data", {})
+    n = rec.get("train_samples")
+    if n is None:
+        n = round((d.get("train_subset") or 0) * (1 - (d.get("val_fraction") or 0.0)))
+    total, out = 0.0, []
+    for row in rec.get("metrics") or []:
+        if row.get("flops") is None or row.get("test_acc") is None or not n:
+            return []
+        epoch = 3.0 * float(row["flops"]) * n
+        if row.get("growth_time") and row.get("epoch_time"):
+            total += epoch * float(row["growth_time"]) / float(row["epoch_time"])
+        total += epoch
+        out.append((total, float(row["test_acc"])))
+    return out
+
+
+def plot_acc_vs_compute(suite: Suite, ok: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """The compute-matched view: test accuracy against total training FLOPs (growth included), mean over seeds
+    per epoch; static networks of the start, wider sizes and each final architecture next to the growers."""
+    curves = {}
+    for name in (n for n in suite.methods if n in ok):
+        runs = [training_flops(r) for r in ok[name]]
+        runs = [c for c in runs if c]
+        if runs:
+            k = min(len(c) for c in runs)
+            curves[name] = [
+                (sum(c[i][0] for c in runs) / len(runs), 100 * sum(c[i][1] for c in runs) / len(runs))
+                for i in range(k)
+            ]
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, pts) in enumerate(curves.items()):
+        m = suite.methods[name]
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            color=colors[(2 * i + i // 10) % len(colors)],
+            linestyle="-" if m.kind in ("grow", "matched") else "--",
+            label=f"{name} (n={len(ok[name])})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs (forward + backward, growth steps charged at their wall time)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Suite {suite.name}: accuracy vs training compute (mean over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_bars(
     labels: Sequence[str], values: Sequence[Sequence[float]], path: Path, ylabel: str, title: str, log: bool
 ) -> bool:
@@ -242,7 +302,7 @@ def _provenance(recs: list[dict[str, Any]]) -> list[str]:
 # two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-PAIRED_REFERENCES = ("random", "random-matched", "tiny")  # what a growth method's decisions must beat
+PAIRED_REFERENCES = ("random", "random-matched", "tiny", "tiny-matched")  # what a growth method's decisions must beat
 
 
 def ci95(values: Sequence[float]) -> tuple[float, float, float] | None:
@@ -437,6 +497,14 @@ def _training_section(
         lines.append("")
     else:
         lines.append("_Accuracy-vs-parameters plot: not run (no results)._")
+        lines.append("")
+    fig_c = img_dir / f"suite-{suite.name}-acc-vs-compute.png"
+    if suite.compute_view and plot_acc_vs_compute(suite, ok, fig_c):
+        lines.append(
+            "Accuracy against total training compute (grow, or train a network of the final size from the start?):"
+        )
+        lines.append("")
+        lines.append(f"![Suite {suite.name}: accuracy vs training compute]({_relpath(fig_c, out)})")
         lines.append("")
     grow = [n for n, m in suite.methods.items() if m.kind == "grow" and n in ok]
     if plot_bars(

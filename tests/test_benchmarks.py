@@ -55,7 +55,11 @@ def test_result_files_record_provenance(bench: Path) -> None:
     folder = bench / "results" / "B"
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
-        "firefly-arch-from-scratch-s0.json", "firefly-s0.json", "random-matched-s0.json", "static-small-s0.json"]
+        "firefly-arch-from-scratch-s0.json",
+        "firefly-s0.json",
+        "random-matched-s0.json",
+        "static-small-s0.json",
+    ]
     rec = json.loads((folder / "firefly-s0.json").read_text())
     assert rec["format"] == suites.FORMAT and rec["preset"] == "quick" and rec["seed"] == 0
     assert rec["command"].startswith("python benchmarks/suites.py --suite B")
@@ -78,8 +82,10 @@ def test_result_files_record_provenance(bench: Path) -> None:
     matched = json.loads((folder / "random-matched-s0.json").read_text())
     assert matched["config"]["growth"]["method"] == "random"
     placed = [{k: v for k, v in g["units_added"].items() if v} for g in matched["growths"]]
-    chosen = [{k: g["units_added"].get(k, 0) + g["units_split"].get(k, 0) for k in {**g["units_added"],
-               **g["units_split"]}} for g in rec["growths"]]
+    chosen = [
+        {k: g["units_added"].get(k, 0) + g["units_split"].get(k, 0) for k in {**g["units_added"], **g["units_split"]}}
+        for g in rec["growths"]
+    ]
     assert placed == [{k: v for k, v in c.items() if v} for c in chosen] and sum(placed[0].values()) > 0
     assert matched["summary"]["params"] > matched["rounds"][0]["params"]
     # anytime metrics: the growth record carries the numbers 1 epoch after it
@@ -112,12 +118,26 @@ def test_ci95_is_students_t_interval() -> None:
 
 def test_paired_section_differences_by_seed() -> None:
     def rec(method: str, seed: int, acc: float, heldout: float) -> dict:
-        growths = [{"epoch": 1, "heldout_loss_change": heldout, "after_epochs": {"1": {"test_acc": acc - 0.1},
-                                                                                 "3": {"test_acc": acc}}}]
-        return {"method": method, "seed": seed, "summary": {"final_test_acc": acc, "params": 200},
-                "growths": growths, "rounds": [{"params": 100}], "metrics": []}
-    ok = {"firefly": [rec("firefly", s, 0.5 + 0.01 * s + 0.02, -0.01) for s in range(3)],
-          "random": [rec("random", s, 0.5 + 0.01 * s, 0.0) for s in range(3)]}
+        growths = [
+            {
+                "epoch": 1,
+                "heldout_loss_change": heldout,
+                "after_epochs": {"1": {"test_acc": acc - 0.1}, "3": {"test_acc": acc}},
+            }
+        ]
+        return {
+            "method": method,
+            "seed": seed,
+            "summary": {"final_test_acc": acc, "params": 200},
+            "growths": growths,
+            "rounds": [{"params": 100}],
+            "metrics": [],
+        }
+
+    ok = {
+        "firefly": [rec("firefly", s, 0.5 + 0.01 * s + 0.02, -0.01) for s in range(3)],
+        "random": [rec("random", s, 0.5 + 0.01 * s, 0.0) for s in range(3)],
+    }
     text = "\n".join(make_docs._paired_section(suites.SUITES["B"], ok))
     # every seed +2 pt: the paired difference is exactly +2 with a zero-width interval
     assert "| `firefly` | `random` | 3 | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] |" in text
@@ -168,10 +188,24 @@ def test_suite_e_matches_budgets_and_reports_depth_decisions(tmp_path: Path, mon
     block = {"after": "features.1", "type": "dwsep", "score": -0.01, "cost": 1000.0, "score_per_cost": -1e-5}
     rec = {
         "growths": [
-            {"extra": {"depth": {"blocks": [{**block, "kept": True}], "depth_share": 0.25,
-                                 "best_width_score_per_cost": -2e-5}}},
-            {"extra": {"depth": {"blocks": [{**block, "kept": False}], "depth_share": 0.0,
-                                 "best_width_score_per_cost": -3e-5}}},
+            {
+                "extra": {
+                    "depth": {
+                        "blocks": [{**block, "kept": True}],
+                        "depth_share": 0.25,
+                        "best_width_score_per_cost": -2e-5,
+                    }
+                }
+            },
+            {
+                "extra": {
+                    "depth": {
+                        "blocks": [{**block, "kept": False}],
+                        "depth_share": 0.0,
+                        "best_width_score_per_cost": -3e-5,
+                    }
+                }
+            },
         ]
     }
     rounds = report.depth_rounds(rec)
@@ -189,3 +223,41 @@ def test_suite_c_passes_its_methods_to_growth_cost_without_writing_its_globals(t
     assert rec["cost"]["params_after"] > rec["cost"]["params_before"] > 0
     assert rec["rerun"].endswith("--methods random --seeds 2 --results " + str(tmp_path))
     assert growth_cost.METHODS == before and "tiny" not in growth_cost.METHODS
+
+
+def test_budget_matched_peer_spends_the_parameters_its_source_spent_per_round(
+    bench: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `budget_of` method gets, round by round, the parameters the same seed's source run added (growth.budgets),
+    and is skipped with the command to run first when the source run is missing."""
+    method = suite_defs.Method("random", {}, budget_of="firefly", note="test: random, budget-matched to firefly")
+    monkeypatch.setitem(suites.SUITES["B"].methods, "random-budget", method)
+    argv = _argv(bench, "random-budget")
+    results = bench / "results"
+    source = json.loads((results / "B" / "firefly-s0.json").read_text())
+    spent = [g["params_after"] - g["params_before"] for g in source["growths"]]
+    cfg = suites.build_config("B", "random-budget", 0, "quick", TINY[1::2], results)
+    assert cfg["growth"]["budgets"] == [f"params:{n}" for n in spent]
+    assert suites.main(argv) == 0
+    peer = json.loads((results / "B" / "random-budget-s0.json").read_text())
+    got = [g["params_after"] - g["params_before"] for g in peer["growths"]]
+    assert len(got) == len(spent) == 1
+    # the budget prices units at the current widths; units added to adjacent layers together add their cross terms
+    assert 0.8 * spent[0] < got[0] < 1.2 * spent[0]
+    elsewhere = [a if a != str(results) else str(bench / "elsewhere") for a in argv]
+    assert suites.main(elsewhere) == 0
+    assert "budget-matched to the finished firefly run" in capsys.readouterr().out
+
+
+def test_training_flops_count_epochs_at_their_size_and_charge_growth_by_time() -> None:
+    """3 x forward FLOPs x training samples per epoch; a growth step costs its time in epochs of the next epoch."""
+    rec = {
+        "config": {"data": {"train_subset": 1000, "val_fraction": 0.1}},
+        "metrics": [
+            {"flops": 10.0, "test_acc": 0.5, "epoch_time": 2.0},
+            {"flops": 20.0, "test_acc": 0.6, "epoch_time": 4.0, "growth_time": 1.0},
+        ],
+    }
+    first, second = 3 * 10 * 900, 3 * 20 * 900
+    assert make_docs.training_flops(rec) == [(first, 0.5), (first + second * 1.25, 0.6)]
+    assert make_docs.training_flops({**rec, "metrics": [{"test_acc": 0.5}]}) == []

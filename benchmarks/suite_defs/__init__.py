@@ -7,12 +7,23 @@ files. Adding a suite: a module here with a `Suite`, and one entry in `SUITES` (
 
 from __future__ import annotations
 
-from . import a, b, b_long, c, d, e, f
+from . import a, b, b_long, c, d, e, f, g
 from ._spec import BUDGET, CIFAR10_ENV, CIFAR100_ENV, FASHION_ROOT, PRESETS, Method, SkipRun, Suite
 
 SUITES: dict[str, Suite] = {
     s.name: s
-    for s in (a.SUITE, b.SUITE, b_long.SUITE, c.SUITE, d.SUITE, f.SUITE, e.SUITE, e.SUITE_FMNIST, e.SUITE_CIFAR100)
+    for s in (
+        a.SUITE,
+        b.SUITE,
+        b_long.SUITE,
+        c.SUITE,
+        d.SUITE,
+        f.SUITE,
+        g.SUITE,
+        e.SUITE,
+        e.SUITE_FMNIST,
+        e.SUITE_CIFAR100,
+    )
 }
 
 __all__ = [

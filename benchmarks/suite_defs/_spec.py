@@ -55,6 +55,7 @@ class Suite:
     seeds: dict[str, list[int]]
     base: Callable[[str], dict[str, Any]] | None = None
     sizes: dict[str, str] = field(default_factory=dict)
+    compute_view: bool = False  # docs: plot accuracy against total training FLOPs (make_docs.plot_acc_vs_compute)
 
 
 def dataset_root(env: str, missing: str) -> str:
