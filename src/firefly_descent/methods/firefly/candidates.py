@@ -28,7 +28,15 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
-from ...analysis.rules import is_attention, is_post_norm, is_residual, rule_for
+from ...analysis.rules import (
+    completed_roles,
+    is_attention,
+    is_post_norm,
+    is_residual,
+    rule_for,
+    splits_whole_only,
+    takes_new_units,
+)
 from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...errors import GrowthError
@@ -204,16 +212,24 @@ def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> 
 
 def block_size(group: Group) -> int | None:
     """Units per whole block Firefly grows `group` by: 1 without constraints, `head_dim` for attention heads
-    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone
-    (GroupNorm/LayerNorm/grouped-conv constraints, or a weight with one entry per block)."""
-    if not group.constraints:
-        return 1
+    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone (a
+    constraint that new units cannot meet exactly: GroupNorm, grouped conv; or a weight with one entry per
+    block). A constraint whose kind completes new units exactly (a LayerNorm'd or RMSNorm'd stream, see
+    `analysis.rules.register_constraint`) does not stand in the way."""
+    if not takes_new_units(group):
+        return None
     sizes = {c.channels_per_group for c in group.constraints if c.kind == "blocks"}
-    if len(sizes) != 1 or any(c.kind != "blocks" for c in group.constraints):
+    if len(sizes) > 1:
         return None
     if any(m.per > 1 for m in group.members if m.kind == "weight" and m.role in ("producer", "consumer")):
         return None
-    return sizes.pop()
+    return sizes.pop() if sizes else 1
+
+
+def splittable(group: Group) -> bool:
+    """Whether each unit of `group` is a split candidate of its own: not heads, and no constraint that only
+    takes whole duplication (a norm over the units)."""
+    return block_size(group) == 1 and not splits_whole_only(group)
 
 
 def _slice_numel(t: torch.Tensor, m: Any) -> int:
@@ -238,7 +254,7 @@ def build_width_candidates(
 ) -> WidthCandidates:
     """Deep-copy `model`, switch on every width candidate (off), and parametrise the perturbations."""
     changes = []
-    split_groups = {g.name for g in groups if splits and block_size(g) == 1}  # heads: new whole heads only
+    split_groups = {g.name for g in groups if splits and splittable(g)}  # heads: new whole heads only
     for g in groups:
         k = new_count.get(g.name, 0)
         changes.append(
@@ -306,6 +322,7 @@ def build_width_candidates(
             bank.add(f"new:{g.name}", K, ref)
         cands.split_dirs[g.name], cands.new_in[g.name], cands.new_out[g.name] = {}, {}, {}
         cands.new_pass[g.name] = {}
+        completed = completed_roles(g)  # the engine decides these new slices (a normalised stream's mean)
         for m in g.members:
             if K and m.role == "passthrough":
                 segs = edits[m.tensor][m.dim]
@@ -334,7 +351,7 @@ def build_width_candidates(
                     pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, split_key, -1.0, others, sc))
                     if sc is not None:
                         cands.scales[id(v)] = sc
-                if K:
+                if K and "producer" not in completed:
                     d = nn.Parameter(rand([K, *shape], "normal_in").to(device))
                     cands.new_in[g.name][m.tensor] = d
                     pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.rules import batchnorms, is_residual
+from ...analysis.rules import batchnorms, completed_roles, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -50,6 +50,7 @@ from .candidates import (
     build_depth_candidates,
     build_width_candidates,
     materialize_width,
+    splittable,
 )
 from .config import CANDIDATE_SETS, PRESETS, FireflyConfig, midpoints
 from .depth import _layer_kind, _widen_body, _widen_copy, default_depth_boundaries, depth_summary, exact_added_params
@@ -120,14 +121,14 @@ class Firefly(Grower):
         groups = []
         for g in graph.growable():
             if block_size(g) is None:
-                skipped[g.name] = "a GroupNorm/LayerNorm/grouped-conv constraint: Firefly has no candidates for it"
-            elif _feeds_itself(g, model):
+                skipped[g.name] = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
+            elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
                 skipped[g.name] = "a tensor both produces and consumes it (a square conv in a residual loop)"
             else:
                 groups.append(g)
         if not groups and self.config.candidates != "depth":
             raise GrowthError(
-                "the model has no growable group without GroupNorm/LayerNorm/grouped-conv constraints; "
+                "the model has no growable group without GroupNorm/grouped-conv constraints; "
                 "nothing for Firefly to grow"
             )
         return groups
@@ -168,7 +169,7 @@ class Firefly(Grower):
             }
             report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
                 g.name: {
-                    "splits": g.width if use_splits and per[g.name] == 1 else 0,
+                    "splits": g.width if use_splits and splittable(g) else 0,
                     "new": new_count[g.name],
                     "budget_share": self.budget.group_limit(g, groups) / max(costs[g.name], 1e-12),
                 }
@@ -197,7 +198,7 @@ class Firefly(Grower):
             with Timer(report.timings, "step_two"):
                 scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
             for g in groups:
-                if use_splits and per[g.name] == 1:  # heads are not split
+                if use_splits and splittable(g):  # heads and normalised streams are not split unit by unit
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
                         candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
                 if new_count[g.name] and per[g.name] > 1:  # a new head: one gate over its units, d/dg = the sum
