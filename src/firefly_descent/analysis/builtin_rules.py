@@ -323,6 +323,16 @@ def _post_norm_block(model: nn.Module, module: str) -> str | None:
     return None
 
 
+def mean_slice(old: torch.Tensor, dim: int) -> torch.Tensor:
+    """A LayerNorm'd group's new unit: the mean of the old units (the norm's mean is unchanged)."""
+    return old.mean(dim, keepdim=True)
+
+
+def zero_slice(old: torch.Tensor, dim: int) -> torch.Tensor:
+    """An RMSNorm'd group's new unit: zero."""
+    return torch.zeros_like(old.narrow(dim, 0, 1))
+
+
 def complete_norm_stream(what: str, centre: bool) -> Any:
     """The completion of a group normalised by LayerNorm (`centre=True`) or RMSNorm, adding n units to d.
 
@@ -393,16 +403,13 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                 if m.role != "producer" and not (m.role == "elementwise" and m.kind == "additive"):
                     continue
                 t = grown.tensor(m.tensor)
-                new = grown.positions(m, "new")
-                if not centre:
-                    t.index_fill_(m.dim, new.flatten().to(t.device), 0)
-                    continue
+                new = grown.positions(m, "new").to(t.device)
                 old = torch.cat([grown.positions(m, "old"), grown.positions(m, "twin")]).to(t.device)
                 for r in range(m.inner):
-                    mean = t.index_select(m.dim, old[:, r]).mean(m.dim, keepdim=True)
+                    value = (mean_slice if centre else zero_slice)(t.index_select(m.dim, old[:, r]), m.dim)
                     shape = list(t.shape)
                     shape[m.dim] = new.shape[0]
-                    t.index_copy_(m.dim, new[:, r].to(t.device), mean.expand(shape))
+                    t.index_copy_(m.dim, new[:, r], value.expand(shape))
             for c, mod, (attr, eps) in norms:
                 for m in g.members:
                     if m.module != c.module or m.role != "norm":
@@ -503,6 +510,7 @@ register_constraint(
     complete_norm_stream("LayerNorm", centre=True),
     completes=("producer", "elementwise"),
     whole_splits=True,
+    new_slices=mean_slice,
 )
 register_constraint(
     "rmsnorm",
@@ -510,6 +518,7 @@ register_constraint(
     complete_norm_stream("RMSNorm", centre=False),
     completes=("producer", "elementwise"),
     whole_splits=True,
+    new_slices=zero_slice,
 )
 if hasattr(nn, "RMSNorm"):
     register_rule(nn.RMSNorm, RMSNormRule())

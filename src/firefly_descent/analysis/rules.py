@@ -211,6 +211,11 @@ CONSTRAINT_COMPLETIONS: dict[str, ConstraintComplete] = {}
 COMPLETED_ROLES: dict[str, tuple[str, ...]] = {}
 # Constraint kinds under which a split must duplicate every unit of the group exactly once (or none).
 WHOLE_SPLITS: set[str] = set()
+# Constraint kind -> new_slices(old, dim): the completed producers' new-unit slice as a differentiable function
+# of the old units' slices stacked along `dim` (size 1 along `dim`; the mean, or zero). A method that perturbs
+# the old slices while it trains (an over-grown copy) applies it to keep the completion true.
+NewSlices = Callable[[torch.Tensor, int], torch.Tensor]
+NEW_SLICES: dict[str, NewSlices] = {}
 
 
 def register_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
@@ -229,14 +234,19 @@ def register_constraint(
     *,
     completes: Sequence[str] = (),
     whole_splits: bool = False,
+    new_slices: NewSlices | None = None,
 ) -> None:
     """Say how the engine validates a change to a group carrying a constraint of `kind` (`check`), and,
     optionally, how it completes an accepted change exactly (`complete`, with the member roles whose new
-    slices it decides in `completes`); `whole_splits`: a split duplicates every unit or none."""
+    slices it decides in `completes`, and `new_slices`, those slices as a function of the old ones);
+    `whole_splits`: a split duplicates every unit or none."""
     CONSTRAINT_CHECKS[kind] = check
     CONSTRAINT_COMPLETIONS.pop(kind, None)
     COMPLETED_ROLES.pop(kind, None)
+    NEW_SLICES.pop(kind, None)
     WHOLE_SPLITS.discard(kind)
+    if new_slices is not None:
+        NEW_SLICES[kind] = new_slices
     if complete is not None:
         CONSTRAINT_COMPLETIONS[kind] = complete
         COMPLETED_ROLES[kind] = tuple(completes)
@@ -248,6 +258,13 @@ def completed_roles(group: Group) -> set[str]:
     """Member roles whose new-unit values the group's constraints' completions decide (a method's values for
     them are overwritten by the engine)."""
     return {r for c in group.constraints for r in COMPLETED_ROLES.get(c.kind, ())}
+
+
+def completed_new_slices(group: Group) -> NewSlices | None:
+    """How the completion of `group`'s constraints derives its producers' new slices from the old ones (None:
+    no completion, or completions that disagree)."""
+    fns = {id(NEW_SLICES[c.kind]): NEW_SLICES[c.kind] for c in group.constraints if c.kind in NEW_SLICES}
+    return next(iter(fns.values())) if len(fns) == 1 else None
 
 
 def takes_new_units(group: Group) -> bool:

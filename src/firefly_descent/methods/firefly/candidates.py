@@ -29,6 +29,7 @@ from torch import nn
 
 from ...analysis import Group, GrowthGraph
 from ...analysis.rules import (
+    completed_new_slices,
     completed_roles,
     is_attention,
     is_post_norm,
@@ -367,11 +368,57 @@ def build_width_candidates(
                 pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others, sc))
                 if sc is not None:
                     cands.scales[id(u)] = sc
+    derived = _derived_slices(changes, edits, orig_shapes, set(perts))
     for tensor, p in perts.items():
         mod_name, _, attr = tensor.rpartition(".")
         module = net.get_submodule(mod_name) if mod_name else net
         parametrize.register_parametrization(module, attr, p)
+        for d in derived.get(tensor, []):  # after the perturbations: the completion holds for their sum
+            parametrize.register_parametrization(module, attr, d)
     return cands
+
+
+class _DerivedSlices(nn.Module):
+    """Parametrisation keeping a completed group's new producer slices the function of the old slices that the
+    engine's completion gives them (a normalised stream's mean), while other candidates perturb the old ones:
+    the over-grown copy then computes what the engine will build from its kept candidates."""
+
+    def __init__(self, dim: int, old: torch.Tensor, new: torch.Tensor, fn: Any) -> None:
+        super().__init__()
+        self.dim, self.fn = dim, fn
+        self.register_buffer("old", old, persistent=False)
+        self.register_buffer("new", new, persistent=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        for r in range(self.old.shape[1]):
+            value = self.fn(w.index_select(self.dim, self.old[:, r].to(w.device)), self.dim)
+            shape = list(w.shape)
+            shape[self.dim] = self.new.shape[0]
+            w = w.index_copy(self.dim, self.new[:, r].to(w.device), value.expand(shape))
+        return w
+
+
+def _derived_slices(
+    changes: list[GroupChange], edits: dict[str, Any], orig_shapes: dict[str, list[int]], perturbed: set[str]
+) -> dict[str, list[_DerivedSlices]]:
+    """Per perturbed tensor, the derived-slice parametrisations of the completed groups it produces."""
+    out: dict[str, list[_DerivedSlices]] = {}
+    for change in changes:
+        g, K = change.group, change.new.count if change.new else 0
+        fn = completed_new_slices(g)
+        if not K or fn is None or "producer" not in completed_roles(g):
+            continue
+        order = unit_order(change)
+        for m in g.members:
+            if m.role != "producer" or m.tensor not in perturbed:
+                continue
+            segs = edits[m.tensor][m.dim]
+            seg = next(s for s in segs if s.member == m and s.change is change)
+            start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
+            old = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner).view(g.width, m.inner)
+            new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner).view(K, m.inner)
+            out.setdefault(m.tensor, []).append(_DerivedSlices(m.dim, old, new, fn))
+    return out
 
 
 def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], list[int]]]) -> list[GroupChange]:

@@ -122,6 +122,8 @@ class Firefly(Grower):
         for g in graph.growable():
             if block_size(g) is None:
                 skipped[g.name] = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
+            elif _tied(g, model):
+                skipped[g.name] = f"tensors {' and '.join(_tied(g, model))} are one (tied): no candidates on them"
             elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
                 skipped[g.name] = "a tensor both produces and consumes it (a square conv in a residual loop)"
             else:
@@ -510,6 +512,23 @@ def _feeds_itself(group: Any, model: nn.Module | None = None) -> bool:
             dims.setdefault(m.tensor, set()).add(m.dim)
             modules.setdefault(m.tensor, set()).add(m.module)
     return any(len(d) > 1 and not _inside_residual(model, modules[t]) for t, d in dims.items())
+
+
+def _tied(group: Any, model: nn.Module) -> list[str]:
+    """Names of one tensor under two names among the group's members (an LM head tied to the embedding): the
+    engine grows it once, but candidate perturbations are kept per name, so Firefly leaves the group alone."""
+    seen: dict[int, str] = {}
+    for m in group.members:
+        mod_name, _, attr = m.tensor.rpartition(".")
+        try:
+            t = getattr(model.get_submodule(mod_name) if mod_name else model, attr)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.Tensor):
+            first = seen.setdefault(id(t), m.tensor)
+            if first != m.tensor:
+                return [first, m.tensor]
+    return []
 
 
 def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
