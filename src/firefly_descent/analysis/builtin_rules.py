@@ -333,6 +333,56 @@ def zero_slice(old: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.zeros_like(old.narrow(dim, 0, 1))
 
 
+def norm_stream_reason(what: str, centre: bool) -> Any:
+    """Why a LayerNorm'd (`centre`) or RMSNorm'd group's new units cannot be completed exactly in a model."""
+
+    def reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
+        for c in constraints:
+            block = _post_norm_block(model, c.module)
+            if block is not None:
+                return (
+                    f"group {g.name!r}: {what} {c.module!r} normalises after the residual add of post-norm block "
+                    f"{block!r}, so its output is the stream; a new unit there would have to equal the mean of "
+                    "the normalised units, which a per-unit gain and bias cannot produce (use a pre-norm block, "
+                    "or pass approximate=True)"
+                )
+            gains = [m for m in g.members if m.module == c.module and m.kind == "norm_weight"]
+            try:
+                mod = model.get_submodule(c.module)
+            except AttributeError:  # a functional norm whose gain is not a module's parameter
+                mod = None
+            rule = rule_for(mod) if mod is not None else None
+            if not gains or rule is None or rule.norm_eps(mod) is None:
+                return (
+                    f"group {g.name!r}: {what} {c.module!r} has no gain or no epsilon a rule can rescale, so new "
+                    "units change what it computes (give it elementwise_affine=True, or pass approximate=True)"
+                )
+            owner, _, attr = gains[0].tensor.rpartition(".")
+            size = getattr(model.get_submodule(owner) if owner else model, attr).shape[gains[0].dim]
+            if size != g.width or gains[0].inner != 1 or gains[0].offset != 0:
+                return (
+                    f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
+                    f"{g.width}; new units would have to follow the other groups too (pass approximate=True)"
+                )
+        if centre:
+            bad = [
+                m.tensor
+                for m in g.members
+                if (m.role == "elementwise" and m.kind != "additive")
+                or m.role == "passthrough"
+                or (m.role in ("producer", "elementwise") and m.per > 1)
+            ]
+            if bad:
+                return (
+                    f"group {g.name!r} is normalised by {what}: new units must be the mean of the old ones, which "
+                    f"does not pass through {bad[0]!r} (a per-unit multiplier, filter or block entry); pass "
+                    "approximate=True"
+                )
+        return None
+
+    return reason
+
+
 def complete_norm_stream(what: str, centre: bool) -> Any:
     """The completion of a group normalised by LayerNorm (`centre=True`) or RMSNorm, adding n units to d.
 
@@ -342,10 +392,10 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
     Each norm's old gains are multiplied by sqrt(d/(d+n)), its epsilon by d/(d+n), its new biases are zero:
     it computes exactly what it did on the old units and exact zeros on the new ones, so the readers of the
     normalised units may have any new input columns. Readers of the raw units take the plan's outgoing
-    weights (zero by default, scaled by the plan's amplitude) as for any new unit. Refused: a post-norm
-    block (the norm's output is the stream, and a per-unit gain cannot make its new units the mean), a norm
-    without a gain or over more than this group's units, and under LayerNorm a multiplicative or per-channel
-    (depthwise) member, for which the mean does not pass through."""
+    weights (zero by default, scaled by the plan's amplitude) as for any new unit. Refused (`norm_stream_reason`):
+    a post-norm block (the norm's output is the stream, and a per-unit gain cannot make its new units the
+    mean), a norm without a gain or over more than this group's units, and under LayerNorm a multiplicative
+    or per-channel (depthwise) member, for which the mean does not pass through."""
 
     def complete(constraints: list[Constraint], grown: GrownGroup) -> None:
         ch = grown.change
@@ -357,47 +407,8 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
         factor = d_old / (d_old + n_new)
         norms = []
         for c in constraints:
-            block = _post_norm_block(grown.model, c.module)
-            if block is not None:
-                raise ApproximationRequiredError(
-                    f"group {g.name!r}: {what} {c.module!r} normalises after the residual add of post-norm block "
-                    f"{block!r}, so its output is the stream; a new unit there would have to equal the mean of "
-                    "the normalised units, which a per-unit gain and bias cannot produce (use a pre-norm block, "
-                    "or pass approximate=True)"
-                )
-            gains = [m for m in g.members if m.module == c.module and m.kind == "norm_weight"]
-            try:
-                mod = grown.module(c.module)
-            except Exception:  # noqa: BLE001 - a functional norm whose gain is not a module's parameter
-                mod = None
-            rule = rule_for(mod) if mod is not None else None
-            eps = rule.norm_eps(mod) if rule is not None else None
-            if not gains or eps is None:
-                raise ApproximationRequiredError(
-                    f"group {g.name!r}: {what} {c.module!r} has no gain or no epsilon a rule can rescale, so new "
-                    "units change what it computes (give it elementwise_affine=True, or pass approximate=True)"
-                )
-            size = grown.tensor(gains[0].tensor).shape[gains[0].dim]
-            if size != d_old + n_new or gains[0].inner != 1:
-                raise ApproximationRequiredError(
-                    f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
-                    f"{d_old + n_new}; new units would have to follow the other groups too (pass approximate=True)"
-                )
-            norms.append((c, mod, eps))
-        if centre:
-            bad = [
-                m.tensor
-                for m in g.members
-                if (m.role == "elementwise" and m.kind != "additive")
-                or m.role == "passthrough"
-                or (m.role in ("producer", "elementwise") and m.per > 1)
-            ]
-            if bad:
-                raise ApproximationRequiredError(
-                    f"group {g.name!r} is normalised by {what}: new units must be the mean of the old ones, which "
-                    f"does not pass through {bad[0]!r} (a per-unit multiplier, filter or block entry); pass "
-                    "approximate=True"
-                )
+            mod = grown.module(c.module)
+            norms.append((c, mod, rule_for(mod).norm_eps(mod)))
         with torch.no_grad():
             for m in g.members:
                 if m.role != "producer" and not (m.role == "elementwise" and m.kind == "additive"):
@@ -511,6 +522,7 @@ register_constraint(
     completes=("producer", "elementwise"),
     whole_splits=True,
     new_slices=mean_slice,
+    reason=norm_stream_reason("LayerNorm", centre=True),
 )
 register_constraint(
     "rmsnorm",
@@ -519,6 +531,7 @@ register_constraint(
     completes=("producer", "elementwise"),
     whole_splits=True,
     new_slices=zero_slice,
+    reason=norm_stream_reason("RMSNorm", centre=False),
 )
 if hasattr(nn, "RMSNorm"):
     register_rule(nn.RMSNorm, RMSNormRule())

@@ -216,6 +216,10 @@ WHOLE_SPLITS: set[str] = set()
 # the old slices while it trains (an over-grown copy) applies it to keep the completion true.
 NewSlices = Callable[[torch.Tensor, int], torch.Tensor]
 NEW_SLICES: dict[str, NewSlices] = {}
+# Constraint kind -> reason(constraints, group, model): why the completion cannot make new units of `group` exact
+# in `model` (None: it can). The completion raises with it; a method asks it before proposing new units.
+CompletionReason = Callable[[list[Constraint], Group, nn.Module], "str | None"]
+COMPLETION_REASONS: dict[str, CompletionReason] = {}
 
 
 def register_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
@@ -235,18 +239,20 @@ def register_constraint(
     completes: Sequence[str] = (),
     whole_splits: bool = False,
     new_slices: NewSlices | None = None,
+    reason: CompletionReason | None = None,
 ) -> None:
     """Say how the engine validates a change to a group carrying a constraint of `kind` (`check`), and,
     optionally, how it completes an accepted change exactly (`complete`, with the member roles whose new
-    slices it decides in `completes`, and `new_slices`, those slices as a function of the old ones);
-    `whole_splits`: a split duplicates every unit or none."""
+    slices it decides in `completes`, `new_slices`, those slices as a function of the old ones, and `reason`,
+    why it cannot complete new units in a given model); `whole_splits`: a split duplicates every unit or none."""
     CONSTRAINT_CHECKS[kind] = check
-    CONSTRAINT_COMPLETIONS.pop(kind, None)
-    COMPLETED_ROLES.pop(kind, None)
-    NEW_SLICES.pop(kind, None)
+    for table in (CONSTRAINT_COMPLETIONS, COMPLETED_ROLES, NEW_SLICES, COMPLETION_REASONS):
+        table.pop(kind, None)
     WHOLE_SPLITS.discard(kind)
     if new_slices is not None:
         NEW_SLICES[kind] = new_slices
+    if reason is not None:
+        COMPLETION_REASONS[kind] = reason
     if complete is not None:
         CONSTRAINT_COMPLETIONS[kind] = complete
         COMPLETED_ROLES[kind] = tuple(completes)
@@ -265,6 +271,20 @@ def completed_new_slices(group: Group) -> NewSlices | None:
     no completion, or completions that disagree)."""
     fns = {id(NEW_SLICES[c.kind]): NEW_SLICES[c.kind] for c in group.constraints if c.kind in NEW_SLICES}
     return next(iter(fns.values())) if len(fns) == 1 else None
+
+
+def completion_reason(group: Group, model: nn.Module) -> str | None:
+    """Why new units of `group` cannot be completed exactly in `model` (a post-norm block, a norm without a
+    gain...), or None."""
+    kinds: dict[str, list[Constraint]] = {}
+    for c in group.constraints:
+        if c.kind in COMPLETION_REASONS:
+            kinds.setdefault(c.kind, []).append(c)
+    for kind, cs in kinds.items():
+        why = COMPLETION_REASONS[kind](cs, group, model)
+        if why is not None:
+            return why
+    return None
 
 
 def takes_new_units(group: Group) -> bool:

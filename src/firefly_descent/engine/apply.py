@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Constraint, Group, Member
-from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS
+from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
@@ -44,9 +44,10 @@ def _owner(model: nn.Module, tensor: str) -> tuple[nn.Module, str, str]:
     raise PlanError(f"the plan refers to {tensor!r}, which the model does not have; re-analyse the model")
 
 
-def validate(change: GroupChange, approximate: bool) -> None:
+def validate(change: GroupChange, approximate: bool, model: nn.Module | None = None) -> None:
     """Refuse changes a group cannot take exactly unless the plan opted into approximation: each
-    constraint is checked by the rule of the layer type that recorded it."""
+    constraint is checked by the rule of the layer type that recorded it, and, given the model, new units
+    whose completion cannot be exact there (a post-norm block) are refused before anything changes."""
     g: Group = change.group
     g.check_growable()
     n_new = change.new.count if change.new else 0
@@ -55,6 +56,10 @@ def validate(change: GroupChange, approximate: bool) -> None:
         check = CONSTRAINT_CHECKS.get(c.kind)
         if check is not None:
             check(c, g, split_units, n_new, approximate)
+    if model is not None and n_new and not approximate:
+        why = completion_reason(g, model)
+        if why is not None:
+            raise ApproximationRequiredError(why)
 
 
 class _Transaction:
@@ -184,7 +189,7 @@ def _apply(
     record: bool,
 ) -> _Transaction:
     for change in plan.changes:
-        validate(change, plan.approximate)
+        validate(change, plan.approximate, model)
     afters = [layer.after for layer in plan.layers]
     for a in afters:
         if afters.count(a) > 1 or any(o.startswith(a + ".") for o in afters):
