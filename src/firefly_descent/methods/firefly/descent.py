@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.rules import batchnorms, completed_roles, is_residual
+from ...analysis.rules import batchnorms, completed_roles, completion_reason, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -122,6 +122,8 @@ class Firefly(Grower):
         for g in graph.growable():
             if block_size(g) is None:
                 skipped[g.name] = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
+            elif completion_reason(g, model) is not None:
+                skipped[g.name] = str(completion_reason(g, model))
             elif _tied(g, model):
                 skipped[g.name] = f"tensors {' and '.join(_tied(g, model))} are one (tied): no candidates on them"
             elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
