@@ -251,3 +251,18 @@ def test_a_firefly_step_grows_the_stream():
     assert report.extra["pool"]["emb"]["splits"] == 0 and report.extra["pool"]["emb"]["new"] % 4 == 0
     assert model.emb.embedding_dim == 12 and model.blocks[0].attn.num_heads == 3 and check_attrs(model) == []
     assert report.safety.outcome in ("accepted", "shrunk")
+
+
+def test_a_grown_stream_saves_and_replays_with_its_rescaled_eps(tmp_path):
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return PreNormLM(norm=nn.RMSNorm).double().eval()
+
+    model = _randomised(build())
+    x, fresh = _tokens(0), _tokens(1, 4)
+    ff.widen(model, (x,), {"emb": 4}, mode="zero")
+    ff.widen(model, (x,), {"emb": 4}, mode="zero")
+    ff.save(model, str(tmp_path / "grown.pt"))
+    back = ff.load(str(tmp_path / "grown.pt"), build)
+    assert back.blocks[1].ln2.eps == model.blocks[1].ln2.eps and back.emb.embedding_dim == 16
+    assert _drift(back, model, fresh) == 0.0
