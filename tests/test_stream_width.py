@@ -16,7 +16,7 @@ from firefly_descent.budget import Candidate
 from firefly_descent.engine import apply_undoable, check_attrs
 from firefly_descent.methods import Firefly, make_grower
 from firefly_descent.methods.firefly.candidates import block_size, build_width_candidates, splittable
-from firefly_descent.plan import GroupChange, NewUnits, Plan
+from firefly_descent.plan import GroupChange, NewUnits, Plan, Split
 
 V, T = 11, 5
 
@@ -165,6 +165,10 @@ def test_partial_splits_are_refused_and_whole_duplication_stays_exact():
     ref = copy.deepcopy(model)
     ff.widen(model, (x,), {"emb": 8}, mode="split")  # every unit once: every head copied
     assert _drift(model, ref, fresh) < 1e-12
+    group = ff.analyze(model, (x,))["emb"]  # every unit duplicated and a new head inserted mid-stream at once
+    plan = Plan([GroupChange(group, splits=[Split(i) for i in range(16)], new=NewUnits(8, positions=[4] * 8))])
+    ff.apply(model, plan, example_inputs=(x,))
+    assert _drift(model, ref, fresh) < 1e-12 and model.blocks[0].ln1.normalized_shape == (40,)
 
 
 def test_widened_stream_trains_with_remapped_state_and_undo_restores_exactly():
