@@ -270,3 +270,18 @@ def test_a_grown_stream_saves_and_replays_with_its_rescaled_eps(tmp_path):
     back = ff.load(str(tmp_path / "grown.pt"), build)
     assert back.blocks[1].ln2.eps == model.blocks[1].ln2.eps and back.emb.embedding_dim == 16
     assert _drift(back, model, fresh) == 0.0
+
+
+def test_a_kept_block_copy_widens_with_the_stream_as_the_grown_blocks_do():
+    from firefly_descent.methods.firefly.depth import _widen_copy
+
+    model, x = _lm(), (_tokens(0),)
+    stream = ff.analyze(model, x)["emb"]
+    source = copy.deepcopy(model.blocks[0])
+    changes = [GroupChange(stream, new=NewUnits(4))]
+    widened = _widen_copy(source, "blocks.0", source.state_dict(), changes)
+    ff.apply(model, Plan(changes), example_inputs=x)
+    grown = model.blocks[0].state_dict()
+    assert widened.keys() == grown.keys()
+    for k, v in grown.items():  # the copy's norms rescaled and its writers' new rows the mean, like block 0's
+        torch.testing.assert_close(widened[k], v, rtol=0, atol=1e-12)
