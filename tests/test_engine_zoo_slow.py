@@ -105,11 +105,14 @@ def test_vit_embedding_heads_mlp_and_depth_grow_exactly():
     assert {("class_token", 2), ("encoder.pos_embedding", 2)} <= members
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with pytest.raises(ff.ApproximationRequiredError):
-        ff.widen(model, x, {"conv_proj": 8}, mode="zero", optimizer=opt)
+    with pytest.raises(ff.ApproximationRequiredError, match="duplicating only some"):
+        ff.widen(model, x, {"conv_proj": 8}, mode="split", optimizer=opt)
     ff.widen(model, x, {"conv_proj": 16}, mode="split", optimizer=opt)  # twice the width: every head copied
     attn = model.encoder.layers.encoder_layer_0.self_attention
     assert model.hidden_dim == 32 and (attn.embed_dim, attn.num_heads) == (32, 4)
+    ff.widen(model, x, {"conv_proj": 8}, mode="zero", optimizer=opt)  # a new head: the stream's mean, norms rescaled
+    attn = model.encoder.layers.encoder_layer_0.self_attention
+    assert model.hidden_dim == 40 and (attn.embed_dim, attn.num_heads) == (40, 5)
     ff.widen(model, x, {"encoder.layers.encoder_layer_1.mlp.0": 5}, mode="zero", optimizer=opt)
     ff.add_blocks(model, x, ["encoder.layers.encoder_layer_1"], optimizer=opt)
     with torch.no_grad():

@@ -15,7 +15,12 @@ import firefly_descent as ff
 from firefly_descent.budget import Candidate, count_params
 from firefly_descent.engine import check_attrs
 from firefly_descent.methods import Firefly
-from firefly_descent.methods.firefly.candidates import block_size, build_depth_candidates, build_width_candidates
+from firefly_descent.methods.firefly.candidates import (
+    block_size,
+    build_depth_candidates,
+    build_width_candidates,
+    splittable,
+)
 from firefly_descent.models.transformer import Transformer
 
 HEADS = "blocks.0.attn.heads"
@@ -49,7 +54,8 @@ def _on_only(bank, key: str, units: range) -> None:
 def test_head_candidates_are_whole_heads_and_exact_at_zero():
     model, x = _model()
     graph, cands = _heads_candidates(model, x)
-    assert block_size(graph[HEADS]) == 2 and block_size(graph["embed"]) is None  # LayerNorm'd stream: excluded
+    assert block_size(graph[HEADS]) == 2
+    assert block_size(graph["embed"]) == 1 and not splittable(graph["embed"])  # LayerNorm'd stream: new units only
     assert f"split:{HEADS}" not in cands.bank.gates and cands.bank.gates[f"new:{HEADS}"].numel() == 4
     assert cands.net.blocks[0].attn.num_heads == 4  # two whole candidate heads in the over-grown net
     fresh = torch.randn(4, 5, 4, dtype=torch.float64)

@@ -176,12 +176,12 @@ def test_stock_transformer_encoder_is_captured_and_its_ffn_grows():
     assert model[1].layers[1].linear1.out_features == 71
 
 
-def test_embedding_width_with_layernorm_needs_opt_in_or_full_duplication():
-    model, x = _encoder()
+def test_post_norm_embedding_width_needs_opt_in_or_full_duplication():
+    model, x = _encoder()  # stock post-norm layers: new units cannot be completed exactly
     graph = ff.analyze(model, x)
     embed = graph["0"]
     assert {c.kind for c in embed.constraints} == {"layernorm", "blocks"}
-    with pytest.raises(ff.ApproximationRequiredError, match="LayerNorm"):
+    with pytest.raises(ff.ApproximationRequiredError, match="post-norm block"):
         ff.widen(model, x, {"0": 8}, mode="zero")
     fresh = torch.randn(3, 7, 5)
     ref = copy.deepcopy(model)

@@ -120,7 +120,7 @@ def test_firefly_lists_the_groups_it_leaves_alone():
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 3, 5, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
     report = make_grower("firefly", budget=0.35, **FAST["firefly"]).grow(NormedCNN(), data, F.cross_entropy)
-    why = "a GroupNorm/LayerNorm/grouped-conv constraint: Firefly has no candidates for it"
+    why = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
     assert report.extra["skipped_groups"] == {"c1": why}
     assert f"  skipped c1: {why}" in str(report).splitlines()
     assert report.units_split.get("c1", 0) == 0 and report.widths_after["c1"] == 4

@@ -1,7 +1,8 @@
 """transformers' Conv1D (GPT-2's Linear with a transposed weight) and its activation modules have rules
 (analysis/transformers_rules.py): a tiny GPT-2's MLP groups (c_fc -> act -> c_proj) are growable, widening
-them keeps the logits, and one Firefly step on them runs under the safeguard. Tiny models built from code, on
-the CPU; nothing is downloaded."""
+them keeps the logits, and one Firefly step on them runs under the safeguard. The residual stream widens
+exactly too: GPT-2's LayerNorm'd stream with its tied LM head, and Llama's LlamaRMSNorm'd one. Tiny models built
+from code, on the CPU; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -104,3 +105,67 @@ def test_one_firefly_step_on_gpt2_keeps_the_held_out_loss():
     with torch.no_grad():
         out = model(_ids(99)).logits
     assert out.shape == (2, 8, 50) and torch.isfinite(out).all()
+
+
+# ---- the residual stream (issue 23, item 1): LayerNorm (GPT-2) and LlamaRMSNorm, widened exactly -------------
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gpt2_stream_widens_exactly_and_the_tied_head_stays_tied(dtype, tol):
+    model = _gpt2().to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # random gains and biases: a wrong rescale would show
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids, fresh = _ids(0), _ids(1, 3)
+    stream = ff.analyze(model, ids)["transformer.wte"]
+    assert stream.growable and {c.kind for c in stream.constraints} == {"layernorm"}
+    before, eps = _logits(model, fresh), model.transformer.ln_f.eps
+    ff.widen(model, ids, {"transformer.wte": 8}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < tol
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.shape == (50, 40)
+    assert model.transformer.ln_f.eps == pytest.approx(eps * 32 / 40)
+    assert model.transformer.h[0].attn.c_attn.nx == 40 and model.transformer.h[1].mlp.c_proj.nf == 40
+    wpe = model.transformer.wpe.weight
+    torch.testing.assert_close(wpe[:, 32:], wpe[:, :32].mean(1, keepdim=True).expand(-1, 8))
+    with pytest.raises(ff.PlanError, match="tied"):  # duplicating would copy and halve the one tied tensor
+        ff.widen(model, ids, {"transformer.wte": 40}, mode="split")
+
+
+def test_widened_gpt2_trains():
+    model = _gpt2().train()
+    ids = _ids(0, 4)
+    ff.widen(model, ids, {"transformer.wte": 8}, mode="zero")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = _next_token_loss(model(ids), torch.roll(ids, -1, dims=1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_rmsnorm_stream_widens_exactly(tie):
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids, fresh = _ids(0), _ids(1, 3)
+    stream = ff.analyze(model, ids)["model.embed_tokens"]
+    assert stream.growable and {c.kind for c in stream.constraints} == {"rmsnorm"}
+    before = _logits(model, fresh)
+    ff.widen(model, ids, {"model.embed_tokens": 8}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < 1e-5  # LlamaRMSNorm computes in float32
+    assert model.model.norm.variance_epsilon == pytest.approx(cfg.rms_norm_eps * 32 / 40)
+    assert model.model.embed_tokens.weight[:, 32:].abs().max() == 0
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie

@@ -330,7 +330,7 @@ def _load_optional_rules() -> None:
     """Register the rules for transformers' own layers once a model could use them: only when the user's code
     has imported transformers (importing it here would cost every analysis a second of start-up)."""
     if "transformers" in sys.modules:
-        importlib.import_module(".transformers_rules", __package__)
+        importlib.import_module(".transformers_rules", __package__).register_loaded()
 
 
 def analyze(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -91,6 +91,11 @@ class LayerRule:
     def conv_geometry(self, m: nn.Module) -> dict[str, tuple[int, ...]] | None:
         """kernel/stride/padding/dilation per spatial dim of a convolution; None for a dense layer whose
         weight [out, in] reads the input's last dim."""
+        return None
+
+    def norm_eps(self, m: nn.Module) -> tuple[str, float] | None:
+        """For a normalisation over a group's units: the attribute holding its epsilon and the value it uses
+        (a completion rescales it when new units join). None: this rule knows no epsilon to set."""
         return None
 
 
@@ -171,6 +176,52 @@ ConstraintCheck = Callable[[Constraint, Group, Sequence[int], int, bool], None]
 CONSTRAINT_CHECKS: dict[str, ConstraintCheck] = {}
 
 
+class GrownGroup(Protocol):
+    """What a constraint's completion sees of one group change, inside the engine's transaction, after every
+    tensor was resized and filled from the plan: the live grown tensors, where the change's units sit in
+    them, and an attribute setter the transaction logs (so rollback and `Undo` restore what it sets)."""
+
+    model: nn.Module
+    change: Any  # plan.GroupChange (the plan module imports this one)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The grown tensor `name` (edit it in place, under `torch.no_grad()`)."""
+        ...
+
+    def positions(self, member: Member, kind: str) -> torch.Tensor:
+        """[units, inner] positions along `member.dim` of the change's "old", "twin" or "new" units, in order."""
+        ...
+
+    def module(self, name: str) -> nn.Module: ...
+
+    def set_attr(self, module: nn.Module, attr: str, value: Any) -> None:
+        """Set a module attribute the engine restores on rollback or undo."""
+        ...
+
+
+# Constraint kind -> complete(constraints, grown): run by the engine once per changed group and kind (with
+# every constraint of that kind on the group) after the resize, unless the plan is `approximate`. It rewrites
+# the values that the constraint fixes so the change is exact (a LayerNorm'd group's new units made the mean
+# of the old ones, the norms' gains and eps rescaled); it may raise `ApproximationRequiredError`, which rolls
+# the whole plan back.
+ConstraintComplete = Callable[[list[Constraint], GrownGroup], None]
+CONSTRAINT_COMPLETIONS: dict[str, ConstraintComplete] = {}
+# Constraint kind -> roles whose new-unit slices its completion decides (a grower's values there are
+# overwritten, so a method need not propose them).
+COMPLETED_ROLES: dict[str, tuple[str, ...]] = {}
+# Constraint kinds under which a split must duplicate every unit of the group exactly once (or none).
+WHOLE_SPLITS: set[str] = set()
+# Constraint kind -> new_slices(old, dim): the completed producers' new-unit slice as a differentiable function
+# of the old units' slices stacked along `dim` (size 1 along `dim`; the mean, or zero). A method that perturbs
+# the old slices while it trains (an over-grown copy) applies it to keep the completion true.
+NewSlices = Callable[[torch.Tensor, int], torch.Tensor]
+NEW_SLICES: dict[str, NewSlices] = {}
+# Constraint kind -> reason(constraints, group, model): why the completion cannot make new units of `group` exact
+# in `model` (None: it can). The completion raises with it; a method asks it before proposing new units.
+CompletionReason = Callable[[list[Constraint], Group, nn.Module], "str | None"]
+COMPLETION_REASONS: dict[str, CompletionReason] = {}
+
+
 def register_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
     """Teach the analysis and the engine how `module_type` (and its subclasses) grows."""
     LAYER_RULES[module_type] = rule
@@ -180,9 +231,70 @@ def unregister_rule(module_type: type[nn.Module]) -> None:
     LAYER_RULES.pop(module_type, None)
 
 
-def register_constraint(kind: str, check: ConstraintCheck) -> None:
-    """Say how the engine validates a change to a group carrying a constraint of `kind`."""
+def register_constraint(
+    kind: str,
+    check: ConstraintCheck,
+    complete: ConstraintComplete | None = None,
+    *,
+    completes: Sequence[str] = (),
+    whole_splits: bool = False,
+    new_slices: NewSlices | None = None,
+    reason: CompletionReason | None = None,
+) -> None:
+    """Say how the engine validates a change to a group carrying a constraint of `kind` (`check`), and,
+    optionally, how it completes an accepted change exactly (`complete`, with the member roles whose new
+    slices it decides in `completes`, `new_slices`, those slices as a function of the old ones, and `reason`,
+    why it cannot complete new units in a given model); `whole_splits`: a split duplicates every unit or none."""
     CONSTRAINT_CHECKS[kind] = check
+    for table in (CONSTRAINT_COMPLETIONS, COMPLETED_ROLES, NEW_SLICES, COMPLETION_REASONS):
+        table.pop(kind, None)
+    WHOLE_SPLITS.discard(kind)
+    if new_slices is not None:
+        NEW_SLICES[kind] = new_slices
+    if reason is not None:
+        COMPLETION_REASONS[kind] = reason
+    if complete is not None:
+        CONSTRAINT_COMPLETIONS[kind] = complete
+        COMPLETED_ROLES[kind] = tuple(completes)
+    if whole_splits:
+        WHOLE_SPLITS.add(kind)
+
+
+def completed_roles(group: Group) -> set[str]:
+    """Member roles whose new-unit values the group's constraints' completions decide (a method's values for
+    them are overwritten by the engine)."""
+    return {r for c in group.constraints for r in COMPLETED_ROLES.get(c.kind, ())}
+
+
+def completed_new_slices(group: Group) -> NewSlices | None:
+    """How the completion of `group`'s constraints derives its producers' new slices from the old ones (None:
+    no completion, or completions that disagree)."""
+    fns = {id(NEW_SLICES[c.kind]): NEW_SLICES[c.kind] for c in group.constraints if c.kind in NEW_SLICES}
+    return next(iter(fns.values())) if len(fns) == 1 else None
+
+
+def completion_reason(group: Group, model: nn.Module) -> str | None:
+    """Why new units of `group` cannot be completed exactly in `model` (a post-norm block, a norm without a
+    gain...), or None."""
+    kinds: dict[str, list[Constraint]] = {}
+    for c in group.constraints:
+        if c.kind in COMPLETION_REASONS:
+            kinds.setdefault(c.kind, []).append(c)
+    for kind, cs in kinds.items():
+        why = COMPLETION_REASONS[kind](cs, group, model)
+        if why is not None:
+            return why
+    return None
+
+
+def takes_new_units(group: Group) -> bool:
+    """Whether new units fit every constraint of `group` exactly: none, whole blocks, or a completion."""
+    return all(c.kind == "blocks" or c.kind in CONSTRAINT_COMPLETIONS for c in group.constraints)
+
+
+def splits_whole_only(group: Group) -> bool:
+    """Whether a split of `group` must duplicate every unit once (a norm over the units: LayerNorm, RMSNorm)."""
+    return any(c.kind in WHOLE_SPLITS for c in group.constraints)
 
 
 def rule_for(m: nn.Module) -> LayerRule | None:

@@ -5,19 +5,24 @@
   and its bias start a new group (producer). Without this rule the analysis traces into it and its `addmm`
   blocks the residual stream. The weight-space baselines (`unfold_input`…) read a dense weight as
   [out, in], so this rule says the layer does not unfold for them rather than answer with the wrong layout.
+* `LlamaRMSNorm` (`weight * x / sqrt(mean(x^2) + variance_epsilon)`), once `modeling_llama` is loaded:
+  kept whole, an RMSNorm over the residual stream (`builtin_rules.RMSNormRule`), so the stream widens
+  exactly. Traced into, its mean over the units blocks the stream.
 * transformers' element-wise activation modules (`NewGELUActivation` in GPT-2's MLP, …): units pass
   through. Traced into, their `torch.pow` and the like have no channel rule and would block the MLP.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
 
+from .builtin_rules import RMSNormRule
 from .graph import Member
-from .rules import LayerRule, PassThroughRule, register_rule
+from .rules import LAYER_RULES, LayerRule, PassThroughRule, register_rule
 
 if TYPE_CHECKING:
     from .propagate import Propagation
@@ -80,3 +85,15 @@ if Conv1D is not None:
         _cls = getattr(hf_activations, _name, None)
         if isinstance(_cls, type) and issubclass(_cls, nn.Module):
             register_rule(_cls, PassThroughRule())
+# RMSNorms of model families: (modeling module, class, epsilon attribute). A family's modeling module costs
+# seconds to import, so its rule is registered once the user's code has loaded it (`register_loaded`, run by
+# every `analyze`).
+FAMILY_RMSNORMS = (("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon"),)
+
+
+def register_loaded() -> None:
+    """Register the family rules whose modeling module is loaded now."""
+    for module_name, cls_name, eps_attr in FAMILY_RMSNORMS:
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if isinstance(cls, type) and cls not in LAYER_RULES:
+            register_rule(cls, RMSNormRule(eps_attr))

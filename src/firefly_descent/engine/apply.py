@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.graph import Group
-from ..analysis.rules import CONSTRAINT_CHECKS
-from ..errors import GrowthError, PlanError, VerificationError
+from ..analysis.graph import Constraint, Group, Member
+from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
+from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
 from .modules import rederive_attrs, restore_attrs, snapshot_attrs
-from .tensors import Expansion, Segment, build_source_map, expand_tensor, unit_order
+from .tensors import NEW, OLD, TWIN, Expansion, Segment, UnitPositions, build_source_map, expand_tensor, unit_order
 
 HISTORY_ATTR = "_firefly_history"
 
@@ -44,9 +44,10 @@ def _owner(model: nn.Module, tensor: str) -> tuple[nn.Module, str, str]:
     raise PlanError(f"the plan refers to {tensor!r}, which the model does not have; re-analyse the model")
 
 
-def validate(change: GroupChange, approximate: bool) -> None:
+def validate(change: GroupChange, approximate: bool, model: nn.Module | None = None) -> None:
     """Refuse changes a group cannot take exactly unless the plan opted into approximation: each
-    constraint is checked by the rule of the layer type that recorded it."""
+    constraint is checked by the rule of the layer type that recorded it, and, given the model, new units
+    whose completion cannot be exact there (a post-norm block) are refused before anything changes."""
     g: Group = change.group
     g.check_growable()
     n_new = change.new.count if change.new else 0
@@ -55,6 +56,10 @@ def validate(change: GroupChange, approximate: bool) -> None:
         check = CONSTRAINT_CHECKS.get(c.kind)
         if check is not None:
             check(c, g, split_units, n_new, approximate)
+    if model is not None and n_new and not approximate:
+        why = completion_reason(g, model)
+        if why is not None:
+            raise ApproximationRequiredError(why)
 
 
 class _Transaction:
@@ -184,7 +189,7 @@ def _apply(
     record: bool,
 ) -> _Transaction:
     for change in plan.changes:
-        validate(change, plan.approximate)
+        validate(change, plan.approximate, model)
     afters = [layer.after for layer in plan.layers]
     for a in afters:
         if afters.count(a) > 1 or any(o.startswith(a + ".") for o in afters):
@@ -195,7 +200,8 @@ def _apply(
         before = _flat(_run(model, inputs))
     tx = _Transaction(model, optimizer)
     try:
-        _apply_width(model, plan, optimizer, tx)
+        positions = _apply_width(model, plan, optimizer, tx)
+        _complete(model, plan, positions, tx)
         for layer in plan.layers:
             _insert_layer(model, layer, optimizer, tx)
         for branch in plan.branches:
@@ -289,32 +295,129 @@ def plan_expansions(model: nn.Module, plan: Plan) -> dict[str, list[Expansion]]:
     return out
 
 
-def _apply_width(model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
+def _tie(model: nn.Module, edits: dict[str, dict[int, list[Segment]]]) -> dict[str, list[str]]:
+    """Tensor names that are one object (an LM head tied to the token embedding), merged in `edits` under the
+    first name: the tensor grows once and every name gets the grown one. Where a group's producer and
+    consumer slices of a tied tensor coincide, the producer's are kept (the completion of a normalised stream
+    makes them right for the reader too); a split cannot copy and halve one tensor at once, so it is refused."""
+    names: dict[int, list[str]] = {}
+    for name in list(edits):
+        module, store_name, attr = _owner(model, name)
+        obj = getattr(module, store_name)[attr]
+        if obj is not None:
+            names.setdefault(id(obj), []).append(name)
+    tied = {ns[0]: ns for ns in names.values() if len(ns) > 1}
+    for first, ns in tied.items():
+        merged: dict[int, list[Segment]] = defaultdict(list)
+        for n in ns:
+            for dim, segs in edits.pop(n).items():
+                merged[dim] += segs
+        for dim, segs in merged.items():
+            kept: dict[tuple[int, int], Segment] = {}
+            for seg in sorted(segs, key=lambda sg: sg.member.role != "producer"):
+                key = (id(seg.change), seg.member.offset)
+                if key not in kept:
+                    kept[key] = seg
+                elif seg.change.splits:
+                    raise PlanError(
+                        f"{' and '.join(ns)} are one tied tensor that both writes and reads group "
+                        f"{seg.change.group.name!r}: a split would copy and halve the same slice; add new units instead"
+                    )
+            merged[dim] = list(kept.values())
+        edits[first] = dict(merged)
+    return tied
+
+
+def _apply_width(
+    model: nn.Module, plan: Plan, optimizer: torch.optim.Optimizer | None, tx: _Transaction
+) -> dict[str, UnitPositions]:
+    """Resize every tensor the plan's groups touch; returns where each segment's units landed."""
     edits = plan_edits(plan)
+    tied = _tie(model, edits)
     touched: dict[str, nn.Module] = {}
+    positions: dict[str, UnitPositions] = {}
     for tensor_name, dims in edits.items():
         module, store_name, attr = _owner(model, tensor_name)
         store = getattr(module, store_name)
         old = store[attr]
         if old is None:
             continue
+        positions[tensor_name] = {}
         with torch.no_grad():
-            value, maps = expand_tensor(old, dims)
-        mod_name = tensor_name.rpartition(".")[0]
-        if mod_name not in touched:
-            touched[mod_name] = module
-            tx.attrs.append((module, snapshot_attrs(module)))
+            value, maps = expand_tensor(old, dims, positions[tensor_name])
         if store_name == "_parameters":
             new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
             if optimizer is not None:
                 opt_utils.replace_param(optimizer, old, new, maps)
         else:
             new = value.contiguous()
-        tx.tensors.append((store, attr, old))
-        store[attr] = new
+        for name in tied.get(tensor_name, [tensor_name]):
+            module, store_name, attr = _owner(model, name)
+            mod_name = name.rpartition(".")[0]
+            if mod_name not in touched:
+                touched[mod_name] = module
+                tx.attrs.append((module, snapshot_attrs(module)))
+            store = getattr(module, store_name)
+            tx.tensors.append((store, attr, old))
+            store[attr] = new
+            positions[name] = positions[tensor_name]
     for module in touched.values():
         before = next(a for m, a in tx.attrs if m is module)
         rederive_attrs(module, before)
+    return positions
+
+
+class _Grown:
+    """The engine's side of `analysis.rules.GrownGroup`: one change's grown tensors, its units' positions, and
+    attribute edits logged in the transaction."""
+
+    def __init__(self, model: nn.Module, change: GroupChange, positions: dict[str, UnitPositions],
+                 tx: _Transaction) -> None:
+        self.model, self.change, self._positions, self._tx = model, change, positions, tx
+
+    def tensor(self, name: str) -> torch.Tensor:
+        module, store_name, attr = _owner(self.model, name)
+        return getattr(module, store_name)[attr]
+
+    def positions(self, member: Member, kind: str) -> torch.Tensor:
+        try:
+            where = self._positions[member.tensor][(member.dim, id(self.change), member)]
+        except KeyError:
+            raise PlanError(f"{member.tensor}: dim {member.dim} was not resized with group "
+                            f"{self.change.group.name!r}") from None
+        code = {"old": OLD, "twin": TWIN, "new": NEW}[kind]
+        starts = [p for (k, i), p in sorted(where.items()) if k == code]
+        return torch.tensor([[p + r for r in range(member.inner)] for p in starts], dtype=torch.long).view(
+            len(starts), member.inner
+        )
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name) if name else self.model
+
+    def set_attr(self, module: nn.Module, attr: str, value: Any) -> None:
+        self._tx.attrs.append((module, {attr: getattr(module, attr, None)}))
+        setattr(module, attr, value)
+
+
+def _complete(model: nn.Module, plan: Plan, positions: dict[str, UnitPositions], tx: _Transaction) -> None:
+    """Each changed group's constraints complete the change exactly (`register_constraint(..., complete)`),
+    once per constraint kind, after the resize and before the check; skipped for an `approximate` plan."""
+    if plan.approximate:
+        return
+    for change in plan.changes:
+        if change.added == 0:
+            continue
+        kinds: dict[str, list[Constraint]] = defaultdict(list)
+        for c in change.group.constraints:
+            if c.kind in CONSTRAINT_COMPLETIONS:
+                kinds[c.kind].append(c)
+        if len(kinds) > 1:
+            raise ApproximationRequiredError(
+                f"group {change.group.name!r} carries constraints {sorted(kinds)} whose exact completions "
+                "disagree; pass approximate=True"
+            )
+        for kind, constraints in kinds.items():
+            CONSTRAINT_COMPLETIONS[kind](constraints, _Grown(model, change, positions, tx))
 
 
 def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:

@@ -174,8 +174,16 @@ def default_fill(member: Member, shape: tuple[int, ...], like: torch.Tensor, ini
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[torch.Tensor, list[Expansion]]:
-    """The new value of one tensor after all group changes, and the source map of every expanded dim."""
+# (dim, id(change), member) -> {(kind, index): first position of that unit along dim in the grown tensor}
+UnitPositions = dict[tuple[int, int, Member], dict[tuple[int, int], int]]
+
+
+def expand_tensor(
+    old: torch.Tensor, edits: dict[int, list[Segment]], positions: UnitPositions | None = None
+) -> tuple[torch.Tensor, list[Expansion]]:
+    """The new value of one tensor after all group changes, and the source map of every expanded dim;
+    `positions`, when given, receives where every segment's units landed (a constraint's completion edits
+    them)."""
     t = old.detach()
     done: list[Expansion] = []
     for dim in sorted(edits):
@@ -184,9 +192,6 @@ def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[t
         new = gather(t, dim, smap, copy_twins=True, scale=scale).clone()
         # positions of every unit in the new dim, per segment
         cursor = 0
-        positions: dict[int, list[int]] = {}
-        for k in range(smap.size):
-            positions.setdefault(k, [])
         for seg in sorted(segs, key=lambda s: s.member.offset):
             m, ch = seg.member, seg.change
             # locate the segment's first position in the new dim: old positions before it are unchanged
@@ -195,6 +200,8 @@ def expand_tensor(old: torch.Tensor, edits: dict[int, list[Segment]]) -> tuple[t
             for n, key in enumerate(seg.order):
                 unit_pos[key] = start + n // m.per * m.inner
             cursor = start + len(seg.order) // m.per * m.inner
+            if positions is not None:
+                positions[(dim, id(ch), m)] = unit_pos
             slice_shape = list(old.shape)  # plan slices are given in the model's current (old) shape
             slice_shape[dim] = m.inner
             _fill_new_units(new, t, dim, m, ch, unit_pos, slice_shape, done)

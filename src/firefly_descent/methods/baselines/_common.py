@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...analysis.graph import Boundary, Group, Member
+from ...analysis.rules import completion_reason, splits_whole_only
 from ...budget import Budget, group_unit_costs
 from ...engine import layer_spec
 from ...errors import GrowthError
@@ -87,10 +88,15 @@ def tensor_of(model: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def layernorm_reason(group: Group) -> str | None:
-    if any(c.kind == "layernorm" for c in group.constraints):
-        return "normalised by LayerNorm: adding or splitting some units cannot keep the function"
-    return None
+def norm_reason(group: Group, model: nn.Module, splits: bool) -> str | None:
+    """Why a grower cannot change `group` exactly, from its constraints' registered answers: a split of some
+    units of a LayerNorm/RMSNorm'd group moves the norm's statistics; new units need a completion that holds in
+    this model (not a post-norm block)."""
+    if splits:
+        if splits_whole_only(group):
+            return "normalised by LayerNorm/RMSNorm: splitting only some units moves its statistics"
+        return None
+    return completion_reason(group, model)
 
 
 # ---- random draws under a budget (Net2Net, random growth, NASH) -----------------------------------
@@ -163,11 +169,12 @@ def fan_in(shape: list[int] | tuple[int, ...]) -> int:
     return max(1, math.prod(shape))
 
 
-def eligible_groups(ctx: Context, groups: list[Group] | None = None) -> list[Group]:
-    """The groups a random grower may widen; LayerNorm groups are recorded in `ctx.skipped` with the reason."""
+def eligible_groups(ctx: Context, groups: list[Group] | None = None, splits: bool = False) -> list[Group]:
+    """The groups a random grower may widen by splits (`splits`) or new units; the others are recorded in
+    `ctx.skipped` with the reason (`norm_reason`)."""
     pool = []
     for g in ctx.groups if groups is None else groups:
-        why = layernorm_reason(g)
+        why = norm_reason(g, ctx.model, splits)
         if why:
             ctx.skipped[g.name] = why
         else:

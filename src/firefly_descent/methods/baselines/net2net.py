@@ -40,7 +40,7 @@ def split_changes(
     ctx: Context, budget: Budget, gen: torch.Generator, noise: float, groups: list[Group] | None = None
 ) -> list[GroupChange]:
     """Random Net2Net splits of the growable groups under `budget` (see module docstring)."""
-    pool = eligible_groups(ctx, groups)
+    pool = eligible_groups(ctx, groups, splits=True)
     if not pool:
         return []
     chosen = random_units(pool, unit_costs(ctx, budget, pool), budget, gen, pool_groups=ctx.groups)

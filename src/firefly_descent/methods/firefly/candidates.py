@@ -28,7 +28,16 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
-from ...analysis.rules import is_attention, is_post_norm, is_residual, rule_for
+from ...analysis.rules import (
+    completed_new_slices,
+    completed_roles,
+    is_attention,
+    is_post_norm,
+    is_residual,
+    rule_for,
+    splits_whole_only,
+    takes_new_units,
+)
 from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...errors import GrowthError
@@ -204,16 +213,24 @@ def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> 
 
 def block_size(group: Group) -> int | None:
     """Units per whole block Firefly grows `group` by: 1 without constraints, `head_dim` for attention heads
-    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone
-    (GroupNorm/LayerNorm/grouped-conv constraints, or a weight with one entry per block)."""
-    if not group.constraints:
-        return 1
+    (a `blocks` constraint: new whole heads only, no splits), None for a group Firefly leaves alone (a
+    constraint that new units cannot meet exactly: GroupNorm, grouped conv; or a weight with one entry per
+    block). A constraint whose kind completes new units exactly (a LayerNorm'd or RMSNorm'd stream, see
+    `analysis.rules.register_constraint`) does not stand in the way."""
+    if not takes_new_units(group):
+        return None
     sizes = {c.channels_per_group for c in group.constraints if c.kind == "blocks"}
-    if len(sizes) != 1 or any(c.kind != "blocks" for c in group.constraints):
+    if len(sizes) > 1:
         return None
     if any(m.per > 1 for m in group.members if m.kind == "weight" and m.role in ("producer", "consumer")):
         return None
-    return sizes.pop()
+    return sizes.pop() if sizes else 1
+
+
+def splittable(group: Group) -> bool:
+    """Whether each unit of `group` is a split candidate of its own: not heads, and no constraint that only
+    takes whole duplication (a norm over the units)."""
+    return block_size(group) == 1 and not splits_whole_only(group)
 
 
 def _slice_numel(t: torch.Tensor, m: Any) -> int:
@@ -238,7 +255,7 @@ def build_width_candidates(
 ) -> WidthCandidates:
     """Deep-copy `model`, switch on every width candidate (off), and parametrise the perturbations."""
     changes = []
-    split_groups = {g.name for g in groups if splits and block_size(g) == 1}  # heads: new whole heads only
+    split_groups = {g.name for g in groups if splits and splittable(g)}  # heads: new whole heads only
     for g in groups:
         k = new_count.get(g.name, 0)
         changes.append(
@@ -306,6 +323,7 @@ def build_width_candidates(
             bank.add(f"new:{g.name}", K, ref)
         cands.split_dirs[g.name], cands.new_in[g.name], cands.new_out[g.name] = {}, {}, {}
         cands.new_pass[g.name] = {}
+        completed = completed_roles(g)  # the engine decides these new slices (a normalised stream's mean)
         for m in g.members:
             if K and m.role == "passthrough":
                 segs = edits[m.tensor][m.dim]
@@ -334,7 +352,7 @@ def build_width_candidates(
                     pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, split_key, -1.0, others, sc))
                     if sc is not None:
                         cands.scales[id(v)] = sc
-                if K:
+                if K and "producer" not in completed:
                     d = nn.Parameter(rand([K, *shape], "normal_in").to(device))
                     cands.new_in[g.name][m.tensor] = d
                     pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
@@ -350,11 +368,57 @@ def build_width_candidates(
                 pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others, sc))
                 if sc is not None:
                     cands.scales[id(u)] = sc
+    derived = _derived_slices(changes, edits, orig_shapes, set(perts))
     for tensor, p in perts.items():
         mod_name, _, attr = tensor.rpartition(".")
         module = net.get_submodule(mod_name) if mod_name else net
         parametrize.register_parametrization(module, attr, p)
+        for d in derived.get(tensor, []):  # after the perturbations: the completion holds for their sum
+            parametrize.register_parametrization(module, attr, d)
     return cands
+
+
+class _DerivedSlices(nn.Module):
+    """Parametrisation keeping a completed group's new producer slices the function of the old slices that the
+    engine's completion gives them (a normalised stream's mean), while other candidates perturb the old ones:
+    the over-grown copy then computes what the engine will build from its kept candidates."""
+
+    def __init__(self, dim: int, old: torch.Tensor, new: torch.Tensor, fn: Any) -> None:
+        super().__init__()
+        self.dim, self.fn = dim, fn
+        self.register_buffer("old", old, persistent=False)
+        self.register_buffer("new", new, persistent=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        for r in range(self.old.shape[1]):
+            value = self.fn(w.index_select(self.dim, self.old[:, r].to(w.device)), self.dim)
+            shape = list(w.shape)
+            shape[self.dim] = self.new.shape[0]
+            w = w.index_copy(self.dim, self.new[:, r].to(w.device), value.expand(shape))
+        return w
+
+
+def _derived_slices(
+    changes: list[GroupChange], edits: dict[str, Any], orig_shapes: dict[str, list[int]], perturbed: set[str]
+) -> dict[str, list[_DerivedSlices]]:
+    """Per perturbed tensor, the derived-slice parametrisations of the completed groups it produces."""
+    out: dict[str, list[_DerivedSlices]] = {}
+    for change in changes:
+        g, K = change.group, change.new.count if change.new else 0
+        fn = completed_new_slices(g)
+        if not K or fn is None or "producer" not in completed_roles(g):
+            continue
+        order = unit_order(change)
+        for m in g.members:
+            if m.role != "producer" or m.tensor not in perturbed:
+                continue
+            segs = edits[m.tensor][m.dim]
+            seg = next(s for s in segs if s.member == m and s.change is change)
+            start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
+            old = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner).view(g.width, m.inner)
+            new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner).view(K, m.inner)
+            out.setdefault(m.tensor, []).append(_DerivedSlices(m.dim, old, new, fn))
+    return out
 
 
 def materialize_width(cands: WidthCandidates, kept: dict[str, tuple[list[int], list[int]]]) -> list[GroupChange]:

@@ -67,7 +67,14 @@ def _widen_copy(
             if m.tensor.startswith(prefix)
         ]
         if members:
-            group = Group(change.group.name, change.group.width, members)
+            # the block's own constraints come along (its heads, its norms), so a completion the grown model's
+            # blocks get (a normalised stream's mean rows and rescaled norms) is given to the copy too
+            constraints = [
+                dataclasses.replace(c, module=c.module[len(prefix) :])
+                for c in change.group.constraints
+                if c.module.startswith(prefix)
+            ]
+            group = Group(change.group.name, change.group.width, members, constraints)
             inner.append(
                 GroupChange(
                     group,

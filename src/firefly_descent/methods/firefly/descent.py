@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.rules import batchnorms, is_residual
+from ...analysis.rules import batchnorms, completed_roles, completion_reason, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -50,6 +50,7 @@ from .candidates import (
     build_depth_candidates,
     build_width_candidates,
     materialize_width,
+    splittable,
 )
 from .config import CANDIDATE_SETS, PRESETS, FireflyConfig, midpoints
 from .depth import _layer_kind, _widen_body, _widen_copy, default_depth_boundaries, depth_summary, exact_added_params
@@ -120,14 +121,18 @@ class Firefly(Grower):
         groups = []
         for g in graph.growable():
             if block_size(g) is None:
-                skipped[g.name] = "a GroupNorm/LayerNorm/grouped-conv constraint: Firefly has no candidates for it"
-            elif _feeds_itself(g, model):
+                skipped[g.name] = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
+            elif completion_reason(g, model) is not None:
+                skipped[g.name] = str(completion_reason(g, model))
+            elif _tied(g, model):
+                skipped[g.name] = f"tensors {' and '.join(_tied(g, model))} are one (tied): no candidates on them"
+            elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
                 skipped[g.name] = "a tensor both produces and consumes it (a square conv in a residual loop)"
             else:
                 groups.append(g)
         if not groups and self.config.candidates != "depth":
             raise GrowthError(
-                "the model has no growable group without GroupNorm/LayerNorm/grouped-conv constraints; "
+                "the model has no growable group without GroupNorm/grouped-conv constraints; "
                 "nothing for Firefly to grow"
             )
         return groups
@@ -168,7 +173,7 @@ class Firefly(Grower):
             }
             report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
                 g.name: {
-                    "splits": g.width if use_splits and per[g.name] == 1 else 0,
+                    "splits": g.width if use_splits and splittable(g) else 0,
                     "new": new_count[g.name],
                     "budget_share": self.budget.group_limit(g, groups) / max(costs[g.name], 1e-12),
                 }
@@ -197,7 +202,7 @@ class Firefly(Grower):
             with Timer(report.timings, "step_two"):
                 scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
             for g in groups:
-                if use_splits and per[g.name] == 1:  # heads are not split
+                if use_splits and splittable(g):  # heads and normalised streams are not split unit by unit
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
                         candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
                 if new_count[g.name] and per[g.name] > 1:  # a new head: one gate over its units, d/dg = the sum
@@ -509,6 +514,23 @@ def _feeds_itself(group: Any, model: nn.Module | None = None) -> bool:
             dims.setdefault(m.tensor, set()).add(m.dim)
             modules.setdefault(m.tensor, set()).add(m.module)
     return any(len(d) > 1 and not _inside_residual(model, modules[t]) for t, d in dims.items())
+
+
+def _tied(group: Any, model: nn.Module) -> list[str]:
+    """Names of one tensor under two names among the group's members (an LM head tied to the embedding): the
+    engine grows it once, but candidate perturbations are kept per name, so Firefly leaves the group alone."""
+    seen: dict[int, str] = {}
+    for m in group.members:
+        mod_name, _, attr = m.tensor.rpartition(".")
+        try:
+            t = getattr(model.get_submodule(mod_name) if mod_name else model, attr)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.Tensor):
+            first = seen.setdefault(id(t), m.tensor)
+            if first != m.tensor:
+                return [first, m.tensor]
+    return []
 
 
 def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
