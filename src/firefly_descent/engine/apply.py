@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Constraint, Group, Member
-from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
+from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason, rule_for
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
@@ -361,10 +361,31 @@ def _apply_width(
             tx.tensors.append((store, attr, old))
             store[attr] = new
             positions[name] = positions[tensor_name]
-    for module in touched.values():
+    _touch_owners(model, touched, tx)
+    for module in touched.values():  # children first, then the modules whose attributes follow them
         before = next(a for m, a in tx.attrs if m is module)
         rederive_attrs(module, before)
     return positions
+
+
+def _touch_owners(model: nn.Module, touched: dict[str, nn.Module], tx: _Transaction) -> None:
+    """Add the ancestors of resized modules whose rule re-derives attributes (an attention module whose
+    head count follows its projection children, GPT-2's `split_size`), after them, deepest first, so they see their
+    children's new attributes; their attributes are logged for rollback like the children's."""
+    owners: dict[str, nn.Module] = {}
+    for name in list(touched):
+        parts = name.split(".") if name else []
+        for i in range(len(parts) - 1, -1, -1):
+            parent = ".".join(parts[:i])
+            if parent in touched or parent in owners:
+                continue
+            module = model.get_submodule(parent) if parent else model
+            rule = rule_for(module)
+            if rule is not None and rule.attrs:
+                owners[parent] = module
+    for parent in sorted(owners, key=lambda n: -len(n.split("."))):
+        tx.attrs.append((owners[parent], snapshot_attrs(owners[parent])))
+        touched[parent] = owners[parent]
 
 
 class _Grown:
