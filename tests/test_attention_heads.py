@@ -277,3 +277,14 @@ def test_a_firefly_step_proposes_heads_in_one_budget_and_keeps_the_held_out_loss
         assert (_logits(model, fresh) - _logits(ref, fresh)).abs().max().item() == 0.0
     with torch.no_grad():
         assert torch.isfinite(model(fresh).logits).all()
+
+
+@pytest.mark.parametrize("family,why", [("gpt2", "one flat dim"), ("llama", "rotary")])
+def test_head_dim_is_a_blocked_group_with_the_reason(family, why):
+    model = _gpt2() if family == "gpt2" else _llama(kv=2)
+    ids = _ids(0)
+    name = "transformer.h.0.attn" if family == "gpt2" else "model.layers.0.self_attn"
+    group = ff.analyze(model, ids)[f"{name}.head_dim"]
+    assert group.width == 8 and not group.growable
+    with pytest.raises(ff.GrowthError, match=why):
+        ff.widen(model, ids, {f"{name}.head_dim": 2}, mode="zero")

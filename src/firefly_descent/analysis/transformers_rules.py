@@ -125,6 +125,11 @@ class _HeadsAttentionRule(LayerRule):
         """The output group's name, width and producers."""
         raise NotImplementedError
 
+    def head_dim_reason(self, m: nn.Module) -> str:
+        """Why the width of each head (`head_dim`) does not grow: it is recorded as a blocked group
+        `<name>.head_dim`, so `analyze` and `widen` say so instead of finding no such group."""
+        raise NotImplementedError
+
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
         x = _hidden_states(node)
         out_shapes = a.output_shapes(node)
@@ -145,6 +150,8 @@ class _HeadsAttentionRule(LayerRule):
         count, members = self.heads_members(m, name)
         heads = a.new_group(count, f"{name}.heads")
         a.members[heads].extend(members)
+        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
+        a.block(head_dim, "UnsupportedOpError", f"{what} {self.head_dim_reason(m)}")
         out_name, width, producers = self.output_members(m, name)
         out = a.new_group(width, out_name)
         a.members[out].extend(producers)
@@ -173,6 +180,13 @@ class GPT2AttentionRule(_HeadsAttentionRule):
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.c_attn.weight", 0, f"{name}.c_attn")]
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return (
+            "does not grow head_dim: c_attn's q/k/v columns are one flat dim indexed by head and by dim within the "
+            "head, already grown by whole heads, and the engine grows one group per segment of a dim, so every "
+            "head cannot also take new dims in the same change (grow heads instead)"
+        )
 
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         hd, e = m.head_dim, m.split_size
@@ -215,6 +229,13 @@ class LlamaAttentionRule(_HeadsAttentionRule):
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return (
+            "does not grow head_dim: the rotary embedding (shared by every layer) pairs dim i with dim i + "
+            "head_dim/2 and sets its frequencies from head_dim, so new dims would rotate the old ones differently "
+            "(grow heads, whole key/value groups, instead)"
+        )
 
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         hd, groups = m.head_dim, m.num_key_value_groups
