@@ -288,3 +288,49 @@ def test_head_dim_is_a_blocked_group_with_the_reason(family, why):
     assert group.width == 8 and not group.growable
     with pytest.raises(ff.GrowthError, match=why):
         ff.widen(model, ids, {f"{name}.head_dim": 2}, mode="zero")
+
+
+# ---- BERT and ViT (Hugging Face) --------------------------------------------------------------------------------
+def _bert(dtype: torch.dtype) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return _jitter(transformers.BertForSequenceClassification(cfg), dtype)
+
+
+def _vit(dtype: torch.dtype) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=3)
+    return _jitter(transformers.ViTForImageClassification(cfg), dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_bert_new_heads_are_exact_under_its_post_norm(dtype, tol):
+    model, x, fresh = _bert(dtype), _ids(0), _ids(1, 3)
+    heads = [f"bert.encoder.layer.{i}.attention.self.heads" for i in (0, 1)]
+    graph = ff.analyze(model, x)
+    assert graph[heads[0]].width == 4 and not graph["bert.encoder.layer.0.attention.self.head_dim"].growable
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {heads[0]: 2, heads[1]: 1}, x), example_inputs=(x,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a = model.bert.encoder.layer[0].attention
+    assert (a.self.num_attention_heads, a.self.all_head_size, a.output.dense.in_features) == (6, 48, 48)
+    assert check_attrs(model) == []
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_vit_new_heads_are_exact(dtype, tol):
+    model = _vit(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(3, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    heads = ["vit.layers.0.attention.heads", "vit.layers.1.attention.heads"]
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {heads[0]: 1, heads[1]: 2}, x), example_inputs=(x,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a = model.vit.layers[1].attention
+    assert a.num_attention_heads == 6 and a.q_proj.out_features == 48 and check_attrs(model) == []

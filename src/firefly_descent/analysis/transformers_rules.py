@@ -161,6 +161,13 @@ class _HeadsAttentionRule(LayerRule):
         return tuple(outs) if multi else outs[0]
 
 
+_FLAT_HEAD_DIM = (
+    "does not grow head_dim: c_attn's q/k/v columns are one flat dim indexed by head and by dim within the head, "
+    "already grown by whole heads, and the engine grows one group per segment of a dim, so every head cannot also "
+    "take new dims in the same change (grow heads instead)"
+)
+
+
 def _bias(m: nn.Module) -> bool:
     return getattr(m, "bias", None) is not None
 
@@ -182,11 +189,7 @@ class GPT2AttentionRule(_HeadsAttentionRule):
         return [(f"{name}.c_attn.weight", 0, f"{name}.c_attn")]
 
     def head_dim_reason(self, m: nn.Module) -> str:
-        return (
-            "does not grow head_dim: c_attn's q/k/v columns are one flat dim indexed by head and by dim within the "
-            "head, already grown by whole heads, and the engine grows one group per segment of a dim, so every "
-            "head cannot also take new dims in the same change (grow heads instead)"
-        )
+        return _FLAT_HEAD_DIM
 
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         hd, e = m.head_dim, m.split_size
@@ -221,24 +224,35 @@ class GPT2AttentionRule(_HeadsAttentionRule):
 
 class LlamaAttentionRule(_HeadsAttentionRule):
     """transformers' LlamaAttention (and attention classes shaped like it: q/k/v/o_proj Linears, `head_dim`,
-    `num_key_value_groups`): one unit per key/value head, owning its `head_dim` k and v rows and the
-    `num_key_value_groups * head_dim` rows of the query heads that share it (and their o_proj columns), so a
-    new unit is a new KV head with its whole group of query heads. The forward reads `head_dim` and
-    `num_key_value_groups` only, which a whole group keeps; the config's head counts are not per layer and
-    are left alone (replay the growth history to rebuild a grown model)."""
+    optionally `num_key_value_groups`, e.g. ViTAttention): one unit per key/value head, owning its `head_dim` k
+    and v rows and the `num_key_value_groups * head_dim` rows of the query heads that share it (and their o_proj
+    columns), so a new unit is a new KV head with its whole group of query heads. The forward reads `head_dim`
+    and `num_key_value_groups` only, which a whole group keeps (a `num_attention_heads` attribute is re-derived);
+    the config's head counts are not per layer and are left alone (replay the growth history to rebuild a grown
+    model). `rotary`: the module rotates q and k by frequencies set from head_dim."""
 
-    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
-        return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+    def __init__(self, rotary: bool = True) -> None:
+        self.rotary = rotary
+        self.attrs = ("num_attention_heads",)
 
     def head_dim_reason(self, m: nn.Module) -> str:
+        if not self.rotary:
+            return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the q/k/v rows are")
         return (
             "does not grow head_dim: the rotary embedding (shared by every layer) pairs dim i with dim i + "
             "head_dim/2 and sets its frequencies from head_dim, so new dims would rotate the old ones differently "
             "(grow heads, whole key/value groups, instead)"
         )
 
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        if "num_attention_heads" in before:
+            m.num_attention_heads = m.q_proj.out_features // m.head_dim
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
-        hd, groups = m.head_dim, m.num_key_value_groups
+        hd, groups = m.head_dim, getattr(m, "num_key_value_groups", 1)
         members = []
         for p, inner in (("q_proj", groups * hd), ("k_proj", hd), ("v_proj", hd)):
             members.append(Member(f"{name}.{p}.weight", 0, "producer", "weight", f"{name}.{p}", 0, inner))
@@ -255,7 +269,7 @@ class LlamaAttentionRule(_HeadsAttentionRule):
         return o, m.o_proj.out_features, members
 
     def check(self, m: nn.Module) -> bool:
-        hd, groups = m.head_dim, m.num_key_value_groups
+        hd, groups = m.head_dim, getattr(m, "num_key_value_groups", 1)
         kv = m.k_proj.out_features
         return (
             kv % hd == 0
@@ -265,10 +279,71 @@ class LlamaAttentionRule(_HeadsAttentionRule):
         )
 
 
+class BertSelfAttentionRule(_HeadsAttentionRule):
+    """transformers' BertSelfAttention: `query`/`key`/`value` Linears viewed to heads of `attention_head_size`;
+    its output is the heads side by side, so the heads group is its output's units (`attention_head_size` per
+    unit) and the next layer (BertSelfOutput's `dense`) reads them as any Linear does: a new head is new q/k/v
+    rows and zero `dense` columns, exact even though BERT is post-norm (the stream does not change).
+    `num_attention_heads`/`all_head_size` follow `query`'s width (the forward reads `attention_head_size`)."""
+
+    attrs = ("num_attention_heads", "all_head_size")
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the query/key/value rows are")
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("query", "key", "value")]
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        hd = m.attention_head_size
+        members = []
+        for p in ("query", "key", "value"):
+            members.append(Member(f"{name}.{p}.weight", 0, "producer", "weight", f"{name}.{p}", 0, hd))
+            if _bias(getattr(m, p)):
+                members.append(Member(f"{name}.{p}.bias", 0, "producer", "bias", f"{name}.{p}", 0, hd))
+        return m.query.out_features // hd, members
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        x = _hidden_states(node)
+        out_shapes = a.output_shapes(node)
+        multi = a.has_multiple_outputs(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
+        lay, _ = a.layout_or_fixed(x)
+        what = f"{type(m).__name__} {name!r}"
+        a.block_layout(lay[:-1], "UnsupportedOpError", f"{what} mixes tokens of a grown dim")
+        for other in a.tensor_args(node):
+            if other is not x:
+                a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
+        for tensor, dim, module in self.stream_readers(m, name):
+            a.add_members(lay[-1], tensor, dim, "consumer", "weight", module)
+        count, members = self.heads_members(m, name)
+        heads = a.new_group(count, f"{name}.heads")
+        a.members[heads].extend(members)
+        head_dim = a.new_group(m.attention_head_size, f"{name}.head_dim")
+        a.block(head_dim, "UnsupportedOpError", f"{what} {self.head_dim_reason(m)}")
+        if out_shapes[0] is not None:
+            a.channel_dims[heads].append((node.name, len(out_shapes[0]) - 1))
+            outs[0][-1] = ((heads, m.attention_head_size),)
+        return tuple(outs) if multi else outs[0]
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.all_head_size = m.query.out_features
+        m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+    def check(self, m: nn.Module) -> bool:
+        q = m.query.out_features
+        return (
+            q == m.key.out_features == m.value.out_features == m.all_head_size
+            and m.num_attention_heads * m.attention_head_size == q
+        )
+
+
 # Attention modules of model families: (modeling module, class, rule).
-FAMILY_ATTENTIONS = (
+FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention", GPT2AttentionRule),
     ("transformers.models.llama.modeling_llama", "LlamaAttention", LlamaAttentionRule),
+    ("transformers.models.vit.modeling_vit", "ViTAttention", lambda: LlamaAttentionRule(rotary=False)),
+    ("transformers.models.bert.modeling_bert", "BertSelfAttention", BertSelfAttentionRule),
 )
 
 
