@@ -106,12 +106,17 @@ def _hidden_states(node: fx.Node) -> Any:
 
 class _HeadsAttentionRule(LayerRule):
     """Shared half of the attention rules: the stream is read by the q/k/v projections (their input dim), the
-    heads are a new group (`heads_members`), and the output projection writes a new group; other tensor
+    heads are a new group (`heads_members`), and the output projection writes a new group (or the output is the
+    heads, read by the next layer); `head_dim` is a blocked group that says why it does not grow; other tensor
     inputs (mask, rotary cos/sin) and the token dims must not carry units."""
 
     def refuse(self, m: nn.Module) -> str | None:
         """Why this module's heads cannot grow (None: they can)."""
         return None
+
+    def head_size(self, m: nn.Module) -> int:
+        """The width of one head (`head_dim`)."""
+        return m.head_dim
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         """(tensor, dim, module) that read the input stream's units."""
@@ -121,8 +126,8 @@ class _HeadsAttentionRule(LayerRule):
         """The head count (units) and the members whose dims follow it."""
         raise NotImplementedError
 
-    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
-        """The output group's name, width and producers."""
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]] | None:
+        """The output group's name, width and producers (None: the output is the heads, side by side)."""
         raise NotImplementedError
 
     def head_dim_reason(self, m: nn.Module) -> str:
@@ -143,21 +148,25 @@ class _HeadsAttentionRule(LayerRule):
                 a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
         why = self.refuse(m)
         if why is not None:
-            a.block_layout([lay[-1]], "UnsupportedOpError", f"{what} {why}")
+            a.block_layout([lay[-1]], "FrozenGroupError", f"{what} {why}")
             return tuple(outs) if multi else outs[0]
         for tensor, dim, module in self.stream_readers(m, name):
             a.add_members(lay[-1], tensor, dim, "consumer", "weight", module)
         count, members = self.heads_members(m, name)
         heads = a.new_group(count, f"{name}.heads")
         a.members[heads].extend(members)
-        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
-        a.block(head_dim, "UnsupportedOpError", f"{what} {self.head_dim_reason(m)}")
-        out_name, width, producers = self.output_members(m, name)
-        out = a.new_group(width, out_name)
-        a.members[out].extend(producers)
+        head_dim = a.new_group(self.head_size(m), f"{name}.head_dim")
+        a.block(head_dim, "FrozenGroupError", f"{what} {self.head_dim_reason(m)}")
+        output = self.output_members(m, name)
+        if output is None:  # the module outputs its heads side by side: the next layer reads them
+            out, inner = heads, self.head_size(m)
+        else:
+            out_name, width, producers = output
+            out, inner = a.new_group(width, out_name), 1
+            a.members[out].extend(producers)
         if out_shapes[0] is not None:
             a.channel_dims[out].append((node.name, len(out_shapes[0]) - 1))
-            outs[0][-1] = ((out, 1),)
+            outs[0][-1] = ((out, inner),)
         return tuple(outs) if multi else outs[0]
 
 
@@ -294,6 +303,12 @@ class BertSelfAttentionRule(_HeadsAttentionRule):
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("query", "key", "value")]
 
+    def head_size(self, m: nn.Module) -> int:
+        return m.attention_head_size
+
+    def output_members(self, m: nn.Module, name: str) -> None:
+        return None
+
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         hd = m.attention_head_size
         members = []
@@ -302,29 +317,6 @@ class BertSelfAttentionRule(_HeadsAttentionRule):
             if _bias(getattr(m, p)):
                 members.append(Member(f"{name}.{p}.bias", 0, "producer", "bias", f"{name}.{p}", 0, hd))
         return m.query.out_features // hd, members
-
-    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
-        x = _hidden_states(node)
-        out_shapes = a.output_shapes(node)
-        multi = a.has_multiple_outputs(node)
-        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
-        lay, _ = a.layout_or_fixed(x)
-        what = f"{type(m).__name__} {name!r}"
-        a.block_layout(lay[:-1], "UnsupportedOpError", f"{what} mixes tokens of a grown dim")
-        for other in a.tensor_args(node):
-            if other is not x:
-                a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
-        for tensor, dim, module in self.stream_readers(m, name):
-            a.add_members(lay[-1], tensor, dim, "consumer", "weight", module)
-        count, members = self.heads_members(m, name)
-        heads = a.new_group(count, f"{name}.heads")
-        a.members[heads].extend(members)
-        head_dim = a.new_group(m.attention_head_size, f"{name}.head_dim")
-        a.block(head_dim, "UnsupportedOpError", f"{what} {self.head_dim_reason(m)}")
-        if out_shapes[0] is not None:
-            a.channel_dims[heads].append((node.name, len(out_shapes[0]) - 1))
-            outs[0][-1] = ((heads, m.attention_head_size),)
-        return tuple(outs) if multi else outs[0]
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
         m.all_head_size = m.query.out_features
