@@ -225,6 +225,28 @@ def test_grown_heads_save_and_replay_from_the_original_config(family, tmp_path):
         assert back.model.layers[0].self_attn.q_proj.out_features == 64  # 2 new KV groups of 2 query heads
 
 
+@pytest.mark.parametrize("history", [True, False])
+def test_grown_gpt2_heads_reload_with_save_pretrained(history, tmp_path):
+    """`integrations.hf.load_grown`: with the history replayed, or from the saved shapes alone (the attention's
+    `split_size` follows its resized `c_attn` there too)."""
+    import json
+
+    from firefly_descent.integrations.hf import load_grown, save_history
+
+    model, ids = _gpt2(), _ids(0)
+    ff.widen(model, ids, {GPT2_HEADS[0]: 1, GPT2_HEADS[1]: 2}, mode="zero")
+    model.save_pretrained(str(tmp_path))
+    if history:
+        save_history(model, str(tmp_path))
+    else:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg.pop("firefly_history", None)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = load_grown(str(tmp_path), _gpt2)
+    assert (_logits(back, ids) - _logits(model, ids)).abs().max().item() == 0.0
+    assert [b.attn.split_size for b in back.transformer.h] == [40, 48] and check_attrs(back) == []
+
+
 # ---- Firefly ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_firefly_head_candidates_are_whole_heads_exact_when_off(family):

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Constraint, Group, Member
-from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason, rule_for
+from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
-from .modules import rederive_attrs, restore_attrs, snapshot_attrs
+from .modules import attr_owners, rederive_attrs, restore_attrs, snapshot_attrs
 from .tensors import NEW, OLD, TWIN, Expansion, Segment, UnitPositions, build_source_map, expand_tensor, unit_order
 
 HISTORY_ATTR = "_firefly_history"
@@ -369,23 +369,11 @@ def _apply_width(
 
 
 def _touch_owners(model: nn.Module, touched: dict[str, nn.Module], tx: _Transaction) -> None:
-    """Add the ancestors of resized modules whose rule re-derives attributes (an attention module whose
-    head count follows its projection children, GPT-2's `split_size`), after them, deepest first, so they see their
-    children's new attributes; their attributes are logged for rollback like the children's."""
-    owners: dict[str, nn.Module] = {}
-    for name in list(touched):
-        parts = name.split(".") if name else []
-        for i in range(len(parts) - 1, -1, -1):
-            parent = ".".join(parts[:i])
-            if parent in touched or parent in owners:
-                continue
-            module = model.get_submodule(parent) if parent else model
-            rule = rule_for(module)
-            if rule is not None and rule.attrs:
-                owners[parent] = module
-    for parent in sorted(owners, key=lambda n: -len(n.split("."))):
-        tx.attrs.append((owners[parent], snapshot_attrs(owners[parent])))
-        touched[parent] = owners[parent]
+    """Add the ancestors of resized modules whose attributes follow their children (`attr_owners`), after
+    them; their attributes are logged for rollback like the children's."""
+    for parent, module in attr_owners(model, list(touched)):
+        tx.attrs.append((module, snapshot_attrs(module)))
+        touched[parent] = module
 
 
 class _Grown:
