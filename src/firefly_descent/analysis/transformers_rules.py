@@ -10,15 +10,16 @@
   exactly. Traced into, its mean over the units blocks the stream.
 * transformers' element-wise activation modules (`NewGELUActivation` in GPT-2's MLP, …): units pass
   through. Traced into, their `torch.pow` and the like have no channel rule and would block the MLP.
-* `GPT2Attention` and `LlamaAttention`, once their modeling module is loaded: kept whole, their heads are a
-  group of their own (`<attention>.heads`), one unit per head (per key/value head and its query heads under
-  grouped-query attention), each unit owning `head_dim` rows of q/k/v (`Member.inner`) and as many columns of
-  the output projection. A new unit is a new head: any q/k/v rows, zero output columns, so the other heads
-  and the output are unchanged; a duplicated head with halved output columns is exact too. Traced into,
-  GPT-2's `c_attn(...).split(...)` and Llama's `view` to heads block these units. The head count follows the
-  weights (GPT-2's `split_size`/`num_heads` are re-derived; Llama's forward reads only `head_dim` and
-  `num_key_value_groups`, which a new whole group keeps), so heads x head_dim may differ from the stream.
-  head_dim itself does not grow (see docs/architecture.md: Llama's rotary frequencies depend on it).
+* `GPT2Attention`, `LlamaAttention`, `ViTAttention` and `BertSelfAttention`, once their modeling module is
+  loaded: kept whole, their heads are a group of their own (`<attention>.heads`), one unit per head (per
+  key/value head and its query heads under grouped-query attention), each unit owning `head_dim` rows of q/k/v
+  (`Member.inner`) and as many columns of the output projection (BERT's: the next layer's). A new unit is a new
+  head: any q/k/v rows, zero output columns, so the other heads and the output are unchanged; a duplicated head
+  with halved output columns is exact too. Traced into, GPT-2's `c_attn(...).split(...)` and the `view`s to
+  heads block these units. The head count follows the weights (`split_size`, `num_heads`,
+  `num_attention_heads` are re-derived; Llama's forward reads only `head_dim` and `num_key_value_groups`, which
+  a new whole group keeps), so heads x head_dim may differ from the stream. head_dim itself does not grow: a
+  blocked group `<attention>.head_dim` says why (docs/architecture.md).
 """
 
 from __future__ import annotations
