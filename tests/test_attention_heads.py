@@ -287,7 +287,11 @@ def test_a_firefly_step_proposes_heads_in_one_budget_and_keeps_the_held_out_loss
     data = _shift_task()
     ref = copy.deepcopy(model)
     grower = make_grower("firefly", budget="ratio:0.5", per_group=True, seed=0)
-    report = grower.grow(model, data, _next_token_loss, example_inputs=(data[0][0][:2],))
+    decided = []
+    decide = grower.decide
+    grower.decide = lambda ctx: decided.append(decide(ctx)) or decided[-1]  # keep the plan Firefly chose
+    x = (data[0][0][:2],)
+    report = grower.grow(model, data, _next_token_loss, example_inputs=x)
     pool = report.extra["pool"]
     assert all(g in pool and pool[g]["new"] > 0 for g in groups), pool  # whole heads are candidates
     s = report.safety
@@ -299,6 +303,11 @@ def test_a_firefly_step_proposes_heads_in_one_budget_and_keeps_the_held_out_loss
         assert (_logits(model, fresh) - _logits(ref, fresh)).abs().max().item() == 0.0
     with torch.no_grad():
         assert torch.isfinite(model(fresh).logits).all()
+    plan = getattr(decided[0], "plan", decided[0])
+    assert any(ch.group.name in groups and ch.new is not None for ch in plan.changes)  # it chose new heads
+    off = copy.deepcopy(ref)
+    ff.apply(off, plan.scaled(0.0), example_inputs=x)  # the chosen plan at amplitude 0: the same function
+    assert (_logits(off, fresh) - _logits(ref, fresh)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("family,why", [("gpt2", "one flat dim"), ("llama", "rotary")])
