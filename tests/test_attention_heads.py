@@ -160,6 +160,17 @@ def test_gpt2_cross_attention_is_refused_with_the_reason():
     assert why is not None and "cross-attention" in why
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grown_heads_generate_the_same_tokens_through_the_kv_cache(family):
+    """The cache holds each layer's own head count: greedy decoding is unchanged by new heads."""
+    model = _gpt2() if family == "gpt2" else _llama(kv=2)
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    prompt = _ids(0)[:1, :4]
+    before = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    ff.widen(model, _ids(0), {groups[0]: 1, groups[1]: 2}, mode="zero")
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), before)
+
+
 # ---- training, undo, replay -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_grown_heads_train_with_remapped_optimizer_state(family):
