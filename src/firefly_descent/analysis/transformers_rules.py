@@ -10,6 +10,16 @@
   exactly. Traced into, its mean over the units blocks the stream.
 * transformers' element-wise activation modules (`NewGELUActivation` in GPT-2's MLP, …): units pass
   through. Traced into, their `torch.pow` and the like have no channel rule and would block the MLP.
+* `GPT2Attention`, `LlamaAttention`, `ViTAttention` and `BertSelfAttention`, once their modeling module is
+  loaded: kept whole, their heads are a group of their own (`<attention>.heads`), one unit per head (per
+  key/value head and its query heads under grouped-query attention), each unit owning `head_dim` rows of q/k/v
+  (`Member.inner`) and as many columns of the output projection (BERT's: the next layer's). A new unit is a new
+  head: any q/k/v rows, zero output columns, so the other heads and the output are unchanged; a duplicated head
+  with halved output columns is exact too. Traced into, GPT-2's `c_attn(...).split(...)` and the `view`s to
+  heads block these units. The head count follows the weights (`split_size`, `num_heads`,
+  `num_attention_heads` are re-derived; Llama's forward reads only `head_dim` and `num_key_value_groups`, which
+  a new whole group keeps), so heads x head_dim may differ from the stream. head_dim itself does not grow: a
+  blocked group `<attention>.head_dim` says why (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -91,9 +101,252 @@ if Conv1D is not None:
 FAMILY_RMSNORMS = (("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon"),)
 
 
+def _hidden_states(node: fx.Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("hidden_states")
+
+
+class _HeadsAttentionRule(LayerRule):
+    """Shared half of the attention rules: the stream is read by the q/k/v projections (their input dim), the
+    heads are a new group (`heads_members`), and the output projection writes a new group (or the output is the
+    heads, read by the next layer); `head_dim` is a blocked group that says why it does not grow; other tensor
+    inputs (mask, rotary cos/sin) and the token dims must not carry units."""
+
+    def refuse(self, m: nn.Module) -> str | None:
+        """Why this module's heads cannot grow (None: they can)."""
+        return None
+
+    def head_size(self, m: nn.Module) -> int:
+        """The width of one head (`head_dim`)."""
+        return m.head_dim
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        """(tensor, dim, module) that read the input stream's units."""
+        raise NotImplementedError
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        """The head count (units) and the members whose dims follow it."""
+        raise NotImplementedError
+
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]] | None:
+        """The output group's name, width and producers (None: the output is the heads, side by side)."""
+        raise NotImplementedError
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        """Why the width of each head (`head_dim`) does not grow: it is recorded as a blocked group
+        `<name>.head_dim`, so `analyze` and `widen` say so instead of finding no such group."""
+        raise NotImplementedError
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        x = _hidden_states(node)
+        out_shapes = a.output_shapes(node)
+        multi = a.has_multiple_outputs(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
+        lay, _ = a.layout_or_fixed(x)
+        what = f"{type(m).__name__} {name!r}"
+        a.block_layout(lay[:-1], "UnsupportedOpError", f"{what} mixes tokens of a grown dim")
+        for other in a.tensor_args(node):
+            if other is not x:
+                a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
+        why = self.refuse(m)
+        if why is not None:
+            a.block_layout([lay[-1]], "FrozenGroupError", f"{what} {why}")
+            return tuple(outs) if multi else outs[0]
+        for tensor, dim, module in self.stream_readers(m, name):
+            a.add_members(lay[-1], tensor, dim, "consumer", "weight", module)
+        count, members = self.heads_members(m, name)
+        heads = a.new_group(count, f"{name}.heads")
+        a.members[heads].extend(members)
+        head_dim = a.new_group(self.head_size(m), f"{name}.head_dim")
+        a.block(head_dim, "FrozenGroupError", f"{what} {self.head_dim_reason(m)}")
+        output = self.output_members(m, name)
+        if output is None:  # the module outputs its heads side by side: the next layer reads them
+            out, inner = heads, self.head_size(m)
+        else:
+            out_name, width, producers = output
+            out, inner = a.new_group(width, out_name), 1
+            a.members[out].extend(producers)
+        if out_shapes[0] is not None:
+            a.channel_dims[out].append((node.name, len(out_shapes[0]) - 1))
+            outs[0][-1] = ((out, inner),)
+        return tuple(outs) if multi else outs[0]
+
+
+_FLAT_HEAD_DIM = (
+    "does not grow head_dim: c_attn's q/k/v columns are one flat dim indexed by head and by dim within the head, "
+    "already grown by whole heads, and the engine grows one group per segment of a dim, so every head cannot also "
+    "take new dims in the same change (grow heads instead)"
+)
+
+
+def _bias(m: nn.Module) -> bool:
+    return getattr(m, "bias", None) is not None
+
+
+class GPT2AttentionRule(_HeadsAttentionRule):
+    """transformers' GPT2Attention: `c_attn` (a Conv1D) writes q, k and v side by side, `split_size` each,
+    `c_proj` reads the heads. Heads are the group `<name>.heads`; `split_size` and `num_heads` follow
+    `c_attn`'s width (the forward splits by `split_size` and views heads of `head_dim`; `embed_dim`, the
+    stream, follows `c_proj`'s output). Cross-attention (`q_attn`, keys from the encoder) is refused."""
+
+    attrs = ("split_size", "num_heads", "embed_dim")
+
+    def refuse(self, m: nn.Module) -> str | None:
+        if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
+            return "is cross-attention (its keys and values come from the encoder; no rule for its q_attn)"
+        return None
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.c_attn.weight", 0, f"{name}.c_attn")]
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return _FLAT_HEAD_DIM
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        hd, e = m.head_dim, m.split_size
+        qkv, proj = f"{name}.c_attn", f"{name}.c_proj"
+        members = [Member(f"{qkv}.weight", 1, "producer", "weight", qkv, k * e, hd) for k in range(3)]
+        if _bias(m.c_attn):
+            members += [Member(f"{qkv}.bias", 0, "producer", "bias", qkv, k * e, hd) for k in range(3)]
+        members.append(Member(f"{proj}.weight", 0, "consumer", "weight", proj, 0, hd))
+        return e // hd, members
+
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
+        proj = f"{name}.c_proj"
+        members = [Member(f"{proj}.weight", 1, "producer", "weight", proj)]
+        if _bias(m.c_proj):
+            members.append(Member(f"{proj}.bias", 0, "producer", "bias", proj))
+        return proj, m.c_proj.nf, members
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.split_size = m.c_attn.nf // 3
+        m.num_heads = m.split_size // m.head_dim
+        m.embed_dim = m.c_proj.nf
+
+    def check(self, m: nn.Module) -> bool:
+        if hasattr(m, "q_attn"):
+            return True
+        return (
+            m.c_attn.nf == 3 * m.split_size == 3 * m.num_heads * m.head_dim
+            and m.c_proj.nx == m.split_size
+            and m.embed_dim == m.c_proj.nf
+        )
+
+
+class LlamaAttentionRule(_HeadsAttentionRule):
+    """transformers' LlamaAttention (and attention classes shaped like it: q/k/v/o_proj Linears, `head_dim`,
+    optionally `num_key_value_groups`, e.g. ViTAttention): one unit per key/value head, owning its `head_dim` k
+    and v rows and the `num_key_value_groups * head_dim` rows of the query heads that share it (and their o_proj
+    columns), so a new unit is a new KV head with its whole group of query heads. The forward reads `head_dim`
+    and `num_key_value_groups` only, which a whole group keeps (a `num_attention_heads` attribute is re-derived);
+    the config's head counts are not per layer and are left alone (replay the growth history to rebuild a grown
+    model). `rotary`: the module rotates q and k by frequencies set from head_dim."""
+
+    def __init__(self, rotary: bool = True) -> None:
+        self.rotary = rotary
+        self.attrs = ("num_attention_heads",)
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        if not self.rotary:
+            return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the q/k/v rows are")
+        return (
+            "does not grow head_dim: the rotary embedding (shared by every layer) pairs dim i with dim i + "
+            "head_dim/2 and sets its frequencies from head_dim, so new dims would rotate the old ones differently "
+            "(grow heads, whole key/value groups, instead)"
+        )
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        if "num_attention_heads" in before:
+            m.num_attention_heads = m.q_proj.out_features // m.head_dim
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        hd, groups = m.head_dim, getattr(m, "num_key_value_groups", 1)
+        members = []
+        for p, inner in (("q_proj", groups * hd), ("k_proj", hd), ("v_proj", hd)):
+            members.append(Member(f"{name}.{p}.weight", 0, "producer", "weight", f"{name}.{p}", 0, inner))
+            if _bias(getattr(m, p)):
+                members.append(Member(f"{name}.{p}.bias", 0, "producer", "bias", f"{name}.{p}", 0, inner))
+        members.append(Member(f"{name}.o_proj.weight", 1, "consumer", "weight", f"{name}.o_proj", 0, groups * hd))
+        return m.k_proj.out_features // hd, members
+
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
+        o = f"{name}.o_proj"
+        members = [Member(f"{o}.weight", 0, "producer", "weight", o)]
+        if _bias(m.o_proj):
+            members.append(Member(f"{o}.bias", 0, "producer", "bias", o))
+        return o, m.o_proj.out_features, members
+
+    def check(self, m: nn.Module) -> bool:
+        hd, groups = m.head_dim, getattr(m, "num_key_value_groups", 1)
+        kv = m.k_proj.out_features
+        return (
+            kv % hd == 0
+            and m.v_proj.out_features == kv
+            and m.q_proj.out_features == groups * kv
+            and m.o_proj.in_features == m.q_proj.out_features
+        )
+
+
+class BertSelfAttentionRule(_HeadsAttentionRule):
+    """transformers' BertSelfAttention: `query`/`key`/`value` Linears viewed to heads of `attention_head_size`;
+    its output is the heads side by side, so the heads group is its output's units (`attention_head_size` per
+    unit) and the next layer (BertSelfOutput's `dense`) reads them as any Linear does: a new head is new q/k/v
+    rows and zero `dense` columns, exact even though BERT is post-norm (the stream does not change).
+    `num_attention_heads`/`all_head_size` follow `query`'s width (the forward reads `attention_head_size`)."""
+
+    attrs = ("num_attention_heads", "all_head_size")
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the query/key/value rows are")
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("query", "key", "value")]
+
+    def head_size(self, m: nn.Module) -> int:
+        return m.attention_head_size
+
+    def output_members(self, m: nn.Module, name: str) -> None:
+        return None
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        hd = m.attention_head_size
+        members = []
+        for p in ("query", "key", "value"):
+            members.append(Member(f"{name}.{p}.weight", 0, "producer", "weight", f"{name}.{p}", 0, hd))
+            if _bias(getattr(m, p)):
+                members.append(Member(f"{name}.{p}.bias", 0, "producer", "bias", f"{name}.{p}", 0, hd))
+        return m.query.out_features // hd, members
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.all_head_size = m.query.out_features
+        m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+    def check(self, m: nn.Module) -> bool:
+        q = m.query.out_features
+        return (
+            q == m.key.out_features == m.value.out_features == m.all_head_size
+            and m.num_attention_heads * m.attention_head_size == q
+        )
+
+
+# Attention modules of model families: (modeling module, class, rule).
+FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention", GPT2AttentionRule),
+    ("transformers.models.llama.modeling_llama", "LlamaAttention", LlamaAttentionRule),
+    ("transformers.models.vit.modeling_vit", "ViTAttention", lambda: LlamaAttentionRule(rotary=False)),
+    ("transformers.models.bert.modeling_bert", "BertSelfAttention", BertSelfAttentionRule),
+)
+
+
 def register_loaded() -> None:
     """Register the family rules whose modeling module is loaded now."""
     for module_name, cls_name, eps_attr in FAMILY_RMSNORMS:
         cls = getattr(sys.modules.get(module_name), cls_name, None)
         if isinstance(cls, type) and cls not in LAYER_RULES:
             register_rule(cls, RMSNormRule(eps_attr))
+    for module_name, cls_name, rule in FAMILY_ATTENTIONS:
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if isinstance(cls, type) and cls not in LAYER_RULES:
+            register_rule(cls, rule())

@@ -20,7 +20,7 @@ from ..errors import ApproximationRequiredError, GrowthError, PlanError, Verific
 from ..layers import Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
-from .modules import rederive_attrs, restore_attrs, snapshot_attrs
+from .modules import attr_owners, rederive_attrs, restore_attrs, snapshot_attrs
 from .tensors import NEW, OLD, TWIN, Expansion, Segment, UnitPositions, build_source_map, expand_tensor, unit_order
 
 HISTORY_ATTR = "_firefly_history"
@@ -361,10 +361,19 @@ def _apply_width(
             tx.tensors.append((store, attr, old))
             store[attr] = new
             positions[name] = positions[tensor_name]
-    for module in touched.values():
+    _touch_owners(model, touched, tx)
+    for module in touched.values():  # children first, then the modules whose attributes follow them
         before = next(a for m, a in tx.attrs if m is module)
         rederive_attrs(module, before)
     return positions
+
+
+def _touch_owners(model: nn.Module, touched: dict[str, nn.Module], tx: _Transaction) -> None:
+    """Add the ancestors of resized modules whose attributes follow their children (`attr_owners`), after
+    them; their attributes are logged for rollback like the children's."""
+    for parent, module in attr_owners(model, list(touched)):
+        tx.attrs.append((module, snapshot_attrs(module)))
+        touched[parent] = module
 
 
 class _Grown:

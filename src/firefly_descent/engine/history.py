@@ -18,7 +18,7 @@ from ..errors import GrowthError
 from ..io import atomic_save, load_torch_file
 from ..plan import Plan
 from .apply import HISTORY_ATTR, apply, growth_history
-from .modules import rederive_attrs, snapshot_attrs
+from .modules import attr_owners, rederive_attrs, snapshot_attrs
 
 
 def replay_history(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
@@ -44,6 +44,7 @@ def save(model: nn.Module, path: str, extra: dict[str, Any] | None = None) -> No
 
 def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
     """Fallback without history: give every tensor its recorded shape (width growth only)."""
+    resized: list[str] = []
     for name, shape in shapes.items():
         mod_name, _, attr = name.rpartition(".")
         try:
@@ -61,6 +62,9 @@ def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Modul
         new = torch.zeros(shape, dtype=old.dtype, device=old.device)
         store[attr] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
         rederive_attrs(module, before)
+        resized.append(mod_name)
+    for _, owner in attr_owners(model, list(dict.fromkeys(resized))):  # GPT-2 attention's split_size
+        rederive_attrs(owner, snapshot_attrs(owner))
     return model
 
 

@@ -1,0 +1,378 @@
+"""New attention heads for Hugging Face GPT-2 and Llama (issue 23, item 1): the attention modules are kept whole
+and their heads are a group of their own (analysis/transformers_rules.py), one unit per head, or per key/value
+head with its query heads under grouped-query attention. New heads (any q/k/v rows, zero output columns) keep the
+logits, the grown model trains with its optimizer state remapped, undo and replay are exact, and Firefly proposes
+whole heads in one budget with the other groups. Tiny models built from configs, on the CPU; nothing downloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import firefly_descent as ff
+from firefly_descent.analysis.rules import rule_for
+from firefly_descent.engine import apply_undoable, check_attrs
+from firefly_descent.methods import make_grower
+from firefly_descent.methods.firefly.candidates import block_size, build_width_candidates, splittable
+from firefly_descent.plan import GroupChange, NewUnits, Plan, Split
+
+transformers = pytest.importorskip("transformers")
+
+V, T = 50, 8
+GPT2_HEADS = ["transformer.h.0.attn.heads", "transformer.h.1.attn.heads"]
+LLAMA_HEADS = ["model.layers.0.self_attn.heads", "model.layers.1.self_attn.heads"]
+
+
+def _gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=16)
+    return _jitter(transformers.GPT2LMHeadModel(cfg), dtype)
+
+
+def _llama(kv: int = 2, bias: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=kv, vocab_size=V, attention_bias=bias)
+    return _jitter(transformers.LlamaForCausalLM(cfg), dtype)
+
+
+def _jitter(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Random gains and biases, so a wrong row or column would show."""
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _ids(seed: int, n: int = 2) -> torch.Tensor:
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _heads_plan(model: torch.nn.Module, groups: dict[str, int], ids: torch.Tensor) -> Plan:
+    """New heads with random q/k/v rows and zero output-projection columns (the default outgoing values)."""
+    graph = ff.analyze(model, ids)
+    return Plan([GroupChange(graph[g], new=NewUnits(n, init="random")) for g, n in groups.items()],
+                input_shapes=[list(ids.shape)])
+
+
+def _next_token_loss(out, y: torch.Tensor) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+# ---- exactness ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gpt2_new_heads_are_exact_and_its_attributes_follow(dtype, tol):
+    model = _gpt2(dtype)
+    ids, fresh = _ids(0), _ids(1, 3)
+    graph = ff.analyze(model, ids)
+    heads = graph[GPT2_HEADS[0]]
+    assert heads.growable and heads.width == 4 and heads.constraints == []
+    assert block_size(heads) == 1 and splittable(heads)  # a unit is a whole head: new heads and duplicates
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {GPT2_HEADS[0]: 2, GPT2_HEADS[1]: 1}, ids), example_inputs=(ids,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a0, a1 = model.transformer.h[0].attn, model.transformer.h[1].attn
+    assert (a0.num_heads, a0.split_size, a0.embed_dim, a0.head_dim) == (6, 48, 32, 8)
+    assert (a1.num_heads, a1.split_size) == (5, 40)
+    assert tuple(a0.c_attn.weight.shape) == (32, 144) and tuple(a0.c_proj.weight.shape) == (48, 32)
+    assert a0.c_attn.weight[:, 32:48].abs().max() > 0 and a0.c_attn.weight[:, 128:].abs().max() > 0  # new q, v
+    assert a0.c_proj.weight[32:].abs().max() == 0 and check_attrs(model) == []
+    assert ff.analyze(model, ids)[GPT2_HEADS[0]].width == 6  # grows again from what it is now
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_llama_gqa_grows_by_a_kv_head_with_its_query_heads_exactly(dtype, tol):
+    model = _llama(kv=2, dtype=dtype)
+    ids, fresh = _ids(0), _ids(1, 3)
+    heads = ff.analyze(model, ids)[LLAMA_HEADS[0]]
+    assert heads.growable and heads.width == 2  # two key/value heads, each with 2 query heads
+    inner = {m.tensor.split(".")[-2]: m.inner for m in heads.members}
+    assert inner == {"q_proj": 16, "k_proj": 8, "v_proj": 8, "o_proj": 16}
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {LLAMA_HEADS[0]: 1, LLAMA_HEADS[1]: 2}, ids), example_inputs=(ids,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    assert (a0.q_proj.out_features, a0.k_proj.out_features, a0.v_proj.out_features, a0.o_proj.in_features) == (
+        48, 24, 24, 48)  # one KV head + 2 query heads of 8
+    assert (a1.q_proj.out_features, a1.k_proj.out_features) == (64, 32)
+    assert a0.num_key_value_groups == 2 and a0.head_dim == 8 and check_attrs(model) == []
+    assert a0.o_proj.weight[:, 32:].abs().max() == 0 and a0.k_proj.weight[16:].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_llama_without_gqa_grows_by_heads_exactly_with_biases(dtype, tol):
+    model = _llama(kv=4, bias=True, dtype=dtype)
+    ids, fresh = _ids(0), _ids(1, 3)
+    heads = ff.analyze(model, ids)[LLAMA_HEADS[0]]
+    assert heads.width == 4 and {m.inner for m in heads.members} == {8}
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {LLAMA_HEADS[0]: 1, LLAMA_HEADS[1]: 3}, ids), example_inputs=(ids,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a0 = model.model.layers[0].self_attn
+    assert a0.q_proj.bias.shape == (40,) and a0.k_proj.bias.shape == (40,) and a0.num_key_value_groups == 1
+    assert check_attrs(model) == []
+
+
+def test_a_duplicated_head_with_halved_output_columns_is_exact():
+    model, ids, fresh = _gpt2(torch.float64), _ids(0), _ids(1, 3)
+    before = _logits(model, fresh)
+    graph = ff.analyze(model, ids)
+    ff.apply(model, Plan([GroupChange(graph[GPT2_HEADS[1]], splits=[Split(2)])]), example_inputs=(ids,))
+    assert (_logits(model, fresh) - before).abs().max().item() < 1e-12
+    assert model.transformer.h[1].attn.num_heads == 5
+
+
+def test_heads_and_the_stream_grow_in_one_plan_exactly():
+    model, ids, fresh = _llama(kv=2, dtype=torch.float64), _ids(0), _ids(1, 3)
+    before = _logits(model, fresh)
+    ff.widen(model, ids, {"model.embed_tokens": 8, LLAMA_HEADS[0]: 1}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < 1e-6  # LlamaRMSNorm computes in float32
+    a0 = model.model.layers[0].self_attn
+    assert tuple(a0.q_proj.weight.shape) == (48, 40) and tuple(a0.o_proj.weight.shape) == (40, 48)
+    gpt = _gpt2(torch.float64)
+    before = _logits(gpt, fresh)
+    ff.widen(gpt, ids, {"transformer.wte": 8, GPT2_HEADS[1]: 2}, mode="zero")
+    assert (_logits(gpt, fresh) - before).abs().max().item() < 1e-12
+    a1 = gpt.transformer.h[1].attn
+    assert (a1.embed_dim, a1.split_size, a1.num_heads, a1.c_attn.nx) == (40, 48, 6, 40) and check_attrs(gpt) == []
+
+
+def test_gpt2_cross_attention_is_refused_with_the_reason():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=V)
+    why = rule_for(GPT2Attention(cfg, is_cross_attention=True)).refuse(GPT2Attention(cfg, is_cross_attention=True))
+    assert why is not None and "cross-attention" in why
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grown_heads_generate_the_same_tokens_through_the_kv_cache(family):
+    """The cache holds each layer's own head count: greedy decoding is unchanged by new heads."""
+    model = _gpt2() if family == "gpt2" else _llama(kv=2)
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    prompt = _ids(0)[:1, :4]
+    before = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    ff.widen(model, _ids(0), {groups[0]: 1, groups[1]: 2}, mode="zero")
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), before)
+
+
+# ---- training, undo, replay -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grown_heads_train_with_remapped_optimizer_state(family):
+    model = (_gpt2() if family == "gpt2" else _llama(kv=2)).train()
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    ids = _ids(0, 4)
+    y = torch.roll(ids, -1, dims=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _next_token_loss(model(ids), y).backward()
+    opt.step()
+    opt.zero_grad()
+    ff.apply(model, _heads_plan(model, {groups[0]: 1, groups[1]: 1}, ids), opt, (ids,))
+    for p in model.parameters():
+        assert opt.state[p]["momentum_buffer"].shape == p.shape
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = _next_token_loss(model(ids), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    if family == "gpt2":
+        new_cols = model.transformer.h[0].attn.c_proj.weight[32:]
+    else:
+        new_cols = model.model.layers[0].self_attn.o_proj.weight[:, 32:]
+    assert new_cols.abs().max() > 0  # the new heads' output columns learn
+
+
+def test_undo_restores_weights_attributes_and_optimizer_state_exactly():
+    model, ids = _gpt2(), _ids(0, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _next_token_loss(model(ids), torch.roll(ids, -1, dims=1)).backward()
+    opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    attn = model.transformer.h[0].attn
+    undo = apply_undoable(model, _heads_plan(model, {GPT2_HEADS[0]: 2}, ids), opt, (ids,))
+    assert attn.num_heads == 6 and attn.split_size == 48
+    undo()
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (4, 32, 96, 32)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(opt.state[p]["exp_avg"], state[n]) for n, p in model.named_parameters())
+    assert check_attrs(model) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grown_heads_save_and_replay_from_the_original_config(family, tmp_path):
+    def build() -> torch.nn.Module:
+        return _gpt2() if family == "gpt2" else _llama(kv=2)
+
+    model, ids, fresh = build(), _ids(0), _ids(1, 3)
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    ff.widen(model, ids, {groups[0]: 1}, mode="zero")
+    ff.widen(model, ids, {groups[0]: 1, groups[1]: 1}, mode="zero")
+    ff.save(model, str(tmp_path / "grown.pt"))
+    back = ff.load(str(tmp_path / "grown.pt"), build)
+    assert (_logits(back, fresh) - _logits(model, fresh)).abs().max().item() == 0.0
+    assert check_attrs(back) == []
+    if family == "gpt2":
+        assert back.transformer.h[0].attn.num_heads == 6 and back.transformer.h[0].attn.split_size == 48
+    else:
+        assert back.model.layers[0].self_attn.q_proj.out_features == 64  # 2 new KV groups of 2 query heads
+
+
+@pytest.mark.parametrize("history", [True, False])
+def test_grown_gpt2_heads_reload_with_save_pretrained(history, tmp_path):
+    """`integrations.hf.load_grown`: with the history replayed, or from the saved shapes alone (the attention's
+    `split_size` follows its resized `c_attn` there too)."""
+    import json
+
+    from firefly_descent.integrations.hf import load_grown, save_history
+
+    model, ids = _gpt2(), _ids(0)
+    ff.widen(model, ids, {GPT2_HEADS[0]: 1, GPT2_HEADS[1]: 2}, mode="zero")
+    model.save_pretrained(str(tmp_path))
+    if history:
+        save_history(model, str(tmp_path))
+    else:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg.pop("firefly_history", None)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = load_grown(str(tmp_path), _gpt2)
+    assert (_logits(back, ids) - _logits(model, ids)).abs().max().item() == 0.0
+    assert [b.attn.split_size for b in back.transformer.h] == [40, 48] and check_attrs(back) == []
+
+
+# ---- Firefly ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_firefly_head_candidates_are_whole_heads_exact_when_off(family):
+    model = _gpt2(torch.float64) if family == "gpt2" else _llama(kv=2, dtype=torch.float64)
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    ids, fresh = (_ids(0),), _ids(1, 3)
+    graph = ff.analyze(model, *ids)
+    stream = "transformer.wte" if family == "gpt2" else "model.embed_tokens"  # (tested in test_stream_width)
+    cands = [g for g in graph.growable() if block_size(g) is not None and g.name != stream]
+    assert set(groups) <= {g.name for g in cands}
+    init = {"split": 0.3, "new_in": 0.5, "new_out": 0.3}
+    wc = build_width_candidates(model, graph, cands, {g.name: 2 for g in cands}, True, ids, init,
+                                torch.Generator().manual_seed(0))
+    assert wc.bank.gates[f"new:{groups[0]}"].numel() == 2  # one gate per whole head (KV group)
+    wc.bank.alpha = 0.0
+    with torch.no_grad():
+        assert (wc.net(fresh).logits - _logits(model, fresh)).abs().max().item() < 1e-12
+    wc.bank.alpha = 1.0
+    with torch.no_grad():
+        assert (wc.net(fresh).logits - _logits(model, fresh)).abs().max().item() > 1e-6
+
+
+def _shift_task(seed: int = 0, n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Next token of counting sequences (token t+1 = token t + 1 mod V): learnable by attending to the last token."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        start = torch.randint(0, V, (8, 1), generator=g)
+        seq = (start + torch.arange(T + 1)) % V
+        data.append((seq[:, :-1], seq[:, 1:]))
+    return data
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_firefly_step_proposes_heads_in_one_budget_and_keeps_the_held_out_loss(family):
+    model = _gpt2() if family == "gpt2" else _llama(kv=2)
+    groups = GPT2_HEADS if family == "gpt2" else LLAMA_HEADS
+    data = _shift_task()
+    ref = copy.deepcopy(model)
+    grower = make_grower("firefly", budget="ratio:0.5", per_group=True, seed=0)
+    decided = []
+    decide = grower.decide
+    grower.decide = lambda ctx: decided.append(decide(ctx)) or decided[-1]  # keep the plan Firefly chose
+    x = (data[0][0][:2],)
+    report = grower.grow(model, data, _next_token_loss, example_inputs=x)
+    pool = report.extra["pool"]
+    assert all(g in pool and pool[g]["new"] > 0 for g in groups), pool  # whole heads are candidates
+    s = report.safety
+    assert s.outcome in ("accepted", "shrunk", "rolled-back"), s.outcome
+    assert s.heldout_after["train"] <= s.heldout_before["train"] + 1e-6
+    assert check_attrs(model) == []
+    fresh = _ids(7, 3)
+    if s.outcome == "rolled-back":
+        assert (_logits(model, fresh) - _logits(ref, fresh)).abs().max().item() == 0.0
+    with torch.no_grad():
+        assert torch.isfinite(model(fresh).logits).all()
+    plan = getattr(decided[0], "plan", decided[0])
+    assert any(ch.group.name in groups and ch.new is not None for ch in plan.changes)  # it chose new heads
+    off = copy.deepcopy(ref)
+    ff.apply(off, plan.scaled(0.0), example_inputs=x)  # the chosen plan at amplitude 0: the same function
+    assert (_logits(off, fresh) - _logits(ref, fresh)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family,why", [("gpt2", "one flat dim"), ("llama", "rotary")])
+def test_head_dim_is_a_blocked_group_with_the_reason(family, why):
+    model = _gpt2() if family == "gpt2" else _llama(kv=2)
+    ids = _ids(0)
+    name = "transformer.h.0.attn" if family == "gpt2" else "model.layers.0.self_attn"
+    group = ff.analyze(model, ids)[f"{name}.head_dim"]
+    assert group.width == 8 and not group.growable
+    with pytest.raises(ff.GrowthError, match=why):
+        ff.widen(model, ids, {f"{name}.head_dim": 2}, mode="zero")
+
+
+# ---- BERT and ViT (Hugging Face) --------------------------------------------------------------------------------
+def _bert(dtype: torch.dtype) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return _jitter(transformers.BertForSequenceClassification(cfg), dtype)
+
+
+def _vit(dtype: torch.dtype) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, num_labels=3)
+    return _jitter(transformers.ViTForImageClassification(cfg), dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_bert_new_heads_are_exact_under_its_post_norm(dtype, tol):
+    model, x, fresh = _bert(dtype), _ids(0), _ids(1, 3)
+    heads = [f"bert.encoder.layer.{i}.attention.self.heads" for i in (0, 1)]
+    graph = ff.analyze(model, x)
+    assert graph[heads[0]].width == 4 and not graph["bert.encoder.layer.0.attention.self.head_dim"].growable
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {heads[0]: 2, heads[1]: 1}, x), example_inputs=(x,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a = model.bert.encoder.layer[0].attention
+    assert (a.self.num_attention_heads, a.self.all_head_size, a.output.dense.in_features) == (6, 48, 48)
+    assert check_attrs(model) == []
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_vit_new_heads_are_exact(dtype, tol):
+    model = _vit(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(3, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    heads = ["vit.layers.0.attention.heads", "vit.layers.1.attention.heads"]
+    before = _logits(model, fresh)
+    ff.apply(model, _heads_plan(model, {heads[0]: 1, heads[1]: 2}, x), example_inputs=(x,))
+    drift = (_logits(model, fresh) - before).abs().max().item()
+    assert drift < tol, drift
+    a = model.vit.layers[1].attention
+    assert a.num_attention_heads == 6 and a.q_proj.out_features == 48 and check_attrs(model) == []
