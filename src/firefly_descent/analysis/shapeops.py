@@ -323,7 +323,8 @@ def channel_pass(a: Propagation, node: fx.Node, x: fx.Node | None = None, keep: 
 
 def pad(a: Propagation, node: fx.Node) -> Layout | None:
     """F.pad pads the last len(pad)/2 dims: the others keep their layout; padding a grown dim would give
-    new units no place, so it blocks (a spatial pad, as in DARTS's factorized reduce, carries channels)."""
+    new units no place, so it blocks (a spatial pad, as in DARTS's factorized reduce, carries channels); a
+    dim whose pad is a literal (0, 0) is not padded and keeps its layout."""
     x, widths = node.args[0], _arg(node, 1, "pad", ())
     out_s = a.shape(node)
     if out_s is None:
@@ -332,6 +333,9 @@ def pad(a: Propagation, node: fx.Node) -> Layout | None:
     n_pad = len(widths) // 2
     out: Layout = list(lay)
     for d in range(len(out_s) - n_pad, len(out_s)):
+        k = 2 * (len(out_s) - 1 - d)  # this dim's (before, after) pair: the last dim's comes first
+        if widths[k : k + 2] in ((0, 0), [0, 0]):  # not padded (timm's Swin pads H and W only): units flow
+            continue
         if lay[d] is not None:
             a.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} pads a grown dim")
         out[d] = None
