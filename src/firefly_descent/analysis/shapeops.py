@@ -342,6 +342,21 @@ def pad(a: Propagation, node: fx.Node) -> Layout | None:
     return out
 
 
+def roll(a: Propagation, node: fx.Node) -> Layout | None:
+    """`torch.roll(x, shifts, dims)` shifts positions along `dims` (Swin's cyclic window shift over H and W):
+    the other dims keep their layout; rolling a grown dim, or the flattened tensor (no dims), blocks it."""
+    x, dims = node.args[0], _arg(node, 2, "dims", None)
+    if a.shape(node) is None:
+        return None
+    lay, s = a.layout_or_fixed(x)
+    dims = [dims] if isinstance(dims, int) else dims
+    rolled = range(len(s)) if not dims else [a.norm_dim(d, len(s)) for d in dims]
+    for d in rolled:
+        if lay[d] is not None:
+            a.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} rolls a grown dim")
+    return list(lay)
+
+
 def cat(a: Propagation, node: fx.Node) -> Layout:
     out_s = a.shape(node)
     n = len(out_s)
@@ -443,6 +458,8 @@ for _t in (torch.unsqueeze, "unsqueeze"):
 for _t in (torch.squeeze, "squeeze"):
     register_function_rule(_t, squeeze)
 register_function_rule(torch.cat, cat)
+for _t in (torch.roll, "roll"):
+    register_function_rule(_t, roll)
 register_function_rule(F.pad, pad)
 register_function_rule(torch.concat, cat)
 register_function_rule(operator.getitem, getitem)
