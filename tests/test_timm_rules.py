@@ -78,7 +78,7 @@ TOL = [(torch.float64, 1e-12), (torch.float32, 1e-5)]
 
 
 # ---- ViT / DeiT ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype,tol", TOL)
 def test_vit_heads_ffn_and_stream_grow_exactly(name, fused, dtype, tol):
@@ -97,6 +97,8 @@ def test_vit_heads_ffn_and_stream_grow_exactly(name, fused, dtype, tol):
     assert model.blocks[1].attn.num_heads == 5 and model.blocks[1].mlp.fc1.out_features == 136
     assert model.cls_token.shape[-1] == 40 and model.pos_embed.shape[-1] == 40 and model.norm.weight.shape == (40,)
     assert model.head.in_features == 40
+    if hasattr(model, "dist_token"):  # DeiT's distillation token is one more writer, and its head a reader
+        assert model.dist_token.shape[-1] == 40 and model.head_dist.in_features == 40
 
 
 def test_grown_vit_trains_and_new_heads_learn():
