@@ -189,6 +189,19 @@ def test_head_dim_and_scale_norm_are_refused_with_the_reason_naming_the_module()
     assert blocked is not None and "'attn' has scale_norm" in blocked[1]
 
 
+def test_layerscale_keeps_heads_and_ffn_exact_and_refuses_the_stream_by_name():
+    torch.manual_seed(0)
+    model = _jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                      embed_dim=32, depth=2, num_heads=4, num_classes=10, init_values=0.1),
+                    torch.float64)
+    x, fresh = _images(0, dtype=torch.float64), _images(1, 3, torch.float64)
+    ref = _grow(model, x, {"blocks.0.attn.heads": 2, "blocks.0.mlp.fc1": 4})
+    assert _drift(model, ref, fresh) < 1e-12
+    # LayerScale's gamma multiplies each branch's output per unit: the mean of the old units does not pass it
+    with pytest.raises(ApproximationRequiredError, match="'blocks.0.ls1.gamma'"):
+        ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+
+
 def test_rules_load_only_once_timm_is_imported():
     import subprocess
     import sys
@@ -223,6 +236,8 @@ def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss():
     pool = report.extra["pool"]
     assert {"blocks.0.attn.heads", "blocks.0.mlp.fc1", "patch_embed.proj"} <= set(pool)  # one budget
     assert report.safety.outcome in ("accepted", "shrunk", "rolled_back")
+    if report.safety.outcome != "rolled_back":  # grown: the heads still match qkv (check_attrs) and the stream
+        assert model.cls_token.shape[-1] == model.patch_embed.proj.out_channels == model.norm.normalized_shape[0]
     assert check_attrs(model) == []
     with torch.no_grad():
         after = F.cross_entropy(model(held[0]), held[1]).item()
