@@ -67,6 +67,8 @@ class LinearRule(LayerRule):
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Linear, name: str) -> Any:
         lay, s = _input(a, node)
         a.add_members(lay[-1], f"{name}.weight", 1, "consumer", "weight", name)
+        for g in a.groups_in(list(lay[:-1])):  # units carried along another dim (MLP-Mixer's token mixing)
+            a.constraints[g].append(Constraint("across", name))
         g = _producer(a, m, name, m.out_features, node, len(s) - 1)
         return list(lay[:-1]) + [((g, 1),)]
 
@@ -436,6 +438,22 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
     return complete
 
 
+def across_reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
+    """A normalised stream whose units also pass along another dim of a Linear (MLP-Mixer's token-mixing MLP
+    maps each channel's tokens): a new channel, exactly zero after the norm, comes back into the stream as that
+    MLP's output on zeros, not as the mean of the old channels (LayerNorm) nor zero (RMSNorm with biases), and
+    no completion of the writers' slices reaches it. Other groups are free there (new units are any value)."""
+    norms = [c for c in g.constraints if c.kind in ("layernorm", "rmsnorm")]
+    if not norms:
+        return None
+    return (
+        f"group {g.name!r} is normalised by {norms[0].module!r}, and its units also pass along another dim of "
+        f"Linear {constraints[0].module!r} (token mixing): a new unit, zero after the norm, comes back into the "
+        "stream as that layer's output on zeros, not the mean of the old units, so no completion makes it exact "
+        "(grow the MLPs, duplicate every unit, or pass approximate=True)"
+    )
+
+
 def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
     """`F.layer_norm(x, shape, weight, bias)` as called inside a module (ConvNeXt's LayerNorm2d)."""
     lay, s = a.layout_or_fixed(node.args[0])
@@ -515,6 +533,11 @@ register_rule(nn.Softmax, SoftmaxRule())
 register_rule(nn.LogSoftmax, SoftmaxRule())
 register_constraint("groupnorm", lambda c, g, s, n, ap: whole_blocks("normalised by GroupNorm", c, g, s, n, ap))
 register_constraint("conv_groups", lambda c, g, s, n, ap: whole_blocks("convolved by grouped conv", c, g, s, n, ap))
+register_constraint(
+    "across",
+    lambda c, g, s, n, ap: None,  # new units are free there unless a norm completes the group (`across_reason`)
+    reason=across_reason,
+)
 register_constraint(
     "layernorm",
     _norm_splits_check("LayerNorm"),

@@ -327,10 +327,12 @@ class Propagation:
 
 
 def _load_optional_rules() -> None:
-    """Register the rules for transformers' own layers once a model could use them: only when the user's code
-    has imported transformers (importing it here would cost every analysis a second of start-up)."""
+    """Register the rules for transformers' and timm's own layers once a model could use them: only when the
+    user's code has imported the package (importing it here would cost every analysis a second of start-up)."""
     if "transformers" in sys.modules:
         importlib.import_module(".transformers_rules", __package__).register_loaded()
+    if "timm" in sys.modules:  # likewise timm's (importing it costs seconds)
+        importlib.import_module(".timm_rules", __package__).register_loaded()
 
 
 def analyze(

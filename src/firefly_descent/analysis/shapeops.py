@@ -323,7 +323,8 @@ def channel_pass(a: Propagation, node: fx.Node, x: fx.Node | None = None, keep: 
 
 def pad(a: Propagation, node: fx.Node) -> Layout | None:
     """F.pad pads the last len(pad)/2 dims: the others keep their layout; padding a grown dim would give
-    new units no place, so it blocks (a spatial pad, as in DARTS's factorized reduce, carries channels)."""
+    new units no place, so it blocks (a spatial pad, as in DARTS's factorized reduce, carries channels); a
+    dim whose pad is a literal (0, 0) is not padded and keeps its layout."""
     x, widths = node.args[0], _arg(node, 1, "pad", ())
     out_s = a.shape(node)
     if out_s is None:
@@ -332,10 +333,28 @@ def pad(a: Propagation, node: fx.Node) -> Layout | None:
     n_pad = len(widths) // 2
     out: Layout = list(lay)
     for d in range(len(out_s) - n_pad, len(out_s)):
+        k = 2 * (len(out_s) - 1 - d)  # this dim's (before, after) pair: the last dim's comes first
+        if widths[k : k + 2] in ((0, 0), [0, 0]):  # not padded (timm's Swin pads H and W only): units flow
+            continue
         if lay[d] is not None:
             a.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} pads a grown dim")
         out[d] = None
     return out
+
+
+def roll(a: Propagation, node: fx.Node) -> Layout | None:
+    """`torch.roll(x, shifts, dims)` shifts positions along `dims` (Swin's cyclic window shift over H and W):
+    the other dims keep their layout; rolling a grown dim, or the flattened tensor (no dims), blocks it."""
+    x, dims = node.args[0], _arg(node, 2, "dims", None)
+    if a.shape(node) is None:
+        return None
+    lay, s = a.layout_or_fixed(x)
+    dims = [dims] if isinstance(dims, int) else dims
+    rolled = range(len(s)) if not dims else [a.norm_dim(d, len(s)) for d in dims]
+    for d in rolled:
+        if lay[d] is not None:
+            a.block_layout([lay[d]], "UnsupportedOpError", f"{source_of(node)} rolls a grown dim")
+    return list(lay)
 
 
 def cat(a: Propagation, node: fx.Node) -> Layout:
@@ -439,6 +458,8 @@ for _t in (torch.unsqueeze, "unsqueeze"):
 for _t in (torch.squeeze, "squeeze"):
     register_function_rule(_t, squeeze)
 register_function_rule(torch.cat, cat)
+for _t in (torch.roll, "roll"):
+    register_function_rule(_t, roll)
 register_function_rule(F.pad, pad)
 register_function_rule(torch.concat, cat)
 register_function_rule(operator.getitem, getitem)

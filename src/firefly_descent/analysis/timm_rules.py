@@ -1,0 +1,139 @@
+"""Rules for timm's own layers, registered only once the user's code has imported timm (`register_loaded`, run by
+every `analyze`; importing timm here would cost seconds of start-up to users without it).
+
+* `timm.layers.Attention` (ViT, DeiT, …): kept whole, its heads a group of their own (`<attention>.heads`), one
+  unit per head owning `head_dim` rows of each of q, k and v in the fused `qkv` Linear (and of `gate`, if gated)
+  and as many columns of `proj`. Traced into, `qkv(x).reshape(B, N, 3, num_heads, head_dim)` blocks the heads
+  (fused `scaled_dot_product_attention` or the manual softmax path alike). A new head: any q/k/v rows, zero
+  `proj` columns, exact. `num_heads` and `attn_dim` follow `qkv`; `scale` and `head_dim` are kept.
+  `scale_norm` (a norm over all heads together) is refused: new heads would move its statistics.
+* Swin's `WindowAttention`: the same, plus the relative position bias table, one column per head (a new head's
+  column is any value: its output columns are zero). `num_heads` follows the table.
+* `Mlp` (the FFN, Mixer's token and channel MLPs), LayerNorm, `cls_token`/`pos_embed` are traced and need no
+  rule: the residual stream reaches the LayerNorm completion (docs/architecture.md). Swin's patch merging
+  (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts channels innermost, so the stream before a
+  merging stays blocked with that reason; the last stage's stream grows.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from .graph import Member
+from .heads import _FLAT_HEAD_DIM, _bias, _HeadsAttentionRule
+from .rules import LAYER_RULES, register_rule
+
+
+def _qkv_head_members(m: nn.Module, name: str, hd: int) -> tuple[int, list[Member]]:
+    """The members of a fused `qkv` Linear laid out [3, heads, head_dim] and of `proj`'s input columns."""
+    width = m.qkv.out_features // 3
+    qkv, proj = f"{name}.qkv", f"{name}.proj"
+    members = [Member(f"{qkv}.weight", 0, "producer", "weight", qkv, k * width, hd) for k in range(3)]
+    if _bias(m.qkv):
+        members += [Member(f"{qkv}.bias", 0, "producer", "bias", qkv, k * width, hd) for k in range(3)]
+    members.append(Member(f"{proj}.weight", 1, "consumer", "weight", proj, 0, hd))
+    return width // hd, members
+
+
+def _proj_output(m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
+    proj = f"{name}.proj"
+    members = [Member(f"{proj}.weight", 0, "producer", "weight", proj)]
+    if _bias(m.proj):
+        members.append(Member(f"{proj}.bias", 0, "producer", "bias", proj))
+    return proj, m.proj.out_features, members
+
+
+_TIMM_HEAD_DIM = _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "qkv's rows are")
+
+
+class TimmAttentionRule(_HeadsAttentionRule):
+    """timm's `Attention`: fused `qkv` (rows [3, num_heads, head_dim]), optional `gate`, `proj`."""
+
+    attrs = ("num_heads", "attn_dim")
+
+    def refuse(self, m: nn.Module) -> str | None:
+        if not isinstance(getattr(m, "norm", None), nn.Identity):
+            return "has scale_norm (one norm over all heads' outputs together: new heads would move its statistics)"
+        return None
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return _TIMM_HEAD_DIM
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        readers = [(f"{name}.qkv.weight", 1, f"{name}.qkv")]
+        if getattr(m, "gate", None) is not None:
+            readers.append((f"{name}.gate.weight", 1, f"{name}.gate"))
+        return readers
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        count, members = _qkv_head_members(m, name, m.head_dim)
+        if getattr(m, "gate", None) is not None:  # the gate multiplies each head's output: rows by head
+            gate = f"{name}.gate"
+            members.append(Member(f"{gate}.weight", 0, "producer", "weight", gate, 0, m.head_dim))
+            if _bias(m.gate):
+                members.append(Member(f"{gate}.bias", 0, "producer", "bias", gate, 0, m.head_dim))
+        return count, members
+
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
+        return _proj_output(m, name)
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.attn_dim = m.qkv.out_features // 3
+        m.num_heads = m.attn_dim // m.head_dim
+
+    def check(self, m: nn.Module) -> bool:
+        return m.qkv.out_features == 3 * m.attn_dim == 3 * m.num_heads * m.head_dim and m.proj.in_features == m.attn_dim
+
+
+class WindowAttentionRule(_HeadsAttentionRule):
+    """timm's Swin `WindowAttention`: like `Attention` (its forward views heads with `-1`, so only `num_heads` is
+    read), with a relative position bias table of one column per head."""
+
+    attrs = ("num_heads",)
+
+    def head_size(self, m: nn.Module) -> int:
+        return m.proj.in_features // m.num_heads
+
+    def head_dim_reason(self, m: nn.Module) -> str:
+        return _TIMM_HEAD_DIM
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.qkv.weight", 1, f"{name}.qkv")]
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        count, members = _qkv_head_members(m, name, self.head_size(m))
+        table = f"{name}.relative_position_bias_table"
+        members.append(Member(table, 1, "elementwise", "additive", name))
+        return count, members
+
+    def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
+        return _proj_output(m, name)
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.num_heads = m.relative_position_bias_table.shape[1]
+
+    def check(self, m: nn.Module) -> bool:
+        heads = m.relative_position_bias_table.shape[1]
+        return (
+            heads == m.num_heads
+            and m.qkv.out_features == 3 * m.proj.in_features
+            and m.proj.in_features % heads == 0
+        )
+
+
+# (module, class, rule): looked up in sys.modules, so a timm version that lacks one skips it.
+TIMM_RULES: tuple[tuple[str, str, Any], ...] = (
+    ("timm.layers.attention", "Attention", TimmAttentionRule),
+    ("timm.models.swin_transformer", "WindowAttention", WindowAttentionRule),
+)
+
+
+def register_loaded() -> None:
+    """Register the rules whose timm module is loaded now."""
+    for module_name, cls_name, rule in TIMM_RULES:
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if isinstance(cls, type) and cls not in LAYER_RULES:
+            register_rule(cls, rule())

@@ -1,0 +1,244 @@
+"""timm models grow exactly (issue 23, items 1 and 5): ViT/DeiT heads (timm `Attention`, fused and manual
+softmax), FFN width (`Mlp`) and the residual stream through the LayerNorm completion; Swin's window attention by
+whole heads with its relative position bias table; MLP-Mixer's token and channel MLPs and its stream. What cannot
+grow is refused with a reason naming the module. Tiny models built from configs on the CPU; nothing downloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import firefly_descent as ff
+from firefly_descent.engine import check_attrs
+from firefly_descent.errors import ApproximationRequiredError
+from firefly_descent.methods import make_grower
+from firefly_descent.plan import GroupChange, NewUnits, Plan
+
+timm = pytest.importorskip("timm")
+from timm.models.mlp_mixer import MlpMixer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _jitter(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Random gains and biases (and cls/pos embeddings), so a wrong row or column would show."""
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _vit(name: str = "vit_tiny_patch16_224", dtype: torch.dtype = torch.float32, fused: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                          num_classes=10)
+    for blk in m.blocks:
+        blk.attn.fused_attn = fused
+    return _jitter(m, dtype)
+
+
+def _swin(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                          embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4, num_classes=10)
+    return _jitter(m, dtype)
+
+
+def _mixer(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return _jitter(MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32), dtype)
+
+
+def _images(seed: int, n: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _drift(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (a(x) - b(x)).abs().max().item()
+
+
+def _grow(model: nn.Module, x: torch.Tensor, sizes: dict[str, int]) -> nn.Module:
+    """New units with random incoming and zero outgoing weights (the engine completes the stream)."""
+    ref = copy.deepcopy(model)
+    graph = ff.analyze(model, (x,))
+    plan = Plan([GroupChange(graph[g], new=NewUnits(n, init="random")) for g, n in sizes.items()],
+                input_shapes=[list(x.shape)])
+    ff.apply(model, plan, example_inputs=(x,))
+    assert check_attrs(model) == []
+    return ref
+
+
+TOL = [(torch.float64, 1e-12), (torch.float32, 1e-5)]
+
+
+# ---- ViT / DeiT ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype,tol", TOL)
+def test_vit_heads_ffn_and_stream_grow_exactly(name, fused, dtype, tol):
+    model = _vit(name, dtype, fused)
+    x, fresh = _images(0, dtype=dtype), _images(1, 3, dtype)
+    graph = ff.analyze(model, (x,))
+    assert graph["blocks.0.attn.heads"].width == 4 and graph["blocks.0.attn.heads"].blocked is None
+    assert graph["patch_embed.proj"].blocked is None and graph["blocks.1.mlp.fc1"].blocked is None
+    members = {m.tensor for m in graph["patch_embed.proj"].members}
+    assert {"cls_token", "pos_embed", "blocks.0.attn.proj.weight", "norm.weight"} <= members  # writers and norms
+    ref = _grow(model, x, {"blocks.0.attn.heads": 2, "blocks.1.attn.heads": 1, "blocks.1.mlp.fc1": 8,
+                           "patch_embed.proj": 8})
+    assert _drift(model, ref, fresh) < tol
+    attn = model.blocks[0].attn
+    assert (attn.num_heads, attn.attn_dim, attn.head_dim) == (6, 48, 8) and attn.qkv.in_features == 40
+    assert model.blocks[1].attn.num_heads == 5 and model.blocks[1].mlp.fc1.out_features == 136
+    assert model.cls_token.shape[-1] == 40 and model.pos_embed.shape[-1] == 40 and model.norm.weight.shape == (40,)
+    assert model.head.in_features == 40
+    if hasattr(model, "dist_token"):  # DeiT's distillation token is one more writer, and its head a reader
+        assert model.dist_token.shape[-1] == 40 and model.head_dist.in_features == 40
+
+
+def test_grown_vit_trains_and_new_heads_learn():
+    model = _vit()
+    x, y = _images(0, 8), torch.arange(8) % 10
+    ref = _grow(model, x, {"blocks.0.attn.heads": 2, "patch_embed.proj": 4})
+    assert _drift(model, ref, x) < 1e-5
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    before = F.cross_entropy(model(x), y).item()
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert F.cross_entropy(model(x), y).item() < before
+    assert model.blocks[0].attn.proj.weight[:, 32:].abs().max() > 0  # the new heads' output columns learnt
+
+
+# ---- Swin -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", TOL)
+def test_swin_window_attention_heads_ffn_and_last_stream_grow_exactly(dtype, tol):
+    model = _swin(dtype)
+    x, fresh = _images(0, dtype=dtype), _images(1, 3, dtype)
+    graph = ff.analyze(model, (x,))
+    last = "layers.1.downsample.reduction"  # the last stage's stream: after the patch merging
+    assert graph[last].blocked is None
+    ref = _grow(model, x, {"layers.0.blocks.1.attn.heads": 2, "layers.1.blocks.0.attn.heads": 1,
+                           "layers.0.blocks.0.mlp.fc1": 4, last: 4})
+    assert _drift(model, ref, fresh) < tol
+    attn = model.layers[0].blocks[1].attn  # a shifted window block: its mask expands over num_heads
+    assert attn.num_heads == 4 and attn.relative_position_bias_table.shape[1] == 4 and attn.qkv.out_features == 96
+    assert model.layers[1].blocks[0].attn.num_heads == 5 and model.head.fc.in_features == 36
+
+
+def test_swin_stream_before_a_patch_merging_is_refused_by_line():
+    model = _swin()
+    x = _images(0)
+    group = ff.analyze(model, (x,))["patch_embed.proj"]
+    assert group.blocked is not None and "swin_transformer.py" in group.blocked[1]
+    assert "flatten(3)" in group.blocked[1]
+    with pytest.raises(Exception, match="flatten"):
+        ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+
+
+# ---- MLP-Mixer ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", TOL)
+def test_mixer_token_and_channel_mlps_grow_exactly_and_its_stream_only_by_duplication(dtype, tol):
+    model = _mixer(dtype)
+    x, fresh = _images(0, dtype=dtype), _images(1, 3, dtype)
+    graph = ff.analyze(model, (x,))
+    tokens = graph["blocks.0.mlp_tokens.fc2"]  # the token MLP's output is the tokens: fixed by the input size
+    assert tokens.blocked is not None and "fixed-width" in tokens.blocked[1]
+    ref = _grow(model, x, {"blocks.0.mlp_tokens.fc1": 3, "blocks.1.mlp_channels.fc1": 8})
+    assert _drift(model, ref, fresh) < tol
+    assert model.blocks[0].mlp_tokens.fc1.out_features == 19 and model.blocks[0].mlp_tokens.fc1.in_features == 16
+    # new stream channels would pass through the token MLP (zero in, its output on zeros out): refused by name
+    with pytest.raises(ApproximationRequiredError, match="'blocks.0.mlp_tokens.fc1' \\(token mixing\\)"):
+        ff.widen(model, (x,), {"stem.proj": 4}, mode="zero")
+    assert _drift(model, ref, fresh) < tol  # untouched
+    ff.widen(model, (x,), {"stem.proj": 32}, mode="split")  # every channel duplicated once: exact
+    assert _drift(model, ref, fresh) < tol and model.norm.normalized_shape == (64,) and check_attrs(model) == []
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+def test_head_dim_and_scale_norm_are_refused_with_the_reason_naming_the_module():
+    from timm.layers import Attention
+
+    model = _vit()
+    x = _images(0)
+    hd = ff.analyze(model, (x,))["blocks.0.attn.head_dim"]
+    assert hd.blocked[0] == "FrozenGroupError" and "'blocks.0.attn' does not grow head_dim" in hd.blocked[1]
+    with pytest.raises(Exception, match="does not grow head_dim"):
+        ff.widen(model, (x,), {"blocks.0.attn.head_dim": 1}, mode="zero")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.attn = Attention(16, num_heads=2, scale_norm=True, norm_layer=nn.LayerNorm)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.out(self.attn(self.inp(t)))
+
+    graph = ff.analyze(Net(), (torch.randn(2, 5, 8),))
+    assert "attn.heads" not in graph.groups
+    blocked = graph["inp"].blocked
+    assert blocked is not None and "'attn' has scale_norm" in blocked[1]
+
+
+def test_layerscale_keeps_heads_and_ffn_exact_and_refuses_the_stream_by_name():
+    torch.manual_seed(0)
+    model = _jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                      embed_dim=32, depth=2, num_heads=4, num_classes=10, init_values=0.1),
+                    torch.float64)
+    x, fresh = _images(0, dtype=torch.float64), _images(1, 3, torch.float64)
+    ref = _grow(model, x, {"blocks.0.attn.heads": 2, "blocks.0.mlp.fc1": 4})
+    assert _drift(model, ref, fresh) < 1e-12
+    # LayerScale's gamma multiplies each branch's output per unit: the mean of the old units does not pass it
+    with pytest.raises(ApproximationRequiredError, match="'blocks.0.ls1.gamma'"):
+        ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+
+
+def test_rules_load_only_once_timm_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, firefly_descent as ff; ff.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),)); "
+            "print('timm' in sys.modules, 'firefly_descent.analysis.timm_rules' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# ---- Firefly ---------------------------------------------------------------------------------------------------
+def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2)
+    x = torch.randn(64, 3, 16, 16) * 0.3
+    y = torch.arange(64) % 2
+    x[y == 1, 0, :8] += 1.0  # class 1: a bright red top half
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+    held = (x[48:], y[48:])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = F.cross_entropy(model(held[0]), held[1]).item()
+    grower = make_grower("firefly", budget="ratio:0.5", per_group=True, seed=0)
+    report = grower.grow(model, data, F.cross_entropy, example_inputs=(x[:4],))
+    pool = report.extra["pool"]
+    assert {"blocks.0.attn.heads", "blocks.0.mlp.fc1", "patch_embed.proj"} <= set(pool)  # one budget
+    assert report.safety.outcome in ("accepted", "shrunk", "rolled_back")
+    if report.safety.outcome != "rolled_back":  # grown: the heads still match qkv (check_attrs) and the stream
+        assert model.cls_token.shape[-1] == model.patch_embed.proj.out_channels == model.norm.normalized_shape[0]
+    assert check_attrs(model) == []
+    with torch.no_grad():
+        after = F.cross_entropy(model(held[0]), held[1]).item()
+    assert after <= before + 1e-4
