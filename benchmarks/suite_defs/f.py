@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import growers_width, pick, static_small
+from ._shared import growers_width, pick, score_ablation, static_small
 from ._spec import CIFAR10_ENV, Method, Suite, dataset_root
 
 START, STATIC = 16, 32  # the starting width and the static-wide control's
@@ -56,6 +56,7 @@ SUITE = Suite(
     ),
     methods={
         **pick(growers_width(), ("firefly", "random", "random-matched", "net2net", "splitting-fast", "tiny")),
+        **score_ablation(),
         "static-small": static_small(),
         "static-wide": Method(
             "static",
