@@ -144,6 +144,29 @@ def test_paired_section_differences_by_seed() -> None:
     assert "| 3/3 |" in text and "-0.0100" in text
 
 
+
+def test_score_ablation_pairs_per_candidate_with_joint_by_seed(tmp_path: Path) -> None:
+    """Issue 26's table: per-candidate − joint on the seeds both ran, with the decision statistics."""
+    score_ablation = pytest.importorskip("score_ablation")
+
+    def rec(method: str, seed: int, acc: float) -> dict:
+        g = {"epoch": 1, "heldout_loss_change": -0.01, "test_loss_after": 1.0 - acc,
+             "after_epochs": {"3": {"test_acc": acc, "test_loss": 1.0 - acc}}}
+        if method != "firefly":
+            g["extra"] = {"score_path": {"spearman_with_joint": 0.5, "kept_joint": 4, "kept_also_by_joint": 3}}
+        return {"method": method, "seed": seed, "growths": [g], "metrics": [],
+                "summary": {"final_test_acc": acc, "params": 100, "growth_time": 1.0}}
+    (tmp_path / "B").mkdir()
+    for seed in range(3):
+        for method, acc in (("firefly", 0.5), ("firefly-per-candidate-score", 0.51)):
+            (tmp_path / "B" / f"{method}-s{seed}.json").write_text(json.dumps(rec(method, seed, acc + 0.01 * seed)))
+    (tmp_path / "B" / "firefly-s7.json").write_text(json.dumps(rec("firefly", 7, 0.5)))  # unpaired: left out
+    text = score_ablation.summarise(tmp_path, ["A", "B"])
+    assert "Suite A" in text and "_Not run._" in text
+    assert "n = 3 paired seeds: 0, 1, 2" in text
+    assert "| final test acc (pt) | 51.00 | 52.00 | +1.00 [+1.00, +1.00] | 3/3 |" in text
+    assert "Spearman correlation of the two scores 0.50" in text and "75 % of the joint" in text
+
 def test_matched_control_without_its_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert suites.main(_argv(tmp_path, "random-matched")) == 0
     assert "needs the finished firefly run" in capsys.readouterr().out

@@ -4,6 +4,7 @@ scored by the integrated gradient, applied exactly, and chosen only when a teach
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +131,29 @@ def _vit(dtype=torch.float64) -> nn.Module:
     nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
     return model.to(dtype).eval()
 
+
+
+def test_per_candidate_head_score_switches_the_whole_head_off():
+    """Issue 26: on the per-candidate path a head is one candidate: its score is L(all on) - L(all on but the
+    head's units off), the other heads and units left on."""
+    model, x = _model()
+    _, cands = _heads_candidates(model, x, heads=2)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))]
+    bank, key = cands.bank, f"new:{HEADS}"
+    f = Firefly(score_path="per-candidate", bn_mode="frozen")
+    report = SimpleNamespace(extra={})
+    scores = f._candidate_scores(cands.net, bank, data, F.cross_entropy, {key: 2}, report)
+    assert scores[key].numel() == 2 and report.extra["score_path"]["rescored"] == sum(map(len, scores.values()))
+    xb, yb = data[0]
+    bank.alpha = 0.0
+    with torch.no_grad():
+        for head in (0, 1):
+            bank.gates = {k: torch.ones_like(g) for k, g in bank.gates.items()}
+            on = F.cross_entropy(cands.net(xb), yb).item()
+            bank.gates[key][2 * head : 2 * head + 2] = 0.0
+            change = on - F.cross_entropy(cands.net(xb), yb).item()
+            assert abs(change) > 1e-6 and abs(scores[key][head].item() - change) < 1e-12
 
 @pytest.mark.parametrize("kind", ["transformer", "vit", "stock"])
 def test_new_block_candidate_is_exact_at_insertion_and_kept_as_trained(kind):

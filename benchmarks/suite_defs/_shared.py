@@ -42,6 +42,18 @@ def growers_width(nash_depth_prob: float = 0.0) -> dict[str, Method]:
     }
 
 
+def score_ablation() -> dict[str, Method]:
+    """Issue 26: step two's per-candidate path (the paper's s_i, each candidate switched on with the rest on)
+    against the default joint path; everything before step two is the same, so seeds pair exactly."""
+    return {
+        "firefly-per-candidate-score": Method(
+            "firefly",
+            {"budget": BUDGET, "score_path": "per-candidate"},
+            note="ablation: s_i = L(all on) - L(all on but i off) (the paper's per-candidate integral, exact)",
+        ),
+    }
+
+
 def pick(methods: dict[str, Method], names: tuple[str, ...]) -> dict[str, Method]:
     """The methods named in `names`, in `methods`' order."""
     return {name: m for name, m in methods.items() if name in names}

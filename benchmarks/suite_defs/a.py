@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import controls, growers_width
+from ._shared import controls, growers_width, score_ablation
 from ._spec import BUDGET, FASHION_ROOT, Method, Suite
 
 FULL_WIDTH = 64  # the static-full control's width
@@ -58,6 +58,7 @@ SUITE = Suite(
             growth={"calibrate_new_bn": False},
             note="ablation: new units' BatchNorm channels left fresh (train mode rescales them to unit variance)",
         ),
+        **score_ablation(),
         **controls(
             {"widths": FULL_WIDTH, "classifier": "conv1x1"},
             f"width {FULL_WIDTH} in every conv (8x the start; the widest affordable on 2 CPU cores)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import controls, firefly_ablations, growers_width, mnist1d_base
+from ._shared import controls, firefly_ablations, growers_width, mnist1d_base, score_ablation
 from ._spec import Suite
 
 
@@ -23,6 +23,7 @@ SUITE = Suite(
     methods={
         **growers_width(),
         **firefly_ablations(),
+        **score_ablation(),
         **controls({"hidden": [256, 256]}, "two hidden layers of 256 units"),
     },
     seeds={"quick": [0], "full": list(range(20))},

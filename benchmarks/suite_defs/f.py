@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import growers_width, pick, static_small
+from ._shared import growers_width, pick, score_ablation, static_small
 from ._spec import CIFAR10_ENV, Method, Suite, dataset_root
 
 START, STATIC = 16, 32  # the starting width and the static-wide control's
@@ -62,6 +62,7 @@ SUITE = Suite(
             budget_of="firefly",
             note="TINY budget-matched: each round adds the parameters the firefly run of the same seed added",
         ),
+        **score_ablation(),
         "static-small": static_small(),
         "static-wide": Method(
             "static",

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CANDIDATE_SETS = ("width", "splits", "new", "depth", "all")
+SCORE_PATHS = ("joint", "per-candidate")
 
 
 @dataclass
@@ -67,6 +68,20 @@ class FireflyConfig:
     init_new_out: float = 0.1  # new outgoing ~ U(-a, a)
     init_layer_scale: float = 0.01
     score_points: list[float] = field(default_factory=lambda: [0.25, 0.75])  # alpha along 0 -> eps
+    # step two's path (issue 26): "joint" = every gate moves together along one alpha path (alpha at
+    # `score_points`, one backward per point gives all candidates' gradients); "per-candidate" = the paper's
+    # s_i: candidate i's gate goes 0 -> 1 with every other candidate held on (at its eps~), i.e. the loss
+    # change of switching i on with the rest on. Costs one or more extra passes per candidate (see
+    # `per_candidate_points`), beyond `cost_limit` (which sizes steps one and two of the joint path only)
+    score_path: str = "joint"
+    # "per-candidate" only: None = the exact integral, L(all on) - L(all on but i off) by the fundamental
+    # theorem of calculus (one forward per candidate and score batch, no backward); n = the n-point midpoint
+    # rule on dL/dg_i along i's own path (n forward+backward passes per candidate and batch; tends to the
+    # exact value as n grows)
+    per_candidate_points: int | None = None
+    # "per-candidate" only: rescore just the top candidates of the joint score (a count >= 1, or a fraction
+    # of all candidates < 1; None = all); the others keep their joint score
+    score_top: float | None = None
     score_batches: int | None = 2  # None = one pass over the data
     allow_increase: bool = False
     # trim a params:N selection until the exact parameter increase fits (cross terms between adjacent groups

@@ -3,12 +3,14 @@
 Step one: switch every candidate on (the over-grown network) and optimise the candidates'
 directions and scales for a short time, old weights and BatchNorm statistics frozen.
 Step two: score each candidate by an integrated gradient of the loss along its scale
-(sampled at `score_points`), keep the best under the budget, and materialise them on the
-original model through the engine.
+(sampled at `score_points`; by default all gates move together along one path, or along each
+candidate's own path with the others on, `score_path="per-candidate"`, the paper's s_i), keep
+the best under the budget, and materialise them on the original model through the engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
@@ -52,7 +54,7 @@ from .candidates import (
     materialize_width,
     splittable,
 )
-from .config import CANDIDATE_SETS, PRESETS, FireflyConfig, midpoints
+from .config import CANDIDATE_SETS, PRESETS, SCORE_PATHS, FireflyConfig, midpoints
 from .depth import _layer_kind, _widen_body, _widen_copy, default_depth_boundaries, depth_summary, exact_added_params
 
 
@@ -104,11 +106,19 @@ class Firefly(Grower):
             self.config.score_points = midpoints(self.config.score_points)
         if not self.config.score_points or any(not 0 <= a <= 1 for a in self.config.score_points):
             raise GrowthError("score_points must be values in [0, 1] (or an int n for n midpoints)")
+        if self.config.score_path not in SCORE_PATHS:
+            raise GrowthError(f"score_path must be one of {', '.join(SCORE_PATHS)}, not {self.config.score_path!r}")
+        n = self.config.per_candidate_points
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise GrowthError(f"per_candidate_points must be a positive int or None (exact), not {n!r}")
+        if self.config.score_top is not None and not self.config.score_top > 0:
+            raise GrowthError(f"score_top must be a count, a fraction > 0 or None, not {self.config.score_top!r}")
         self.budget = Budget.parse(budget)
         if per_group:
             self.budget.per_group = True
         self.preset = preset
         self.last_scores: list[Candidate] = []
+        self._joint_scores: dict[str, torch.Tensor] = {}  # per-candidate path: the joint scores, for the report
 
     # ---- the template's hooks (methods/base.py: Grower.grow) ---------------------------------------
     def draw(self, data: GrowthData, device: torch.device, n: int | None = None) -> tuple[list[Any], list[Any]]:
@@ -146,6 +156,7 @@ class Firefly(Grower):
     # ---- the decision: step one, step two, selection ---------------------------------------------
     def decide(self, ctx: Context) -> Decision:
         cfg = self.config
+        self._joint_scores = {}
         model, graph, groups, x, gen, report, loss_fn = (
             ctx.model, ctx.graph, ctx.groups, ctx.x, ctx.gen, ctx.report, ctx.loss_fn
         )
@@ -199,15 +210,16 @@ class Firefly(Grower):
             batches, score_batches = self._size(width_c.net, model, x, batches, score_batches, epoch, guard, report)
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
+            # a new head is one candidate over its units (gate d/dg = the sum of theirs)
+            blocks = {f"new:{g.name}": per[g.name] for g in groups if new_count[g.name] and per[g.name] > 1}
             with Timer(report.timings, "step_two"):
-                scores = self._scores(width_c.net, width_c.bank, score_batches, loss_fn)
+                scores = self._candidate_scores(width_c.net, width_c.bank, score_batches, loss_fn, blocks, report)
             for g in groups:
                 if use_splits and splittable(g):  # heads and normalised streams are not split unit by unit
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
                         candidates.append(Candidate("split", g.name, i, s, costs[g.name]))
-                if new_count[g.name] and per[g.name] > 1:  # a new head: one gate over its units, d/dg = the sum
-                    by_head = scores[f"new:{g.name}"].view(-1, per[g.name]).sum(1)
-                    for j, s in enumerate(by_head.tolist()):
+                if new_count[g.name] and per[g.name] > 1:
+                    for j, s in enumerate(scores[f"new:{g.name}"].tolist()):
                         candidates.append(Candidate("head", g.name, j, s, costs[g.name] * per[g.name]))
                 elif new_count[g.name]:
                     for j, s in enumerate(scores[f"new:{g.name}"].tolist()):
@@ -235,12 +247,14 @@ class Firefly(Grower):
                 with Timer(report.timings, "step_one"):
                     self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
                 with Timer(report.timings, "step_two"):
-                    scores = self._scores(depth_c.net, depth_c.bank, score_batches, loss_fn)
+                    scores = self._candidate_scores(depth_c.net, depth_c.bank, score_batches, loss_fn, {}, report)
                 layer_costs = self._layer_costs(model, x, graph, depth_c)
                 for i, s in enumerate(scores["layer"].tolist()):
                     candidates.append(Candidate("layer", after[i], i, s, layer_costs[i]))
 
         kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
+        if cfg.score_path != "joint":
+            report.extra.setdefault("score_path", {}).update(self._compare_with_joint(candidates, kept, groups))
         exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
         if exact and self.budget.kind == "params" and not self.budget.per_group:
             kept = self._fit_params(model, graph, depth_c, kept)
@@ -422,6 +436,125 @@ class Firefly(Grower):
         bank.reset(requires_grad=False)
         net.eval()
         return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
+
+    def _candidate_scores(
+        self,
+        net: nn.Module,
+        bank: GateBank,
+        batches: list[tuple[Any, Any]],
+        loss_fn: LossFn,
+        blocks: dict[str, int],
+        report: GrowthReport,
+    ) -> dict[str, torch.Tensor]:
+        """One score per candidate along `score_path`; `blocks[key]` gates form one candidate (a head). The
+        joint scores are always read (cheap): the per-candidate path rescores their best `score_top` and the
+        report compares the two."""
+        joint = self._scores(net, bank, batches, loss_fn)
+        joint = {k: v.view(-1, blocks[k]).sum(1) if k in blocks else v for k, v in joint.items()}
+        cfg = self.config
+        if cfg.score_path == "joint":
+            return joint
+        self._joint_scores.update({k: v.detach().cpu() for k, v in joint.items()})
+        flat = torch.cat([v.detach().flatten().cpu() for v in joint.values()]) if joint else torch.zeros(0)
+        total = flat.numel()
+        top = cfg.score_top
+        k = total if top is None else min(total, int(top) if top >= 1 else max(1, math.ceil(top * total)))
+        chosen = set(torch.argsort(flat, stable=True)[:k].tolist())  # most negative: predicted largest gain
+        only, offset = {}, 0
+        for key, v in joint.items():
+            only[key] = [j for j in range(v.numel()) if offset + j in chosen]
+            offset += v.numel()
+        rescored = self._per_candidate(net, bank, batches, loss_fn, blocks, only)
+        out = {}
+        for key, v in joint.items():
+            out[key] = v.clone()
+            if only[key]:
+                idx = torch.tensor(only[key], device=v.device)
+                out[key][idx] = rescored[key].to(v.device, v.dtype)[idx]
+        summary = report.extra.setdefault("score_path", {"path": "per-candidate", "rescored": 0, "candidates": 0})
+        summary["rescored"] += k
+        summary["candidates"] += total
+        summary["points"] = cfg.per_candidate_points or "exact"
+        return out
+
+    def _compare_with_joint(self, candidates: list[Candidate], kept: list[Candidate], groups: list[Any]) -> dict:
+        """How far the per-candidate path moved the decision: the rank correlation of the two scores and the
+        share of the joint path's selection (before any exact-parameter trim) that is kept."""
+        def key(c: Candidate) -> str:
+            return "layer" if c.kind == "layer" else f"{'split' if c.kind == 'split' else 'new'}:{c.group}"
+
+        joint = [dataclasses.replace(c, score=float(self._joint_scores[key(c)][c.index])) for c in candidates]
+        kept_joint = select(joint, self.budget, groups, allow_increase=self.config.allow_increase)
+        ident = {(c.kind, c.group, c.index) for c in kept}
+        same = sum((c.kind, c.group, c.index) in ident for c in kept_joint)
+        a = torch.tensor([c.score for c in candidates], dtype=torch.float64)
+        b = torch.tensor([c.score for c in joint], dtype=torch.float64)
+        rank = lambda t: torch.argsort(torch.argsort(t)).double()  # noqa: E731
+        rho = float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1]) if len(a) > 1 else float("nan")
+        return {"spearman_with_joint": rho, "kept_joint": len(kept_joint), "kept_also_by_joint": same}
+
+    def _per_candidate(
+        self,
+        net: nn.Module,
+        bank: GateBank,
+        batches: list[tuple[Any, Any]],
+        loss_fn: LossFn,
+        blocks: dict[str, int],
+        only: dict[str, list[int]],
+    ) -> dict[str, torch.Tensor]:
+        """The paper's s_i = integral over i's own gate 0 -> 1 of dL/dg_i with every other candidate on.
+
+        Exact (`per_candidate_points=None`): L(all on) - L(all on but i off), N + 1 forwards of the over-grown
+        net per score batch for N candidates, no backward. Quadrature (n points): dL/dg_i at g_i = alpha_k
+        (others 1) for the n midpoints alpha_k, n forward+backward passes per candidate and batch. The joint
+        path costs one forward+backward per point and batch for all candidates together (~6 forwards at its 2
+        points), so the exact path is ~N/6 times dearer and the quadrature ~n*N/2; `score_top` bounds N.
+        Candidates not in `only` are left at 0."""
+        self._set_mode(net)
+        n = self.config.per_candidate_points
+        alphas = midpoints(n) if n is not None else None
+        bank.alpha = 0.0  # multiplier = g: 1 = on, 0 = off
+        base = {k: torch.ones_like(g) for k, g in bank.gates.items()}
+        total = {k: [0.0] * (g.numel() // blocks.get(k, 1)) for k, g in base.items()}
+        count = samples = 0
+        try:
+            for x, y in batches:
+                chunks = list(micro_batches(x, y, self.config.micro_batch))
+                bank.gates = dict(base)
+                all_on = self._loss(net, chunks, loss_fn) if alphas is None else 0.0
+                for key, picked in only.items():
+                    b = blocks.get(key, 1)
+                    for j in picked:
+                        sl = slice(j * b, (j + 1) * b)
+                        if alphas is None:
+                            off = base[key].clone()
+                            off[sl] = 0.0
+                            bank.gates = {**base, key: off}
+                            total[key][j] += all_on - self._loss(net, chunks, loss_fn)
+                            continue
+                        for a in alphas:
+                            g = base[key].clone()
+                            g[sl] = a
+                            g.requires_grad_(True)
+                            bank.gates = {**base, key: g}
+                            for xc, yc, weight in chunks:
+                                (grad,) = torch.autograd.grad(loss_fn(net(*xc), yc) * weight, [g])
+                                total[key][j] += float(grad[sl].sum()) / len(alphas)
+                count += 1
+                samples += len(y)
+        finally:
+            bank.alpha = 1.0
+            bank.reset(requires_grad=False)
+            net.eval()
+        means = {k: torch.tensor(v, dtype=base[k].dtype, device=base[k].device) / max(1, count)
+                 for k, v in total.items()}
+        return current_sync().mean_dict(means, samples)
+
+    @staticmethod
+    @torch.no_grad()
+    def _loss(net: nn.Module, chunks: list[tuple[tuple[Any, ...], torch.Tensor, float]], loss_fn: LossFn) -> float:
+        """The batch loss, summed over its weighted micro-batches."""
+        return sum(float(loss_fn(net(*xc), yc)) * weight for xc, yc, weight in chunks)
 
     def _layer_costs(
         self, model: nn.Module, x: tuple[torch.Tensor, ...], graph: Any, depth_c: DepthCandidates
