@@ -9,6 +9,7 @@ import pytest
 import torch
 from runlogs import read_jsonl, strip_times
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from firefly_descent.methods.base import _REGISTRY, Grower, GrowthReport
 from firefly_descent.train import (
@@ -28,6 +29,7 @@ from firefly_descent.train import (
 )
 from firefly_descent.train.checkpoint import rebuild_model
 from firefly_descent.train.config import ScheduleConfig, apply_overrides
+from firefly_descent.train.schedule import inert_milestones, short_phase_notice
 
 # --------------------------------------------------------------------------- fake growers
 
@@ -223,6 +225,77 @@ def test_lr_schedule_step_cosine_and_restart():
     assert cos.lr_at(2, 0, 10) == pytest.approx(1.0)
     const = LRSchedule(ScheduleConfig(name="constant"), 0.3, 0, 5)
     assert const.lr_at(4, 3, 5) == 0.3
+
+
+def _step_lrs(cfg: dict[str, Any], out: Path) -> list[float]:
+    """The learning rate of every optimizer step of a run."""
+    lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        train(cfg, out, progress=False)
+    finally:
+        hook.remove()
+    return lrs
+
+
+def test_warmup_after_growth_ramps_from_the_rate_before_growth(tmp_path):
+    """Issue 26: the restart jumped a freshly grown model from the decayed rate to the full one in one step (x10
+    here); `schedule.warmup_after_growth` ramps it over that many epochs, and leaves the run before growth alone."""
+    cfg = tiny(
+        schedule={"name": "step", "milestones": [0.5], "gamma": 0.1, "restart_after_growth": True},
+        growth={"every": None, "max_growths": None, "at": [2]},
+        train={"epochs": 3},
+    )
+    jump = _step_lrs(cfg, tmp_path / "jump")
+    warm = _step_lrs({**cfg, "schedule": {**cfg["schedule"], "warmup_after_growth": 1.0}}, tmp_path / "warm")
+    nb = len(jump) // 3
+    assert len(warm) == len(jump) == 3 * nb
+    assert warm[: 2 * nb] == jump[: 2 * nb]  # before growth: unchanged
+    assert jump[2 * nb - 1] == pytest.approx(0.01) and jump[2 * nb] == pytest.approx(0.1)  # the old jump
+    ramp = warm[2 * nb :]
+    assert ramp[0] == pytest.approx(0.01)  # starts where the rate was before growth
+    assert all(b > a for a, b in zip(ramp, ramp[1:]))  # rises every step
+    assert ramp[-1] == pytest.approx(0.01 + (nb - 1) / nb * 0.09)  # linear over one epoch
+    ckpt = load_checkpoint(tmp_path / "warm")  # checkpoints carry the ramp, so a resumed run continues it
+    assert ckpt["schedule"]["warm_from"] == pytest.approx(0.01) and ckpt["schedule"]["warm_start"] == 2
+
+
+def test_step_per_batch_decays_the_one_epoch_phase_after_growth(tmp_path):
+    """Issue 26: with the restart, the one-epoch phase after a growth never reached its 0.5 milestone, so the
+    run ended at 10x the rate it grew at; `schedule.step_per_batch` steps mid-epoch (epoch boundaries unchanged)."""
+    sched = {"name": "step", "milestones": [0.5], "gamma": 0.1, "restart_after_growth": True}
+    cfg = tiny(schedule=sched, growth={"every": None, "max_growths": None, "at": [2]}, train={"epochs": 3})
+    assert "too short for milestone 0.5" in (short_phase_notice(load_config(cfg)) or "")  # said when it starts
+    old = _step_lrs(cfg, tmp_path / "old")
+    new_cfg = {**cfg, "schedule": {**sched, "step_per_batch": True}}
+    assert inert_milestones(load_config(new_cfg)) == [] and short_phase_notice(load_config(new_cfg)) is None
+    new = _step_lrs(new_cfg, tmp_path / "new")
+    nb = len(old) // 3
+    assert new[: 2 * nb] == old[: 2 * nb]  # the two-epoch phase steps at its epoch boundary either way
+    assert old[2 * nb :] == pytest.approx([0.1] * nb)  # old: the whole last epoch at the restarted rate
+    half = -(-nb // 2)  # the first batch at or past the milestone
+    assert new[2 * nb :] == pytest.approx([0.1] * half + [0.01] * (nb - half))
+
+
+def test_fashion_presets_step_per_batch_changes_only_one_epoch_phases():
+    """The presets turn `step_per_batch` on: their own 2-epoch phases step at the same batches as before, and the
+    issue's 3-epoch variant (growth after epoch 2) now decays in its last epoch instead of ending at 10x."""
+
+    def rates(overrides: list[str], nb: int = 8) -> list[float]:
+        cfg = load_config("fashion-vgg-firefly", overrides)
+        sched = LRSchedule.from_config(cfg, growth_epochs(cfg)[0])
+        out = []
+        for e in range(cfg.train.epochs):
+            if e in growth_epochs(cfg):
+                nxt = [g for g in growth_epochs(cfg) if g > e]
+                sched.new_phase(e, nxt[0] if nxt else cfg.train.epochs)
+            out += [sched.lr_at(e, b, nb) for b in range(nb)]
+        return out
+
+    assert rates([]) == rates(["schedule.step_per_batch=false"])
+    short = ["train.epochs=3", "growth.at=[2]"]
+    assert rates(short)[16:] == pytest.approx([0.05] * 4 + [0.005] * 4)
+    assert rates([*short, "schedule.step_per_batch=false"])[16:] == pytest.approx([0.05] * 8)
 
 
 def test_refresh_batchnorm_is_cumulative_and_restores_momentum():

@@ -103,6 +103,12 @@ class ScheduleConfig:
     gamma: float = 0.1
     min_lr: float = 0.0
     restart_after_growth: bool = True
+    # step: a milestone acts at the batch where the phase reaches it, not at the next epoch boundary, so a phase
+    # of one epoch (a growth every epoch, or the last epoch after a growth) decays too
+    step_per_batch: bool = False
+    # epochs over which the rate ramps linearly, after each growth, from the rate in use before it to the
+    # schedule's (0 = jump at once); see benchmarks/README.md, "Head start after growth"
+    warmup_after_growth: float = 0.0
 
 
 @dataclass
@@ -358,6 +364,10 @@ def validate(cfg: Config) -> None:
     )
     need(0.0 < s.gamma <= 1.0, f"schedule.gamma: must be in (0, 1], got {s.gamma}")
     need(0.0 <= s.min_lr < o.lr, f"schedule.min_lr: must be in [0, optim.lr={o.lr}), got {s.min_lr}")
+    need(
+        s.warmup_after_growth >= 0,
+        f"schedule.warmup_after_growth: must be a number of epochs >= 0, got {s.warmup_after_growth}",
+    )
 
     need(t.epochs >= 1, f"train.epochs: must be an integer >= 1, got {t.epochs}")
     need(t.log_every >= 1, f"train.log_every: must be an integer >= 1, got {t.log_every}")

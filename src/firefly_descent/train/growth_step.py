@@ -105,8 +105,12 @@ def grow(run: Run) -> None:
     run.files.append_jsonl("growth.jsonl", rec)
     run.emit("on_growth", rec)
     run.elapsed += time.perf_counter() - t0
+    nb = len(s.train_loader)
+    lr_before = run.schedule.lr_at(E - 1, nb - 1, nb) if E > 0 else None
     if cfg.schedule.restart_after_growth:
         run.schedule.new_phase(E, run.phase_end(E))
+    if cfg.schedule.warmup_after_growth > 0 and lr_before is not None:
+        run.schedule.warm_up(E, lr_before)
     acc = f" test acc {test['acc']:.2%}" if test["acc"] is not None else ""
     outcome = (safety or {}).get("outcome")
     checked = f" [{outcome}]" if outcome not in (None, "empty") else ""

@@ -24,7 +24,7 @@ from .distributed import runtime_for
 from .epochs import run_epochs
 from .rundir import CheckpointError, RunDir, check_new_run_dir, check_resumable_dir, default_run_dir, require_run_dir
 from .runtime import Runtime
-from .schedule import milestone_notice
+from .schedule import milestone_notice, short_phase_notice
 from .setup import prepare, refuse_calibration_without_effect
 from .state import Run
 
@@ -75,9 +75,9 @@ def _start(
     if not restart:  # a new run's config only: runs saved before this check (calibrate_new_bn: true) still resume
         refuse_calibration_without_effect(cfg, setup.grower)
     rt.configure(setup)  # refuses bad precision/batch options before anything is written
-    notice = milestone_notice(setup.cfg)
-    if notice and rt.is_main:
-        print(notice, file=sys.stderr, flush=True)
+    for notice in (milestone_notice(setup.cfg), short_phase_notice(setup.cfg)):
+        if notice and rt.is_main:
+            print(notice, file=sys.stderr, flush=True)
     files = RunDir(run_dir, rt.is_main)
     files.create(setup.cfg)
     run = Run(setup, run_dir, progress, callbacks, rt)
