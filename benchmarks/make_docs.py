@@ -148,10 +148,17 @@ def plot_acc_vs_params(suite: Suite, ok: dict[str, list[dict[str, Any]]], path: 
             capsize=3,
             label=f"{name} (n={len(recs)})",
         )
+    return _save_accuracy_plot(
+        plt, fig, ax, path, "parameters (log scale)", f"Suite {suite.name}: accuracy vs size after each growth round"
+    )
+
+
+def _save_accuracy_plot(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, title: str) -> bool:
+    """Finish a log-x accuracy plot (labels, grid, legend) and write it to `path`."""
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Suite {suite.name}: accuracy vs size after each growth round")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -208,17 +215,14 @@ def plot_acc_vs_compute(suite: Suite, ok: dict[str, list[dict[str, Any]]], path:
             linestyle="-" if m.kind in ("grow", "matched") else "--",
             label=f"{name} (n={len(ok[name])})",
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("total training FLOPs (forward + backward, growth steps charged at their wall time)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Suite {suite.name}: accuracy vs training compute (mean over seeds)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_accuracy_plot(
+        plt,
+        fig,
+        ax,
+        path,
+        "total training FLOPs (forward + backward, growth steps charged at their wall time)",
+        f"Suite {suite.name}: accuracy vs training compute (mean over seeds)",
+    )
 
 
 def plot_bars(

