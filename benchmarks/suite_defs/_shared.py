@@ -54,6 +54,16 @@ def score_ablation() -> dict[str, Method]:
     }
 
 
+def tiny_matched() -> Method:
+    """TINY with, in each round, the parameters the firefly run of the same seed added (its own placement)."""
+    return Method(
+        "tiny",
+        {"holdout": 2},
+        budget_of="firefly",
+        note="TINY budget-matched: each round adds the parameters the firefly run of the same seed added",
+    )
+
+
 def pick(methods: dict[str, Method], names: tuple[str, ...]) -> dict[str, Method]:
     """The methods named in `names`, in `methods`' order."""
     return {name: m for name, m in methods.items() if name in names}

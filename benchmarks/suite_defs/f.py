@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import cifar10_vgg_base, growers_width, pick, score_ablation, static_small
+from ._shared import cifar10_vgg_base, growers_width, pick, score_ablation, static_small, tiny_matched
 from ._spec import Method, Suite
 
 START, STATIC = 16, 32  # the starting width and the static-wide control's
@@ -37,12 +37,7 @@ SUITE = Suite(
     ),
     methods={
         **pick(growers_width(), ("firefly", "random", "random-matched", "net2net", "splitting-fast", "tiny")),
-        "tiny-matched": Method(
-            "tiny",
-            {"holdout": 2},
-            budget_of="firefly",
-            note="TINY budget-matched: each round adds the parameters the firefly run of the same seed added",
-        ),
+        "tiny-matched": tiny_matched(),
         **score_ablation(),
         "static-small": static_small(),
         "static-wide": Method(

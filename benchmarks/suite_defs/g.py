@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import cifar10_vgg_base, growers_width, pick, static_small
+from ._shared import cifar10_vgg_base, growers_width, pick, static_small, tiny_matched
 from ._spec import Method, Suite
 
 START = 16  # the starting width of every conv layer
@@ -54,12 +54,7 @@ SUITE = Suite(
     ),
     methods={
         **pick(growers_width(), ("firefly", "random", "random-matched", "net2net", "splitting-fast")),
-        "tiny-matched": Method(
-            "tiny",
-            {"holdout": 2},
-            budget_of="firefly",
-            note="TINY budget-matched: each round adds the parameters the firefly run of the same seed added",
-        ),
+        "tiny-matched": tiny_matched(),
         "static-small": static_small(),
         "static-w24": _static(24),
         "static-w32": _static(32),
