@@ -376,3 +376,15 @@ def test_vit_new_heads_are_exact(dtype, tol):
     assert drift < tol, drift
     a = model.vit.layers[1].attention
     assert a.num_attention_heads == 6 and a.q_proj.out_features == 48 and check_attrs(model) == []
+
+
+@pytest.mark.parametrize("method", ["gradmax", "splitting-fast", "tiny"])
+def test_neuron_growers_skip_heads_saying_a_unit_is_a_head(method):
+    """GradMax, splitting and TINY grow single neurons: they skip a heads group, and the report says why (a unit is a
+    block of head_dim rows), not that the group has several producers."""
+    model, ids = _gpt2(), _ids(0, n=4)
+    report = make_grower(method, budget=0.35).grow(model, [(ids, ids)], _next_token_loss, example_inputs=(ids,))
+    skipped = report.extra["skipped_groups"]
+    for name in GPT2_HEADS:
+        reason = "each unit is a block of 8 rows (an attention head), not one neuron"
+        assert skipped[name] == f"{method} does not apply: {reason}"

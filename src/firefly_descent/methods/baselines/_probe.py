@@ -174,6 +174,9 @@ def _structure(g: Group) -> tuple[str | None, list[Member], list[Member], bool]:
         return "its units are combined elementwise with a parameter", weights, biases, depthwise
     if g.constraints:
         return f"it is normalised by {g.constraints[0].kind}", weights, biases, depthwise
+    if any(m.inner != 1 for m in weights):  # rules that grow whole blocks (attention heads, KV groups)
+        rows = max(m.inner for m in weights)
+        return f"each unit is a block of {rows} rows (an attention head), not one neuron", weights, biases, depthwise
     if not depthwise and len(weights) != 1:
         return f"it has {len(weights)} producers (residual add or concatenation)", weights, biases, depthwise
     if len(weights) != 1 or weights[0].dim != 0 or weights[0].inner != 1 or any(
