@@ -53,7 +53,7 @@ class LRSchedule:
     def lr_at(self, epoch: int, batch: int = 0, batches_per_epoch: int = 1) -> float:
         """Learning rate for 0-based `epoch` and `batch` of `batches_per_epoch`."""
         lr = self._scheduled(epoch, batch, batches_per_epoch)
-        span = float(getattr(self.cfg, "warmup_after_growth", 0.0) or 0.0)
+        span = float(self.cfg.warmup_after_growth or 0.0)
         if self.warm_from is not None and span > 0:
             t = epoch - self.warm_start + batch / max(1, batches_per_epoch)
             if 0 <= t < span:
