@@ -51,7 +51,7 @@ def fine_tune(outcome, seed: int) -> tuple[float, float]:
 
 def run(model_name: str, method: str, amplitude: str, seed: int, options: dict) -> dict:
     t0 = time.perf_counter()
-    o = run_case(model_name, method, seed=seed, amplitude=amplitude, **options)
+    o = run_case(model_name, method, seed=seed, amplitude=amplitude, predicted_mode=True, **options)
     o.case = model_name
     r = o.report
     tuned = fine_tune(o, seed)

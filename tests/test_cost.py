@@ -178,7 +178,7 @@ def test_the_check_reuses_a_pass_it_already_ran_with_the_same_numbers(monkeypatc
     check just ran: it is answered from the memo, and every number is what a fresh pass gives."""
     from firefly_descent.methods import safety
 
-    def step(memo: bool):
+    def step(memo: bool, **safeguard):
         if not memo:
             monkeypatch.setattr(safety, "_MEMO", type("NoMemo", (), {"setdefault": lambda self, m, d: {}})())
         gen = torch.Generator().manual_seed(0)
@@ -186,13 +186,13 @@ def test_the_check_reuses_a_pass_it_already_ran_with_the_same_numbers(monkeypatc
         model = build_model("mlp", in_features=10, num_classes=3, hidden=(8, 8))
         data = [(torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(12)]
         safety.FORWARDS.update(measured=0, reused=0)
-        grower = Firefly()
+        grower = Firefly().set_safeguard(**safeguard)
         grower.epoch_batches = 12
         report = grower.grow(model, data, F.cross_entropy)
         return report, dict(safety.FORWARDS)
 
-    report, forwards = step(memo=True)
-    fresh, fresh_forwards = step(memo=False)
+    report, forwards = step(memo=True, predicted_mode=True)
+    fresh, fresh_forwards = step(memo=False, predicted_mode=True)
     assert report.outcome == fresh.outcome == "accepted"
     assert report.safety.heldout_before == fresh.safety.heldout_before
     assert report.safety.heldout_after == fresh.safety.heldout_after
@@ -200,3 +200,10 @@ def test_the_check_reuses_a_pass_it_already_ran_with_the_same_numbers(monkeypatc
     assert (report.loss_before, report.loss_after) == (fresh.loss_before, fresh.loss_after)
     assert forwards == {"measured": 6, "reused": 1}
     assert fresh_forwards == {"measured": 7, "reused": 0}
+    # by default the eval pass with the old statistics (read by no decision) is not run: one pass fewer,
+    # the same decision and the same train- and eval-mode numbers
+    default, default_forwards = step(memo=True)
+    assert default_forwards == {"measured": 6, "reused": 0}
+    assert default.safety.trials[0]["eval_stale"] is None and "eval_stale" not in default.safety.heldout_after
+    assert default.safety.heldout_after == {k: report.safety.heldout_after[k] for k in ("eval", "train")}
+    assert default.params_after == report.params_after and default.outcome == report.outcome

@@ -60,6 +60,10 @@ class Safeguard:
     calibrate_new_bn: bool = True  # new BatchNorm channels: train mode computes what eval mode scored
     refresh_bn: bool = True  # refresh every BatchNorm's running statistics before deciding and after growth
     bn_batches: int | None = 4  # decision batches used for that (None = all of them)
+    # also measure eval mode with the old running statistics after growth (the mode BatchNorm-frozen methods
+    # predict in; `GrowthReport.heldout_predicted_mode_change`): one more held-out pass of the grown model,
+    # for analysis only (no decision reads it), so off by default
+    predicted_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.amplitude not in AMPLITUDE_MODES:
@@ -293,7 +297,7 @@ def commit(
             return undo, None
         with Timer(report.timings, "check"):
             t = _Trial(amplitude, math.nan, heldout_loss(model, check, loss_fn, True))
-            if full:  # eval mode with the old running statistics: the mode the growth methods predict in
+            if full and guard.predicted_mode:  # eval mode, old running statistics: what the methods predict
                 t.eval_stale = heldout_loss(model, check, loss_fn, False)
         if full and guard.allows(record.heldout_before["train"], t.train):
             if guard.refresh_bn:
@@ -324,7 +328,9 @@ def commit(
             record.amplitude = a
             if t is not None:
                 record.outcome = "accepted" if i == 0 else "shrunk"
-                record.heldout_after = {"eval": t.eval, "train": t.train, "eval_stale": t.eval_stale}
+                record.heldout_after = {"eval": t.eval, "train": t.train}
+                if guard.predicted_mode:
+                    record.heldout_after["eval_stale"] = t.eval_stale
             _record_structure(model, plan, report, x, kept=True)
             return
         undo()
