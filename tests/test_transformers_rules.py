@@ -169,3 +169,61 @@ def test_llama_rmsnorm_stream_widens_exactly(tie):
     assert model.model.norm.variance_epsilon == pytest.approx(cfg.rms_norm_eps * 32 / 40)
     assert model.model.embed_tokens.weight[:, 32:].abs().max() == 0
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+
+
+# ---- new blocks (issue 23, item 2): copies of a GPT-2 / Llama block, exact at zero and causal -------------
+def _decoder(family: str) -> tuple[torch.nn.Module, str]:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                      tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        return transformers.GPT2LMHeadModel(cfg).double().eval(), "transformer.h.0"
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    return transformers.LlamaForCausalLM(cfg).double().eval(), "model.layers.0"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_firefly_block_copies_of_decoders_are_exact_at_zero_and_kept_as_trained(family):
+    from firefly_descent.budget import Candidate
+    from firefly_descent.methods import Firefly
+    from firefly_descent.methods.firefly.candidates import build_depth_candidates
+
+    model, after = _decoder(family)
+    x = (_ids(0),)
+    graph = ff.analyze(model, *x)
+    depth = build_depth_candidates(model, graph, [after], x, 0.5, block="auto")
+    assert not depth.skipped and depth.specs[0]["type"] == "copy" and depth.specs[0]["zero"]
+    fresh = _ids(1, 3)
+    depth.bank.alpha = 0.0
+    assert (_logits(depth.net, fresh) - _logits(model, fresh)).abs().max().item() < 1e-12
+    depth.bank.alpha = 1.0
+    target = _logits(depth.net, fresh)
+    assert (target - _logits(model, fresh)).abs().max().item() > 1e-4
+    plan = Firefly()._materialize(graph, None, depth, [Candidate("layer", after, 0, -1.0, 1.0)], x)
+    ff.apply(model, plan, example_inputs=x, verify=False)
+    assert (_logits(model, fresh) - target).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_inserted_block_copy_is_causal_and_refuses_cached_decoding(family):
+    from firefly_descent.errors import GrowthError
+    from firefly_descent.plan import NewLayer, Plan
+
+    model, after = _decoder(family)
+    ids = _ids(0, 1)
+    # a copy with all its weights (depth stacking: not function-preserving) reads the block's causal mask
+    ff.apply(model, Plan(layers=[NewLayer(after, "copy", {"type": "copy", "zero": []})], function_preserving=False),
+             example_inputs=(ids,))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 50
+    a, b = _logits(model, ids), _logits(model, changed)
+    assert (a[0, :-1] - b[0, :-1]).abs().max().item() < 1e-12  # no position reads a later one
+    assert (a[0, -1] - b[0, -1]).abs().max().item() > 1e-6
+    with torch.no_grad():
+        out = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, use_cache=False)
+        assert out.shape == (1, 7)
+        with pytest.raises(GrowthError, match="use_cache=False"):
+            model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, use_cache=True)

@@ -42,15 +42,57 @@ class ResidualRule(LayerRule):
 register_rule(Residual, ResidualRule())
 
 
+BLOCK_COPY_ATTR = "_firefly_block_copy"  # set on a block the engine inserted as a copy of the block it follows
+
+
+def is_kv_cache(value: Any) -> bool:
+    """A key/value cache object (Hugging Face's `Cache`): it holds one layer's past keys per layer index."""
+    return hasattr(value, "get_seq_length") and callable(getattr(value, "update", None))
+
+
+def _layer_index(block: nn.Module) -> int:
+    """The cache slot the block's attention writes (`layer_idx`), 0 when it has none."""
+    return next((int(m.layer_idx) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)), 0)
+
+
 class Then(nn.Sequential):
     """A module followed by inserted layers: the first gets every argument (a DARTS cell reads two
-    inputs), the rest are chained. Same parameter names as `nn.Sequential`."""
+    inputs), the rest are chained. Same parameter names as `nn.Sequential`.
+
+    A new block copied from the first (`BLOCK_COPY_ATTR`) is called as the first was: the chained hidden
+    states, then the same other arguments (a decoder's causal mask, rotary position embeddings), so it is
+    causal where its source is. It gets no key/value cache: the cache has one slot per original layer, and
+    the copy's attention would write into its source's. A forward that has to read past keys (incremental
+    decoding with a cache) is refused with a one-line error instead of silently attending to nothing."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        copies = any(getattr(m, BLOCK_COPY_ATTR, False) for m in list(self)[1:])
+        if copies:
+            self._refuse_decoding(args, kwargs)
         out = self[0](*args, **kwargs)
         for m in list(self)[1:]:
-            out = m(out)
+            if getattr(m, BLOCK_COPY_ATTR, False):
+                rest = tuple(None if is_kv_cache(a) else a for a in args[1:])
+                kw = {k: (None if is_kv_cache(v) else v) for k, v in kwargs.items()}
+                out = m(out[0] if isinstance(out, tuple) else out, *rest, **kw)
+            else:
+                out = m(out)
         return out
+
+    def _refuse_decoding(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from .errors import GrowthError
+
+        for value in (*args[1:], *kwargs.values()):
+            if is_kv_cache(value):
+                try:
+                    past = int(value.get_seq_length(_layer_index(self[0])))
+                except Exception:  # noqa: BLE001 - a cache that cannot say holds nothing we rely on
+                    past = 0
+                if past > 0:
+                    raise GrowthError(
+                        "a block inserted by growth (a copy of the block before it) cannot decode from a key/value "
+                        "cache: run the model without one (generate(..., use_cache=False))"
+                    )
 
     def __getattr__(self, name: str) -> Any:
         """Public data attributes and submodules of the first (followed) module stay reachable through

@@ -26,6 +26,8 @@ class _HeadsAttentionRule(LayerRule):
     heads, read by the next layer); `head_dim` is a blocked group that says why it does not grow; other tensor
     inputs (mask, rotary cos/sin) and the token dims must not carry units."""
 
+    attention = True  # a block holding it (GPT-2's, Llama's, BERT's, timm's) is copied whole as a depth candidate
+
     def refuse(self, m: nn.Module) -> str | None:
         """Why this module's heads cannot grow (None: they can)."""
         return None

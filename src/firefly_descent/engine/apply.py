@@ -17,7 +17,7 @@ from torch import nn
 from ..analysis.graph import Constraint, Group, Member
 from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
-from ..layers import Residual, ScaledBranch, Then, build_body
+from ..layers import BLOCK_COPY_ATTR, Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
 from . import optimizer as opt_utils
 from .modules import attr_owners, rederive_attrs, restore_attrs, snapshot_attrs
@@ -465,6 +465,7 @@ def _copy_block(child: nn.Module, spec: dict[str, Any]) -> nn.Module:
     block = copy.deepcopy(child)
     if hasattr(block, HISTORY_ATTR):
         delattr(block, HISTORY_ATTR)
+    setattr(block, BLOCK_COPY_ATTR, True)  # `Then` calls it with its source's arguments (masks, positions)
     with torch.no_grad():
         for name in spec.get("zero", []):
             try:
