@@ -217,6 +217,8 @@ def test_an_inserted_block_copy_is_causal_and_refuses_cached_decoding(family):
     # a copy with all its weights (depth stacking: not function-preserving) reads the block's causal mask
     ff.apply(model, Plan(layers=[NewLayer(after, "copy", {"type": "copy", "zero": []})], function_preserving=False),
              example_inputs=(ids,))
+    groups = ff.analyze(model, ids).groups  # the grown model is traced again (the next growth step does)
+    assert any(name.startswith(after + ".1.") and name.endswith(".heads") for name in groups), list(groups)
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 50
     a, b = _logits(model, ids), _logits(model, changed)

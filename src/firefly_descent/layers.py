@@ -47,7 +47,8 @@ BLOCK_COPY_ATTR = "_firefly_block_copy"  # set on a block the engine inserted as
 
 def is_kv_cache(value: Any) -> bool:
     """A key/value cache object (Hugging Face's `Cache`): it holds one layer's past keys per layer index."""
-    return hasattr(value, "get_seq_length") and callable(getattr(value, "update", None))
+    kind = type(value)  # asked of the type: a traced value (an fx Proxy) answers any attribute
+    return not isinstance(value, torch.Tensor) and hasattr(kind, "get_seq_length") and hasattr(kind, "update")
 
 
 def _layer_index(block: nn.Module) -> int:
