@@ -89,9 +89,9 @@ def test_layer_and_widened_layer_costs_equal_the_measured_ones(name):
 
 @pytest.mark.parametrize("head_dim", [None, 4])
 def test_transformer_block_copies_and_widths(head_dim):
-    """HeadAttention: a copied block costs what the block costs. nn.MultiheadAttention runs a fused kernel
-    the counter sees as 0 FLOPs on the live model but not on a meta copy, and attention's products have no
-    weight to scale by: those costs are measured the old way, with the old numbers."""
+    """A copied block costs what the block costs, with HeadAttention and with nn.MultiheadAttention (counted
+    on its regular path, not the fused inference kernel); a new hidden unit's attention-free FLOPs have no
+    weight to scale by, so that cost is measured the old way, with the old numbers."""
     torch.manual_seed(0)
     model = build_model(
         "transformer",
@@ -108,7 +108,7 @@ def test_transformer_block_copies_and_widths(head_dim):
     graph = ff.analyze(model, x)
     copy = Plan(layers=[NewLayer("blocks.0", "copy", {"type": "copy"})], function_preserving=False)
     hidden = Plan([GroupChange(graph["blocks.0.mlp.fc1"], new=NewUnits(3))], function_preserving=False)
-    for plan, analytic in ((copy, head_dim is not None), (hidden, False)):
+    for plan, analytic in ((copy, True), (hidden, False)):
         got = cost.plan_cost(model, plan, x)
         want = cost._measured_plan_cost(model, plan, x)
         assert got.measured is not analytic
@@ -207,3 +207,25 @@ def test_the_check_reuses_a_pass_it_already_ran_with_the_same_numbers(monkeypatc
     assert default.safety.trials[0]["eval_stale"] is None and "eval_stale" not in default.safety.heldout_after
     assert default.safety.heldout_after == {k: report.safety.heldout_after[k] for k in ("eval", "train")}
     assert default.params_after == report.params_after and default.outcome == report.outcome
+
+
+def test_fused_attention_kernels_are_counted_as_their_products():
+    """nn.MultiheadAttention's inference fast path and the CPU's fused scaled-dot-product kernel (Hugging Face
+    models, F.scaled_dot_product_attention) cost what their matrix products do, not 0."""
+    from torch import nn
+
+    layer = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    ).eval()
+    L, d, f = 8, 16, 32  # tokens, width (2 heads of 8), MLP
+    products = 2 * L * d * 3 * d + 2 * L * d * d + 2 * 2 * L * L * d + 2 * 2 * L * d * f  # qkv, out, attention, MLP
+    assert count_flops(layer, (torch.randn(1, L, d),)) == products
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after counting
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    counts = {}
+    for impl in ("sdpa", "eager"):
+        cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8)
+        cfg._attn_implementation = impl
+        counts[impl] = cost.flop_profile(transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 20, (1, 8)),)).total
+    assert counts["sdpa"] == counts["eager"] > 0

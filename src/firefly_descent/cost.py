@@ -14,9 +14,10 @@ copy, so the answer is always the measured one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,39 @@ _OPAQUE = [
     for n in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd")
     if hasattr(torch.ops.aten, n)
 ]
+
+
+
+def _sdpa_cpu_flops(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """The CPU's fused attention kernel: Q·Kᵀ and the weights times V, as torch counts its GPU kernels."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query.shape, key.shape, value.shape))
+
+
+_sdpa_cpu_flops._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes the tensors themselves
+# ops torch's counter has no formula for: the CPU's fused scaled-dot-product attention (Hugging Face models and
+# F.scaled_dot_product_attention on the CPU run it; uncounted, their attention products would cost nothing)
+EXTRA_FLOPS: dict[Any, Callable[..., int]] = {
+    getattr(torch.ops.aten, n): _sdpa_cpu_flops
+    for n in ("_scaled_dot_product_flash_attention_for_cpu",)
+    if hasattr(torch.ops.aten, n)
+}
+
+
+@contextlib.contextmanager
+def _counted_paths() -> Iterator[None]:
+    """Switch off nn.MultiheadAttention's and nn.TransformerEncoderLayer's inference fast path while counting:
+    its fused kernels have no FLOP formula, the regular path (the one training runs) has."""
+    mha = getattr(torch.backends, "mha", None)
+    was = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(was)
 
 
 @dataclass
@@ -125,7 +159,8 @@ def _measure(model: nn.Module, run: list[torch.Tensor]) -> FlopProfile:
         count._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes the tensors themselves
         return count
 
-    mapping = {op: record(getattr(op, "__name__", str(op)).split(".")[-1], fn) for op, fn in flop_registry.items()}
+    ops = {**flop_registry, **EXTRA_FLOPS}
+    mapping = {op: record(getattr(op, "__name__", str(op)).split(".")[-1], fn) for op, fn in ops.items()}
 
     def opaque(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
         profile.opaque += 1
@@ -151,7 +186,7 @@ def _measure(model: nn.Module, run: list[torch.Tensor]) -> FlopProfile:
     was = model.training
     model.eval()
     try:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), _counted_paths():
             model(*run)
     finally:
         model.train(was)
@@ -244,9 +279,9 @@ def _widened_by(plan: Plan, after: str, graph: GrowthGraph | None) -> tuple[int,
 
 def _count(module: nn.Module, x: torch.Tensor) -> int:
     """Per-sample FLOPs of a meta-device module on a meta input of batch 1."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
     module.eval()
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), _counted_paths():
         module(x)
     return int(counter.get_total_flops())
 
@@ -274,11 +309,11 @@ def count_flops(model: nn.Module, example_inputs: Any, per_sample: bool = True) 
         run = [torch.empty_like(t, device="meta") for t in inputs]
     else:
         run = [t[:1] if per_sample and t.dim() > 0 else t for t in inputs]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
     was = model.training
     model.eval()
     try:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), _counted_paths():
             model(*run)
     finally:
         model.train(was)
