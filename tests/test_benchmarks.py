@@ -8,6 +8,7 @@ them, and make_docs writes the tables and PNGs with "not run" entries for the re
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -284,3 +285,42 @@ def test_training_flops_count_epochs_at_their_size_and_charge_growth_by_time() -
     first, second = 3 * 10 * 900, 3 * 20 * 900
     assert make_docs.training_flops(rec) == [(first, 0.5), (first + second * 1.25, 0.6)]
     assert make_docs.training_flops({**rec, "metrics": [{"test_acc": 0.5}]}) == []
+
+
+def test_lm_growth_runs_every_method_on_a_tiny_corpus_and_tabulates(tmp_path: Path) -> None:
+    """benchmarks/lm_growth.py (issue 23, item 6) on a generated corpus: each method grows to about its
+    budget, the same validation windows score every run, a re-run skips finished files, the table pairs by
+    seed and the plots are written."""
+    pytest.importorskip("transformers")
+    lm = pytest.importorskip("lm_growth")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    for f in range(2):
+        texts = [" ".join(words[(i * 7 + j * 3 + f) % len(words)] for j in range(12)) for i in range(30)]
+        (corpus / f"file{f}").write_text("\n%\n".join(texts) + "\n")
+    (corpus / "file0.dat").write_bytes(b"\x00\x01")  # an index file: skipped
+    out = tmp_path / "lm"
+    argv = ["--preset", "smoke", "--seeds", "0", "1", "--corpus", str(corpus), "--out", str(out)]
+    assert lm.main(argv) == 0
+    recs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(recs) == {f"{m}-s{s}" for m in lm.METHODS for s in (0, 1)}
+    for s in (0, 1):
+        p0 = recs[f"static-small-s{s}"]["final_params"]
+        assert recs[f"static-small-s{s}"]["growths"] == []
+        for m in ("firefly", "random", "net2net", "stack"):
+            r = recs[f"{m}-s{s}"]
+            assert [g["step"] for g in r["growths"]] == lm.PRESETS["smoke"]["grow_at"]
+            assert r["final_params"] > p0 and all(math.isfinite(row["val_bpc"]) for row in r["rows"])
+            # growth keeps the function where the method promises it (random and Net2Net are exact)
+            if m in ("random", "net2net"):
+                for g in r["growths"]:
+                    assert g["val_bpc_after"] == pytest.approx(g["val_bpc_before"], abs=1e-4)
+        assert recs[f"static-final-s{s}"]["final_params"] > p0
+    mtime = (out / "firefly-s0.json").stat().st_mtime_ns
+    assert lm.main(argv) == 0 and (out / "firefly-s0.json").stat().st_mtime_ns == mtime  # skipped
+    assert lm.main(["--table", "--out", str(out), "--img", str(tmp_path / "img")]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| random | 2 |" in summary and (tmp_path / "img" / "lm-growth-bpc-vs-flops.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="apt-get install fortunes"):
+        lm.main(["--preset", "smoke", "--corpus", str(tmp_path / "missing"), "--out", str(out)])
