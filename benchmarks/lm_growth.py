@@ -17,6 +17,8 @@ P0·4^(k/3) after step k and ends at ≈ 4× the start; every grower remaps Adam
 - static-final: a standard GPT-2 config whose size is closest to 4× the start, trained from scratch;
 - firefly: `Firefly(candidates="all")`: new heads, wider MLPs, a wider residual stream (LayerNorm completed
   exactly) and new blocks (copies of a block with their residual outputs at zero), scored in one budget;
+- random-matched: at each step, random new units in the groups and numbers the firefly run of the same seed
+  chose (its placement; a new block Firefly inserted is not matched, and the table says when that happened);
 - random: random new units (heads, MLP, stream) under the same budget, function-preserving;
 - net2net: Net2Net splits (duplicated units and heads, outgoing weights halved) under the same budget;
 - stack: depth stacking: blocks duplicated in place with all their weights (not function-preserving, as in
@@ -55,10 +57,11 @@ from firefly_descent.budget import count_params  # noqa: E402
 from firefly_descent.cost import flop_profile  # noqa: E402
 from firefly_descent.engine import apply  # noqa: E402
 from firefly_descent.methods import make_grower  # noqa: E402
+from firefly_descent.methods.baselines.random_growth import placement_of  # noqa: E402
 from firefly_descent.plan import NewLayer, Plan  # noqa: E402
 
 CORPUS = Path("/usr/share/games/fortunes")
-METHODS = ("static-small", "static-final", "firefly", "random", "net2net", "stack")
+METHODS = ("static-small", "static-final", "firefly", "random-matched", "random", "net2net", "stack")
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         steps=3000, grow_at=[500, 1000, 1500], eval_every=100, eval_batches=32, batch=32, context=64,
@@ -165,8 +168,9 @@ def stack_plan(model: nn.Module, x: torch.Tensor, budget: int) -> Plan:
 
 
 def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[Any], budget: int, seed: int,
-         epoch_batches: int) -> dict[str, Any]:
-    """One growth step of `method` with `budget` more parameters; returns what it did."""
+         epoch_batches: int, placement: dict[str, int] | None = None) -> dict[str, Any]:
+    """One growth step of `method` with `budget` more parameters (or, for random-matched, the units
+    `placement` names per group); returns what it did."""
     t0 = time.perf_counter()
     if method == "stack":
         plan = stack_plan(model, data[0][0], budget)
@@ -174,6 +178,8 @@ def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[A
         info: dict[str, Any] = {"outcome": "applied", "layers_inserted": [layer.after for layer in plan.layers]}
     else:
         kw: dict[str, Any] = {"candidates": "all"} if method == "firefly" else {}
+        if method == "random-matched":
+            method, kw = "random", {"placement": [placement or {}]}
         grower = make_grower(method, budget=f"params:{budget}", seed=seed, **kw)
         grower.epoch_batches = epoch_batches
         report = grower.grow(model, data, next_token_loss, optimizer=opt)
@@ -184,6 +190,9 @@ def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[A
             "layers_inserted": report.layers_inserted,
             "heldout_before": report.safety.heldout_before if report.safety else None,
             "heldout_after": report.safety.heldout_after if report.safety else None,
+            # Firefly: every block candidate's score per cost against the best width score, the depth share
+            "depth": report.extra.get("depth"),
+            "skipped_groups": report.extra.get("skipped_groups"),
         }
     info["seconds"] = time.perf_counter() - t0
     return info
@@ -197,8 +206,11 @@ def lr_at(step: int, total: int, base: float = 3e-3, warmup: int = 100) -> float
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def run(method: str, seed: int, cd: CharData, cfg: dict[str, Any]) -> dict[str, Any]:
+def run(method: str, seed: int, cd: CharData, cfg: dict[str, Any], source: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+    """One training run; `source` is the firefly record of the same seed (random-matched reads its placement)."""
     ctx, bs = cfg["context"], cfg["batch"]
+    placements = placement_of(source["growths"]) if source is not None else []
     small = dict(width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"])
     p0 = count_params(gpt2(cd.vocab, ctx, **small, seed=seed))
     if method == "static-final":
@@ -233,7 +245,10 @@ def run(method: str, seed: int, cd: CharData, cfg: dict[str, Any]) -> dict[str, 
                 record(step, "before-growth")
             growth_gen = torch.Generator().manual_seed(seed * 1000 + k)  # the same growth data for every method
             data = [CharData.batch(cd.train, bs, ctx, growth_gen) for _ in range(cfg["growth_batches"])]
-            info = grow(method, model, opt, data, budget, seed, cfg["eval_every"])
+            place = placements[k - 1] if k - 1 < len(placements) else None
+            info = grow(method, model, opt, data, budget, seed, cfg["eval_every"], place)
+            if source is not None and k - 1 < len(source["growths"]):
+                info["unmatched_blocks"] = source["growths"][k - 1].get("layers_inserted") or []
             info.update(step=step, budget=budget, target=target)
             step_flops = 3 * bs * flop_profile(model, (val[0][0][:1],)).total
             record(step, "after-growth")
@@ -375,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             path = args.out / f"{m}-s{seed}.json"
             if read_json(path) is not None:
                 continue
-            rec = run(m, seed, cd, cfg)
+            source = None
+            if m == "random-matched":
+                source = read_json(args.out / f"firefly-s{seed}.json")
+                if source is None:
+                    print(f"random-matched seed {seed}: skipped, firefly-s{seed}.json is not there yet", flush=True)
+                    continue
+            rec = run(m, seed, cd, cfg, source)
             rec["command"] = " ".join(["python"] + sys.argv)
             rec["preset"] = args.preset
             atomic_write_json(path, rec)
