@@ -264,7 +264,7 @@ def test_heads_are_chosen_when_the_teacher_needs_more_heads():
     ff.widen(one_head, torch.randn(2, 5, 4), {HEADS: 2}, mode="zero")  # head_dim = 2 new units
     added, grower = _grow(student, _teacher_data(teacher), "params:120", new_units=4)
     assert added["heads"] >= 1 and added["blocks"] == 0, added
-    head = next(c for c in grower.last_scores if c.kind == "head")
+    head = next(c for c in grower.last_scores if c.kind == "head" and c.group == HEADS)
     assert head.cost == count_params(one_head) - count_params(_student())  # a whole head's parameters
 
 

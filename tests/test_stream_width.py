@@ -218,21 +218,30 @@ def test_firefly_proposes_stream_heads_exact_when_off_and_applies_them_exactly()
     assert stream in groups
     cands = build_width_candidates(model, graph, groups, {g.name: 8 if g is stream else 2 for g in groups}, True, x,
                                    init, torch.Generator().manual_seed(0))
-    assert "split:emb" not in cands.bank.gates and not cands.new_in["emb"]  # the engine decides the incoming rows
+    assert "split:emb" not in cands.bank.gates
+    # the engine makes new stream units the mean of the old (zero after the norm); the candidates' incoming rows
+    # are offsets on that mean, gated with the unit, for every producer of the stream
+    producers = {m.tensor for m in stream.members if m.role == "producer" and m.kind == "weight"}
+    assert {k.partition("@")[0] for k in cands.new_in["emb"]} == producers and "emb.weight" in cands.new_in["emb"]
+    assert {"blocks.0.attn.in_proj_weight@0", "blocks.0.attn.in_proj_weight@16"} <= set(cands.new_in["emb"])
     cands.bank.alpha = 0.0
     with torch.no_grad():
         assert (cands.net(fresh) - model(fresh)).abs().max().item() < 1e-12  # every candidate off: f exactly
     cands.bank.alpha = 0.0
     cands.bank.reset(requires_grad=False)
-    cands.bank.gates["new:emb"][4:8] = 1.0  # stream head 1 on, together with an FFN unit's candidate
+    # the stream's pool is one candidate: its units move the norms' statistics of every unit, so a subset of
+    # it would not compute what the over-grown copy does (its other units still there at the mean)
+    assert cands.blocks["emb"] == 8 and cands.blocks["blocks.0.fc1"] == 1
+    cands.bank.gates["new:emb"][:] = 1.0  # the stream's pool on, together with an FFN unit's candidate
     cands.bank.gates["new:blocks.0.fc1"][0] = 1.0
     with torch.no_grad():
         target = cands.net(fresh)
-    kept = [Candidate("head", "emb", 1, -1.0, 4.0), Candidate("new", "blocks.0.fc1", 0, -1.0, 1.0)]
+    assert (target - model(fresh)).abs().max().item() > 1e-3  # the stream candidate changes the function
+    kept = [Candidate("head", "emb", 0, -1.0, 8.0), Candidate("new", "blocks.0.fc1", 0, -1.0, 1.0)]
     plan = Firefly()._materialize(graph, cands, None, kept, x)
     off = copy.deepcopy(model)
     ff.apply(off, plan.scaled(0.0), example_inputs=x)  # exact at zero amplitude
-    assert off.blocks[0].attn.num_heads == 3 and _drift(off, model, fresh) < 1e-12
+    assert off.blocks[0].attn.num_heads == 4 and _drift(off, model, fresh) < 1e-12
     ff.apply(model, plan, example_inputs=x, verify=False)
     with torch.no_grad():
         assert (model(fresh) - target).abs().max().item() < 1e-10  # what the over-grown copy computed

@@ -6,6 +6,8 @@ from code, on the CPU; nothing is downloaded."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +231,54 @@ def test_an_inserted_block_copy_is_causal_and_refuses_cached_decoding(family):
         assert out.shape == (1, 7)
         with pytest.raises(GrowthError, match="use_cache=False"):
             model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, use_cache=True)
+
+
+# ---- Firefly's width candidates on GPT-2 are applied as they were scored ----------------------------------
+@pytest.mark.parametrize("group,count", [("transformer.h.0.attn.heads", 1), ("transformer.wte", 4)])
+def test_gpt2_firefly_width_candidates_apply_as_the_over_grown_copy_computed(group, count):
+    """c_attn holds q, k and v rows of each head: each segment keeps its own trained rows (`plan.member_key`),
+    so a kept head is the head that was scored. A new stream unit moves off the LayerNorm completion (the
+    mean, zero after the norm) by its trained rows, gated: exact off, applied as scored when on."""
+    from firefly_descent.budget import Candidate
+    from firefly_descent.methods import Firefly
+    from firefly_descent.methods.firefly.candidates import build_width_candidates
+
+    model, _ = _decoder("gpt2")
+    x, fresh = (_ids(0),), _ids(1, 3)
+    graph = ff.analyze(model, *x)
+    init = {"split": 0.3, "new_in": 0.5, "new_out": 0.3}
+    cands = build_width_candidates(model, graph, [graph[group]], {group: count}, False, x, init,
+                                   torch.Generator().manual_seed(0))
+    if group == "transformer.wte":  # the stream's producers all take candidate rows: embedding and both c_proj
+        assert {"transformer.wte.weight", "transformer.h.0.attn.c_proj.weight"} <= set(cands.new_in[group])
+        assert cands.blocks[group] == count  # one candidate: its units move the norms' statistics together
+    else:
+        assert {k.rpartition("@")[2] for k in cands.new_in[group]} == {"0", "16", "32"}  # q, k, v rows
+    cands.bank.alpha = 0.0
+    assert (_logits(cands.net, fresh) - _logits(model, fresh)).abs().max().item() < 1e-12
+    cands.bank.gates[f"new:{group}"][:] = 1.0
+    target = _logits(cands.net, fresh)
+    assert (target - _logits(model, fresh)).abs().max().item() > 1e-3
+    kept = [Candidate("head" if group == "transformer.wte" else "new", group, j, -1.0, 1.0)
+            for j in range(1 if group == "transformer.wte" else count)]
+    plan = Firefly()._materialize(graph, cands, None, kept, x)
+    off = copy.deepcopy(model)
+    ff.apply(off, plan.scaled(0.0), example_inputs=x)  # amplitude 0 (the safeguard's shrink ladder ends there)
+    assert (_logits(off, fresh) - _logits(model, fresh)).abs().max().item() < 1e-12
+    ff.apply(model, plan, example_inputs=x, verify=False)
+    assert (_logits(model, fresh) - target).abs().max().item() < 1e-10
+
+
+def test_gpt2_stream_candidates_have_a_first_order_score():
+    """Before, a new stream unit was the mean of the old ones, zero after every LayerNorm: its gate had no
+    gradient and Firefly never grew the stream. Its own rows give it one."""
+    model, _ = _decoder("gpt2")
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(0, 50, (8, 12), generator=g)
+        data.append((ids, (3 * ids + 1) % 50))
+    grower = make_grower("firefly", budget="params:3000", candidates="width", seed=0)
+    grower.grow(model.float(), data, _next_token_loss)
+    stream = [c for c in grower.last_scores if c.group == "transformer.wte"]
+    assert len(stream) == 1 and abs(stream[0].score) > 1e-4, stream

@@ -119,7 +119,7 @@ def group_unit_costs(budget: Budget, groups: list[Group], model: nn.Module, exam
 class Candidate:
     """One growth option competing for the budget: a split, a new unit or a new layer."""
 
-    kind: str  # "split" | "new" | "head" (a new whole attention head) | "layer"
+    kind: str  # "split" | "new" | "head" (a block of new units: a whole head, a normalised stream's pool) | "layer"
     group: str  # group name (for layers: the boundary module name)
     index: int  # unit index (split), new-unit slot, or layer index
     score: float = 0.0  # predicted loss change when switched on (negative = improvement)

@@ -11,6 +11,9 @@ narrowed to that unit's `inner` positions along the member's dim, in the model's
   NewUnits.incoming[tensor]   [count, *slice]    producer slices (incoming weights, bias)
   NewUnits.outgoing[tensor]   [count, *slice]    consumer slices (outgoing weights)
   NewUnits.passthrough[tensor] [count, *slice]   depthwise filters etc.
+A tensor holding several segments of one group along its dim (GPT-2's c_attn: q, k and v rows of each head)
+takes the same values in each segment under its own name, or per segment under `member_key(member)`
+("tensor@offset"), which wins where both are given.
 """
 
 from __future__ import annotations
@@ -22,7 +25,20 @@ from typing import Any
 import torch
 
 from .analysis.graph import Group
+from .analysis.rules import completed_roles
 from .errors import PlanError
+
+
+def member_key(member: Any) -> str:
+    """The key of one member's values in a plan (`tensor@offset`): for a tensor that holds several segments of
+    the group along its dim, each with values of its own."""
+    return f"{member.tensor}@{member.offset}"
+
+
+def values_for(values: dict[str, torch.Tensor], member: Any) -> torch.Tensor | None:
+    """A member's values in a plan dict: under its own key, else under its tensor's name (None: not given)."""
+    v = values.get(member_key(member))
+    return values.get(member.tensor) if v is None else v
 
 
 @dataclass
@@ -117,10 +133,11 @@ class Plan:
 
     def scaled(self, amplitude: float) -> Plan:
         """The same structure with every function-changing value times `amplitude`: split steps
-        (eps), new units' outgoing weights, new layers' residual scales. Incoming weights, twins'
-        copies and new layers' bodies are kept (new branches' scales too are multiplied), so amplitude 0 is
-        function-preserving and the loss
-        along amplitudes is the line the growth step moves on."""
+        (eps), new units' outgoing weights, new layers' residual scales, and the incoming values a
+        completed group's new units take on top of their completion (`_offsets`: a normalised stream's
+        mean). Other incoming weights, twins' copies and new layers' bodies are kept (new branches' scales
+        are multiplied too), so amplitude 0 is function-preserving and the loss along amplitudes is the line
+        the growth step moves on."""
         a = float(amplitude)
         if self.values and a != 1.0:
             raise PlanError("a plan that sets tensor values (Plan.values) cannot be scaled")
@@ -132,7 +149,7 @@ class Plan:
                 if c.new is None
                 else NewUnits(
                     c.new.count,
-                    c.new.incoming,
+                    {k: v * a if k in _offsets(c.group) else v for k, v in c.new.incoming.items()},
                     {k: v * a for k, v in c.new.outgoing.items()},
                     c.new.passthrough,
                     c.new.positions,
@@ -289,3 +306,11 @@ class Plan:
     @classmethod
     def from_bytes(cls, data: bytes) -> Plan:
         return cls.from_dict(torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _offsets(group: Group) -> set[str]:
+    """Producer tensors whose new-unit incoming values are offsets on the group's completion (with them the
+    new units are no longer the completion's exact values, so they change the function)."""
+    if "producer" not in completed_roles(group):
+        return set()
+    return {key for m in group.members if m.role == "producer" for key in (m.tensor, member_key(m))}

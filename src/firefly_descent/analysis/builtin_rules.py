@@ -391,6 +391,8 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
     Every writer of the group (producer slices, added parameters such as a position embedding) writes the mean
     of its old slices into the new units (LayerNorm; sums of writers stay the mean, so each norm's mean is
     unchanged and its variance shrinks by d/(d+n)) or zero (RMSNorm; the mean square shrinks by d/(d+n)).
+    Incoming values a plan gives for a producer (`NewUnits.incoming`, Firefly's trained rows) are added to
+    that: they move the new units off the mean, a change of function that `Plan.scaled` scales like any other.
     Each norm's old gains are multiplied by sqrt(d/(d+n)), its epsilon by d/(d+n), its new biases are zero:
     it computes exactly what it did on the old units and exact zeros on the new ones, so the readers of the
     normalised units may have any new input columns. Readers of the raw units take the plan's outgoing
@@ -411,6 +413,7 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
         for c in constraints:
             mod = grown.module(c.module)
             norms.append((c, mod, rule_for(mod).norm_eps(mod)))
+        offsets = set(ch.new.incoming) if ch.new is not None else set()  # a plan's own incoming values
         with torch.no_grad():
             for m in g.members:
                 if m.role != "producer" and not (m.role == "elementwise" and m.kind == "additive"):
@@ -422,7 +425,11 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                     value = (mean_slice if centre else zero_slice)(t.index_select(m.dim, old[:, r]), m.dim)
                     shape = list(t.shape)
                     shape[m.dim] = new.shape[0]
-                    t.index_copy_(m.dim, new[:, r], value.expand(shape))
+                    value = value.expand(shape)
+                    given = m.tensor in offsets or f"{m.tensor}@{m.offset}" in offsets  # plan.member_key
+                    if m.role == "producer" and given:  # a plan's values move the new unit off the mean
+                        value = value + t.index_select(m.dim, new[:, r])
+                    t.index_copy_(m.dim, new[:, r], value)
             for c, mod, (attr, eps) in norms:
                 for m in g.members:
                     if m.module != c.module or m.role != "norm":

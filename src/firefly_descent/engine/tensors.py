@@ -15,7 +15,7 @@ import torch
 
 from ..analysis.graph import Member
 from ..errors import PlanError
-from ..plan import GroupChange
+from ..plan import GroupChange, values_for
 
 OLD, TWIN, NEW = 0, 1, 2
 
@@ -234,8 +234,9 @@ def _fill_new_units(new, old, dim, m, ch, unit_pos, slice_shape, done) -> None:
         m.role, {}
     )
     count = ch.new.count
-    if m.tensor in source:
-        value = source[m.tensor].to(device=old.device, dtype=old.dtype)
+    given = values_for(source, m)
+    if given is not None:
+        value = given.to(device=old.device, dtype=old.dtype)
         _check(value, [count, *slice_shape], f"new units' values for {m.tensor}")
         value = map_slice(value, done, offset_dims=1)
     else:
@@ -252,7 +253,7 @@ def _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, old) -> None:
     if m.role == "consumer":  # directions are producer slices; a square conv that reads and writes the group
         return  # (a growth-inserted block) keeps its consumer columns halved, not perturbed
     for si, s in enumerate(ch.splits):
-        d = s.directions.get(m.tensor)
+        d = values_for(s.directions, m)
         if d is None or s.eps == 0:
             continue
         d = d.to(device=old.device, dtype=old.dtype)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...analysis.rules import completed_roles
 from ...errors import GrowthError
 from ...plan import GroupChange, NewUnits, Plan
 from ..base import Timer, register_grower
@@ -47,8 +48,11 @@ def random_new_units(
         incoming: dict[str, torch.Tensor] = {}
         outgoing: dict[str, torch.Tensor] = {}
         passthrough: dict[str, torch.Tensor] = {}
+        completed = completed_roles(g)  # a normalised stream's new units are its completion (the mean): exact
         for m in g.members:
             shape = slice_shape(ctx.model, m)
+            if m.role in completed:
+                continue
             if m.role in ("producer", "passthrough") and m.kind == "weight":
                 value = uniform([k, *shape], 1.0 / math.sqrt(fan_in(shape)), gen)
                 (incoming if m.role == "producer" else passthrough)[m.tensor] = value

@@ -8,6 +8,8 @@ each scaled by a per-candidate gate `alpha + g_i`:
 
   split i   parent rows  + (alpha + g_i) v_i,   twin rows  - (alpha + g_i) v_i
   new j     incoming rows  d_j (ungated),        outgoing columns  (alpha + g_j) u_j
+            (in a LayerNorm'd/RMSNorm'd stream the engine sets the incoming rows to the completion, the mean,
+            and the candidate adds (alpha + g_j) d_j on top: the mean alone is zero after the norm)
   layer l   z + (alpha + g_l) s_l h_l(z)   (a separate copy with all new-layer candidates)
 
 v, d, u live in the *original* coordinates of every other dim and are mapped into the over-grown
@@ -41,7 +43,7 @@ from ...analysis.rules import (
 from ...engine import apply, layer_spec, plan_deepen, plan_edits, plan_expansions, plan_new_blocks
 from ...engine.tensors import NEW, OLD, TWIN, Expansion, unit_order
 from ...errors import GrowthError
-from ...plan import GroupChange, NewUnits, Plan, Split
+from ...plan import GroupChange, NewUnits, Plan, Split, member_key
 
 
 class GateBank:
@@ -160,6 +162,9 @@ class WidthCandidates:
     # group -> tensor -> [K, *slice]: the new units' passthrough values (depthwise filters) as the engine drew
     # them in the over-grown copy; not trained, but a kept unit must take them, not a fresh random draw
     new_pass: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # group -> new units per candidate: an attention head's units (`block_size`), or for a normalised stream its
+    # whole pool (`pool_block`); 1 otherwise
+    blocks: dict[str, int] = field(default_factory=dict)
 
     def weights(self, value: nn.Parameter) -> torch.Tensor:
         """A candidate value in the model's own units."""
@@ -209,6 +214,18 @@ def unit_rms(t: torch.Tensor, dim: int, offset: int, inner: int, width: int) -> 
     """Root-mean-square of each of `width` units' slices of `t` along `dim` (a unit owns `inner` positions)."""
     block = t.narrow(dim, offset, width * inner).movedim(dim, 0).reshape(width, -1)
     return block.pow(2).mean(1).sqrt()
+
+
+def pool_block(group: Group, new_count: int) -> int:
+    """New units per candidate: `block_size` (a head's units, 1 for a plain group), or for a group whose
+    completion makes new units the mean of the old (a LayerNorm'd/RMSNorm'd stream) the whole pool. There a
+    candidate moves its units off the mean, which changes the norm's mean and variance over every unit, a
+    candidate switched off too: a subset of the pool would not compute what the over-grown copy did with it,
+    the whole pool does."""
+    per = block_size(group) or 1
+    if new_count and completed_new_slices(group) is not None and "producer" in completed_roles(group):
+        return new_count
+    return per
 
 
 def block_size(group: Group) -> int | None:
@@ -279,12 +296,16 @@ def build_width_candidates(
     device = ref.device
     bank = GateBank()
     cands = WidthCandidates(net, bank, groups, {g.name: g.width for g in groups}, dict(new_count))
+    cands.blocks = {g.name: pool_block(g, new_count.get(g.name, 0)) for g in groups}
     perts: dict[str, CandidatePerturbation] = {}
 
-    def pert(tensor: str) -> CandidatePerturbation:
-        if tensor not in perts:
-            perts[tensor] = CandidatePerturbation(bank)
-        return perts[tensor]
+    offsets: dict[str, CandidatePerturbation] = {}  # applied after a completion: new units off their mean
+
+    def pert(tensor: str, after_completion: bool = False) -> CandidatePerturbation:
+        store = offsets if after_completion else perts
+        if tensor not in store:
+            store[tensor] = CandidatePerturbation(bank)
+        return store[tensor]
 
     relative = bool(init.get("relative", False))
     originals = dict(model.named_parameters())
@@ -335,6 +356,10 @@ def build_width_candidates(
                 cands.new_pass[g.name][m.tensor] = _new_unit_values(value, m, start, order, K, others)
             if m.role not in ("producer", "consumer") or m.kind != "weight":
                 continue
+            # a tensor holding several segments of the group (GPT-2's c_attn: q, k, v rows per head) keeps one
+            # set of values per segment, under the member's own key in the plan (`plan.member_key`)
+            shared = sum(o.tensor == m.tensor and o.role == m.role and o.kind == m.kind for o in g.members) > 1
+            key = member_key(m) if shared else m.tensor
             segs = edits[m.tensor][m.dim]
             seg = next(s for s in segs if s.member == m and s.change is change)
             start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
@@ -343,7 +368,7 @@ def build_width_candidates(
             if m.role == "producer":
                 if split_g:
                     v = nn.Parameter(rand([g.width, *shape], "uniform_split").to(device))
-                    cands.split_dirs[g.name][m.tensor] = v
+                    cands.split_dirs[g.name][key] = v
                     sc = scale_of(m, g.width, True, len(shape))
                     pos_parent = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner)
                     pos_twin = _positions(start, order, [(TWIN, i) for i in range(g.width)], m.inner)
@@ -352,29 +377,39 @@ def build_width_candidates(
                     pert(m.tensor).add(_Contribution(m.dim, v, pos_twin, m.inner, split_key, -1.0, others, sc))
                     if sc is not None:
                         cands.scales[id(v)] = sc
-                if K and "producer" not in completed:
+                if K:
                     d = nn.Parameter(rand([K, *shape], "normal_in").to(device))
-                    cands.new_in[g.name][m.tensor] = d
+                    cands.new_in[g.name][key] = d
                     pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
                     sc = scale_of(m, g.width, False, len(shape))
-                    pert(m.tensor).add(_Contribution(m.dim, d, pos_new, m.inner, None, 1.0, others, sc))
+                    if "producer" in completed:
+                        # the engine makes a new unit of a normalised stream the mean of the old ones (exact, but
+                        # zero after the norm: no gradient reaches it); the candidate moves it off the mean by
+                        # d, gated like its outgoing weights, since any move changes the norm's statistics
+                        gate = f"new:{g.name}"
+                        pert(m.tensor, True).add(_Contribution(m.dim, d, pos_new, m.inner, gate, 1.0, others, sc))
+                    else:
+                        pert(m.tensor).add(_Contribution(m.dim, d, pos_new, m.inner, None, 1.0, others, sc))
                     if sc is not None:
                         cands.scales[id(d)] = sc
             elif K:
                 u = nn.Parameter(rand([K, *shape], "uniform_out").to(device))
-                cands.new_out[g.name][m.tensor] = u
+                cands.new_out[g.name][key] = u
                 pos_new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner)
                 sc = scale_of(m, g.width, False, len(shape))
                 pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others, sc))
                 if sc is not None:
                     cands.scales[id(u)] = sc
-    derived = _derived_slices(changes, edits, orig_shapes, set(perts))
-    for tensor, p in perts.items():
+    derived = _derived_slices(changes, edits, orig_shapes, set(perts) | set(offsets))
+    for tensor in dict.fromkeys([*perts, *offsets]):
         mod_name, _, attr = tensor.rpartition(".")
         module = net.get_submodule(mod_name) if mod_name else net
-        parametrize.register_parametrization(module, attr, p)
+        if tensor in perts:
+            parametrize.register_parametrization(module, attr, perts[tensor])
         for d in derived.get(tensor, []):  # after the perturbations: the completion holds for their sum
             parametrize.register_parametrization(module, attr, d)
+        if tensor in offsets:  # and the candidates' moves off the completion on top (as the engine adds them)
+            parametrize.register_parametrization(module, attr, offsets[tensor])
     return cands
 
 

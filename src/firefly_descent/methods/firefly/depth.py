@@ -98,14 +98,20 @@ def default_depth_boundaries(graph: Any, model: nn.Module) -> list[str]:
 
 
 def exact_added_params(
-    model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
+    model: nn.Module,
+    graph: Any,
+    depth_c: DepthCandidates | None,
+    kept: list[Candidate],
+    blocks: dict[str, int] | None = None,
 ) -> int:
     """Parameters the selection `kept` adds to `model`: its structure's plan (new blocks widened with the
-    group they sit on, as `_widen_body` does), costed from the grown shapes (`cost.plan_cost`)."""
+    group they sit on, as `_widen_body` does), costed from the grown shapes (`cost.plan_cost`). `blocks`:
+    new units per "head" candidate (`WidthCandidates.blocks`; default `block_size`)."""
     added: dict[str, int] = {}
     for c in kept:
         if c.kind in ("split", "new", "head"):
-            added[c.group] = added.get(c.group, 0) + ((block_size(graph[c.group]) or 1) if c.kind == "head" else 1)
+            per = (blocks or {}).get(c.group) or block_size(graph[c.group]) or 1
+            added[c.group] = added.get(c.group, 0) + (per if c.kind == "head" else 1)
     changes = [GroupChange(graph[g], new=NewUnits(n)) for g, n in added.items()]
     layers = []
     for c in kept:

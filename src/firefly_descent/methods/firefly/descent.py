@@ -52,6 +52,7 @@ from .candidates import (
     build_depth_candidates,
     build_width_candidates,
     materialize_width,
+    pool_block,
     splittable,
 )
 from .config import CANDIDATE_SETS, PRESETS, SCORE_PATHS, FireflyConfig, midpoints
@@ -182,6 +183,11 @@ class Firefly(Grower):
                 else 0
                 for g in groups
             }
+            for g in groups:  # a normalised stream's pool is one candidate (`pool_block`): what the budget affords
+                if new_count[g.name] and pool_block(g, new_count[g.name]) == new_count[g.name] > per[g.name]:
+                    limit = self.budget.group_limit(g, groups) if self.budget.per_group else self.budget.limit(groups)
+                    afford = int(limit / max(costs[g.name], 1e-12)) // per[g.name]
+                    new_count[g.name] = per[g.name] * max(1, min(new_count[g.name] // per[g.name], afford))
             report.extra["pool"] = {  # candidates per group against its share of the budget (in units)
                 g.name: {
                     "splits": g.width if use_splits and splittable(g) else 0,
@@ -210,7 +216,8 @@ class Firefly(Grower):
             batches, score_batches = self._size(width_c.net, model, x, batches, score_batches, epoch, guard, report)
             with Timer(report.timings, "step_one"):
                 self._step_one(width_c.net, width_c.trainables(), width_c, batches, loss_fn)
-            # a new head is one candidate over its units (gate d/dg = the sum of theirs)
+            # a new head (or a normalised stream's whole pool) is one candidate over its units (d/dg = their sum)
+            per = dict(width_c.blocks)
             blocks = {f"new:{g.name}": per[g.name] for g in groups if new_count[g.name] and per[g.name] > 1}
             with Timer(report.timings, "step_two"):
                 scores = self._candidate_scores(width_c.net, width_c.bank, score_batches, loss_fn, blocks, report)
@@ -257,7 +264,7 @@ class Firefly(Grower):
             report.extra.setdefault("score_path", {}).update(self._compare_with_joint(candidates, kept, groups))
         exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
         if exact and self.budget.kind == "params" and not self.budget.per_group:
-            kept = self._fit_params(model, graph, depth_c, kept)
+            kept = self._fit_params(model, graph, depth_c, kept, width_c.blocks if width_c is not None else {})
         if depth_c is not None:
             report.extra["depth"] = depth_summary(candidates, kept, depth_c)
         self.last_scores = candidates
@@ -577,14 +584,19 @@ class Firefly(Grower):
         ]
 
     def _fit_params(
-        self, model: nn.Module, graph: Any, depth_c: DepthCandidates | None, kept: list[Candidate]
+        self,
+        model: nn.Module,
+        graph: Any,
+        depth_c: DepthCandidates | None,
+        kept: list[Candidate],
+        blocks: dict[str, int] | None = None,
     ) -> list[Candidate]:
         """Greedy selection adds per-candidate costs; units added to two adjacent groups, or a new block on
         a group that also widens, add cross terms. Drop the kept candidate with the worst score per cost
         until the exact parameter increase (the selection's plan, costed from its shapes) fits the budget."""
         limit = self.budget.limit([])
         kept = sorted(kept, key=lambda c: c.score / c.cost)
-        while kept and exact_added_params(model, graph, depth_c, kept) > limit + 1e-9:
+        while kept and exact_added_params(model, graph, depth_c, kept, blocks) > limit + 1e-9:
             kept = kept[:-1]
         return kept
 
@@ -601,8 +613,8 @@ class Firefly(Grower):
             if c.kind in ("split", "new"):
                 s, n = by_group.setdefault(c.group, ([], []))
                 (s if c.kind == "split" else n).append(c.index)
-            elif c.kind == "head":  # its head_dim new units
-                per = block_size(graph[c.group]) or 1
+            elif c.kind == "head":  # its head_dim new units (a normalised stream: its whole pool)
+                per = width_c.blocks.get(c.group, 1) if width_c is not None else block_size(graph[c.group]) or 1
                 by_group.setdefault(c.group, ([], []))[1].extend(range(c.index * per, (c.index + 1) * per))
         changes = materialize_width(width_c, by_group) if width_c is not None else []
         layers = []
