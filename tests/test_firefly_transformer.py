@@ -280,3 +280,45 @@ def test_a_block_is_chosen_when_the_teacher_is_one_block_deeper():
     assert added["blocks"] == 1, added
     block = next(c for c in grower.last_scores if c.kind == "layer")
     assert block.cost == sum(p.numel() for p in teacher.blocks[1].parameters())  # a whole block's parameters
+
+
+def test_a_copied_blocks_step_one_rate_is_relative_to_its_weights():
+    """Step one's rate on a copied block's weights is `lr` × the RMS of the source weight each copies (the
+    width candidates' relative units): a transformer's ~0.02 weights are not moved by absolute 0.03 steps."""
+    model, x = _model()
+    graph = ff.analyze(model, *x)
+    depth = build_depth_candidates(model, graph, ["blocks.0"], x, 0.01, block="auto")
+    scales = depth.lr_scales()
+    own = dict(model.blocks[0].named_parameters())
+    trainables = depth.trainables()
+    assert trainables and all(id(p) in scales for p in trainables)  # every trainable of the copy, gated ones too
+    rms = {n: float(q.pow(2).mean().sqrt()) for n, q in own.items()}
+    fallback = sum(v for v in rms.values() if v > 0) / sum(v > 0 for v in rms.values())
+    for name, p in depth.layers[0].named_parameters():
+        ref = rms[name.replace(".parametrizations.", ".").removesuffix(".original")]
+        assert scales[id(p)] == pytest.approx(ref if ref > 0 else fallback)  # a zero bias: the block's mean RMS
+
+
+def test_trimming_to_the_exact_budget_refills_what_a_dropped_block_freed():
+    """Greedy selection by per-candidate cost keeps a block and hidden units of the block it copies; the copy
+    widens with them, so the exact increase is over the budget. Trimming drops the worst-ranked until it fits,
+    the block with them; the budget that freed is refilled with the next-best candidates that fit."""
+    from firefly_descent.methods.firefly.depth import exact_added_params
+
+    model, x = _model(torch.float32, mlp_hidden=8)
+    graph = ff.analyze(model, *x)
+    depth = build_depth_candidates(model, graph, ["blocks.0"], x, 0.01, block="auto")
+    hidden = "blocks.0.mlp.fc1"
+    one = copy.deepcopy(model)
+    ff.widen(one, x, {hidden: 1}, mode="zero")
+    unit = count_params(one) - count_params(model)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    limit = block + 4 * unit
+    units = [Candidate("new", hidden, j, -1.0 + 0.01 * j, float(unit)) for j in range(12)]
+    layer = Candidate("layer", "blocks.0", 0, -0.5 * block / unit, float(block))  # ranked after every unit
+    greedy = [*units[:4], layer]
+    assert exact_added_params(model, graph, depth, greedy) > limit  # the copy takes the 4 units too
+    kept = Firefly(budget=f"params:{limit}")._fit_params(model, graph, depth, greedy, None, [*units, layer])
+    assert layer not in kept and 12 * unit <= limit
+    assert sorted(c.index for c in kept) == list(range(12))  # refilled with every unit that fits, best first
+    assert exact_added_params(model, graph, depth, kept) == 12 * unit

@@ -514,6 +514,23 @@ class DepthCandidates:
                 out += list(layer.parameters())
         return out
 
+    def lr_scales(self) -> dict[int, float]:
+        """Per trainable of a copied block (by id): the RMS of the source block's parameter it copies, so that
+        step one's learning rate means a fraction of the weights' own scale, as the width candidates' relative
+        parametrisation does (a transformer's weights are ~0.02: an absolute step of 0.03 would erase them)."""
+        out: dict[int, float] = {}
+        for layer, source in zip(self.layers, self.sources):
+            if source is None:
+                continue
+            rms = {n: float(q.detach().pow(2).mean().sqrt()) for n, q in source.named_parameters() if q.numel()}
+            positive = [v for v in rms.values() if v > 0]
+            fallback = sum(positive) / len(positive) if positive else 1.0  # a zero tensor (biases at init)
+            for name, p in layer.named_parameters():
+                ref = rms.get(name.replace(".parametrizations.", ".").removesuffix(".original"))
+                if ref is not None:
+                    out[id(p)] = ref if ref > 0 else fallback
+        return out
+
     def block_values(self, i: int) -> dict[str, torch.Tensor]:
         """The state of copied block i at alpha = 1 (gated outputs multiplied out), as a plain block's."""
         layer = self.layers[i]

@@ -264,7 +264,8 @@ class Firefly(Grower):
             report.extra.setdefault("score_path", {}).update(self._compare_with_joint(candidates, kept, groups))
         exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
         if exact and self.budget.kind == "params" and not self.budget.per_group:
-            kept = self._fit_params(model, graph, depth_c, kept, width_c.blocks if width_c is not None else {})
+            blocks = width_c.blocks if width_c is not None else {}
+            kept = self._fit_params(model, graph, depth_c, kept, blocks, candidates)
         if depth_c is not None:
             report.extra["depth"] = depth_summary(candidates, kept, depth_c)
         self.last_scores = candidates
@@ -372,12 +373,17 @@ class Firefly(Grower):
             for layer in bn_train.layers:
                 if is_residual(layer):  # (a copied transformer block stays in eval: no dropout)
                     layer.body.train()
+        groups: list[dict[str, Any]] = [{"params": params}]
+        scales = bn_train.lr_scales() if bn_train is not None and cfg.relative else {}
+        if scales:  # a copied block's weights move by fractions of their own scale (`DepthCandidates.lr_scales`)
+            groups = [{"params": [p for p in params if id(p) not in scales]}] if len(scales) < len(params) else []
+            groups += [{"params": [p], "lr": cfg.lr * scales[id(p)]} for p in params if id(p) in scales]
         if cfg.step_one_optimizer == "rmsprop":
-            opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
+            opt = torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.rmsprop_alpha, momentum=cfg.momentum)
         elif cfg.step_one_optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr)
+            opt = torch.optim.Adam(groups, lr=cfg.lr)
         elif cfg.step_one_optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         else:
             raise GrowthError(f"step_one_optimizer must be adam, rmsprop or sgd, not {cfg.step_one_optimizer!r}")
         bank = width_c.bank if width_c is not None else bn_train.bank  # type: ignore[union-attr]
@@ -590,14 +596,35 @@ class Firefly(Grower):
         depth_c: DepthCandidates | None,
         kept: list[Candidate],
         blocks: dict[str, int] | None = None,
+        pool: list[Candidate] | None = None,
     ) -> list[Candidate]:
         """Greedy selection adds per-candidate costs; units added to two adjacent groups, or a new block on
         a group that also widens, add cross terms. Drop the kept candidate with the worst score per cost
-        until the exact parameter increase (the selection's plan, costed from its shapes) fits the budget."""
+        until the exact parameter increase (the selection's plan, costed from its shapes) fits the budget;
+        then refill what that freed from `pool` in the same order, each candidate kept when the exact increase
+        with it still fits (dropping a new block that was widened with its group can free far more than the
+        cross terms took: without the refill most of the budget went unspent)."""
         limit = self.budget.limit([])
-        kept = sorted(kept, key=lambda c: c.score / c.cost)
-        while kept and exact_added_params(model, graph, depth_c, kept, blocks) > limit + 1e-9:
+
+        def exact(ks: list[Candidate]) -> int:
+            return exact_added_params(model, graph, depth_c, ks, blocks) if ks else 0
+
+        def rank(c: Candidate) -> float:
+            return c.score / c.cost
+
+        kept = sorted(kept, key=rank)
+        while kept and exact(kept) > limit + 1e-9:
             kept = kept[:-1]
+        spent, chosen = exact(kept), {id(c) for c in kept}
+        for c in sorted(pool or [], key=rank):
+            if id(c) in chosen or (c.score >= 0 and not self.config.allow_increase):
+                continue
+            if spent + c.cost > limit + 1e-9:  # its own cost alone does not fit (cross terms only add)
+                continue
+            trial = exact([*kept, c])
+            if trial <= limit + 1e-9:
+                kept.append(c)
+                spent = trial
         return kept
 
     def _materialize(
