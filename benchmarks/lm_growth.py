@@ -17,6 +17,9 @@ P0·4^(k/3) after step k and ends at ≈ 4× the start; every grower remaps Adam
 - static-final: a standard GPT-2 config whose size is closest to 4× the start, trained from scratch;
 - firefly: `Firefly(candidates="all")`: new heads, wider MLPs, a wider residual stream (LayerNorm completed
   exactly) and new blocks (copies of a block with their residual outputs at zero), scored in one budget;
+- firefly-silent (a diagnostic): Firefly's decision applied at amplitude 0 (`Plan.scaled(0)`): its units and
+  their trained incoming rows, with outgoing weights, split steps and stream offsets at zero, so the step keeps
+  the function; against firefly it isolates the function change, against random-matched the incoming rows;
 - random-matched: at each step, random new units in the groups and numbers the firefly run of the same seed
   chose (its placement; a new block Firefly inserted is not matched, and the table says when that happened);
 - random: random new units (heads, MLP, stream) under the same budget, function-preserving;
@@ -36,6 +39,7 @@ seed) under --out (resumable: finished runs are skipped); `--table` writes summa
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -61,7 +65,7 @@ from firefly_descent.methods.baselines.random_growth import placement_of  # noqa
 from firefly_descent.plan import NewLayer, Plan  # noqa: E402
 
 CORPUS = Path("/usr/share/games/fortunes")
-METHODS = ("static-small", "static-final", "firefly", "random-matched", "random", "net2net", "stack")
+METHODS = ("static-small", "static-final", "firefly", "firefly-silent", "random-matched", "random", "net2net", "stack")
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         steps=3000, grow_at=[500, 1000, 1500], eval_every=100, eval_batches=32, batch=32, context=64,
@@ -172,7 +176,19 @@ def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[A
     """One growth step of `method` with `budget` more parameters (or, for random-matched, the units
     `placement` names per group); returns what it did."""
     t0 = time.perf_counter()
-    if method == "stack":
+    if method == "firefly-silent":  # decide on a copy, apply the decision to the model at amplitude 0
+        shadow = copy.deepcopy(model)
+        grower = make_grower("firefly", budget=f"params:{budget}", seed=seed, candidates="all")
+        grower.epoch_batches = epoch_batches
+        grower.grow(shadow, data, next_token_loss)
+        plan = grower.last_plan.scaled(0.0)
+        if any(layer.kind == "copy" for layer in plan.layers):  # a kept block holds its trained outputs: not
+            plan = Plan(plan.changes, function_preserving=True)  # silenced by a scale, so it is left out
+        apply(model, plan, optimizer=opt, example_inputs=(data[0][0],))
+        info = {"outcome": "applied", "units_added": {c.group.name: c.new.count for c in plan.changes if c.new},
+                "units_split": {c.group.name: len(c.splits) for c in plan.changes if c.splits},
+                "layers_inserted": [layer.after for layer in plan.layers]}
+    elif method == "stack":
         plan = stack_plan(model, data[0][0], budget)
         apply(model, plan, optimizer=opt, example_inputs=(data[0][0],))
         info: dict[str, Any] = {"outcome": "applied", "layers_inserted": [layer.after for layer in plan.layers]}

@@ -308,17 +308,18 @@ def test_lm_growth_runs_every_method_on_a_tiny_corpus_and_tabulates(tmp_path: Pa
     for s in (0, 1):
         p0 = recs[f"static-small-s{s}"]["final_params"]
         assert recs[f"static-small-s{s}"]["growths"] == []
-        for m in ("firefly", "random-matched", "random", "net2net", "stack"):
+        for m in ("firefly", "firefly-silent", "random-matched", "random", "net2net", "stack"):
             r = recs[f"{m}-s{s}"]
             assert [g["step"] for g in r["growths"]] == lm.PRESETS["smoke"]["grow_at"]
             assert r["final_params"] > p0 and all(math.isfinite(row["val_bpc"]) for row in r["rows"])
             # growth keeps the function where the method promises it (random and Net2Net are exact)
-            if m in ("random-matched", "random", "net2net"):
+            if m in ("firefly-silent", "random-matched", "random", "net2net"):
                 for g in r["growths"]:
                     assert g["val_bpc_after"] == pytest.approx(g["val_bpc_before"], abs=1e-4)
         assert recs[f"static-final-s{s}"]["final_params"] > p0
         placed = [{**g["units_split"], **g["units_added"]} for g in recs[f"random-matched-s{s}"]["growths"]]
         assert placed == lm.placement_of(recs[f"firefly-s{s}"]["growths"])  # Firefly's groups and counts
+        assert recs[f"firefly-silent-s{s}"]["final_params"] == recs[f"firefly-s{s}"]["final_params"]
     mtime = (out / "firefly-s0.json").stat().st_mtime_ns
     assert lm.main(argv) == 0 and (out / "firefly-s0.json").stat().st_mtime_ns == mtime  # skipped
     assert lm.main(["--table", "--out", str(out), "--img", str(tmp_path / "img")]) == 0
