@@ -20,6 +20,8 @@ P0·4^(k/3) after step k and ends at ≈ 4× the start; every grower remaps Adam
 - firefly-silent (a diagnostic): Firefly's decision applied at amplitude 0 (`Plan.scaled(0)`): its units and
   their trained incoming rows, with outgoing weights, split steps and stream offsets at zero, so the step keeps
   the function; against firefly it isolates the function change, against random-matched the incoming rows;
+- firefly-in1 (a diagnostic): Firefly with new units' incoming rows drawn at the scale of the existing units'
+  (`init_new_in=1.0` instead of 0.5, relative);
 - random-matched: at each step, random new units in the groups and numbers the firefly run of the same seed
   chose (its placement; a new block Firefly inserted is not matched, and the table says when that happened);
 - random: random new units (heads, MLP, stream) under the same budget, function-preserving;
@@ -65,7 +67,10 @@ from firefly_descent.methods.baselines.random_growth import placement_of  # noqa
 from firefly_descent.plan import NewLayer, Plan  # noqa: E402
 
 CORPUS = Path("/usr/share/games/fortunes")
-METHODS = ("static-small", "static-final", "firefly", "firefly-silent", "random-matched", "random", "net2net", "stack")
+METHODS = (
+    "static-small", "static-final", "firefly", "firefly-silent", "firefly-in1", "random-matched", "random", "net2net",
+    "stack",
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(
         steps=3000, grow_at=[500, 1000, 1500], eval_every=100, eval_batches=32, batch=32, context=64,
@@ -193,7 +198,9 @@ def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[A
         apply(model, plan, optimizer=opt, example_inputs=(data[0][0],))
         info: dict[str, Any] = {"outcome": "applied", "layers_inserted": [layer.after for layer in plan.layers]}
     else:
-        kw: dict[str, Any] = {"candidates": "all"} if method == "firefly" else {}
+        kw: dict[str, Any] = {"candidates": "all"} if method.startswith("firefly") else {}
+        if method == "firefly-in1":
+            method, kw = "firefly", {**kw, "init_new_in": 1.0}
         if method == "random-matched":
             method, kw = "random", {"placement": [placement or {}]}
         grower = make_grower(method, budget=f"params:{budget}", seed=seed, **kw)

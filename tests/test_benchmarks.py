@@ -308,7 +308,7 @@ def test_lm_growth_runs_every_method_on_a_tiny_corpus_and_tabulates(tmp_path: Pa
     for s in (0, 1):
         p0 = recs[f"static-small-s{s}"]["final_params"]
         assert recs[f"static-small-s{s}"]["growths"] == []
-        for m in ("firefly", "firefly-silent", "random-matched", "random", "net2net", "stack"):
+        for m in ("firefly", "firefly-silent", "firefly-in1", "random-matched", "random", "net2net", "stack"):
             r = recs[f"{m}-s{s}"]
             assert [g["step"] for g in r["growths"]] == lm.PRESETS["smoke"]["grow_at"]
             assert r["final_params"] > p0 and all(math.isfinite(row["val_bpc"]) for row in r["rows"])
