@@ -308,6 +308,16 @@ def _after_growth(rec: dict[str, Any], k: int, offset: int) -> float | None:
     return hit[0] if hit else None
 
 
+def bpc_at_flops(rec: dict[str, Any], flops: float) -> float | None:
+    """Validation bpc of run `rec` when it had spent `flops` training FLOPs (linear between evaluations)."""
+    rows = [r for r in rec["rows"] if r["tag"] != "before-growth"]
+    for a, b in zip(rows, rows[1:]):
+        if a["train_flops"] <= flops <= b["train_flops"] and b["train_flops"] > a["train_flops"]:
+            t = (flops - a["train_flops"]) / (b["train_flops"] - a["train_flops"])
+            return a["val_bpc"] + t * (b["val_bpc"] - a["val_bpc"])
+    return None
+
+
 def table(out: Path, img: Path | None) -> str:
     recs: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(out.glob("*-s*.json")):
@@ -316,8 +326,9 @@ def table(out: Path, img: Path | None) -> str:
             recs.setdefault(r["method"], []).append(r)
     if not recs:
         return "no results yet"
-    lines = ["| method | seeds | params (final) | val bpc (final) | train FLOPs | growth s (total) |",
-             "|---|---|---:|---:|---:|---:|"]
+    static = {r["seed"]: r for r in recs.get("static-final", [])}
+    lines = ["| method | seeds | params (final) | val bpc (final) | train FLOPs | growth s (total) | "
+             "static-final at the same FLOPs |", "|---|---|---:|---:|---:|---:|---:|"]
     for m in [m for m in METHODS if m in recs]:
         rs = recs[m]
         bpc = [r["final_val_bpc"] for r in rs]
@@ -325,9 +336,12 @@ def table(out: Path, img: Path | None) -> str:
         params = statistics.fmean(r["final_params"] for r in rs)
         flops = statistics.fmean(r["rows"][-1]["train_flops"] for r in rs)
         growth_s = statistics.fmean(sum(g["seconds"] for g in r["growths"]) for r in rs)
+        same = [bpc_at_flops(static[r["seed"]], r["rows"][-1]["train_flops"]) for r in rs if r["seed"] in static]
+        same = [v for v in same if v is not None]
         lines.append(
             f"| {m} | {','.join(str(r['seed']) for r in rs)} | {params:,.0f} | "
-            f"{statistics.fmean(bpc):.4f} ± {sd:.4f} | {flops:.3g} | {growth_s:.1f} |"
+            f"{statistics.fmean(bpc):.4f} ± {sd:.4f} | {flops:.3g} | {growth_s:.1f} | "
+            + (f"{statistics.fmean(same):.4f} |" if same else "n/a |")
         )
     lines += ["", "Paired differences, firefly − method (bits per character; negative = Firefly lower), "
               "95 % t interval over seeds:", "",
