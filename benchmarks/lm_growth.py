@@ -23,7 +23,7 @@ P0·4^(k/3) after step k and ends at ≈ 4× the start; every grower remaps Adam
 - firefly-in1 (a diagnostic): Firefly with new units' incoming rows drawn at the scale of the existing units'
   (`init_new_in=1.0` instead of 0.5, relative);
 - random-matched: at each step, random new units in the groups and numbers the firefly run of the same seed
-  chose (its placement; a new block Firefly inserted is not matched, and the table says when that happened);
+  chose (its placement), and a copy of each block Firefly inserted there with its residual outputs at zero;
 - random: random new units (heads, MLP, stream) under the same budget, function-preserving;
 - net2net: Net2Net splits (duplicated units and heads, outgoing weights halved) under the same budget;
 - stack: depth stacking: blocks duplicated in place with all their weights (not function-preserving, as in
@@ -61,7 +61,7 @@ from results_io import atomic_write_json, environment, read_json, rel  # noqa: E
 from firefly_descent.analysis import analyze  # noqa: E402
 from firefly_descent.budget import count_params  # noqa: E402
 from firefly_descent.cost import flop_profile  # noqa: E402
-from firefly_descent.engine import apply  # noqa: E402
+from firefly_descent.engine import apply, plan_new_blocks  # noqa: E402
 from firefly_descent.methods import make_grower  # noqa: E402
 from firefly_descent.methods.baselines.random_growth import placement_of  # noqa: E402
 from firefly_descent.plan import NewLayer, Plan  # noqa: E402
@@ -177,9 +177,10 @@ def stack_plan(model: nn.Module, x: torch.Tensor, budget: int) -> Plan:
 
 
 def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[Any], budget: int, seed: int,
-         epoch_batches: int, placement: dict[str, int] | None = None) -> dict[str, Any]:
+         epoch_batches: int, placement: dict[str, int] | None = None, blocks: list[str] = ()) -> dict[str, Any]:
     """One growth step of `method` with `budget` more parameters (or, for random-matched, the units
-    `placement` names per group); returns what it did."""
+    `placement` names per group, then copies of the `blocks` Firefly inserted, residual outputs at zero);
+    returns what it did."""
     t0 = time.perf_counter()
     if method == "firefly-silent":  # decide on a copy, apply the decision to the model at amplitude 0
         shadow = copy.deepcopy(model)
@@ -204,13 +205,23 @@ def grow(method: str, model: nn.Module, opt: torch.optim.Optimizer, data: list[A
         if method == "random-matched":
             method, kw = "random", {"placement": [placement or {}]}
         grower = make_grower(method, budget=f"params:{budget}", seed=seed, **kw)
-        grower.epoch_batches = epoch_batches
-        report = grower.grow(model, data, next_token_loss, optimizer=opt)
+        if method == "random" and blocks and not (placement or {}):
+            grower = None  # Firefly only inserted blocks this step: nothing else to place
+        report = None
+        if grower is not None:
+            grower.epoch_batches = epoch_batches
+            report = grower.grow(model, data, next_token_loss, optimizer=opt)
+        if blocks:  # matched placement in depth too: the blocks Firefly inserted, copies with zero outputs
+            graph = analyze(model, (data[0][0],))
+            apply(model, plan_new_blocks(graph, model, blocks), optimizer=opt, example_inputs=(data[0][0],))
+        if report is None:
+            return {"outcome": "applied", "units_added": {}, "units_split": {}, "layers_inserted": list(blocks),
+                    "seconds": time.perf_counter() - t0}
         info = {
             "outcome": report.outcome,
             "units_added": report.units_added,
             "units_split": report.units_split,
-            "layers_inserted": report.layers_inserted,
+            "layers_inserted": report.layers_inserted + list(blocks),
             "heldout_before": report.safety.heldout_before if report.safety else None,
             "heldout_after": report.safety.heldout_after if report.safety else None,
             # Firefly: every block candidate's score per cost against the best width score, the depth share
@@ -269,9 +280,10 @@ def run(method: str, seed: int, cd: CharData, cfg: dict[str, Any], source: dict[
             growth_gen = torch.Generator().manual_seed(seed * 1000 + k)  # the same growth data for every method
             data = [CharData.batch(cd.train, bs, ctx, growth_gen) for _ in range(cfg["growth_batches"])]
             place = placements[k - 1] if k - 1 < len(placements) else None
-            info = grow(method, model, opt, data, budget, seed, cfg["eval_every"], place)
-            if source is not None and k - 1 < len(source["growths"]):
-                info["unmatched_blocks"] = source["growths"][k - 1].get("layers_inserted") or []
+            blocks = []
+            if source is not None and k <= len(source["growths"]):
+                blocks = source["growths"][k - 1].get("layers_inserted") or []
+            info = grow(method, model, opt, data, budget, seed, cfg["eval_every"], place, blocks)
             info.update(step=step, budget=budget, target=target)
             step_flops = 3 * bs * flop_profile(model, (val[0][0][:1],)).total
             record(step, "after-growth")

@@ -327,3 +327,25 @@ def test_lm_growth_runs_every_method_on_a_tiny_corpus_and_tabulates(tmp_path: Pa
     assert "| random | 2 |" in summary and (tmp_path / "img" / "lm-growth-bpc-vs-flops.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="apt-get install fortunes"):
         lm.main(["--preset", "smoke", "--corpus", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_lm_growth_random_matched_follows_a_block_firefly_inserted() -> None:
+    """When Firefly inserted a block in a step, matched random growth places its units and then a copy of
+    that block (residual outputs zero) in the same place, so the next step's group names exist in it too."""
+    pytest.importorskip("transformers")
+    lm = pytest.importorskip("lm_growth")
+    import torch
+
+    model = lm.gpt2(20, 8, 16, 2, 2, 0)
+    opt = torch.optim.AdamW(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (4, 9), generator=gen)
+    data = [(ids[:, :-1], ids[:, 1:])] * 6
+    before = lm.val_bpc(model, data[:1])
+    info = lm.grow("random-matched", model, opt, data, 1, 0, 10, {"transformer.h.0.mlp.c_fc": 3}, ["transformer.h.0"])
+    assert info["layers_inserted"] == ["transformer.h.0"] and info["units_added"] == {"transformer.h.0.mlp.c_fc": 3}
+    assert lm.val_bpc(model, data[:1]) == pytest.approx(before, abs=1e-5)  # function-preserving
+    source, copy_ = model.transformer.h[0]
+    assert source.mlp.c_fc.nf == copy_.mlp.c_fc.nf == 64 + 3  # the copy was made after the units were added
+    groups = lm.analyze(model, (ids[:, :-1],)).groups
+    assert {"transformer.h.0.0.mlp.c_fc", "transformer.h.0.1.mlp.c_fc"} <= set(groups)
