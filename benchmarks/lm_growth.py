@@ -396,11 +396,11 @@ def table(out: Path, img: Path | None) -> str:
                 n = min(len(r) for r in rows)
                 xs = [statistics.fmean(r[i][key] for r in rows) for i in range(n)]
                 ys = [statistics.fmean(r[i]["val_bpc"] for r in rows) for i in range(n)]
-                ax.plot(xs, ys, label=m, lw=1.2)
+                ax.plot(xs, ys, label=f"{m} (n={len(recs[m])})", lw=1.2)
             ax.set_xlabel(label)
             ax.set_ylabel("validation bits per character")
             ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
-            ax.set_title(f"GPT-2 on fortunes, mean of {len(recs.get('firefly', []))} seeds")
+            ax.set_title("GPT-2 grown on fortunes: mean over each method's seeds")
             ax.legend()
             img.mkdir(parents=True, exist_ok=True)
             path = img / f"lm-growth-bpc-vs-{name}.png"
