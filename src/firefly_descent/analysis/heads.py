@@ -38,20 +38,20 @@ class _HeadsAttentionRule(LayerRule):
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         """(tensor, dim, module) that read the input stream's units."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define this (a heads rule per attention family)")
 
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         """The head count (units) and the members whose dims follow it."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define this (a heads rule per attention family)")
 
     def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]] | None:
         """The output group's name, width and producers (None: the output is the heads, side by side)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define this (a heads rule per attention family)")
 
     def head_dim_reason(self, m: nn.Module) -> str:
         """Why the width of each head (`head_dim`) does not grow: it is recorded as a blocked group
         `<name>.head_dim`, so `analyze` and `widen` say so instead of finding no such group."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define this (a heads rule per attention family)")
 
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
         x = _hidden_states(node)
