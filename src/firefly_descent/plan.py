@@ -24,15 +24,9 @@ from typing import Any
 
 import torch
 
-from .analysis.graph import Group
+from .analysis.graph import Group, member_key
 from .analysis.rules import completed_roles
 from .errors import PlanError
-
-
-def member_key(member: Any) -> str:
-    """The key of one member's values in a plan (`tensor@offset`): for a tensor that holds several segments of
-    the group along its dim, each with values of its own."""
-    return f"{member.tensor}@{member.offset}"
 
 
 def values_for(values: dict[str, torch.Tensor], member: Any) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ApproximationRequiredError
 from . import activations as _activations  # noqa: F401 - registers the built-in activations
 from . import shapeops
-from .graph import Constraint, Member
+from .graph import Constraint, Member, member_key
 from .rules import (
     GrownGroup,
     LayerRule,
@@ -426,7 +426,7 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                     shape = list(t.shape)
                     shape[m.dim] = new.shape[0]
                     value = value.expand(shape)
-                    given = m.tensor in offsets or f"{m.tensor}@{m.offset}" in offsets  # plan.member_key
+                    given = m.tensor in offsets or member_key(m) in offsets
                     if m.role == "producer" and given:  # a plan's values move the new unit off the mean
                         value = value + t.index_select(m.dim, new[:, r])
                     t.index_copy_(m.dim, new[:, r], value)

@@ -148,3 +148,9 @@ class GrowthGraph:
 
     def __str__(self) -> str:
         return "\n".join(str(g) for g in self.groups.values())
+
+
+def member_key(member: Member) -> str:
+    """The key of one member's values in a plan (`tensor@offset`): for a tensor that holds several segments of
+    the group along its dim, each with values of its own (`plan.values_for` reads it)."""
+    return f"{member.tensor}@{member.offset}"
