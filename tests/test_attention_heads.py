@@ -321,17 +321,6 @@ def test_a_firefly_step_proposes_heads_in_one_budget_and_keeps_the_held_out_loss
     assert (_logits(off, fresh) - _logits(ref, fresh)).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("family,why", [("gpt2", "one flat dim"), ("llama", "rotary")])
-def test_head_dim_is_a_blocked_group_with_the_reason(family, why):
-    model = _gpt2() if family == "gpt2" else _llama(kv=2)
-    ids = _ids(0)
-    name = "transformer.h.0.attn" if family == "gpt2" else "model.layers.0.self_attn"
-    group = ff.analyze(model, ids)[f"{name}.head_dim"]
-    assert group.width == 8 and not group.growable
-    with pytest.raises(ff.GrowthError, match=why):
-        ff.widen(model, ids, {f"{name}.head_dim": 2}, mode="zero")
-
-
 # ---- BERT and ViT (Hugging Face) --------------------------------------------------------------------------------
 def _bert(dtype: torch.dtype) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
@@ -354,7 +343,7 @@ def test_bert_new_heads_are_exact_under_its_post_norm(dtype, tol):
     model, x, fresh = _bert(dtype), _ids(0), _ids(1, 3)
     heads = [f"bert.encoder.layer.{i}.attention.self.heads" for i in (0, 1)]
     graph = ff.analyze(model, x)
-    assert graph[heads[0]].width == 4 and not graph["bert.encoder.layer.0.attention.self.head_dim"].growable
+    assert graph[heads[0]].width == 4 and graph["bert.encoder.layer.0.attention.self.head_dim"].on_request
     before = _logits(model, fresh)
     ff.apply(model, _heads_plan(model, {heads[0]: 2, heads[1]: 1}, x), example_inputs=(x,))
     drift = (_logits(model, fresh) - before).abs().max().item()

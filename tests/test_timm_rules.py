@@ -163,13 +163,16 @@ def test_mixer_token_and_channel_mlps_grow_exactly_and_its_stream_only_by_duplic
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
-def test_head_dim_and_scale_norm_are_refused_with_the_reason_naming_the_module():
+def test_head_dim_under_qk_norm_and_scale_norm_are_refused_with_the_reason_naming_the_module():
     from timm.layers import Attention
 
-    model = _vit()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, num_classes=10, qk_norm=True)
     x = _images(0)
     hd = ff.analyze(model, (x,))["blocks.0.attn.head_dim"]
     assert hd.blocked[0] == "FrozenGroupError" and "'blocks.0.attn' does not grow head_dim" in hd.blocked[1]
+    assert "qk_norm" in hd.blocked[1]
     with pytest.raises(Exception, match="does not grow head_dim"):
         ff.widen(model, (x,), {"blocks.0.attn.head_dim": 1}, mode="zero")
 

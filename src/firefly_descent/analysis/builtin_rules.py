@@ -582,6 +582,10 @@ class MultiheadAttentionRule(LayerRule):
         outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
         inputs = [x for x in (node.args[:3] or ()) if isinstance(x, fx.Node)]
         inputs += [node.kwargs[k] for k in ("query", "key", "value") if isinstance(node.kwargs.get(k), fx.Node)]
+        a.block(a.new_group(m.head_dim, f"{name}.head_dim"), "FrozenGroupError", f"nn.MultiheadAttention {name!r} "
+                "does not grow head_dim: num_heads x head_dim is its embed_dim, so each head's dims grow only with "
+                "that width, by whole heads (use an attention with a head size of its own: models.transformer."
+                "HeadAttention, timm's, Hugging Face's)")
         layouts = [a.layout_or_fixed(x)[0] for x in inputs]
         grown = [lay[-1] for lay in layouts if lay[-1] is not None]
         for lay in layouts:  # only the embedding dim may carry units

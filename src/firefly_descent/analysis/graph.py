@@ -18,6 +18,8 @@ from ..errors import ERROR_TYPES, GrowthError
 #   passthrough  per-unit parameters of a channel-preserving layer (depthwise conv): twins copy, no halving
 #   elementwise  a parameter combined elementwise with the units (added bias, layer scale)
 ROLES = ("producer", "consumer", "norm", "passthrough", "elementwise")
+# Constraint kinds of groups that grow only when named (`analysis.rules.register_constraint(on_request=True)`).
+ON_REQUEST: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Member:
     tensor: str  # qualified name, e.g. "features.0.weight"
     dim: int
     role: str
-    # fill rule for new units: weight, bias, norm_weight, norm_bias, running_mean, running_var, additive, multiplicative
+    # fill rule for new units: weight, bias, norm_weight, norm_bias, running_mean, running_var, additive,
+    # multiplicative; query (drawn like a weight), query_bias, key, key_bias (zero): rows of attention's q·k
     kind: str
     module: str  # qualified name of the owning module
     offset: int = 0
@@ -65,6 +68,11 @@ class Group:
     @property
     def growable(self) -> bool:
         return self.blocked is None
+
+    @property
+    def on_request(self) -> bool:
+        """Whether growers leave it alone unless it is named (an attention's head_dim)."""
+        return any(c.kind in ON_REQUEST for c in self.constraints)
 
     def check_growable(self) -> None:
         """Raise the specific refusal recorded during analysis."""
@@ -140,8 +148,9 @@ class GrowthGraph:
         except KeyError:
             raise GrowthError(f"no group named {name!r}; known groups: {', '.join(self.groups) or '(none)'}") from None
 
-    def growable(self) -> list[Group]:
-        return [g for g in self.groups.values() if g.growable]
+    def growable(self, on_request: bool = False) -> list[Group]:
+        """The groups that can grow; those that grow only when named (`Group.on_request`) with `on_request=True`."""
+        return [g for g in self.groups.values() if g.growable and (on_request or not g.on_request)]
 
     def widths(self) -> dict[str, int]:
         return {n: g.width for n, g in self.groups.items()}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ApproximationRequiredError
-from .graph import Constraint, Group, Member
+from .graph import ON_REQUEST, Constraint, Group, Member
 
 if TYPE_CHECKING:
     from .propagate import Propagation
@@ -43,6 +43,10 @@ class LayerRule:
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
         """Analysis: record members/groups for the module's parameters and return the output layout."""
         return a.block_unknown(node, f"module {name!r} ({type(m).__name__})")
+
+    def kept_whole(self, m: nn.Module) -> bool:
+        """Whether this module stays one node in the captured graph (`leaf`, unless the rule looks closer)."""
+        return self.leaf
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
         """Engine: make the module's attributes agree with its (resized) tensors."""
@@ -92,6 +96,12 @@ class LayerRule:
         """kernel/stride/padding/dilation per spatial dim of a convolution; None for a dense layer whose
         weight [out, in] reads the input's last dim."""
         return None
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        """Engine, after the head_dim group this rule recorded grew from `old` to `new` dims per head: set the
+        attributes that follow it through `set_attr` (logged for rollback) and return the factor its query rows
+        take so the logits keep their scale (`analysis.heads.follow_head_dim` for the usual attributes)."""
+        raise NotImplementedError(f"{type(m).__name__}'s rule records no head_dim group")
 
     def norm_eps(self, m: nn.Module) -> tuple[str, float] | None:
         """For a normalisation over a group's units: the attribute holding its epsilon and the value it uses
@@ -211,6 +221,8 @@ CONSTRAINT_COMPLETIONS: dict[str, ConstraintComplete] = {}
 COMPLETED_ROLES: dict[str, tuple[str, ...]] = {}
 # Constraint kinds under which a split must duplicate every unit of the group exactly once (or none).
 WHOLE_SPLITS: set[str] = set()
+# Constraint kinds whose completion also keeps module attributes true (head_dim): run for approximate plans too.
+STRUCTURAL: set[str] = set()
 # Constraint kind -> new_slices(old, dim): the completed producers' new-unit slice as a differentiable function
 # of the old units' slices stacked along `dim` (size 1 along `dim`; the mean, or zero). A method that perturbs
 # the old slices while it trains (an over-grown copy) applies it to keep the completion true.
@@ -240,15 +252,24 @@ def register_constraint(
     whole_splits: bool = False,
     new_slices: NewSlices | None = None,
     reason: CompletionReason | None = None,
+    on_request: bool = False,
+    structural: bool = False,
 ) -> None:
     """Say how the engine validates a change to a group carrying a constraint of `kind` (`check`), and,
     optionally, how it completes an accepted change exactly (`complete`, with the member roles whose new
     slices it decides in `completes`, `new_slices`, those slices as a function of the old ones, and `reason`,
-    why it cannot complete new units in a given model); `whole_splits`: a split duplicates every unit or none."""
+    why it cannot complete new units in a given model); `whole_splits`: a split duplicates every unit or none;
+    `on_request`: growers leave such a group alone unless it is named (`GrowthGraph.growable`); `structural`: the
+    completion also sets module attributes, so it runs for approximate plans too."""
     CONSTRAINT_CHECKS[kind] = check
     for table in (CONSTRAINT_COMPLETIONS, COMPLETED_ROLES, NEW_SLICES, COMPLETION_REASONS):
         table.pop(kind, None)
-    WHOLE_SPLITS.discard(kind)
+    for kinds in (WHOLE_SPLITS, ON_REQUEST, STRUCTURAL):
+        kinds.discard(kind)
+    if on_request:
+        ON_REQUEST.add(kind)
+    if structural:
+        STRUCTURAL.add(kind)
     if new_slices is not None:
         NEW_SLICES[kind] = new_slices
     if reason is not None:
@@ -314,7 +335,7 @@ def leaf_types() -> tuple[type[nn.Module], ...]:
 def is_leaf(m: nn.Module) -> bool | None:
     """Whether the rule of `m` keeps it one node in the captured graph (None: no rule)."""
     rule = rule_for(m)
-    return None if rule is None else rule.leaf
+    return None if rule is None else rule.kept_whole(m)
 
 
 def snapshot_attrs(m: nn.Module) -> dict[str, Any]:

@@ -7,8 +7,11 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
   (fused `scaled_dot_product_attention` or the manual softmax path alike). A new head: any q/k/v rows, zero
   `proj` columns, exact. `num_heads` and `attn_dim` follow `qkv`; `scale` and `head_dim` are kept.
   `scale_norm` (a norm over all heads together) is refused: new heads would move its statistics.
+  `<attention>.head_dim` grows on request (`analysis.heads`): `head_dim` and `scale` follow it; refused under
+  `qk_norm` (a norm over each head's dims).
 * Swin's `WindowAttention`: the same, plus the relative position bias table, one column per head (a new head's
-  column is any value: its output columns are zero). `num_heads` follows the table.
+  column is any value: its output columns are zero). `num_heads` follows the table; head_dim (read from `qkv`
+  with `-1`) grows on request, `scale` following it.
 * `Mlp` (the FFN, Mixer's token and channel MLPs), LayerNorm, `cls_token`/`pos_embed` are traced and need no
   rule: the residual stream reaches the LayerNorm completion (docs/architecture.md). Swin's patch merging
   (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts channels innermost, so the stream before a
@@ -18,13 +21,19 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .graph import Member
-from .heads import _FLAT_HEAD_DIM, _bias, _HeadsAttentionRule
+from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections
 from .rules import LAYER_RULES, register_rule
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from .propagate import Propagation
 
 
 def _qkv_head_members(m: nn.Module, name: str, hd: int) -> tuple[int, list[Member]]:
@@ -46,9 +55,6 @@ def _proj_output(m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
     return proj, m.proj.out_features, members
 
 
-_TIMM_HEAD_DIM = _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "qkv's rows are")
-
-
 class TimmAttentionRule(_HeadsAttentionRule):
     """timm's `Attention`: fused `qkv` (rows [3, num_heads, head_dim]), optional `gate`, `proj`."""
 
@@ -59,8 +65,17 @@ class TimmAttentionRule(_HeadsAttentionRule):
             return "has scale_norm (one norm over all heads' outputs together: new heads would move its statistics)"
         return None
 
-    def head_dim_reason(self, m: nn.Module) -> str:
-        return _TIMM_HEAD_DIM
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        if not (isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)):
+            return "does not grow head_dim: it has qk_norm (a norm over each head's dims: new dims would move it)"
+        parts = fused_projections(m, name, "qkv", 0, "proj", 1, m.num_heads, m.attn_dim)
+        if getattr(m, "gate", None) is not None:  # the gate multiplies each head's output dims: rows by dim
+            bias = f"{name}.gate.bias" if _bias(m.gate) else None
+            parts.append(Projection("value", f"{name}.gate.weight", 0, f"{name}.gate", m.num_heads, 0, bias))
+        return parts
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return follow_head_dim(self, m, old, new, set_attr, "head_dim", ("scale",))
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         readers = [(f"{name}.qkv.weight", 1, f"{name}.qkv")]
@@ -97,8 +112,11 @@ class WindowAttentionRule(_HeadsAttentionRule):
     def head_size(self, m: nn.Module) -> int:
         return m.proj.in_features // m.num_heads
 
-    def head_dim_reason(self, m: nn.Module) -> str:
-        return _TIMM_HEAD_DIM
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        return fused_projections(m, name, "qkv", 0, "proj", 1, m.num_heads, m.proj.in_features)
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return follow_head_dim(self, m, old, new, set_attr, None, ("scale",))
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.qkv.weight", 1, f"{name}.qkv")]

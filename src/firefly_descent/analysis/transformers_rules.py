@@ -18,21 +18,25 @@
   with halved output columns is exact too. Traced into, GPT-2's `c_attn(...).split(...)` and the `view`s to
   heads block these units. The head count follows the weights (`split_size`, `num_heads`,
   `num_attention_heads` are re-derived; Llama's forward reads only `head_dim` and `num_key_value_groups`, which
-  a new whole group keeps), so heads x head_dim may differ from the stream. head_dim itself does not grow: a
-  blocked group `<attention>.head_dim` says why (docs/architecture.md).
+  a new whole group keeps), so heads x head_dim may differ from the stream. head_dim grows on request
+  (`<attention>.head_dim`, `analysis.heads`: new key rows zero, query rows rescaled, `head_dim` and `scaling`
+  following) for GPT-2, ViT and BERT (whose heads `output.dense` beside it reads); Llama's is refused: its rotary
+  embedding, shared by every layer, sets its frequencies from head_dim (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from .builtin_rules import RMSNormRule
-from .graph import Member
-from .heads import _FLAT_HEAD_DIM, _bias, _HeadsAttentionRule
+from .graph import Constraint, Member
+from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections, reads_output
 from .rules import LAYER_RULES, LayerRule, PassThroughRule, register_rule
 
 if TYPE_CHECKING:
@@ -118,8 +122,14 @@ class GPT2AttentionRule(_HeadsAttentionRule):
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.c_attn.weight", 0, f"{name}.c_attn")]
 
-    def head_dim_reason(self, m: nn.Module) -> str:
-        return _FLAT_HEAD_DIM
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        return fused_projections(m, name, "c_attn", 1, "c_proj", 0, m.num_heads, m.split_size)
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        if not m.scale_attn_weights:  # unscaled logits (`scaling` 1, or 1/(layer+1) only)
+            follow_head_dim(self, m, old, new, set_attr, "head_dim", ())
+            return 1.0
+        return follow_head_dim(self, m, old, new, set_attr, "head_dim", ("scaling",))
 
     def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
         hd, e = m.head_dim, m.split_size
@@ -165,14 +175,22 @@ class LlamaAttentionRule(_HeadsAttentionRule):
         self.rotary = rotary
         self.attrs = ("num_attention_heads",)
 
-    def head_dim_reason(self, m: nn.Module) -> str:
+    def rotary_inputs(self, node: fx.Node) -> list[fx.Node]:
         if not self.rotary:
-            return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the q/k/v rows are")
-        return (
-            "does not grow head_dim: the rotary embedding (shared by every layer) pairs dim i with dim i + "
-            "head_dim/2 and sets its frequencies from head_dim, so new dims would rotate the old ones differently "
-            "(grow heads, whole key/value groups, instead)"
-        )
+            return []
+        cos_sin = node.kwargs.get("position_embeddings", node.args[1] if len(node.args) > 1 else None)
+        return [cos_sin] if isinstance(cos_sin, fx.Node) else [n for n in cos_sin or () if isinstance(n, fx.Node)]
+
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        if self.rotary and not self.rotary_inputs(node):
+            return "does not grow head_dim: its rotary cos/sin (`position_embeddings`) are not among its inputs"
+        hd = m.head_dim
+        parts = []
+        for part, p in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            proj = getattr(m, p)
+            bias = f"{name}.{p}.bias" if _bias(proj) else None
+            parts.append(Projection(part, f"{name}.{p}.weight", 0, f"{name}.{p}", proj.out_features // hd, 0, bias))
+        return parts + [Projection("output", f"{name}.o_proj.weight", 1, f"{name}.o_proj", m.q_proj.out_features // hd)]
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
         if "num_attention_heads" in before:
@@ -218,8 +236,20 @@ class BertSelfAttentionRule(_HeadsAttentionRule):
 
     attrs = ("num_attention_heads", "all_head_size")
 
-    def head_dim_reason(self, m: nn.Module) -> str:
-        return _FLAT_HEAD_DIM.replace("c_attn's q/k/v columns are", "the query/key/value rows are")
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        """Its heads are read by BertAttention's `output.dense` beside it (BertSelfOutput), outside this module."""
+        dense = f"{name.rpartition('.')[0]}.output.dense"
+        if not (isinstance(a.modules.get(dense), nn.Linear) and reads_output(a, node, dense)):
+            return f"does not grow head_dim: no {dense!r} reads its heads directly (BertAttention's layout)"
+        heads = m.num_attention_heads
+        parts = []
+        for p in ("query", "key", "value"):
+            bias = f"{name}.{p}.bias" if _bias(getattr(m, p)) else None
+            parts.append(Projection(p, f"{name}.{p}.weight", 0, f"{name}.{p}", heads, 0, bias))
+        return parts + [Projection("output", f"{dense}.weight", 1, dense, heads)]
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return follow_head_dim(self, m, old, new, set_attr, "attention_head_size", ("scaling",))
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("query", "key", "value")]
@@ -251,12 +281,43 @@ class BertSelfAttentionRule(_HeadsAttentionRule):
         )
 
 
+class RotaryEmbeddingRule(LayerRule):
+    """transformers' LlamaRotaryEmbedding: `cos, sin = cat(f, f).cos(), cat(f, f).sin()` with `f = position *
+    inv_freq`, so their last dim is the rotated pairs twice. The pairs are a group, `<name>.head_dim`, that every
+    attention reading the cos/sin joins: the head_dim of all layers grows together, by pairs (a new pair in both
+    halves of every head, its frequency continuing the old ones: `analysis.heads`). Refused for the dynamic and
+    long rope types, which recompute their frequencies from the config's head_dim at run time: those are traced
+    into, and their attentions say that head_dim does not grow."""
+
+    def kept_whole(self, m: nn.Module) -> bool:
+        rope = str(getattr(m, "rope_type", "default"))
+        return "dynamic" not in rope and "longrope" not in rope
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        shapes = a.output_shapes(node)
+        outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in shapes]
+        if len(outs) != 2 or any(o is None for o in outs):
+            return tuple(outs)
+        pairs = a.new_group(m.inv_freq.numel(), f"{name}.head_dim")
+        for buffer in ("inv_freq", "original_inv_freq"):
+            if isinstance(getattr(m, buffer, None), torch.Tensor) and buffer in m._buffers:
+                a.members[pairs].append(Member(f"{name}.{buffer}", 0, "producer", "inv_freq", name))
+        a.constraints[pairs].append(Constraint("head_dim", name, 2))
+        for out in outs:
+            out[-1] = ((pairs, 1), (pairs, 1))
+        return tuple(outs)
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return 1.0  # its frequencies are buffers, completed by `analysis.heads`; no attribute follows head_dim
+
+
 # Attention modules of model families: (modeling module, class, rule).
 FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention", GPT2AttentionRule),
     ("transformers.models.llama.modeling_llama", "LlamaAttention", LlamaAttentionRule),
     ("transformers.models.vit.modeling_vit", "ViTAttention", lambda: LlamaAttentionRule(rotary=False)),
     ("transformers.models.bert.modeling_bert", "BertSelfAttention", BertSelfAttentionRule),
+    ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding", RotaryEmbeddingRule),
 )
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Constraint, Group, Member
-from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, completion_reason
+from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, STRUCTURAL, completion_reason
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import BLOCK_COPY_ATTR, Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
@@ -410,15 +410,14 @@ class _Grown:
 
 def _complete(model: nn.Module, plan: Plan, positions: dict[str, UnitPositions], tx: _Transaction) -> None:
     """Each changed group's constraints complete the change exactly (`register_constraint(..., complete)`),
-    once per constraint kind, after the resize and before the check; skipped for an `approximate` plan."""
-    if plan.approximate:
-        return
+    once per constraint kind, after the resize and before the check; for an `approximate` plan only the
+    structural ones (those that set module attributes)."""
     for change in plan.changes:
         if change.added == 0:
             continue
         kinds: dict[str, list[Constraint]] = defaultdict(list)
         for c in change.group.constraints:
-            if c.kind in CONSTRAINT_COMPLETIONS:
+            if c.kind in CONSTRAINT_COMPLETIONS and (not plan.approximate or c.kind in STRUCTURAL):
                 kinds[c.kind].append(c)
         if len(kinds) > 1:
             raise ApproximationRequiredError(

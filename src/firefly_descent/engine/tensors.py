@@ -71,9 +71,16 @@ def build_source_map(size: int, segments: list[Segment]) -> tuple[SourceMap, tor
     srcs: list[int] = []
     scales: list[float] = []
     p = 0
+    last: GroupChange | None = None
     for seg in sorted(segments, key=lambda s: s.member.offset):
         m, ch = seg.member, seg.change
         end = m.offset + ch.group.width // m.per * m.inner
+        if m.offset < p and last is not None and last.group.name != ch.group.name:
+            raise PlanError(
+                f"{m.tensor}: groups {last.group.name!r} and {ch.group.name!r} resize the same positions of dim "
+                f"{m.dim} (an attention's heads and head_dim); grow them in separate plans"
+            )
+        last = ch
         if m.offset < p or end > size:
             raise PlanError(
                 f"{m.tensor}: dim {m.dim} has size {size}, which does not fit group "
@@ -164,7 +171,7 @@ def default_fill(member: Member, shape: tuple[int, ...], like: torch.Tensor, ini
     if (
         member.role == "passthrough"
         and kind == "weight"
-        or (member.role == "producer" and kind == "weight" and init == "random")
+        or (member.role == "producer" and kind in ("weight", "query") and init == "random")
     ):
         fan_in = max(1, math.prod(shape[2:]) if len(shape) > 2 else 1)
         if member.role == "producer":

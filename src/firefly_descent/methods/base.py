@@ -216,13 +216,13 @@ class Grower:
 
     def select_groups(self, graph: GrowthGraph, model: nn.Module, skipped: dict[str, str]) -> list[Group]:
         """The growable groups this method may grow (`group_names` when given: unknown or blocked names
-        raise); groups it leaves alone go into `skipped` with the reason."""
-        groups = graph.growable()
-        if self.group_names is not None:
-            for n in self.group_names:
-                graph[n].check_growable()
-            groups = [g for g in groups if g.name in self.group_names]
-        return groups
+        raise, and groups grown only on request count when named); groups it leaves alone go into `skipped`
+        with the reason."""
+        if self.group_names is None:
+            return graph.growable()
+        for n in self.group_names:
+            graph[n].check_growable()
+        return [g for g in graph.growable(on_request=True) if g.name in self.group_names]
 
     def report_name(self) -> str:
         return self.name

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.graph import Constraint, Member
+from ..analysis.heads import Projection, follow_head_dim, head_dim_members
 from ..analysis.rules import LayerRule, register_rule
 from ._common import init_weights
 
@@ -48,7 +49,8 @@ class HeadAttention(nn.Module):
 
 class HeadAttentionRule(LayerRule):
     """The input's units are read by wq/wk/wv; the heads are their own group, grown by whole heads (q/k/v
-    rows and biases produce it, wo's columns read it); wo and bo write a new output group."""
+    rows and biases produce it, wo's columns read it); wo and bo write a new output group. `<name>.head_dim`
+    grows on request (`analysis.heads`): every head's dims, `head_dim` following (the forward scales by it)."""
 
     def propagate(self, a: Any, node: Any, m: HeadAttention, name: str) -> Any:
         lay, _ = a.layout_or_fixed(node.args[0])
@@ -61,10 +63,19 @@ class HeadAttentionRule(LayerRule):
             a.members[heads].append(Member(f"{name}.b{p}", 0, "producer", "bias", name))
         a.members[heads].append(Member(f"{name}.wo", 1, "consumer", "weight", name))
         a.constraints[heads].append(Constraint("blocks", name, m.head_dim))
+        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
+        projections = [Projection(part, f"{name}.w{p}", 0, name, m.num_heads, 0, f"{name}.b{p}")
+                       for part, p in (("query", "q"), ("key", "k"), ("value", "v"))]
+        a.members[head_dim].extend(head_dim_members([*projections, Projection("output", f"{name}.wo", 1, name,
+                                                                              m.num_heads)], m.head_dim))
+        a.constraints[head_dim].append(Constraint("head_dim", name))
         out = a.new_group(m.wo.shape[0], name)
         a.members[out].append(Member(f"{name}.wo", 0, "producer", "weight", name))
         a.members[out].append(Member(f"{name}.bo", 0, "producer", "bias", name))
         return list(lay[:-1]) + [((out, 1),)]
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Any) -> float:
+        return follow_head_dim(self, m, old, new, set_attr)
 
     def check(self, m: HeadAttention) -> bool:
         return m.wq.shape[0] % m.head_dim == 0 and m.wo.shape[1] == m.wq.shape[0] == m.wk.shape[0] == m.wv.shape[0]
