@@ -133,14 +133,30 @@ def test_swin_window_attention_heads_ffn_and_last_stream_grow_exactly(dtype, tol
     assert model.layers[1].blocks[0].attn.num_heads == 5 and model.head.fc.in_features == 36
 
 
-def test_swin_stream_before_a_patch_merging_is_refused_by_line():
-    model = _swin()
-    x = _images(0)
+@pytest.mark.parametrize("dtype,tol", TOL)
+def test_swin_stream_before_a_patch_merging_grows_by_duplication_and_says_why_not_by_new_units(dtype, tol):
+    """Patch merging (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts four copies of the stream's
+    channels side by side: `reduction` reads four segments of the group, and its LayerNorm normalises them all."""
+    model = _swin(dtype)
+    x, fresh = _images(0, dtype=dtype), _images(1, 3, dtype)
+    ref = copy.deepcopy(model)
     group = ff.analyze(model, (x,))["patch_embed.proj"]
-    assert group.blocked is not None and "swin_transformer.py" in group.blocked[1]
-    assert "flatten(3)" in group.blocked[1]
-    with pytest.raises(Exception, match="flatten"):
+    assert group.growable
+    reads = [m.offset for m in group.members if m.tensor == "layers.1.downsample.reduction.weight"]
+    assert sorted(reads) == [0, 16, 32, 48]
+    with pytest.raises(ApproximationRequiredError, match="normalises its 16 units 4 times over"):
         ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+    ff.widen(model, (x,), {"patch_embed.proj": 16}, mode="split")  # every channel duplicated once
+    assert _drift(model, ref, fresh) < tol and check_attrs(model) == []
+    assert model.layers[1].downsample.reduction.in_features == 128
+
+
+def test_drop_path_in_training_mode_leaves_the_stream_growable():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, num_classes=10, drop_path_rate=0.1).train()
+    graph = ff.analyze(model, (_images(0),))
+    assert graph["patch_embed.proj"].growable, graph["patch_embed.proj"].blocked
 
 
 # ---- MLP-Mixer ------------------------------------------------------------------------------------------------
@@ -192,17 +208,34 @@ def test_head_dim_under_qk_norm_and_scale_norm_are_refused_with_the_reason_namin
     assert blocked is not None and "'attn' has scale_norm" in blocked[1]
 
 
-def test_layerscale_keeps_heads_and_ffn_exact_and_refuses_the_stream_by_name():
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_layerscale_stream_grows_exactly_with_its_writers_weighted(dtype, tol):
+    """LayerScale multiplies each branch's output per unit: the completion gives the branch's projection the mean
+    of its old rows times their gammas, and the new gammas 1, so the product is still the mean of the old units."""
     torch.manual_seed(0)
     model = _jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                                      embed_dim=32, depth=2, num_heads=4, num_classes=10, init_values=0.1),
-                    torch.float64)
-    x, fresh = _images(0, dtype=torch.float64), _images(1, 3, torch.float64)
+                                      embed_dim=32, depth=2, num_heads=4, num_classes=10, init_values=0.1), dtype)
+    x, fresh = _images(0, dtype=dtype), _images(1, 3, dtype)
     ref = _grow(model, x, {"blocks.0.attn.heads": 2, "blocks.0.mlp.fc1": 4})
-    assert _drift(model, ref, fresh) < 1e-12
-    # LayerScale's gamma multiplies each branch's output per unit: the mean of the old units does not pass it
-    with pytest.raises(ApproximationRequiredError, match="'blocks.0.ls1.gamma'"):
-        ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+    assert _drift(model, ref, fresh) < tol
+    gamma, proj = model.blocks[1].ls2.gamma.detach().clone(), model.blocks[1].mlp.fc2.weight.detach().clone()
+    ff.widen(model, (x,), {"patch_embed.proj": 4}, mode="zero")
+    assert _drift(model, ref, fresh) < tol and check_attrs(model) == []
+    assert torch.equal(model.blocks[1].ls2.gamma[32:], torch.ones(4, dtype=dtype))
+    weighted = (proj * gamma[:, None]).mean(0)
+    assert torch.allclose(model.blocks[1].mlp.fc2.weight[32:], weighted.expand(4, -1), atol=tol)
+    assert not torch.allclose(weighted, proj.mean(0), atol=1e-4)  # the plain mean would not be exact
+
+
+def test_firefly_leaves_a_layerscale_stream_to_the_engine_and_says_why():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2, init_values=0.1)
+    x = torch.randn(32, 3, 16, 16)
+    y = torch.arange(32) % 2
+    report = make_grower("firefly", budget=0.2, seed=0).grow(model, [(x[:16], y[:16]), (x[16:], y[16:])],
+                                                              F.cross_entropy, example_inputs=(x[:2],))
+    assert "LayerScale (blocks.0.ls1.gamma, blocks.0.ls2.gamma)" in report.extra["skipped_groups"]["patch_embed.proj"]
 
 
 def test_rules_load_only_once_timm_is_imported():

@@ -361,16 +361,23 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
                 )
             owner, _, attr = gains[0].tensor.rpartition(".")
             size = getattr(model.get_submodule(owner) if owner else model, attr).shape[gains[0].dim]
+            if size == g.width * len(gains) > g.width and all(m.inner == 1 for m in gains):
+                return (
+                    f"group {g.name!r}: {what} {c.module!r} normalises its {g.width} units {len(gains)} times over "
+                    "(positions merged into channels, as in a patch merging): new units at one copy's mean move "
+                    "the statistics of all; duplicate every unit once (exact), or pass approximate=True"
+                )
             if size != g.width or gains[0].inner != 1 or gains[0].offset != 0:
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
                     f"{g.width}; new units would have to follow the other groups too (pass approximate=True)"
                 )
         if centre:
+            scaled = layer_scales(g, model)
             bad = [
                 m.tensor
                 for m in g.members
-                if (m.role == "elementwise" and m.kind != "additive")
+                if (m.role == "elementwise" and m.kind != "additive" and m not in scaled.values())
                 or m.role == "passthrough"
                 or (m.role in ("producer", "elementwise") and m.per > 1)
             ]
@@ -385,6 +392,25 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
     return reason
 
 
+def layer_scales(g: Any, model: nn.Module | None = None) -> dict[str, Member]:
+    """Per producer module, the per-unit multiplier right after it (LayerScale's gamma on a branch's projection,
+    `Member.scales`): a vector over the units, one entry each. The completion weights that producer's mean by it."""
+    producers = {m.module for m in g.members if m.role == "producer"}
+    out: dict[str, Member] = {}
+    for m in g.members:
+        if m.role != "elementwise" or m.kind != "multiplicative" or m.scales not in producers or m.per != 1:
+            continue
+        if m.inner != 1 or m.scales in out:
+            continue
+        if model is not None:
+            owner, _, attr = m.tensor.rpartition(".")
+            t = getattr(model.get_submodule(owner) if owner else model, attr)
+            if t.numel() != t.shape[m.dim]:
+                continue
+        out[m.scales] = m
+    return out
+
+
 def complete_norm_stream(what: str, centre: bool) -> Any:
     """The completion of a group normalised by LayerNorm (`centre=True`) or RMSNorm, adding n units to d.
 
@@ -393,13 +419,15 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
     unchanged and its variance shrinks by d/(d+n)) or zero (RMSNorm; the mean square shrinks by d/(d+n)).
     Incoming values a plan gives for a producer (`NewUnits.incoming`, Firefly's trained rows) are added to
     that: they move the new units off the mean, a change of function that `Plan.scaled` scales like any other.
+    A writer multiplied per unit right after it (LayerScale's gamma, `Member.scales`) writes the mean of its old
+    slices times their multipliers, and its new multipliers are 1: the product is the mean.
     Each norm's old gains are multiplied by sqrt(d/(d+n)), its epsilon by d/(d+n), its new biases are zero:
     it computes exactly what it did on the old units and exact zeros on the new ones, so the readers of the
     normalised units may have any new input columns. Readers of the raw units take the plan's outgoing
     weights (zero by default, scaled by the plan's amplitude) as for any new unit. Refused (`norm_stream_reason`):
     a post-norm block (the norm's output is the stream, and a per-unit gain cannot make its new units the
-    mean), a norm without a gain or over more than this group's units, and under LayerNorm a multiplicative
-    or per-channel (depthwise) member, for which the mean does not pass through."""
+    mean), a norm without a gain or over more than this group's units, and under LayerNorm any other
+    multiplicative or per-channel (depthwise) member, for which the mean does not pass through."""
 
     def complete(constraints: list[Constraint], grown: GrownGroup) -> None:
         ch = grown.change
@@ -414,7 +442,11 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
             mod = grown.module(c.module)
             norms.append((c, mod, rule_for(mod).norm_eps(mod)))
         offsets = set(ch.new.incoming) if ch.new is not None else set()  # a plan's own incoming values
+        scales = layer_scales(g) if centre else {}
         with torch.no_grad():
+            for gamma in scales.values():
+                t = grown.tensor(gamma.tensor)
+                t.index_fill_(gamma.dim, grown.positions(gamma, "new").flatten().to(t.device), 1.0)
             for m in g.members:
                 if m.role != "producer" and not (m.role == "elementwise" and m.kind == "additive"):
                     continue
@@ -422,7 +454,15 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                 new = grown.positions(m, "new").to(t.device)
                 old = torch.cat([grown.positions(m, "old"), grown.positions(m, "twin")]).to(t.device)
                 for r in range(m.inner):
-                    value = (mean_slice if centre else zero_slice)(t.index_select(m.dim, old[:, r]), m.dim)
+                    slices = t.index_select(m.dim, old[:, r])
+                    if m.role == "producer" and m.module in scales:
+                        gamma = scales[m.module]
+                        g_t = grown.tensor(gamma.tensor)
+                        g_old = torch.cat([grown.positions(gamma, "old"), grown.positions(gamma, "twin")]).flatten()
+                        shape = [1] * slices.dim()
+                        shape[m.dim] = -1
+                        slices = slices * g_t.flatten()[g_old.to(g_t.device)].to(slices.dtype).view(shape)
+                    value = (mean_slice if centre else zero_slice)(slices, m.dim)
                     shape = list(t.shape)
                     shape[m.dim] = new.shape[0]
                     value = value.expand(shape)

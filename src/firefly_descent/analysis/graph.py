@@ -41,6 +41,7 @@ class Member:
     offset: int = 0
     inner: int = 1
     per: int = 1  # units per position (> 1: one entry per block of units, e.g. a per-head bias of attention)
+    scales: str = ""  # a multiplier's: the module whose producer slices of the group it multiplies (LayerScale)
 
 
 @dataclass(frozen=True)

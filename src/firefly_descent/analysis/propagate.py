@@ -123,8 +123,11 @@ class Propagation:
                     out |= {self.find(g) for g, _ in dl if g is not None}
         return out
 
-    def add_members(self, dl: DimLayout, tensor: str, dim: int, role: str, kind: str, module: str) -> None:
-        """Record that `tensor`'s `dim` follows the units laid out by `dl`."""
+    def add_members(
+        self, dl: DimLayout, tensor: str, dim: int, role: str, kind: str, module: str, scales: Any = None
+    ) -> None:
+        """Record that `tensor`'s `dim` follows the units laid out by `dl`; `scales(g)`, for a multiplier, names
+        the one module whose producer slices of group g it multiplies (LayerScale after a branch's projection)."""
         if dl is None:
             return
         offset = 0
@@ -133,8 +136,14 @@ class Propagation:
                 offset += n
                 continue
             g = self.find(g)
-            self.members[g].append(Member(tensor, dim, role, kind, module, offset, n))
+            self.members[g].append(Member(tensor, dim, role, kind, module, offset, n, scales=scales(g) if scales
+                                          else ""))
             offset += self.widths[g] * n
+
+    def sole_producer(self, g: int) -> str:
+        """The module of group g's producers when there is exactly one (a branch's projection), else ""."""
+        modules = {m.module for m in self.members[self.find(g)] if m.role == "producer"}
+        return modules.pop() if len(modules) == 1 else ""
 
     # ---- helpers ------------------------------------------------------------------------------
     @staticmethod

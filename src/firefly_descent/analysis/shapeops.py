@@ -133,7 +133,8 @@ def unify(a: Propagation, node: fx.Node, contributions: list[tuple[DimLayout, An
         param = param_source(a, src, dim)
         if param is not None:
             kind = "multiplicative" if op_kind == "mul" else "additive"
-            a.add_members(first, param[0], param[1], "elementwise", kind, param[0].rpartition(".")[0])
+            scales = a.sole_producer if op_kind == "mul" else None
+            a.add_members(first, param[0], param[1], "elementwise", kind, param[0].rpartition(".")[0], scales)
         else:
             a.block_layout(
                 [first], "FrozenGroupError", f"{source_of(node)} combines its units with a fixed-width tensor"
@@ -165,19 +166,21 @@ def elementwise(a: Propagation, node: fx.Node, op_kind: str = "add") -> Layout |
 
 # ---- reshapes ----------------------------------------------------------------------------------
 def merge(a: Propagation, node: fx.Node, s: tuple[int, ...], lay: Layout, dims: list[int]) -> DimLayout:
+    """The layout of `dims` merged into one (row-major): each unit of the one grown dim spans the product of the
+    dims inside it (`inner`), and the dims outside it repeat its segments (channels-last `flatten`, Swin's patch
+    merging `[.., 2, 2, C] -> [.., 4C]`: four segments of the same group)."""
     grow = [d for d in dims if lay[d] is not None]
     if not grow:
         return None
-    d0 = grow[0]
-    if len(grow) > 1 or any(s[d] != 1 for d in dims if d < d0):
+    if len(grow) > 1:
         a.block_layout(
-            [lay[d] for d in grow],
-            "UnsupportedOpError",
-            f"{source_of(node)} reshapes a grown dim that is not the outermost of the merged dims",
+            [lay[d] for d in grow], "UnsupportedOpError", f"{source_of(node)} merges two grown dims into one"
         )
         return None
+    d0 = grow[0]
+    outer = math.prod(s[d] for d in dims if d < d0)
     mult = math.prod(s[d] for d in dims if d > d0)
-    return tuple((g, k * mult) for g, k in lay[d0])  # type: ignore[union-attr]
+    return tuple((g, k * mult) for g, k in lay[d0]) * outer  # type: ignore[union-attr]
 
 
 def flatten_dims(a: Propagation, node: fx.Node, x: fx.Node, start: int, end: int) -> Layout:

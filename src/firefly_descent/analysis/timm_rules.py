@@ -14,8 +14,9 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
   with `-1`) grows on request, `scale` following it.
 * `Mlp` (the FFN, Mixer's token and channel MLPs), LayerNorm, `cls_token`/`pos_embed` are traced and need no
   rule: the residual stream reaches the LayerNorm completion (docs/architecture.md). Swin's patch merging
-  (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts channels innermost, so the stream before a
-  merging stays blocked with that reason; the last stage's stream grows.
+  (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts four copies of the channels side by side, so
+  the stream before a merging grows by duplicating every channel (new units: refused with the reason); the last
+  stage's stream grows either way. `DropPath` passes units through.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from .graph import Member
 from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections
-from .rules import LAYER_RULES, register_rule
+from .rules import LAYER_RULES, PassThroughRule, register_rule
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -142,10 +143,13 @@ class WindowAttentionRule(_HeadsAttentionRule):
         )
 
 
-# (module, class, rule): looked up in sys.modules, so a timm version that lacks one skips it.
+# (module, class, rule): looked up in sys.modules, so a timm version that lacks one skips it. DropPath (stochastic
+# depth) scales each sample by 0 or 1/keep in training: its units pass through (traced into, its per-sample mask,
+# `x.new_empty(shape)`, has no channel rule and would block the stream of any model trained with drop_path_rate).
 TIMM_RULES: tuple[tuple[str, str, Any], ...] = (
     ("timm.layers.attention", "Attention", TimmAttentionRule),
     ("timm.models.swin_transformer", "WindowAttention", WindowAttentionRule),
+    ("timm.layers.drop", "DropPath", PassThroughRule),
 )
 
 
