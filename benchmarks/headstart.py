@@ -70,6 +70,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "note": "the step milestone acts within the epoch: the one-epoch phase after growth decays at its middle",
     },
     "gentle": {"grower": {"split_radius": 0.25, "new_out_radius": 0.25}, "note": "Firefly radii halved"},
+    "in1": {
+        "grower": {"init_new_in": 1.0},
+        "note": "new units' incoming rows drawn at the existing units' RMS (init_new_in 1.0, default 0.5): the cause "
+        "of Firefly's loss on the language-model benchmark",
+    },
+    "step-per-batch-in1": {
+        "set": ["schedule.step_per_batch=true"],
+        "grower": {"init_new_in": 1.0},
+        "note": "step-per-batch with init_new_in 1.0",
+    },
 }
 
 
