@@ -341,3 +341,22 @@ def test_an_approximate_plan_still_sets_the_attributes():
     m = model.get_submodule(attn)
     assert m.head_dim == 10 and m.scaling == pytest.approx(10 ** -0.5) and check_attrs(model) == []
     assert (_out(model, fresh) - before).abs().max().item() < 1e-10
+
+
+def test_a_grown_head_dim_saves_and_loads_by_replaying_its_history(tmp_path):
+    """The rotary frequencies are non-persistent buffers (not in the state dict): loading replays the growth, whose
+    completion recomputes them, so the loaded model is the grown one."""
+    def build() -> nn.Module:
+        return _llama(2)
+
+    model, x, fresh = build(), _ids(0), _ids(1, 3)
+    ff.widen(model, x, {"model.rotary_emb.head_dim": 2}, mode="zero")
+    ff.widen(model, x, {"model.layers.0.self_attn.heads": 1}, mode="zero")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # trained a little after growth
+    ff.save(model, str(tmp_path / "grown.pt"))
+    loaded = ff.load(str(tmp_path / "grown.pt"), build)
+    assert (_out(loaded, fresh) - _out(model, fresh)).abs().max().item() == 0.0
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert loaded.model.layers[1].self_attn.head_dim == 12 and check_attrs(loaded) == []
