@@ -360,3 +360,18 @@ def test_a_grown_head_dim_saves_and_loads_by_replaying_its_history(tmp_path):
     assert (_out(loaded, fresh) - _out(model, fresh)).abs().max().item() == 0.0
     assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     assert loaded.model.layers[1].self_attn.head_dim == 12 and check_attrs(loaded) == []
+
+
+def test_a_layer_name_finds_the_merged_group_and_a_typo_gets_close_names():
+    """Analysis merges groups (every Llama layer's head_dim joins the shared rotary pairs); the merged-away names
+    still find the group they are part of, and an unknown name in a large graph gets the closest names."""
+    from firefly_descent.models import build_model
+
+    model, x = _llama(2), _ids(0)
+    graph = ff.analyze(model, x)
+    assert graph["model.layers.1.self_attn.head_dim"] is graph["model.rotary_emb.head_dim"]
+    ff.widen(model, x, {"model.layers.1.self_attn.head_dim": 1}, mode="zero")
+    assert model.model.layers[0].self_attn.head_dim == 10  # one pair: every layer at once
+    vgg = ff.analyze(build_model("vgg19", num_classes=10, widths=4), torch.randn(2, 3, 32, 32))
+    with pytest.raises(ff.GrowthError, match=r"did you mean 'features\.\d+'.*17 groups"):
+        vgg["features.O"]

@@ -6,6 +6,7 @@ printed and serialised without holding any tensor of the live model.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -142,12 +143,22 @@ class GrowthGraph:
     groups: dict[str, Group]
     boundaries: dict[str, Boundary] = field(default_factory=dict)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    # the names of groups that analysis merged into another (a residual stream's producers, every Llama layer's
+    # head_dim joined by the shared rotary embedding): looking one up gives the group it is part of
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Group:
-        try:
+        if name in self.groups:
             return self.groups[name]
-        except KeyError:
-            raise GrowthError(f"no group named {name!r}; known groups: {', '.join(self.groups) or '(none)'}") from None
+        if name in self.aliases:
+            return self.groups[self.aliases[name]]
+        known = list(self.groups)
+        if len(known) > 12:
+            close = difflib.get_close_matches(name, known + list(self.aliases), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            raise GrowthError(f"no group named {name!r}; {hint}{len(known)} groups: print(ff.analyze(...)) lists "
+                              "them") from None
+        raise GrowthError(f"no group named {name!r}; known groups: {', '.join(known) or '(none)'}") from None
 
     def growable(self, on_request: bool = False) -> list[Group]:
         """The groups that can grow; those that grow only when named (`Group.on_request`) with `on_request=True`."""

@@ -301,7 +301,12 @@ class Propagation:
                 self.channel_dims[gid],
                 self.at_output[gid],
             )
-        return GrowthGraph(groups, self.boundaries(), input_shapes)
+        aliases = {
+            self.names[gid]: self.names[self.find(gid)]
+            for gid in range(len(self.parent))
+            if self.find(gid) != gid and self.names[gid] not in groups
+        }
+        return GrowthGraph(groups, self.boundaries(), input_shapes, aliases)
 
     def boundaries(self) -> dict[str, Boundary]:
         """Modules (leaf or block) with a single tensor output whose units belong to one group."""

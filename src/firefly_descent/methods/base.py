@@ -220,9 +220,10 @@ class Grower:
         with the reason."""
         if self.group_names is None:
             return graph.growable()
-        for n in self.group_names:
+        names = {graph[n].name for n in self.group_names}  # a merged-away name finds its group
+        for n in names:
             graph[n].check_growable()
-        return [g for g in graph.growable(on_request=True) if g.name in self.group_names]
+        return [g for g in graph.growable(on_request=True) if g.name in names]
 
     def report_name(self) -> str:
         return self.name
