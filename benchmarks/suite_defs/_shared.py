@@ -54,6 +54,18 @@ def score_ablation() -> dict[str, Method]:
     }
 
 
+def init_ablation() -> dict[str, Method]:
+    """Issue 26 (the language-model benchmark's diagnosis): new units' incoming rows drawn at the existing units'
+    RMS (init_new_in 1.0) instead of half of it; everything else the same, so seeds pair exactly."""
+    return {
+        "firefly-in1": Method(
+            "firefly",
+            {"budget": BUDGET, "init_new_in": 1.0},
+            note="ablation: new units' incoming rows at the existing units' RMS (init_new_in 1.0; default 0.5)",
+        ),
+    }
+
+
 def tiny_matched() -> Method:
     """TINY with, in each round, the parameters the firefly run of the same seed added (its own placement)."""
     return Method(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._shared import cifar10_vgg_base, growers_width, pick, score_ablation, static_small, tiny_matched
+from ._shared import (
+    cifar10_vgg_base,
+    growers_width,
+    init_ablation,
+    pick,
+    score_ablation,
+    static_small,
+    tiny_matched,
+)
 from ._spec import Method, Suite
 
 START, STATIC = 16, 32  # the starting width and the static-wide control's
@@ -39,6 +47,7 @@ SUITE = Suite(
         **pick(growers_width(), ("firefly", "random", "random-matched", "net2net", "splitting-fast", "tiny")),
         "tiny-matched": tiny_matched(),
         **score_ablation(),
+        **init_ablation(),
         "static-small": static_small(),
         "static-wide": Method(
             "static",
