@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo import jitter
 
 import firefly_descent as ff
 from firefly_descent.analysis.rules import rule_for
@@ -30,7 +31,7 @@ def _gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=16)
-    return _jitter(transformers.GPT2LMHeadModel(cfg), dtype)
+    return jitter(transformers.GPT2LMHeadModel(cfg), dtype)
 
 
 def _llama(kv: int = 2, bias: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -38,16 +39,9 @@ def _llama(kv: int = 2, bias: bool = False, dtype: torch.dtype = torch.float32, 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=kv, vocab_size=V, attention_bias=bias)
-    return _jitter(transformers.LlamaForCausalLM(cfg), dtype)
+    return jitter(transformers.LlamaForCausalLM(cfg), dtype)
 
 
-def _jitter(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Random gains and biases, so a wrong row or column would show."""
-    model = model.to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def _ids(seed: int, n: int = 2) -> torch.Tensor:
@@ -327,7 +321,7 @@ def _bert(dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=16, num_labels=3)
-    return _jitter(transformers.BertForSequenceClassification(cfg), dtype)
+    return jitter(transformers.BertForSequenceClassification(cfg), dtype)
 
 
 def _vit(dtype: torch.dtype) -> torch.nn.Module:
@@ -335,7 +329,7 @@ def _vit(dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=64, num_labels=3)
-    return _jitter(transformers.ViTForImageClassification(cfg), dtype)
+    return jitter(transformers.ViTForImageClassification(cfg), dtype)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import jitter
 
 import firefly_descent as ff
 from firefly_descent.engine import apply_undoable, check_attrs
@@ -30,13 +31,6 @@ torch.set_num_threads(1)
 V, T = 50, 8
 
 
-def _jitter(model: nn.Module) -> nn.Module:
-    """float64, random gains and biases, so a wrong row or column would show."""
-    model = model.double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def _ids(seed: int, n: int = 2) -> torch.Tensor:
@@ -120,7 +114,7 @@ def _build(family: str):
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     model, attn, attr, inputs = FAMILIES[family]()
-    return _jitter(model), attn, attr, inputs
+    return jitter(model), attn, attr, inputs
 
 
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +256,7 @@ def _llama(kv: int, **kw) -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=kv, vocab_size=V, attention_bias=True, **kw)
-    return _jitter(transformers.LlamaForCausalLM(cfg))
+    return jitter(transformers.LlamaForCausalLM(cfg))
 
 
 @pytest.mark.parametrize("mode", ["zero", "split"])

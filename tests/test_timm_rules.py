@@ -151,6 +151,26 @@ def test_swin_stream_before_a_patch_merging_grows_by_duplication_and_says_why_no
     assert model.layers[1].downsample.reduction.in_features == 128
 
 
+@pytest.mark.parametrize("dtype,tol", TOL)
+def test_convnext_stream_grows_by_duplication_through_layerscale_and_layernorm2d(dtype, tol):
+    """timm's ConvNeXt: `gamma.reshape(1, -1, 1, 1)` is a per-channel multiplier of the block's `fc2` (LayerScale),
+    and LayerNorm2d (a LayerNorm subclass that permutes around `F.layer_norm`) is traced into, so the stream is
+    growable: exact by duplicating every channel, while new channels are refused (the depthwise conv's filters are
+    not the mean's) by name; the MLPs grow exactly."""
+    torch.manual_seed(0)
+    model = _jitter(timm.create_model("convnext_atto", pretrained=False, num_classes=3), dtype)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    fresh = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = copy.deepcopy(model)
+    graph = ff.analyze(model, (x,))
+    assert [g.name for g in graph.groups.values() if not g.growable] == ["head.fc"]
+    with pytest.raises(ApproximationRequiredError, match="stages.0.blocks.0.conv_dw.weight"):
+        ff.widen(model, (x,), {"stem.0": 4}, mode="zero")
+    ff.widen(model, (x,), {"stem.0": 40, "stages.0.blocks.0.mlp.fc1": 8}, mode="split")
+    assert _drift(model, ref, fresh) < tol and check_attrs(model) == []
+    assert model.stem[1].normalized_shape == (80,) and model.stages[0].blocks[1].gamma.shape == (80,)
+
+
 def test_drop_path_in_training_mode_leaves_the_stream_growable():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,

@@ -460,3 +460,14 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                 if getattr(m, "bias", None) is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
+
+
+def jitter(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """`model` in `dtype` and eval mode with every parameter moved by N(0, 0.05²) noise: random gains and biases,
+    so an expansion that takes a wrong row or column shows in the output (for models built from configs, whose
+    norms start at 1 and 0)."""
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model

@@ -248,6 +248,12 @@ class LayerNormRule(LayerRule):
     attrs = ("normalized_shape", "eps")
     constraint = "layernorm"
 
+    def kept_whole(self, m: nn.Module) -> bool:
+        """A subclass of nn.LayerNorm with a forward of its own (timm's channels-first LayerNorm2d permutes
+        around `F.layer_norm`) is traced into: its `F.layer_norm` call carries the rule, on the right dim."""
+        overridden = isinstance(m, nn.LayerNorm) and type(m).forward is not nn.LayerNorm.forward
+        return self.leaf and not overridden
+
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
         lay, _ = _input(a, node)
         shape = getattr(m, "normalized_shape", None)

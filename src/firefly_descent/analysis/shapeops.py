@@ -93,10 +93,22 @@ _VIEW_METHODS = {"expand", "expand_as", "contiguous", "to", "type_as", "clone", 
 
 
 def param_source(a: Propagation, src: Any, dim: int) -> tuple[str, int] | None:
-    """The (parameter, dim) that `src`'s `dim` is a view of, following expand/clone/dtype casts."""
+    """The (parameter, dim) that `src`'s `dim` is a view of, following expand/clone/dtype casts and reshapes that
+    only add or drop size-1 dims (ConvNeXt's `gamma.reshape(1, -1, 1, 1)`)."""
     while isinstance(src, fx.Node):
         if src.op == "get_attr":
             return str(src.target), dim
+        if src.op == "call_method" and src.target in ("reshape", "view", "unsqueeze", "squeeze"):
+            parent = src.args[0]
+            s_out, s_in = a.shape(src), a.shape(parent)
+            if s_out is None or s_in is None or s_out[dim] == 1:
+                return None
+            big_out = [d for d, n in enumerate(s_out) if n != 1]
+            big_in = [d for d, n in enumerate(s_in) if n != 1]
+            if [s_out[d] for d in big_out] != [s_in[d] for d in big_in]:
+                return None
+            dim, src = big_in[big_out.index(dim)], parent
+            continue
         if src.op == "call_method" and src.target in _VIEW_METHODS:
             parent = src.args[0]
             s_out, s_in = a.shape(src), a.shape(parent)
