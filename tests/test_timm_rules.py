@@ -247,15 +247,40 @@ def test_layerscale_stream_grows_exactly_with_its_writers_weighted(dtype, tol):
     assert not torch.allclose(weighted, proj.mean(0), atol=1e-4)  # the plain mean would not be exact
 
 
-def test_firefly_leaves_a_layerscale_stream_to_the_engine_and_says_why():
+def test_firefly_over_grown_copy_keeps_a_layerscale_stream_exact_and_applies_what_it_scored():
+    """Firefly's over-grown copy re-derives the stream's new rows from the old ones while it trains; under
+    LayerScale it weights them by the gammas as the engine's completion does, so the copy is exact with every
+    gate off, and a kept stream candidate is applied as the copy computed it."""
+    from firefly_descent.budget import Candidate
+    from firefly_descent.methods.firefly import Firefly
+    from firefly_descent.methods.firefly.candidates import build_width_candidates
+
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
-                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2, init_values=0.1)
-    x = torch.randn(32, 3, 16, 16)
-    y = torch.arange(32) % 2
-    report = make_grower("firefly", budget=0.2, seed=0).grow(model, [(x[:16], y[:16]), (x[16:], y[16:])],
-                                                              F.cross_entropy, example_inputs=(x[:2],))
-    assert "LayerScale (blocks.0.ls1.gamma, blocks.0.ls2.gamma)" in report.extra["skipped_groups"]["patch_embed.proj"]
+    model = _jitter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+                                      embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3,
+                                      init_values=0.1), torch.float64)
+    x = (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
+    fresh = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    graph = ff.analyze(model, x)
+    stream = graph["patch_embed.proj"]
+    init = {"split": 0.3, "new_in": 0.5, "new_out": 0.3}
+    cands = build_width_candidates(model, graph, [stream], {stream.name: 4}, True, x, init,
+                                   torch.Generator().manual_seed(0))
+    assert cands.blocks[stream.name] == 4  # the whole pool is one candidate
+    cands.bank.alpha = 0.0
+    with torch.no_grad():
+        assert (cands.net(fresh) - model(fresh)).abs().max().item() < 1e-12
+    key = f"new:{stream.name}"
+    cands.bank.reset(requires_grad=False)  # alpha stays 0: only this candidate's gates on, at full amplitude
+    cands.bank.gates[key][:] = 1.0
+    with torch.no_grad():
+        target = cands.net(fresh)
+    assert (target - model(fresh)).abs().max().item() > 1e-6
+    plan = Firefly()._materialize(graph, cands, None, [Candidate("head", stream.name, 0, -1.0, 4.0)], x)
+    ff.apply(model, plan, example_inputs=x)
+    with torch.no_grad():
+        assert (model(fresh) - target).abs().max().item() < 1e-10
+    assert check_attrs(model) == []
 
 
 def test_rules_load_only_once_timm_is_imported():
@@ -269,10 +294,12 @@ def test_rules_load_only_once_timm_is_imported():
 
 
 # ---- Firefly ---------------------------------------------------------------------------------------------------
-def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss():
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss(init_values):
+    """One budget over heads, the FFN and the stream, with and without LayerScale (`init_values`)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
-                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2)
+                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2, init_values=init_values)
     x = torch.randn(64, 3, 16, 16) * 0.3
     y = torch.arange(64) % 2
     x[y == 1, 0, :8] += 1.0  # class 1: a bright red top half
@@ -291,8 +318,8 @@ def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss():
     report = grower.grow(model, data, F.cross_entropy, example_inputs=(x[:4],))
     pool = report.extra["pool"]
     assert {"blocks.0.attn.heads", "blocks.0.mlp.fc1", "patch_embed.proj"} <= set(pool)  # one budget
-    assert report.safety.outcome in ("accepted", "shrunk", "rolled_back")
-    if report.safety.outcome != "rolled_back":  # grown: the heads still match qkv (check_attrs) and the stream
+    assert report.safety.outcome in ("accepted", "shrunk", "rolled-back")
+    if report.safety.outcome != "rolled-back":  # grown: the heads still match qkv (check_attrs) and the stream
         assert model.cls_token.shape[-1] == model.patch_embed.proj.out_channels == model.norm.normalized_shape[0]
     assert check_attrs(model) == []
     with torch.no_grad():

@@ -112,6 +112,8 @@ class Group:
 
     def __str__(self) -> str:
         state = "growable" if self.growable else f"blocked ({self.blocked[1]})"  # type: ignore[index]
+        if self.growable and self.on_request:
+            state += " when named (growers leave it alone otherwise)"
         lines = [f"group {self.name!r}: width {self.width}, {state}"]
         for m in self.members:
             extra = f" offset={m.offset}" if m.offset else ""

@@ -30,6 +30,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 from ...analysis import Group, GrowthGraph
+from ...analysis.builtin_rules import layer_scales
 from ...analysis.rules import (
     completed_new_slices,
     completed_roles,
@@ -400,7 +401,7 @@ def build_width_candidates(
                 pert(m.tensor).add(_Contribution(m.dim, u, pos_new, m.inner, f"new:{g.name}", 1.0, others, sc))
                 if sc is not None:
                     cands.scales[id(u)] = sc
-    derived = _derived_slices(changes, edits, orig_shapes, set(perts) | set(offsets))
+    derived = _derived_slices(changes, edits, orig_shapes, set(perts) | set(offsets), model)
     for tensor in dict.fromkeys([*perts, *offsets]):
         mod_name, _, attr = tensor.rpartition(".")
         module = net.get_submodule(mod_name) if mod_name else net
@@ -433,10 +434,29 @@ class _DerivedSlices(nn.Module):
         return w
 
 
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _weighted(fn: Any, weights: torch.Tensor) -> Any:
+    """`fn` (the completion's new slice from the old ones) on the old slices times per-unit `weights` (a writer
+    multiplied by LayerScale right after it: the completion weights its mean by the gammas)."""
+
+    def apply(old: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = [1] * old.dim()
+        shape[dim] = -1
+        return fn(old * weights.to(old).view(shape), dim)
+
+    return apply
+
+
 def _derived_slices(
-    changes: list[GroupChange], edits: dict[str, Any], orig_shapes: dict[str, list[int]], perturbed: set[str]
+    changes: list[GroupChange], edits: dict[str, Any], orig_shapes: dict[str, list[int]], perturbed: set[str],
+    model: nn.Module,
 ) -> dict[str, list[_DerivedSlices]]:
-    """Per perturbed tensor, the derived-slice parametrisations of the completed groups it produces."""
+    """Per perturbed tensor, the derived-slice parametrisations of the completed groups it produces (weighted by
+    the LayerScale gammas of `model`, the model before the over-grown copy, where a writer has one)."""
     out: dict[str, list[_DerivedSlices]] = {}
     for change in changes:
         g, K = change.group, change.new.count if change.new else 0
@@ -444,15 +464,20 @@ def _derived_slices(
         if not K or fn is None or "producer" not in completed_roles(g):
             continue
         order = unit_order(change)
+        scales = layer_scales(g)
         for m in g.members:
             if m.role != "producer" or m.tensor not in perturbed:
                 continue
+            gamma = scales.get(m.module)
+            weights = _tensor(model, gamma.tensor).detach().flatten().clone() if gamma is not None else None
             segs = edits[m.tensor][m.dim]
             seg = next(s for s in segs if s.member == m and s.change is change)
             start = _segment_starts(orig_shapes[m.tensor][m.dim], segs)[id(seg)]
             old = _positions(start, order, [(OLD, i) for i in range(g.width)], m.inner).view(g.width, m.inner)
             new = _positions(start, order, [(NEW, j) for j in range(K)], m.inner).view(K, m.inner)
-            out.setdefault(m.tensor, []).append(_DerivedSlices(m.dim, old, new, fn))
+            out.setdefault(m.tensor, []).append(
+                _DerivedSlices(m.dim, old, new, fn if weights is None else _weighted(fn, weights))
+            )
     return out
 
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.builtin_rules import layer_scales
-from ...analysis.rules import batchnorms, completed_new_slices, completed_roles, completion_reason, is_residual
+from ...analysis.rules import batchnorms, completed_roles, completion_reason, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -136,12 +135,6 @@ class Firefly(Grower):
                 skipped[g.name] = "a GroupNorm/grouped-conv constraint: Firefly has no candidates for it"
             elif completion_reason(g, model) is not None:
                 skipped[g.name] = str(completion_reason(g, model))
-            elif completed_new_slices(g) is not None and layer_scales(g):
-                skipped[g.name] = (
-                    f"LayerScale ({', '.join(m.tensor for m in layer_scales(g).values())}) multiplies writers of this "
-                    "normalised stream, and the over-grown copy keeps its new units at the plain mean: Firefly has "
-                    "no exact candidates here (widen and the baselines grow it)"
-                )
             elif _tied(g, model):
                 skipped[g.name] = f"tensors {' and '.join(_tied(g, model))} are one (tied): no candidates on them"
             elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
