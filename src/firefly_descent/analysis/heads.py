@@ -204,6 +204,8 @@ class _HeadsAttentionRule(LayerRule):
         why = self.refuse(m)
         if why is not None:
             a.block_layout([lay[-1]], "FrozenGroupError", f"{what} {why}")
+            for cos_sin in rotary:  # their pairs would grow under a module that cannot follow
+                a.block_layout(a.layout(cos_sin), "FrozenGroupError", f"{what} {why}")
             return tuple(outs) if multi else outs[0]
         for tensor, dim, module in self.stream_readers(m, name):
             a.add_members(lay[-1], tensor, dim, "consumer", "weight", module)
@@ -238,7 +240,7 @@ def _join_rotary(a: Propagation, head_dim: int, cos_sin: fx.Node, what: str) -> 
     when they carry none (no rule for the rotary embedding that made them)."""
     layout = a.layout(cos_sin)
     layouts = list(layout) if isinstance(layout, tuple) else [layout]
-    pairs = {g for lay in layouts if lay for g, _ in (lay[-1] or ())}
+    pairs = {a.find(g) for lay in layouts if lay for g, _ in (lay[-1] or ()) if g is not None}
     if len(pairs) != 1 or any(not lay or not lay[-1] or len(lay[-1]) != 2 for lay in layouts):
         a.block(head_dim, "FrozenGroupError", f"{what} does not grow head_dim: its rotary cos/sin carry no group of "
                 "rotated pairs (a rotary embedding without a rule, or a rope type that recomputes its frequencies)")
