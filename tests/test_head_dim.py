@@ -369,3 +369,34 @@ def test_a_layer_name_finds_the_merged_group_and_a_typo_gets_close_names():
     vgg = ff.analyze(build_model("vgg19", num_classes=10, widths=4), torch.randn(2, 3, 32, 32))
     with pytest.raises(ff.GrowthError, match=r"did you mean 'features\.\d+'.*17 groups"):
         vgg["features.O"]
+
+
+def test_a_fresh_process_loads_a_grown_hugging_face_model(tmp_path):
+    """Loading replays the growth through the engine, which asks the attention's rule (heads, head_dim, scaling):
+    the optional rules must be registered by the engine itself, not only by a prior `analyze` (a fresh process that
+    only loads has run none)."""
+    import subprocess
+    import sys
+
+    build = (
+        "import torch, transformers\ntransformers.logging.set_verbosity_error()\n"
+        "def build():\n    torch.manual_seed(0)\n    return transformers.GPT2LMHeadModel(transformers.GPT2Config("
+        "n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8)).eval()\n"
+        "ids = torch.arange(8).view(2, 4)\n"
+    )
+    save = build + (
+        "import firefly_descent as ff\nm = build()\n"
+        "ff.widen(m, ids, {'transformer.h.0.attn.head_dim': 2}, mode='zero')\n"
+        "ff.widen(m, ids, {'transformer.h.0.attn.heads': 1}, mode='zero')\n"
+        "torch.nn.init.normal_(m.transformer.h[0].attn.c_attn.weight, std=0.1)\n"  # trained after growth
+        f"ff.save(m, {str(tmp_path / 'g.pt')!r})\ntorch.save(m(ids).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    load = build + (
+        "from firefly_descent.engine import load, check_attrs\n"
+        f"m = load({str(tmp_path / 'g.pt')!r}, build)\na = m.transformer.h[0].attn\n"
+        f"d = (m(ids).logits - torch.load({str(tmp_path / 'out.pt')!r})).abs().max().item()\n"
+        "print(a.head_dim, a.num_heads, check_attrs(m), d)\n"
+    )
+    subprocess.run([sys.executable, "-c", save], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, text=True).stdout.split()
+    assert out[:4] == ["10", "3", "[]", "0.0"], out

@@ -1,5 +1,6 @@
 """Graph analysis: which (tensor, dim) must change width together, and what blocks growth."""
 
+from . import heads as _heads  # noqa: F401  (registers the head_dim constraint, which a replayed plan may carry)
 from .activations import (
     ACTIVATIONS,
     Activation,

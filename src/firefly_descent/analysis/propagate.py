@@ -12,9 +12,7 @@ with the reason.
 
 from __future__ import annotations
 
-import importlib
 import operator
-import sys
 from typing import Any
 
 import torch.fx as fx
@@ -25,7 +23,7 @@ from ..errors import GrowthError
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
 from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
-from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, register_module_rule, rule_for
+from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, load_optional_rules, register_module_rule, rule_for
 from .shapeops import FUNCTION_RULES, METHOD_RULES
 from .trace import NO_SOURCE, as_input_tuple, module_of, source_of, trace_with_shapes
 
@@ -340,15 +338,6 @@ class Propagation:
         return out
 
 
-def _load_optional_rules() -> None:
-    """Register the rules for transformers' and timm's own layers once a model could use them: only when the
-    user's code has imported the package (importing it here would cost every analysis a second of start-up)."""
-    if "transformers" in sys.modules:
-        importlib.import_module(".transformers_rules", __package__).register_loaded()
-    if "timm" in sys.modules:  # likewise timm's (importing it costs seconds)
-        importlib.import_module(".timm_rules", __package__).register_loaded()
-
-
 def analyze(
     model: nn.Module,
     example_inputs: Any,
@@ -359,7 +348,7 @@ def analyze(
 
     `exclude` names submodules to treat as opaque: groups touching them cannot grow.
     """
-    _load_optional_rules()
+    load_optional_rules()
     excluded = set(exclude or [])
     extra = leaf_types()
     gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, is_leaf=is_leaf)

@@ -14,7 +14,9 @@ in the manner of Torch-Pruning's per-layer pruners. Adding a layer type is one r
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -317,6 +319,16 @@ def takes_new_units(group: Group) -> bool:
 def splits_whole_only(group: Group) -> bool:
     """Whether a split of `group` must duplicate every unit once (a norm over the units: LayerNorm, RMSNorm)."""
     return any(c.kind in WHOLE_SPLITS for c in group.constraints)
+
+
+def load_optional_rules() -> None:
+    """Register the rules for transformers' and timm's own layers once a model could use them: only when the
+    user's code has imported the package (importing it here would cost every analysis a second of start-up).
+    Run by `analyze` and by every engine apply (a plan replayed in a fresh process needs the rules too)."""
+    if "transformers" in sys.modules:
+        importlib.import_module(".transformers_rules", __package__).register_loaded()
+    if "timm" in sys.modules:  # likewise timm's (importing it costs seconds)
+        importlib.import_module(".timm_rules", __package__).register_loaded()
 
 
 def rule_for(m: nn.Module) -> LayerRule | None:

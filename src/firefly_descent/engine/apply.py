@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from ..analysis.graph import Constraint, Group, Member
-from ..analysis.rules import CONSTRAINT_CHECKS, CONSTRAINT_COMPLETIONS, STRUCTURAL, completion_reason
+from ..analysis.rules import (
+    CONSTRAINT_CHECKS,
+    CONSTRAINT_COMPLETIONS,
+    STRUCTURAL,
+    completion_reason,
+    load_optional_rules,
+)
 from ..errors import ApproximationRequiredError, GrowthError, PlanError, VerificationError
 from ..layers import BLOCK_COPY_ATTR, Residual, ScaledBranch, Then, build_body
 from ..plan import GroupChange, NewBranch, NewLayer, Plan
@@ -188,6 +194,7 @@ def _apply(
     verify: bool,
     record: bool,
 ) -> _Transaction:
+    load_optional_rules()  # the rules of the layers it edits (a replay may run before any analysis)
     for change in plan.changes:
         validate(change, plan.approximate, model)
     afters = [layer.after for layer in plan.layers]
