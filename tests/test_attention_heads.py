@@ -371,3 +371,58 @@ def test_neuron_growers_skip_heads_saying_a_unit_is_a_head(method):
     for name in GPT2_HEADS:
         reason = "each unit is a block of 8 rows (an attention head), not one neuron"
         assert skipped[name] == f"{method} does not apply: {reason}"
+
+
+# ---- more families: Mistral and Qwen2 (Llama-shaped), RoBERTa (BERT-shaped); BERT is post-norm ----------------
+def _family(name: str) -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name == "mistral":
+        cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=V)
+        return jitter(transformers.MistralForCausalLM(cfg), torch.float64)
+    if name == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=V)
+        return jitter(transformers.Qwen2ForCausalLM(cfg), torch.float64)
+    cfg = transformers.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=20, num_labels=3)
+    return jitter(transformers.RobertaForSequenceClassification(cfg), torch.float64)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "roberta"])
+def test_more_families_grow_heads_head_dim_ffn_and_stream_exactly(family):
+    model, x, fresh = _family(family), _ids(0) % (V - 3) + 3, _ids(1, 3) % (V - 3) + 3  # RoBERTa: 0-2 special
+    if family == "roberta":
+        attn, ffn = "roberta.encoder.layer.0.attention.self", "roberta.encoder.layer.1.intermediate.dense"
+        stream, stream_tol = "roberta.embeddings.word_embeddings", None  # post-norm: duplication only
+    else:
+        attn, ffn = "model.layers.0.self_attn", "model.layers.1.mlp.gate_proj"
+        stream, stream_tol = "model.embed_tokens", 1e-6  # the RMSNorm computes in float32
+    before = _logits(model, fresh)
+    for sizes, tol in (({f"{attn}.heads": 1}, 1e-12), ({f"{attn}.head_dim": 2}, 1e-12), ({ffn: 4}, 1e-12)):
+        ff.widen(model, x, sizes, mode="zero")
+        assert (_logits(model, fresh) - before).abs().max().item() < tol, sizes
+    if stream_tol is None:
+        with pytest.raises(ff.GrowthError, match="post-norm block 'roberta.embeddings'"):
+            ff.widen(model, x, {stream: 4}, mode="zero")
+        ff.widen(model, x, {stream: 32}, mode="split")  # every unit duplicated once: exact
+        stream_tol = 1e-12
+    else:
+        ff.widen(model, x, {stream: 4}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < stream_tol
+    assert check_attrs(model) == []
+
+
+def test_bert_post_norm_stream_and_block_copies_are_refused_with_the_reason():
+    """BERT normalises after every residual add: a new stream unit would have to be the mean of the normalised
+    units (used to be applied, off by the norm's gains and biases), and a copied layer with zero branches still
+    renormalises the stream (used to be a depth candidate)."""
+    model, x = _bert(torch.float64), _ids(0)
+    with pytest.raises(ff.GrowthError, match="post-norm block 'bert.embeddings'"):
+        ff.widen(model, x, {"bert.embeddings.word_embeddings": 4}, mode="zero")
+    with pytest.raises(ff.GrowthError, match="post-norm"):
+        ff.add_blocks(model, x, ["bert.encoder.layer.0"])
+    from firefly_descent.methods.firefly.candidates import is_attention_block
+
+    assert not is_attention_block(ff.analyze(model, x), model, "bert.encoder.layer.0")

@@ -103,7 +103,23 @@ if Conv1D is not None:
 # RMSNorms of model families: (modeling module, class, epsilon attribute). A family's modeling module costs
 # seconds to import, so its rule is registered once the user's code has loaded it (`register_loaded`, run by
 # every `analyze`).
-FAMILY_RMSNORMS = (("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon"),)
+FAMILY_RMSNORMS = (
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon"),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "variance_epsilon"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "variance_epsilon"),
+)
+
+
+class PostNormBlockRule(LayerRule):
+    """A block that normalises after its residual add (BERT's and RoBERTa's layers and embeddings: `LayerNorm(x +
+    sublayer(x))`): traced into like any container, and marked post-norm, so a new stream unit (which would have to
+    equal the mean of the normalised units, beyond a per-unit gain and bias) and a copy of the block as the identity
+    are refused with that reason instead of being applied approximately."""
+
+    leaf = False
+
+    def post_norm(self, m: nn.Module) -> bool:
+        return True
 
 
 class GPT2AttentionRule(_HeadsAttentionRule):
@@ -311,13 +327,23 @@ class RotaryEmbeddingRule(LayerRule):
         return 1.0  # its frequencies are buffers, completed by `analysis.heads`; no attribute follows head_dim
 
 
-# Attention modules of model families: (modeling module, class, rule).
+# Layers of model families: (modeling module, class, rule factory). Mistral and Qwen2 are Llama-shaped, RoBERTa
+# BERT-shaped; a family not listed registers the rule of the shape it has for its classes (docs/architecture.md).
 FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention", GPT2AttentionRule),
     ("transformers.models.llama.modeling_llama", "LlamaAttention", LlamaAttentionRule),
     ("transformers.models.vit.modeling_vit", "ViTAttention", lambda: LlamaAttentionRule(rotary=False)),
     ("transformers.models.bert.modeling_bert", "BertSelfAttention", BertSelfAttentionRule),
     ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.mistral.modeling_mistral", "MistralAttention", LlamaAttentionRule),
+    ("transformers.models.mistral.modeling_mistral", "MistralRotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", LlamaAttentionRule),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention", BertSelfAttentionRule),
+    ("transformers.models.bert.modeling_bert", "BertLayer", PostNormBlockRule),
+    ("transformers.models.bert.modeling_bert", "BertEmbeddings", PostNormBlockRule),
+    ("transformers.models.roberta.modeling_roberta", "RobertaLayer", PostNormBlockRule),
+    ("transformers.models.roberta.modeling_roberta", "RobertaEmbeddings", PostNormBlockRule),
 )
 
 

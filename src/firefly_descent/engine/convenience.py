@@ -10,8 +10,8 @@ from torch import nn
 
 from ..analysis import GrowthGraph, analyze
 from ..analysis.graph import Boundary
-from ..analysis.rules import rule_for
-from ..errors import GrowthError
+from ..analysis.rules import is_post_norm, rule_for
+from ..errors import ApproximationRequiredError, GrowthError
 from ..plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from .apply import apply
 
@@ -128,6 +128,11 @@ def plan_new_blocks(graph: GrowthGraph, model: nn.Module, after: list[str]) -> P
         b = graph.boundaries.get(name)
         if b is None or b.group is None:
             raise GrowthError(f"cannot copy block {name!r}: its output does not carry one group's units")
+        if is_post_norm(model.get_submodule(name)):
+            raise ApproximationRequiredError(
+                f"cannot copy block {name!r} as the identity: it normalises after its residual add (post-norm), so a "
+                "copy with zero branches still renormalises the stream (insert after a pre-norm block)"
+            )
         producers = [m for m in graph[b.group].members if m.role == "producer" and m.module.startswith(name + ".")]
         slices = Counter(m.tensor for m in producers)
         zero = sorted(
