@@ -423,6 +423,6 @@ def test_bert_post_norm_stream_and_block_copies_are_refused_with_the_reason():
         ff.widen(model, x, {"bert.embeddings.word_embeddings": 4}, mode="zero")
     with pytest.raises(ff.GrowthError, match="post-norm"):
         ff.add_blocks(model, x, ["bert.encoder.layer.0"])
-    from firefly_descent.methods.firefly.candidates import is_attention_block
+    from firefly_descent.methods.firefly.depth_candidates import is_attention_block
 
     assert not is_attention_block(ff.analyze(model, x), model, "bert.encoder.layer.0")

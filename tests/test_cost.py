@@ -15,7 +15,7 @@ import firefly_descent as ff
 from firefly_descent import cost
 from firefly_descent.budget import Budget, count_flops, group_unit_costs
 from firefly_descent.methods import Firefly
-from firefly_descent.methods.firefly.candidates import build_depth_candidates
+from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 from firefly_descent.methods.firefly.descent import default_depth_boundaries
 from firefly_descent.models import build_model
 from firefly_descent.plan import GroupChange, NewLayer, NewUnits, Plan, Split

@@ -17,7 +17,7 @@ from firefly_descent.budget import Budget, Candidate, count_flops, count_params,
 from firefly_descent.engine import apply
 from firefly_descent.layers import build_body
 from firefly_descent.methods import Firefly
-from firefly_descent.methods.firefly.candidates import build_depth_candidates, depth_block_spec
+from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates, depth_block_spec
 from firefly_descent.methods.firefly.descent import _widen_body, default_depth_boundaries
 from firefly_descent.models import build_model
 from firefly_descent.plan import GroupChange, NewLayer, NewUnits, Plan, Split

@@ -17,8 +17,10 @@ from zoo import ZOO, randomize_norm_stats
 import firefly_descent as ff
 from firefly_descent.budget import Budget, Candidate, select
 from firefly_descent.methods import Firefly, make_grower
-from firefly_descent.methods.firefly.candidates import build_depth_candidates, build_width_candidates
+from firefly_descent.methods.firefly.candidates import build_width_candidates
+from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 from firefly_descent.methods.firefly.descent import default_depth_boundaries
+from firefly_descent.methods.firefly.scoring import joint_scores
 
 
 def _data(model, x, n_batches=4, batch=16, seed=0, dtype=torch.float32):
@@ -110,9 +112,9 @@ def test_split_gradient_is_zero_at_zero_but_integrated_score_is_not():
     model, x, cands = _width_candidates("mlp")
     data = _data(model, x, n_batches=2, dtype=torch.float64)
     f = Firefly(score_points=[0.0])
-    at_zero = f._scores(cands.net, cands.bank, data, F.cross_entropy)
+    at_zero = joint_scores(f.config, cands.net, cands.bank, data, F.cross_entropy)
     f = Firefly(score_points=4)
-    integrated = f._scores(cands.net, cands.bank, data, F.cross_entropy)
+    integrated = joint_scores(f.config, cands.net, cands.bank, data, F.cross_entropy)
     for key in at_zero:
         if key.startswith("split:"):
             assert at_zero[key].abs().max().item() < 1e-12

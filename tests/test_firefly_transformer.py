@@ -16,12 +16,9 @@ import firefly_descent as ff
 from firefly_descent.budget import Candidate, count_params
 from firefly_descent.engine import check_attrs
 from firefly_descent.methods import Firefly
-from firefly_descent.methods.firefly.candidates import (
-    block_size,
-    build_depth_candidates,
-    build_width_candidates,
-    splittable,
-)
+from firefly_descent.methods.firefly.candidates import block_size, build_width_candidates, splittable
+from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
+from firefly_descent.methods.firefly.scoring import candidate_scores, joint_scores
 from firefly_descent.models.transformer import Transformer
 
 HEADS = "blocks.0.attn.heads"
@@ -115,7 +112,7 @@ def test_head_score_is_the_integrated_gradient_of_its_gate():
     assert abs(grad - (vals[0] - vals[1]) / 2e-5) <= 1e-7 + 1e-5 * abs(grad)
     # with one candidate, the integrated score is the loss change of switching the head on
     f = Firefly(score_points=32)
-    score = f._scores(cands.net, bank, [(xb, yb)], F.cross_entropy)[key].sum().item()
+    score = joint_scores(f.config, cands.net, bank, [(xb, yb)], F.cross_entropy)[key].sum().item()
     losses = []
     for alpha in (1.0, 0.0):
         bank.alpha = alpha
@@ -143,7 +140,7 @@ def test_per_candidate_head_score_switches_the_whole_head_off():
     bank, key = cands.bank, f"new:{HEADS}"
     f = Firefly(score_path="per-candidate", bn_mode="frozen")
     report = SimpleNamespace(extra={})
-    scores = f._candidate_scores(cands.net, bank, data, F.cross_entropy, {key: 2}, report)
+    scores = candidate_scores(f.config, cands.net, bank, data, F.cross_entropy, {key: 2}, report, {})
     assert scores[key].numel() == 2 and report.extra["score_path"]["rescored"] == sum(map(len, scores.values()))
     xb, yb = data[0]
     bank.alpha = 0.0
@@ -206,7 +203,7 @@ def test_post_norm_stock_encoder_layer_is_not_a_block_candidate():
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=False)
     model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(layer), nn.Linear(8, 3)).eval()
     graph = ff.analyze(model, torch.randn(2, 5, 4))
-    from firefly_descent.methods.firefly.candidates import depth_block_spec
+    from firefly_descent.methods.firefly.depth_candidates import depth_block_spec
 
     assert depth_block_spec(graph, model, "1.0", "auto")["type"] != "copy"  # its copy would renormalise
 

@@ -17,7 +17,7 @@ from torch import nn
 import firefly_descent as ff
 from firefly_descent.layers import Then
 from firefly_descent.methods import Firefly
-from firefly_descent.methods.firefly.candidates import build_depth_candidates
+from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 
 
 def _encoder(seed: int = 0, d: int = 8) -> nn.Module:

@@ -191,7 +191,7 @@ def _decoder(family: str) -> tuple[torch.nn.Module, str]:
 def test_firefly_block_copies_of_decoders_are_exact_at_zero_and_kept_as_trained(family):
     from firefly_descent.budget import Candidate
     from firefly_descent.methods import Firefly
-    from firefly_descent.methods.firefly.candidates import build_depth_candidates
+    from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 
     model, after = _decoder(family)
     x = (_ids(0),)

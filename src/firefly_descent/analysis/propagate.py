@@ -21,6 +21,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..errors import GrowthError
 from . import builtin_rules as _builtin  # noqa: F401 - registers the built-in layer rules
+from . import norm_stream as _norm_stream  # noqa: F401 - LayerNorm, RMSNorm and their stream completion
+from . import torch_attention as _torch_attention  # noqa: F401 - nn.MultiheadAttention, TransformerEncoderLayer
 from . import torchvision_rules as _torchvision  # noqa: F401 - rules for torchvision's own layers
 from .graph import Boundary, Constraint, Group, GrowthGraph, Member
 from .rules import LAYER_RULES, ModuleRule, is_leaf, leaf_types, load_optional_rules, register_module_rule, rule_for

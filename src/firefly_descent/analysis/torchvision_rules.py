@@ -17,8 +17,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import shapeops
-from .builtin_rules import LayerNormRule
 from .graph import Constraint, Member
+from .norm_stream import LayerNormRule
 from .rules import LayerRule, register_rule
 from .shapeops import register_function_rule
 from .trace import source_of

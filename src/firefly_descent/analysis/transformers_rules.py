@@ -6,7 +6,7 @@
   blocks the residual stream. The weight-space baselines (`unfold_input`…) read a dense weight as
   [out, in], so this rule says the layer does not unfold for them rather than answer with the wrong layout.
 * `LlamaRMSNorm` (`weight * x / sqrt(mean(x^2) + variance_epsilon)`), once `modeling_llama` is loaded:
-  kept whole, an RMSNorm over the residual stream (`builtin_rules.RMSNormRule`), so the stream widens
+  kept whole, an RMSNorm over the residual stream (`norm_stream.RMSNormRule`), so the stream widens
   exactly. Traced into, its mean over the units blocks the stream.
 * transformers' element-wise activation modules (`NewGELUActivation` in GPT-2's MLP, …): units pass
   through. Traced into, their `torch.pow` and the like have no channel rule and would block the MLP.
@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .builtin_rules import RMSNormRule
 from .graph import Constraint, Member
 from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections, reads_output
+from .norm_stream import RMSNormRule
 from .rules import LAYER_RULES, LayerRule, PassThroughRule, register_rule
 
 if TYPE_CHECKING:

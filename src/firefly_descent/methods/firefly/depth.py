@@ -22,7 +22,8 @@ from ...engine import apply
 from ...layers import body_members, build_body
 from ...plan import GroupChange, NewLayer, NewUnits, Plan, Split
 from ..boundaries import depth_boundaries
-from .candidates import DepthCandidates, block_size
+from .candidates import block_size
+from .depth_candidates import DepthCandidates
 
 
 def _widen_body(spec: dict[str, Any], params: dict[str, torch.Tensor], change: GroupChange) -> tuple[dict, dict]:

@@ -10,16 +10,14 @@ the best under the budget, and materialise them on the original model through th
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...analysis.rules import batchnorms, completed_roles, completion_reason, is_residual
+from ...analysis.rules import completed_roles, completion_reason, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -44,32 +42,11 @@ from ..base import (
     take_batches,
 )
 from ..safety import GrowthData, Safeguard
-from .candidates import (
-    DepthCandidates,
-    GateBank,
-    WidthCandidates,
-    block_size,
-    build_depth_candidates,
-    build_width_candidates,
-    materialize_width,
-    pool_block,
-    splittable,
-)
+from .candidates import WidthCandidates, block_size, build_width_candidates, materialize_width, pool_block, splittable
 from .config import CANDIDATE_SETS, PRESETS, SCORE_PATHS, FireflyConfig, midpoints
 from .depth import _layer_kind, _widen_body, _widen_copy, default_depth_boundaries, depth_summary, exact_added_params
-
-
-def micro_batches(x: Any, y: torch.Tensor, size: int | None) -> Iterator[tuple[tuple[Any, ...], torch.Tensor, float]]:
-    """(inputs, targets, weight) chunks of at most `size` samples; weights are chunk fractions, so the
-    weighted chunk losses of a mean-reduced loss sum to the batch loss."""
-    inputs = as_inputs(x)
-    n = len(y)
-    if size is None or n <= size:
-        yield inputs, y, 1.0
-        return
-    for start in range(0, n, size):
-        stop = min(n, start + size)
-        yield tuple(t[start:stop] for t in inputs), y[start:stop], (stop - start) / n
+from .depth_candidates import DepthCandidates, build_depth_candidates
+from .scoring import candidate_scores, compare_with_joint, micro_batches, set_mode
 
 
 def _head(batch: tuple[Any, Any], n: int) -> tuple[Any, Any]:
@@ -220,7 +197,9 @@ class Firefly(Grower):
             per = dict(width_c.blocks)
             blocks = {f"new:{g.name}": per[g.name] for g in groups if new_count[g.name] and per[g.name] > 1}
             with Timer(report.timings, "step_two"):
-                scores = self._candidate_scores(width_c.net, width_c.bank, score_batches, loss_fn, blocks, report)
+                scores = candidate_scores(
+                    self.config, width_c.net, width_c.bank, score_batches, loss_fn, blocks, report, self._joint_scores
+                )
             for g in groups:
                 if use_splits and splittable(g):  # heads and normalised streams are not split unit by unit
                     for i, s in enumerate(scores[f"split:{g.name}"].tolist()):
@@ -254,14 +233,18 @@ class Firefly(Grower):
                 with Timer(report.timings, "step_one"):
                     self._step_one(depth_c.net, depth_c.trainables(), None, batches, loss_fn, bn_train=depth_c)
                 with Timer(report.timings, "step_two"):
-                    scores = self._candidate_scores(depth_c.net, depth_c.bank, score_batches, loss_fn, {}, report)
+                    scores = candidate_scores(
+                        self.config, depth_c.net, depth_c.bank, score_batches, loss_fn, {}, report, self._joint_scores
+                    )
                 layer_costs = self._layer_costs(model, x, graph, depth_c)
                 for i, s in enumerate(scores["layer"].tolist()):
                     candidates.append(Candidate("layer", after[i], i, s, layer_costs[i]))
 
         kept = select(candidates, self.budget, groups, allow_increase=cfg.allow_increase)
         if cfg.score_path != "joint":
-            report.extra.setdefault("score_path", {}).update(self._compare_with_joint(candidates, kept, groups))
+            report.extra.setdefault("score_path", {}).update(compare_with_joint(
+                candidates, kept, groups, self._joint_scores, self.budget, self.config.allow_increase
+            ))
         exact = cfg.exact_params if cfg.exact_params is not None else depth_c is not None
         if exact and self.budget.kind == "params" and not self.budget.per_group:
             blocks = width_c.blocks if width_c is not None else {}
@@ -368,7 +351,7 @@ class Firefly(Grower):
     ) -> None:
         """Optimise the candidates with all of them on (alpha = 1), old weights and BN statistics frozen."""
         cfg = self.config
-        self._set_mode(net)
+        set_mode(net, self.config.bn_mode)
         if bn_train is not None:  # a new layer's own BatchNorm learns its statistics
             for layer in bn_train.layers:
                 if is_residual(layer):  # (a copied transformer block stays in eval: no dropout)
@@ -415,159 +398,6 @@ class Firefly(Grower):
         if bn_train is not None:  # the new layers' BatchNorm statistics, over every rank's shard
             current_sync().average_buffers(m for layer in bn_train.layers for m in layer.modules())
         net.eval()
-
-    def _set_mode(self, net: nn.Module) -> None:
-        """Eval mode; with bn_mode="batch", BatchNorm layers use batch statistics (momentum 0: the running
-        statistics stay as they are)."""
-        net.eval()
-        if self.config.bn_mode == "batch":
-            for m in batchnorms(net):
-                m.train()
-                m.momentum = 0.0
-
-    def _scores(
-        self, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn
-    ) -> dict[str, torch.Tensor]:
-        """s_i ~ mean over alpha_k and batches of dL/dg_i: the predicted loss change of switching i on."""
-        self._set_mode(net)
-        total = {k: torch.zeros_like(g) for k, g in bank.gates.items()}
-        count = samples = 0
-        for alpha in self.config.score_points:
-            bank.alpha = float(alpha)
-            for x, y in batches:
-                bank.reset(requires_grad=True)
-                keys = list(bank.gates)
-                for xc, yc, weight in micro_batches(x, y, self.config.micro_batch):
-                    loss = loss_fn(net(*xc), yc) * weight
-                    grads = torch.autograd.grad(loss, [bank.gates[k] for k in keys], allow_unused=True)
-                    for k, gr in zip(keys, grads):
-                        if gr is not None:
-                            total[k] += gr.detach()
-                count += 1
-                samples += len(y)
-        bank.alpha = 1.0
-        bank.reset(requires_grad=False)
-        net.eval()
-        return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
-
-    def _candidate_scores(
-        self,
-        net: nn.Module,
-        bank: GateBank,
-        batches: list[tuple[Any, Any]],
-        loss_fn: LossFn,
-        blocks: dict[str, int],
-        report: GrowthReport,
-    ) -> dict[str, torch.Tensor]:
-        """One score per candidate along `score_path`; `blocks[key]` gates form one candidate (a head). The
-        joint scores are always read (cheap): the per-candidate path rescores their best `score_top` and the
-        report compares the two."""
-        joint = self._scores(net, bank, batches, loss_fn)
-        joint = {k: v.view(-1, blocks[k]).sum(1) if k in blocks else v for k, v in joint.items()}
-        cfg = self.config
-        if cfg.score_path == "joint":
-            return joint
-        self._joint_scores.update({k: v.detach().cpu() for k, v in joint.items()})
-        flat = torch.cat([v.detach().flatten().cpu() for v in joint.values()]) if joint else torch.zeros(0)
-        total = flat.numel()
-        top = cfg.score_top
-        k = total if top is None else min(total, int(top) if top >= 1 else max(1, math.ceil(top * total)))
-        chosen = set(torch.argsort(flat, stable=True)[:k].tolist())  # most negative: predicted largest gain
-        only, offset = {}, 0
-        for key, v in joint.items():
-            only[key] = [j for j in range(v.numel()) if offset + j in chosen]
-            offset += v.numel()
-        rescored = self._per_candidate(net, bank, batches, loss_fn, blocks, only)
-        out = {}
-        for key, v in joint.items():
-            out[key] = v.clone()
-            if only[key]:
-                idx = torch.tensor(only[key], device=v.device)
-                out[key][idx] = rescored[key].to(v.device, v.dtype)[idx]
-        summary = report.extra.setdefault("score_path", {"path": "per-candidate", "rescored": 0, "candidates": 0})
-        summary["rescored"] += k
-        summary["candidates"] += total
-        summary["points"] = cfg.per_candidate_points or "exact"
-        return out
-
-    def _compare_with_joint(self, candidates: list[Candidate], kept: list[Candidate], groups: list[Any]) -> dict:
-        """How far the per-candidate path moved the decision: the rank correlation of the two scores and the
-        share of the joint path's selection (before any exact-parameter trim) that is kept."""
-        def key(c: Candidate) -> str:
-            return "layer" if c.kind == "layer" else f"{'split' if c.kind == 'split' else 'new'}:{c.group}"
-
-        joint = [dataclasses.replace(c, score=float(self._joint_scores[key(c)][c.index])) for c in candidates]
-        kept_joint = select(joint, self.budget, groups, allow_increase=self.config.allow_increase)
-        ident = {(c.kind, c.group, c.index) for c in kept}
-        same = sum((c.kind, c.group, c.index) in ident for c in kept_joint)
-        a = torch.tensor([c.score for c in candidates], dtype=torch.float64)
-        b = torch.tensor([c.score for c in joint], dtype=torch.float64)
-        rank = lambda t: torch.argsort(torch.argsort(t)).double()  # noqa: E731
-        rho = float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1]) if len(a) > 1 else float("nan")
-        return {"spearman_with_joint": rho, "kept_joint": len(kept_joint), "kept_also_by_joint": same}
-
-    def _per_candidate(
-        self,
-        net: nn.Module,
-        bank: GateBank,
-        batches: list[tuple[Any, Any]],
-        loss_fn: LossFn,
-        blocks: dict[str, int],
-        only: dict[str, list[int]],
-    ) -> dict[str, torch.Tensor]:
-        """The paper's s_i = integral over i's own gate 0 -> 1 of dL/dg_i with every other candidate on.
-
-        Exact (`per_candidate_points=None`): L(all on) - L(all on but i off), N + 1 forwards of the over-grown
-        net per score batch for N candidates, no backward. Quadrature (n points): dL/dg_i at g_i = alpha_k
-        (others 1) for the n midpoints alpha_k, n forward+backward passes per candidate and batch. The joint
-        path costs one forward+backward per point and batch for all candidates together (~6 forwards at its 2
-        points), so the exact path is ~N/6 times dearer and the quadrature ~n*N/2; `score_top` bounds N.
-        Candidates not in `only` are left at 0."""
-        self._set_mode(net)
-        n = self.config.per_candidate_points
-        alphas = midpoints(n) if n is not None else None
-        bank.alpha = 0.0  # multiplier = g: 1 = on, 0 = off
-        base = {k: torch.ones_like(g) for k, g in bank.gates.items()}
-        total = {k: [0.0] * (g.numel() // blocks.get(k, 1)) for k, g in base.items()}
-        count = samples = 0
-        try:
-            for x, y in batches:
-                chunks = list(micro_batches(x, y, self.config.micro_batch))
-                bank.gates = dict(base)
-                all_on = self._loss(net, chunks, loss_fn) if alphas is None else 0.0
-                for key, picked in only.items():
-                    b = blocks.get(key, 1)
-                    for j in picked:
-                        sl = slice(j * b, (j + 1) * b)
-                        if alphas is None:
-                            off = base[key].clone()
-                            off[sl] = 0.0
-                            bank.gates = {**base, key: off}
-                            total[key][j] += all_on - self._loss(net, chunks, loss_fn)
-                            continue
-                        for a in alphas:
-                            g = base[key].clone()
-                            g[sl] = a
-                            g.requires_grad_(True)
-                            bank.gates = {**base, key: g}
-                            for xc, yc, weight in chunks:
-                                (grad,) = torch.autograd.grad(loss_fn(net(*xc), yc) * weight, [g])
-                                total[key][j] += float(grad[sl].sum()) / len(alphas)
-                count += 1
-                samples += len(y)
-        finally:
-            bank.alpha = 1.0
-            bank.reset(requires_grad=False)
-            net.eval()
-        means = {k: torch.tensor(v, dtype=base[k].dtype, device=base[k].device) / max(1, count)
-                 for k, v in total.items()}
-        return current_sync().mean_dict(means, samples)
-
-    @staticmethod
-    @torch.no_grad()
-    def _loss(net: nn.Module, chunks: list[tuple[tuple[Any, ...], torch.Tensor, float]], loss_fn: LossFn) -> float:
-        """The batch loss, summed over its weighted micro-batches."""
-        return sum(float(loss_fn(net(*xc), yc)) * weight for xc, yc, weight in chunks)
 
     def _layer_costs(
         self, model: nn.Module, x: tuple[torch.Tensor, ...], graph: Any, depth_c: DepthCandidates
