@@ -17,6 +17,7 @@ from zoo import ZOO, randomize_norm_stats
 import firefly_descent as ff
 from firefly_descent.budget import Budget, Candidate, select
 from firefly_descent.methods import Firefly, make_grower
+from firefly_descent.methods.firefly import scoring
 from firefly_descent.methods.firefly.candidates import build_width_candidates
 from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 from firefly_descent.methods.firefly.descent import default_depth_boundaries
@@ -409,18 +410,18 @@ def test_scores_read_fresh_batches_and_pool_is_twice_the_budget(monkeypatch):
     model, x = ZOO["mlp"]()
     data = _data(model, x, n_batches=12)
     seen: dict[str, set[int]] = {"step_one": set(), "score": set()}
-    orig_one, orig_score = Firefly._step_one, Firefly._scores
+    orig_one, orig_score = Firefly._step_one, scoring.joint_scores
 
     def step_one(self, net, params, width_c, batches, *a, **k):
         seen["step_one"] |= {b[1].data_ptr() for b in batches}
         return orig_one(self, net, params, width_c, batches, *a, **k)
 
-    def scores(self, net, bank, batches, *a, **k):
+    def scores(cfg, net, bank, batches, *a, **k):
         seen["score"] |= {b[1].data_ptr() for b in batches}
-        return orig_score(self, net, bank, batches, *a, **k)
+        return orig_score(cfg, net, bank, batches, *a, **k)
 
     monkeypatch.setattr(Firefly, "_step_one", step_one)
-    monkeypatch.setattr(Firefly, "_scores", scores)
+    monkeypatch.setattr(scoring, "joint_scores", scores)
     report = Firefly(budget=0.35, candidates="new", score_batches=2).grow(model, data, F.cross_entropy)
     assert report.extra["score_data"] == "fresh batches"
     assert len(seen["score"]) == 2 and not seen["score"] & seen["step_one"]
