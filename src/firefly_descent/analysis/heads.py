@@ -140,7 +140,8 @@ def complete_head_dim(constraints: list[Constraint], grown: GrownGroup) -> None:
                 _continue_frequencies(t, member, grown)
 
 
-register_constraint("head_dim", lambda c, g, s, n, ap: None, complete_head_dim, on_request=True, structural=True)
+register_constraint("head_dim", lambda c, g, s, n, ap: None, complete_head_dim, on_request=True, structural=True,
+                    after=("layernorm", "rmsnorm"))  # nn.MultiheadAttention's head_dim also widens its stream
 
 
 def _hidden_states(node: fx.Node) -> Any:

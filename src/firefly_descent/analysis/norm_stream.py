@@ -159,7 +159,7 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
                     "(positions merged into channels, as in a patch merging): new units at one copy's mean move "
                     "the statistics of all; duplicate every unit once (exact), or pass approximate=True"
                 )
-            if size != g.width or gains[0].inner != 1 or gains[0].offset != 0:
+            if size != g.width * gains[0].inner or gains[0].offset != 0:  # a unit may span several positions
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
                     f"{g.width}; new units would have to follow the other groups too (pass approximate=True)"
@@ -245,20 +245,22 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                 t = grown.tensor(m.tensor)
                 new = grown.positions(m, "new").to(t.device)
                 old = torch.cat([grown.positions(m, "old"), grown.positions(m, "twin")]).to(t.device)
+                # the norm's mean is over every position of its dim, so the new ones take the mean of all old
+                # positions (a unit wider than one position: a flattened channel, or one dim in every head)
+                slices = t.index_select(m.dim, old.flatten())
+                if m.role == "producer" and m.module in scales:
+                    gamma = scales[m.module]
+                    g_t = grown.tensor(gamma.tensor)
+                    g_old = torch.cat([grown.positions(gamma, "old"), grown.positions(gamma, "twin")]).flatten()
+                    shape = [1] * slices.dim()
+                    shape[m.dim] = -1
+                    slices = slices * g_t.flatten()[g_old.to(g_t.device)].to(slices.dtype).view(shape)
+                mean = (mean_slice if centre else zero_slice)(slices, m.dim)
+                shape = list(t.shape)
+                shape[m.dim] = new.shape[0]
+                given = m.tensor in offsets or member_key(m) in offsets
                 for r in range(m.inner):
-                    slices = t.index_select(m.dim, old[:, r])
-                    if m.role == "producer" and m.module in scales:
-                        gamma = scales[m.module]
-                        g_t = grown.tensor(gamma.tensor)
-                        g_old = torch.cat([grown.positions(gamma, "old"), grown.positions(gamma, "twin")]).flatten()
-                        shape = [1] * slices.dim()
-                        shape[m.dim] = -1
-                        slices = slices * g_t.flatten()[g_old.to(g_t.device)].to(slices.dtype).view(shape)
-                    value = (mean_slice if centre else zero_slice)(slices, m.dim)
-                    shape = list(t.shape)
-                    shape[m.dim] = new.shape[0]
-                    value = value.expand(shape)
-                    given = m.tensor in offsets or member_key(m) in offsets
+                    value = mean.expand(shape)
                     if m.role == "producer" and given:  # a plan's values move the new unit off the mean
                         value = value + t.index_select(m.dim, new[:, r])
                     t.index_copy_(m.dim, new[:, r], value)

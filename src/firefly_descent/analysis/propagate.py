@@ -13,6 +13,7 @@ with the reason.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
@@ -60,6 +61,9 @@ class Propagation:
         self.at_output: list[bool] = []
         self.env: dict[fx.Node, Any] = {}
         self.used_sources = False  # a block reason needed the user's source line
+        # what a rule can only finish once every group is known (`defer`): run in order after the graph
+        self.deferred: dict[str, Callable[[Propagation], None]] = {}
+        self.notes: dict[str, list[Any]] = {}  # what those rules recorded for it, by key
 
     # ---- union-find over groups -------------------------------------------------------------
     def new_group(self, width: int, name: str) -> int:
@@ -98,6 +102,12 @@ class Propagation:
         if self.blocked[a] is None:
             self.blocked[a] = self.blocked[b]
         return a
+
+    def defer(self, key: str, finish: Callable[[Propagation], None], note: Any) -> None:
+        """Record `note` under `key` and run `finish(self)` once after propagation, when every group has all its
+        members (nn.MultiheadAttention's head_dim group is built from the whole stream it reads)."""
+        self.deferred.setdefault(key, finish)
+        self.notes.setdefault(key, []).append(note)
 
     def block(self, g: int, kind: str, reason: str) -> None:
         g = self.find(g)
@@ -251,6 +261,8 @@ class Propagation:
                 raise
             except Exception as e:  # noqa: BLE001 - a rule's own failure blocks what the node touches
                 self.env[node] = self._failed(node, e)
+        for finish in self.deferred.values():
+            finish(self)
 
     def _failed(self, node: fx.Node, e: Exception) -> Any:
         """A node whose rule failed (an internal error): the groups it reads are blocked, the reason naming the

@@ -225,6 +225,9 @@ COMPLETED_ROLES: dict[str, tuple[str, ...]] = {}
 WHOLE_SPLITS: set[str] = set()
 # Constraint kinds whose completion also keeps module attributes true (head_dim): run for approximate plans too.
 STRUCTURAL: set[str] = set()
+# Constraint kind -> the kinds whose completions it runs after on the same group (nn.MultiheadAttention's head_dim
+# grows a LayerNorm'd stream: the norm's completion first, then the query/key edits); other pairs disagree.
+COMPLETES_AFTER: dict[str, frozenset[str]] = {}
 # Constraint kind -> new_slices(old, dim): the completed producers' new-unit slice as a differentiable function
 # of the old units' slices stacked along `dim` (size 1 along `dim`; the mean, or zero). A method that perturbs
 # the old slices while it trains (an over-grown copy) applies it to keep the completion true.
@@ -256,16 +259,20 @@ def register_constraint(
     reason: CompletionReason | None = None,
     on_request: bool = False,
     structural: bool = False,
+    after: Sequence[str] = (),
 ) -> None:
     """Say how the engine validates a change to a group carrying a constraint of `kind` (`check`), and,
     optionally, how it completes an accepted change exactly (`complete`, with the member roles whose new
     slices it decides in `completes`, `new_slices`, those slices as a function of the old ones, and `reason`,
     why it cannot complete new units in a given model); `whole_splits`: a split duplicates every unit or none;
     `on_request`: growers leave such a group alone unless it is named (`GrowthGraph.growable`); `structural`: the
-    completion also sets module attributes, so it runs for approximate plans too."""
+    completion also sets module attributes, so it runs for approximate plans too; `after`: kinds whose completions
+    may share a group with this one, which then runs after them."""
     CONSTRAINT_CHECKS[kind] = check
-    for table in (CONSTRAINT_COMPLETIONS, COMPLETED_ROLES, NEW_SLICES, COMPLETION_REASONS):
+    for table in (CONSTRAINT_COMPLETIONS, COMPLETED_ROLES, NEW_SLICES, COMPLETION_REASONS, COMPLETES_AFTER):
         table.pop(kind, None)
+    if after:
+        COMPLETES_AFTER[kind] = frozenset(after)
     for kinds in (WHOLE_SPLITS, ON_REQUEST, STRUCTURAL):
         kinds.discard(kind)
     if on_request:
@@ -281,6 +288,16 @@ def register_constraint(
         COMPLETED_ROLES[kind] = tuple(completes)
     if whole_splits:
         WHOLE_SPLITS.add(kind)
+
+
+def completion_order(kinds: Sequence[str]) -> list[str] | None:
+    """The order in which completions of `kinds` run on one group: the one that declares no `after` first, then
+    those that run after it; None when they disagree (two independent completions, or one not declared)."""
+    first = [k for k in kinds if k not in COMPLETES_AFTER]
+    rest = [k for k in kinds if k in COMPLETES_AFTER]
+    if len(first) > 1 or any(not set(first) <= COMPLETES_AFTER[k] for k in rest) or len(rest) > 1:
+        return None
+    return first + rest
 
 
 def completed_roles(group: Group) -> set[str]:

@@ -1,19 +1,33 @@
 """Rules for torch's own attention layers: nn.MultiheadAttention and the nn.TransformerEncoderLayer that holds it.
 
 nn.MultiheadAttention ties its input, its heads (num_heads x head_dim) and its output to one width, `embed_dim`, so
-both of its expansions are changes of the stream it reads: whole heads (the stream's own group, grown by blocks of
-head_dim) and head dims (`<attention>.head_dim`, derived once the stream is known).
+both of its expansions are changes of the stream it reads:
+
+* whole heads: the stream's own group, grown by blocks of head_dim (new q/k/v rows appended as new heads);
+* head dims (Gesmundo & Maile's key/query and value expansions): `<attention>.head_dim`, one unit = one new dim in
+  every head of every nn.MultiheadAttention on that stream plus num_heads new stream channels. It is built once
+  the stream is known (`Propagation.defer`): every member of the stream, a unit now `num_heads` channels wide,
+  and each attention's projections cut per head (`heads.head_dim_members`). The stream's norm completion makes the
+  new channels exact (`norm_stream`), then the head_dim completion scales the query rows and zeros the new key
+  rows (`heads.complete_head_dim`), so the change is exact wherever widening the stream is.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
 
 from .graph import Constraint, Member
+from .heads import Projection, follow_head_dim, head_dim_members
 from .rules import LayerRule, register_rule
+
+_HEAD_DIM = "nn.MultiheadAttention.head_dim"
+_STREAM_CONSTRAINTS = ("layernorm", "rmsnorm")  # completions the head_dim completion runs after
 
 if TYPE_CHECKING:
     from .propagate import Propagation
@@ -34,10 +48,7 @@ class MultiheadAttentionRule(LayerRule):
         outs: list[Any] = [a.fixed(len(s)) if s is not None else None for s in out_shapes]
         inputs = [x for x in (node.args[:3] or ()) if isinstance(x, fx.Node)]
         inputs += [node.kwargs[k] for k in ("query", "key", "value") if isinstance(node.kwargs.get(k), fx.Node)]
-        a.block(a.new_group(m.head_dim, f"{name}.head_dim"), "FrozenGroupError", f"nn.MultiheadAttention {name!r} "
-                "does not grow head_dim: num_heads x head_dim is its embed_dim, so each head's dims grow only with "
-                "that width, by whole heads (use an attention with a head size of its own: models.transformer."
-                "HeadAttention, timm's, Hugging Face's)")
+        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
         layouts = [a.layout_or_fixed(x)[0] for x in inputs]
         grown = [lay[-1] for lay in layouts if lay[-1] is not None]
         for lay in layouts:  # only the embedding dim may carry units
@@ -52,6 +63,8 @@ class MultiheadAttentionRule(LayerRule):
         if reason is not None or not grown:
             if reason is not None:
                 a.block_layout(grown, "FrozenGroupError", f"nn.MultiheadAttention {name!r} {reason}")
+            a.block(head_dim, "FrozenGroupError", f"nn.MultiheadAttention {name!r} grows head_dim only with the "
+                    f"stream it reads (embed_dim = num_heads x head_dim), and {reason or 'that stream does not grow'}")
             return tuple(outs) if multi else outs[0]
         g = grown[0][0][0]
         for dl in grown[1:]:
@@ -70,6 +83,9 @@ class MultiheadAttentionRule(LayerRule):
         if m.out_proj.bias is not None:
             a.members[g].append(Member(f"{out}.bias", 0, "producer", "bias", out))
         a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        a.members[head_dim].extend(head_dim_members(_projections(m, name), m.head_dim))
+        a.constraints[head_dim].append(Constraint("head_dim", name))
+        a.defer(_HEAD_DIM, _stream_head_dims, (head_dim, g, name, m.num_heads, node))
         outs[0][-1] = dl
         return tuple(outs) if multi else outs[0]
 
@@ -79,6 +95,9 @@ class MultiheadAttentionRule(LayerRule):
         m.head_dim = before["head_dim"]
         m.num_heads = m.embed_dim // m.head_dim
 
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return follow_head_dim(self, m, old, new, set_attr)  # the module derives its scale from head_dim itself
+
     def check(self, m: nn.MultiheadAttention) -> bool:
         w = m.in_proj_weight
         return m.num_heads * m.head_dim == m.embed_dim and (
@@ -87,6 +106,54 @@ class MultiheadAttentionRule(LayerRule):
 
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
+
+
+def _projections(m: nn.MultiheadAttention, name: str) -> list[Projection]:
+    """The packed q/k/v rows (three blocks of num_heads x head_dim) and the output projection's columns."""
+    e, heads = m.embed_dim, m.num_heads
+    bias = f"{name}.in_proj_bias" if m.in_proj_bias is not None else None
+    parts = [Projection(part, f"{name}.in_proj_weight", 0, name, heads, k * e, bias)
+             for k, part in enumerate(("query", "key", "value"))]
+    return parts + [Projection("output", f"{name}.out_proj.weight", 1, f"{name}.out_proj", heads)]
+
+
+def _stream_head_dims(a: Propagation) -> None:
+    """After propagation: one head_dim group per stream read by nn.MultiheadAttention (module docstring), or the
+    reason it cannot grow."""
+    by_stream: dict[int, list[tuple[int, str, int, fx.Node]]] = defaultdict(list)
+    for head_dim, g, name, heads, node in a.notes[_HEAD_DIM]:
+        by_stream[a.find(g)].append((head_dim, name, heads, node))
+    for s, entries in by_stream.items():
+        heads = {h for _, _, h, _ in entries}
+        group = entries[0][0]
+        for head_dim, _, _, node in entries[1:]:
+            if len(heads) > 1:  # head_dim groups of different widths: each says why on its own
+                a.block(head_dim, "FrozenGroupError", f"the attentions on its stream have different head counts "
+                        f"{sorted(heads)}, so no number of new stream channels is one dim in every head of each")
+            else:
+                group = a.union(group, head_dim, node)
+        names = [name for _, name, _, _ in entries]
+        internal = {(f"{n}.{t}", d) for n in names for t, d in (("in_proj_weight", 0), ("in_proj_bias", 0),
+                                                               ("out_proj.weight", 1))}
+        stream = [mem for mem in dict.fromkeys(a.members[s]) if (mem.tensor, mem.dim) not in internal]
+        other = [c for c in a.constraints[s] if c.kind not in (*_STREAM_CONSTRAINTS, "blocks")]
+        why = None
+        if a.blocked[s] is not None:
+            why = f"that stream cannot grow: {a.blocked[s][1]}"
+        elif len(heads) > 1:
+            why = f"the attentions on that stream have different head counts {sorted(heads)}"
+        elif any(mem.per != 1 for mem in stream):
+            why = "a tensor on that stream holds one entry per block of its units"
+        elif other:
+            why = f"that stream is constrained by {other[0].kind} {other[0].module!r}, which no head-dim change follows"
+        if why is not None:
+            a.block(group, "FrozenGroupError", f"nn.MultiheadAttention {names[0]!r} grows head_dim only with the "
+                    f"stream it reads (embed_dim = num_heads x head_dim), and {why}")
+            continue
+        per_unit = heads.pop()  # one dim in every head = that many stream channels
+        root = a.find(group)
+        a.members[root].extend(dataclasses.replace(mem, inner=mem.inner * per_unit) for mem in stream)
+        a.constraints[root].extend(c for c in a.constraints[s] if c.kind in _STREAM_CONSTRAINTS)
 
 
 class TransformerEncoderLayerRule(LayerRule):

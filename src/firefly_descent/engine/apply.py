@@ -19,6 +19,7 @@ from ..analysis.rules import (
     CONSTRAINT_CHECKS,
     CONSTRAINT_COMPLETIONS,
     STRUCTURAL,
+    completion_order,
     completion_reason,
     load_optional_rules,
 )
@@ -426,13 +427,14 @@ def _complete(model: nn.Module, plan: Plan, positions: dict[str, UnitPositions],
         for c in change.group.constraints:
             if c.kind in CONSTRAINT_COMPLETIONS and (not plan.approximate or c.kind in STRUCTURAL):
                 kinds[c.kind].append(c)
-        if len(kinds) > 1:
+        order = completion_order(list(kinds))
+        if order is None:
             raise ApproximationRequiredError(
                 f"group {change.group.name!r} carries constraints {sorted(kinds)} whose exact completions "
                 "disagree; pass approximate=True"
             )
-        for kind, constraints in kinds.items():
-            CONSTRAINT_COMPLETIONS[kind](constraints, _Grown(model, change, positions, tx))
+        for kind in order:
+            CONSTRAINT_COMPLETIONS[kind](kinds[kind], _Grown(model, change, positions, tx))
 
 
 def _insert_layer(model: nn.Module, layer: NewLayer, optimizer: torch.optim.Optimizer | None, tx: _Transaction) -> None:
