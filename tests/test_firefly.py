@@ -21,7 +21,7 @@ from firefly_descent.methods.firefly import scoring
 from firefly_descent.methods.firefly.candidates import build_width_candidates
 from firefly_descent.methods.firefly.depth_candidates import build_depth_candidates
 from firefly_descent.methods.firefly.descent import default_depth_boundaries
-from firefly_descent.methods.firefly.scoring import joint_scores
+from firefly_descent.methods.firefly.scoring import joint_scores, per_candidate
 
 
 def _data(model, x, n_batches=4, batch=16, seed=0, dtype=torch.float32):
@@ -468,7 +468,7 @@ def test_per_candidate_score_is_the_switch_off_difference(name):
     truth = _switch_off_differences(cands, data, picks)
     assert max(abs(v) for v in truth.values()) > 1e-4
     f = Firefly(score_path="per-candidate", bn_mode="frozen")
-    got = f._per_candidate(cands.net, cands.bank, data, F.cross_entropy, {}, only)
+    got = per_candidate(f.config, cands.net, cands.bank, data, F.cross_entropy, {}, only)
     assert max(abs(got[k][i].item() - v) for (k, i), v in truth.items()) < 1e-12
     for k in keys:  # candidates left out are not scored
         assert all(got[k][i].item() == 0.0 for i in range(got[k].numel()) if i not in only[k])
@@ -497,7 +497,7 @@ def test_per_candidate_quadrature_tends_to_the_switch_off_difference():
     errors = {}
     for points in (2, 8):
         f = Firefly(score_path="per-candidate", per_candidate_points=points, bn_mode="frozen")
-        got = f._per_candidate(cands.net, cands.bank, data, F.cross_entropy, {}, only)
+        got = per_candidate(f.config, cands.net, cands.bank, data, F.cross_entropy, {}, only)
         errors[points] = max(abs(got[k][i].item() - v) for (k, i), v in truth.items())
     assert errors[2] < 0.02 * scale and errors[8] < 0.001 * scale
     assert errors[2] > 10 * errors[8]  # second order: 16x for 4x the points

@@ -37,6 +37,21 @@ class Encoder(nn.Module):
         return self.out(self.enc(self.inp(x)).mean(1))
 
 
+class Decoder(nn.Module):
+    """Token embedding -> pre-norm nn.TransformerDecoder (self- and cross-attention to a projected memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 8)
+        self.mem = nn.Linear(5, 8)
+        layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dec(self.tok(tokens), self.mem(memory)))
+
+
 def _jitter(model: nn.Module) -> nn.Module:
     """Every parameter moved off its initial value (LayerNorm gains of 1, zero biases would hide mistakes)."""
     gen = torch.Generator().manual_seed(5)
@@ -51,9 +66,11 @@ def _ours():
 
 
 FAMILIES = {
-    # (model, attention whose head_dim is named, input shape)
+    # (model, attention whose head_dim is named, input shape or a function of the seed)
     "ours": (_ours, "blocks.1.attn", (3, 5, 4)),
     "encoder-pre-norm": (lambda: Encoder(True), "enc.layers.0.self_attn", (3, 5, 4)),
+    "decoder-pre-norm": (Decoder, "dec.layers.1.multihead_attn", lambda seed: (
+        torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(seed)), _x((2, 6, 5), seed))),
     "torchvision-vit": (lambda: VisionTransformer(8, 4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=8,
                                                   num_classes=3), "encoder.layers.encoder_layer_1.self_attention",
                         (2, 3, 8, 8)),
@@ -68,20 +85,24 @@ def _x(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+def _inputs(shape, seed: int) -> tuple[torch.Tensor, ...]:
+    return shape(seed) if callable(shape) else (_x(shape, seed),)
+
+
 @pytest.mark.parametrize("mode", ["zero", "split"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_head_dim_of_stock_attention_grows_exactly_in_every_attention_on_the_stream(family, mode):
     build, attn, shape = FAMILIES[family]
     torch.manual_seed(0)
     model = _jitter(build())
-    x, fresh = _x(shape, 0), _x(shape, 1)
+    x, fresh = _inputs(shape, 0), _inputs(shape, 1)
     with torch.no_grad():
-        before = model(fresh)
+        before = model(*fresh)
     old = [(m.num_heads, m.head_dim) for m in _attentions(model)]
     k = old[0][1] if mode == "split" else 3  # a split must duplicate every dim (the stream's LayerNorm)
     ff.widen(model, x, {f"{attn}.head_dim": k}, mode=mode)
     with torch.no_grad():
-        drift = (model(fresh) - before).abs().max().item()
+        drift = (model(*fresh) - before).abs().max().item()
     assert drift < 1e-10, drift
     assert check_attrs(model) == []
     for m, (heads, hd) in zip(_attentions(model), old):  # every attention on the stream, heads kept
