@@ -294,3 +294,24 @@ def test_a_kept_block_copy_widens_with_the_stream_as_the_grown_blocks_do():
     assert widened.keys() == grown.keys()
     for k, v in grown.items():  # the copy's norms rescaled and its writers' new rows the mean, like block 0's
         torch.testing.assert_close(widened[k], v, rtol=0, atol=1e-12)
+
+
+class _FlatNorm(nn.Module):
+    """A LayerNorm over a conv's flattened output: each channel is 16 positions of the normalised dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.ln = nn.LayerNorm(4 * 16)
+        self.o = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.ln(self.c(x).flatten(1)))
+
+
+def test_a_norm_over_positions_its_writer_does_not_write_whole_stays_refused():
+    """The conv writes one value per channel and position, so no completion of its rows makes a new channel's 16
+    positions the norm's mean over all 64: refused, not made exact by accident (a unit as wide as the norm's
+    positions, as nn.MultiheadAttention's head_dim, is completed over all of them)."""
+    with pytest.raises(ff.ApproximationRequiredError, match="normalises 64 units"):
+        ff.widen(_FlatNorm(), torch.randn(2, 3, 4, 4), {"c": 2}, mode="zero")

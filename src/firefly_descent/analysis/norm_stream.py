@@ -159,7 +159,13 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
                     "(positions merged into channels, as in a patch merging): new units at one copy's mean move "
                     "the statistics of all; duplicate every unit once (exact), or pass approximate=True"
                 )
-            if size != g.width * gains[0].inner or gains[0].offset != 0:  # a unit may span several positions
+            inner = gains[0].inner  # positions per unit; every writer must write whole units of them
+            # an attention whose head dims grow with the stream (nn.MultiheadAttention) writes its q/k/v rows one
+            # dim per head: the head_dim completion makes those exact, not this one
+            heads = tuple(c.module for c in g.constraints if c.kind == "head_dim")
+            writers = [m for m in g.members if (m.role == "producer" or (m.role, m.kind) == ("elementwise", "additive"))
+                       and m.module not in heads]
+            if size != g.width * inner or gains[0].offset != 0 or any(m.inner != inner for m in writers):
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
                     f"{g.width}; new units would have to follow the other groups too (pass approximate=True)"

@@ -421,10 +421,11 @@ class _DerivedSlices(nn.Module):
         self.register_buffer("new", new, persistent=False)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # over every old position, as the engine's completion: a norm's mean is over its whole dim
+        value = self.fn(w.index_select(self.dim, self.old.flatten().to(w.device)), self.dim)
+        shape = list(w.shape)
+        shape[self.dim] = self.new.shape[0]
         for r in range(self.old.shape[1]):
-            value = self.fn(w.index_select(self.dim, self.old[:, r].to(w.device)), self.dim)
-            shape = list(w.shape)
-            shape[self.dim] = self.new.shape[0]
             w = w.index_copy(self.dim, self.new[:, r].to(w.device), value.expand(shape))
         return w
 
