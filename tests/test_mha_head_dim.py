@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import VisionTransformer
+from torchvision.models import SwinTransformer, VisionTransformer
 
 import firefly_descent as ff
 from firefly_descent.engine import apply_undoable, check_attrs
@@ -74,11 +74,24 @@ FAMILIES = {
     "torchvision-vit": (lambda: VisionTransformer(8, 4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=8,
                                                   num_classes=3), "encoder.layers.encoder_layer_1.self_attention",
                         (2, 3, 8, 8)),
+    # torchvision's Swin: the last stage (a stage before a patch merging only duplicates, test below)
+    "torchvision-swin": (lambda: SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                                 window_size=[2, 2], num_classes=3), "features.3.0.attn", (2, 3, 8, 8)),
 }
 
 
-def _attentions(model: nn.Module) -> list[nn.MultiheadAttention]:
-    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    swin = "relative_position_bias_table"
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) or hasattr(m, swin)]
+
+
+def _shape(m: nn.Module) -> tuple[int, int, int]:
+    """(heads, head_dim, width) of an nn.MultiheadAttention or a torchvision Swin attention."""
+    if isinstance(m, nn.MultiheadAttention):
+        assert tuple(m.in_proj_weight.shape) == (3 * m.embed_dim, m.embed_dim)
+        return m.num_heads, m.head_dim, m.embed_dim
+    assert m.qkv.out_features == 3 * m.proj.in_features
+    return m.num_heads, m.proj.in_features // m.num_heads, m.proj.in_features
 
 
 def _x(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -98,16 +111,21 @@ def test_head_dim_of_stock_attention_grows_exactly_in_every_attention_on_the_str
     x, fresh = _inputs(shape, 0), _inputs(shape, 1)
     with torch.no_grad():
         before = model(*fresh)
-    old = [(m.num_heads, m.head_dim) for m in _attentions(model)]
-    k = old[0][1] if mode == "split" else 3  # a split must duplicate every dim (the stream's LayerNorm)
+    named = _shape(model.get_submodule(attn))
+    k = named[1] if mode == "split" else 3  # a split must duplicate every dim (the stream's LayerNorm)
+    old = {id(m): _shape(m) for m in _attentions(model)}
     ff.widen(model, x, {f"{attn}.head_dim": k}, mode=mode)
     with torch.no_grad():
         drift = (model(*fresh) - before).abs().max().item()
     assert drift < 1e-10, drift
     assert check_attrs(model) == []
-    for m, (heads, hd) in zip(_attentions(model), old):  # every attention on the stream, heads kept
-        assert (m.num_heads, m.head_dim, m.embed_dim) == (heads, hd + k, heads * (hd + k))
-        assert tuple(m.in_proj_weight.shape) == (3 * heads * (hd + k), heads * (hd + k))
+    grown = [m for m in _attentions(model) if _shape(m) != old[id(m)]]
+    assert model.get_submodule(attn) in grown
+    for m in grown:  # every attention on the stream: its heads kept, each k dims wider
+        heads, hd, _ = old[id(m)]
+        assert _shape(m) == (heads, hd + k, heads * (hd + k))
+    if family != "torchvision-swin":  # one stream: every attention grew
+        assert len(grown) == len(old)
 
 
 def test_each_part_of_the_completion_is_needed():
@@ -172,6 +190,20 @@ def test_grown_head_dims_learn_and_undo_restores_everything():
         opt.step()
         opt.zero_grad()
     assert losses[-1] < losses[0]
+
+
+def test_swin_before_a_patch_merging_grows_head_dim_by_duplication_only():
+    torch.manual_seed(0)
+    model = _jitter(FAMILIES["torchvision-swin"][0]())
+    x, fresh = _x((2, 3, 8, 8), 0), _x((2, 3, 8, 8), 1)
+    with torch.no_grad():
+        before = model(fresh)
+    with pytest.raises(ApproximationRequiredError, match="4 times over"):
+        ff.widen(model, x, {"features.1.0.attn.head_dim": 2}, mode="zero")
+    ff.widen(model, x, {"features.1.0.attn.head_dim": 4}, mode="split")  # every dim duplicated: exact
+    with torch.no_grad():
+        assert (model(fresh) - before).abs().max().item() < 1e-10
+    assert _shape(model.features[1][0].attn) == (2, 8, 16) and check_attrs(model) == []
 
 
 def test_what_cannot_grow_head_dim_says_why():

@@ -153,7 +153,9 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
                 )
             owner, _, attr = gains[0].tensor.rpartition(".")
             size = getattr(model.get_submodule(owner) if owner else model, attr).shape[gains[0].dim]
-            if size == g.width * len(gains) > g.width and all(m.inner == 1 for m in gains):
+            if size == g.width * len(gains) * gains[0].inner > g.width * gains[0].inner and all(
+                m.inner == gains[0].inner for m in gains
+            ):
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises its {g.width} units {len(gains)} times over "
                     "(positions merged into channels, as in a patch merging): new units at one copy's mean move "
@@ -164,7 +166,7 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
             # dim per head: the head_dim completion makes those exact, not this one
             heads = tuple(c.module for c in g.constraints if c.kind == "head_dim")
             writers = [m for m in g.members if (m.role == "producer" or (m.role, m.kind) == ("elementwise", "additive"))
-                       and m.module not in heads]
+                       and not any(m.module == h or m.module.startswith(h + ".") for h in heads)]
             if size != g.width * inner or gains[0].offset != 0 or any(m.inner != inner for m in writers):
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "

@@ -26,7 +26,7 @@ from .graph import Constraint, Member
 from .heads import Projection, follow_head_dim, head_dim_members
 from .rules import LayerRule, register_rule
 
-_HEAD_DIM = "nn.MultiheadAttention.head_dim"
+_HEAD_DIM = "stream head_dim"
 _STREAM_CONSTRAINTS = ("layernorm", "rmsnorm")  # completions the head_dim completion runs after
 
 if TYPE_CHECKING:
@@ -85,7 +85,8 @@ class MultiheadAttentionRule(LayerRule):
         a.constraints[g].append(Constraint("blocks", name, m.head_dim))
         a.members[head_dim].extend(head_dim_members(_projections(m, name), m.head_dim))
         a.constraints[head_dim].append(Constraint("head_dim", name))
-        a.defer(_HEAD_DIM, _stream_head_dims, (head_dim, g, name, m.num_heads, node))
+        internal = frozenset({(f"{name}.in_proj_weight", 0), (f"{name}.in_proj_bias", 0), (f"{out}.weight", 1)})
+        defer_stream_head_dim(a, StreamHeadDim(head_dim, g, name, m.num_heads, node, internal))
         outs[0][-1] = dl
         return tuple(outs) if multi else outs[0]
 
@@ -117,24 +118,42 @@ def _projections(m: nn.MultiheadAttention, name: str) -> list[Projection]:
     return parts + [Projection("output", f"{name}.out_proj.weight", 1, f"{name}.out_proj", heads)]
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamHeadDim:
+    """What an attention that ties heads x head_dim to its stream records for `defer_stream_head_dim`: its head_dim
+    group (segmented projections already in it), the stream's group, its head count, and the (tensor, dim) pairs
+    of its own on the stream group that the head_dim group replaces (packed q/k/v rows, output columns, per-head
+    tables)."""
+
+    group: int
+    stream: int
+    module: str
+    heads: int
+    node: fx.Node
+    internal: frozenset[tuple[str, int]]
+
+
+def defer_stream_head_dim(a: Propagation, note: StreamHeadDim) -> None:
+    """Build the head_dim group of an attention whose head size is its stream's width / num_heads once propagation
+    is over (module docstring): nn.MultiheadAttention's, torchvision Swin's."""
+    a.defer(_HEAD_DIM, _stream_head_dims, note)
+
+
 def _stream_head_dims(a: Propagation) -> None:
-    """After propagation: one head_dim group per stream read by nn.MultiheadAttention (module docstring), or the
-    reason it cannot grow."""
-    by_stream: dict[int, list[tuple[int, str, int, fx.Node]]] = defaultdict(list)
-    for head_dim, g, name, heads, node in a.notes[_HEAD_DIM]:
-        by_stream[a.find(g)].append((head_dim, name, heads, node))
-    for s, entries in by_stream.items():
-        heads = {h for _, _, h, _ in entries}
-        group = entries[0][0]
-        for head_dim, _, _, node in entries[1:]:
+    """After propagation: one head_dim group per stream read by such attentions, or the reason it cannot grow."""
+    by_stream: dict[int, list[StreamHeadDim]] = defaultdict(list)
+    for note in a.notes[_HEAD_DIM]:
+        by_stream[a.find(note.stream)].append(note)
+    for s, notes in by_stream.items():
+        heads = {n.heads for n in notes}
+        group = notes[0].group
+        for n in notes[1:]:
             if len(heads) > 1:  # head_dim groups of different widths: each says why on its own
-                a.block(head_dim, "FrozenGroupError", f"the attentions on its stream have different head counts "
+                a.block(n.group, "FrozenGroupError", f"the attentions on its stream have different head counts "
                         f"{sorted(heads)}, so no number of new stream channels is one dim in every head of each")
             else:
-                group = a.union(group, head_dim, node)
-        names = [name for _, name, _, _ in entries]
-        internal = {(f"{n}.{t}", d) for n in names for t, d in (("in_proj_weight", 0), ("in_proj_bias", 0),
-                                                               ("out_proj.weight", 1))}
+                group = a.union(group, n.group, n.node)
+        internal = frozenset().union(*(n.internal for n in notes))
         stream = [mem for mem in dict.fromkeys(a.members[s]) if (mem.tensor, mem.dim) not in internal]
         other = [c for c in a.constraints[s] if c.kind not in (*_STREAM_CONSTRAINTS, "blocks")]
         why = None
@@ -147,8 +166,8 @@ def _stream_head_dims(a: Propagation) -> None:
         elif other:
             why = f"that stream is constrained by {other[0].kind} {other[0].module!r}, which no head-dim change follows"
         if why is not None:
-            a.block(group, "FrozenGroupError", f"nn.MultiheadAttention {names[0]!r} grows head_dim only with the "
-                    f"stream it reads (embed_dim = num_heads x head_dim), and {why}")
+            a.block(group, "FrozenGroupError", f"attention {notes[0].module!r} grows head_dim only with the stream it "
+                    f"reads (its width = num_heads x head_dim), and {why}")
             continue
         per_unit = heads.pop()  # one dim in every head = that many stream channels
         root = a.find(group)

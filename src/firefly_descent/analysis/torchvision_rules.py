@@ -6,7 +6,8 @@
 * `VisionTransformer`: its `hidden_dim` follows the patch embedding's width; its class token and the
   encoder's position embedding are members of the embedding group (found through `expand` and `+`).
 * Swin's `shifted_window_attention`: grows by whole heads like nn.MultiheadAttention, its relative position
-  bias table one column per head; `_patch_merging_pad` repeats the channel units four times.
+  bias table one column per head, and by head dims with its stream as nn.MultiheadAttention does
+  (`torch_attention.defer_stream_head_dim`); `_patch_merging_pad` repeats the channel units four times.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from torch import nn
 
 from . import shapeops
 from .graph import Constraint, Member
+from .heads import Projection, follow_head_dim, head_dim_members
 from .norm_stream import LayerNormRule
 from .rules import LayerRule, register_rule
 from .shapeops import register_function_rule
+from .torch_attention import StreamHeadDim, defer_stream_head_dim
 from .trace import source_of
 
 if TYPE_CHECKING:
@@ -62,6 +65,9 @@ class SwinAttentionRule(TracedInto):
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
         m.num_heads = m.relative_position_bias_table.shape[1]
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Any) -> float:
+        return follow_head_dim(self, m, old, new, set_attr, head_dim_attr=None)  # its scale is C // num_heads
 
     def check(self, m: nn.Module) -> bool:
         return m.relative_position_bias_table.shape[1] == m.num_heads and m.qkv.out_features == 3 * m.proj.in_features
@@ -106,6 +112,15 @@ def _window_attention(a: Propagation, node: fx.Node) -> Any:
     table = f"{attn}.relative_position_bias_table"
     c = a.shape(node.args[0])[-1]
     head_dim = c // num_heads
+    grown_dims = a.new_group(head_dim, f"{attn}.head_dim")
+    qkv_b = str(qkv_bias.target) if qkv_bias is not None else None
+    a.members[grown_dims].extend(head_dim_members(
+        [Projection(part, str(qkv.target), 0, f"{attn}.qkv", num_heads, k * c, qkv_b)
+         for k, part in enumerate(("query", "key", "value"))]
+        + [Projection("output", str(proj.target), 1, f"{attn}.proj", num_heads)], head_dim))
+    a.constraints[grown_dims].append(Constraint("head_dim", attn))
+    internal = frozenset({(str(qkv.target), 0), (qkv_b, 0), (str(proj.target), 1), (table, 1)})
+    defer_stream_head_dim(a, StreamHeadDim(grown_dims, dl[0][0], attn, num_heads, node, internal))
     g = a.find(dl[0][0])
     a.add_members(dl, str(qkv.target), 1, "consumer", "weight", attn)
     for k in range(3):
