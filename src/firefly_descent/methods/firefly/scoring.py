@@ -37,7 +37,6 @@ def micro_batches(x: Any, y: torch.Tensor, size: int | None) -> Iterator[tuple[t
         yield tuple(t[start:stop] for t in inputs), y[start:stop], (stop - start) / n
 
 
-
 def set_mode(net: nn.Module, bn_mode: str) -> None:
     """Eval mode; with bn_mode="batch", BatchNorm layers use batch statistics (momentum 0: the running
     statistics stay as they are)."""
@@ -46,6 +45,7 @@ def set_mode(net: nn.Module, bn_mode: str) -> None:
         for m in batchnorms(net):
             m.train()
             m.momentum = 0.0
+
 
 def joint_scores(
     cfg: FireflyConfig, net: nn.Module, bank: GateBank, batches: list[tuple[Any, Any]], loss_fn: LossFn
@@ -71,6 +71,7 @@ def joint_scores(
     bank.reset(requires_grad=False)
     net.eval()
     return current_sync().mean_dict({k: v / max(1, count) for k, v in total.items()}, samples)
+
 
 def candidate_scores(
     cfg: FireflyConfig,
@@ -112,6 +113,7 @@ def candidate_scores(
     summary["points"] = cfg.per_candidate_points or "exact"
     return out
 
+
 def compare_with_joint(
     candidates: list[Candidate], kept: list[Candidate], groups: list[Any], joint_store: dict[str, torch.Tensor],
     budget: Budget, allow_increase: bool,
@@ -130,6 +132,7 @@ def compare_with_joint(
     rank = lambda t: torch.argsort(torch.argsort(t)).double()  # noqa: E731
     rho = float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1]) if len(a) > 1 else float("nan")
     return {"spearman_with_joint": rho, "kept_joint": len(kept_joint), "kept_also_by_joint": same}
+
 
 def per_candidate(
     cfg: FireflyConfig,
@@ -187,6 +190,7 @@ def per_candidate(
     means = {k: torch.tensor(v, dtype=base[k].dtype, device=base[k].device) / max(1, count)
              for k, v in total.items()}
     return current_sync().mean_dict(means, samples)
+
 
 @torch.no_grad()
 def batch_loss(net: nn.Module, chunks: list[tuple[tuple[Any, ...], torch.Tensor, float]], loss_fn: LossFn) -> float:
