@@ -210,6 +210,13 @@ def test_what_cannot_grow_head_dim_says_why():
     x = torch.randn(2, 5, 4)
     with pytest.raises(ApproximationRequiredError, match="post-norm block"):  # the stream's own limit
         ff.widen(Encoder(False), x, {"enc.layers.0.self_attn.head_dim": 2}, mode="zero")
+    post, fresh = _jitter(Encoder(False)), _x((3, 5, 4), 1)  # there, duplicating every dim is exact
+    with torch.no_grad():
+        before = post(fresh)
+    ff.widen(post, (_x((3, 5, 4), 0),), {"enc.layers.0.self_attn.head_dim": 4}, mode="split")
+    with torch.no_grad():
+        assert (post(fresh) - before).abs().max().item() < 1e-10
+    assert post.enc.layers[1].self_attn.head_dim == 8 and check_attrs(post) == []
 
     class TwoHeadCounts(nn.Module):
         def __init__(self) -> None:
