@@ -430,3 +430,67 @@ def test_declarative_module_rule_with_blocks():
         _check_preserved(model, ref, torch.randn(7, 3))
     finally:
         unregister_rule(PairLinear)
+
+
+class GLU(nn.Module):
+    """A gated FFN written with `chunk` (or `split`): fc1's rows are the value half and the gate half."""
+
+    def __init__(self, how: str = "chunk", norm: bool = False) -> None:
+        super().__init__()
+        self.how = how
+        self.inp = nn.Linear(5, 8)
+        self.fc1 = nn.Linear(8, 12)
+        self.norm = nn.LayerNorm(6) if norm else nn.Identity()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.inp(x))
+        value, gate = h.chunk(2, dim=-1) if self.how == "chunk" else torch.split(h, h.shape[-1] // 2, dim=-1)
+        return self.fc2(self.norm(value * F.silu(gate)))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_a_glu_written_with_chunk_grows_by_pairs_of_rows_exactly(how):
+    torch.manual_seed(0)
+    model = GLU(how).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    group = ff.analyze(model, x)["fc1"]
+    assert group.growable and group.width == 6
+    assert sorted((m.tensor, m.offset) for m in group.producers()) == [
+        ("fc1.bias", 0), ("fc1.bias", 6), ("fc1.weight", 0), ("fc1.weight", 6)]
+    ref = copy.deepcopy(model)
+    ff.widen(model, x, {"fc1": 3}, mode="zero")  # new pairs of rows, zero outgoing columns
+    ff.widen(model, x, {"fc1": 2}, mode="split")
+    assert (model.fc1.out_features, model.fc2.in_features) == (22, 11) and check_attrs(model) == []
+    assert _check_preserved(model, ref, torch.randn(6, 5, dtype=torch.float64), tol=1e-12) <= 1e-12
+    value, gate = model.fc1.weight.detach().chunk(2)  # a new unit's value and gate rows sit in the same slot
+    assert value[6:9].abs().sum() > 0 and gate[6:9].abs().sum() > 0
+
+
+def test_what_a_split_cannot_cut_says_why():
+    x = torch.randn(4, 5)
+    normed = ff.analyze(GLU(norm=True), x)  # a norm over gated units: the mean of rows is not the mean of units
+    assert normed["fc1"].growable
+    with pytest.raises(ff.ApproximationRequiredError, match="combines several rows"):
+        ff.widen(GLU(norm=True), x, {"fc1": 2}, mode="zero")
+
+    class Shared(nn.Module):  # the stream is read by fc before it is cut: its units cannot become two groups
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.fc, self.out = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(4, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            h = self.inp(t)
+            a, b = (h + self.fc(h)).chunk(2, dim=-1)
+            return self.out(a * b)
+
+    why = ff.analyze(Shared(), x)["inp"].blocked
+    assert why is not None and "splits a grown dim through units other layers already share" in why[1]
+
+    class Literal(GLU):  # a literal size would cut a grown dim into more parts than the forward unpacks
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            value, gate = torch.split(self.fc1(self.inp(t)), 6, dim=-1)
+            return self.fc2(value * F.silu(gate))
+
+    why = ff.analyze(Literal(), x)["fc1"].blocked
+    assert why is not None and "parts of a fixed size" in why[1]

@@ -224,8 +224,9 @@ def test_cat_skips_a_legacy_empty_tensor():
 
 
 def test_a_tensor_method_that_returns_several_tensors_blocks_what_it_reads():
-    """`x.chunk(2, dim=-1)` (GLU, GPT-2's q/k/v `.split`): no rule says which units each piece holds, so the
-    group it reads is blocked; before, its tuple output silently dropped the group's layout (growable, wrong)."""
+    """`x.tensor_split(2, dim=-1)`: no rule says which units each piece holds, so the group it reads is blocked;
+    before, a tuple output silently dropped the group's layout (growable, wrong). `chunk` has a rule (a GLU's two
+    halves become one group of row pairs: tests/test_layer_rules.py)."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -233,10 +234,10 @@ def test_a_tensor_method_that_returns_several_tensors_blocks_what_it_reads():
             self.a, self.b = nn.Linear(4, 6), nn.Linear(3, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            u, v = self.a(x).chunk(2, dim=-1)
+            u, v = self.a(x).tensor_split(2, dim=-1)
             return self.b(u * torch.sigmoid(v))
 
     graph = ff.analyze(Net(), torch.randn(2, 4))
     kind, why = graph["a"].blocked
-    assert kind == "UnsupportedOpError" and "method .chunk()" in why and "test_transformer_robustness.py:" in why
+    assert kind == "UnsupportedOpError" and "method .tensor_split()" in why and "test_transformer_robustness.py:" in why
     assert [g.name for g in graph.growable()] == []

@@ -131,6 +131,13 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
     """Why a LayerNorm'd (`centre`) or RMSNorm'd group's new units cannot be completed exactly in a model."""
 
     def reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
+        parts = [c for c in g.constraints if c.kind == "parts"]
+        if parts:
+            return (
+                f"group {g.name!r} is normalised by {what} {constraints[0].module!r}, and each of its units combines "
+                f"several rows of {parts[0].module!r} (a GLU's value and gate): no new rows make a new unit the mean "
+                "of the old ones; duplicate every unit, or pass approximate=True"
+            )
         for c in constraints:
             block = _post_norm_block(model, c.module)
             if block is not None:

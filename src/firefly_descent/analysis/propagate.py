@@ -244,8 +244,8 @@ class Propagation:
     def call_method(self, node: fx.Node) -> Any:
         rule = METHOD_RULES.get(str(node.target))
         if self.shape(node) is None:
-            if rule is None and isinstance(node.meta.get("tensor_meta"), (tuple, list)):  # x.split(…), x.chunk(…)
-                return self.block_unknown(node, f"method .{node.target}()")
+            if isinstance(node.meta.get("tensor_meta"), (tuple, list)):  # x.split(…), x.chunk(…): several tensors
+                return rule(self, node) if rule is not None else self.block_unknown(node, f"method .{node.target}()")
             return None
         if rule is None:
             return self.block_unknown(node, f"method .{node.target}()")

@@ -8,6 +8,7 @@ cannot carry. Rules are looked up by the traced target: `FUNCTION_RULES[torch.ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .graph import Constraint
+from .rules import register_constraint
 from .trace import source_of
 
 if TYPE_CHECKING:
@@ -431,6 +434,55 @@ def getitem(a: Propagation, node: fx.Node) -> Any:
     return out
 
 
+def chunk(a: Propagation, node: fx.Node) -> Any:
+    """`x.chunk(n, dim)` / `x.split(size, dim)` into equal parts. Along a grown dim the producer's units become one
+    group per part (part k's unit j at row k*W/n + j of the producer, which then holds the parts side by side):
+    a GLU's value and gate halves, multiplied back into one group whose unit is a pair of rows. Only a layer's
+    fresh output can be cut (one module's rows, read by nothing else). Dims not cut pass through every part."""
+    x = node.args[0]
+    metas = node.meta.get("tensor_meta")
+    lay, s = a.layout_or_fixed(x)
+    if not isinstance(metas, (tuple, list)) or s is None:
+        return a.block_unknown(node, "a split into parts")
+    dim = _arg(node, 2, "dim", 0) % len(s)
+    parts = [tuple(m.shape) for m in metas]
+
+    def with_dim(dl: Any) -> Layout:
+        return [*lay[:dim], dl, *lay[dim + 1 :]]
+
+    if lay[dim] is None:
+        return tuple(with_dim(None) for _ in parts)
+    why = None
+    fixed = node.target in (torch.split, "split") and not isinstance(_arg(node, 1, "split_size"), fx.Node)
+    if fixed:  # a literal size stays what it was when the dim grows
+        why = "into parts of a fixed size (x.chunk(n), or a size computed from the shape, follows growth)"
+    elif len({p[dim] for p in parts}) != 1:
+        why = "into unequal parts"
+    elif len(lay[dim]) != 1 or lay[dim][0][0] is None:
+        why = "across several groups"
+    else:
+        g, inner = a.find(lay[dim][0][0]), lay[dim][0][1]
+        members = a.members[g]
+        readers = [u for u in x.users if u is not node and a.shape(u) is not None]  # not `x.shape[-1]`
+        if (a.widths[g] % len(parts) or readers or not members or len({m.module for m in members}) != 1
+                or any(m.role != "producer" or m.per != 1 for m in members)):
+            why = "through units other layers already share (only a layer's own output, read by the split alone)"
+    if why is not None:
+        a.block_layout([lay[dim]], "UnsupportedOpError", f"{source_of(node)} splits a grown dim {why}")
+        return tuple(with_dim(None) for _ in parts)
+    width = a.widths[g] // len(parts)
+    groups = [g] + [a.new_group(width, f"{a.names[g]}.part{k}") for k in range(1, len(parts))]
+    for k, h in enumerate(groups):
+        a.members[h] = [dataclasses.replace(m, offset=m.offset + k * width * m.inner) for m in members]
+        a.producers[h] = list(a.producers[g])
+    a.widths[g] = width
+    a.channel_dims[g] = []  # the producer's output holds every part now
+    for h in groups:  # a unit is now a function of several rows: a norm's completion cannot make it the mean
+        a.constraints[h].append(Constraint("parts", members[0].module))
+    a.env[x] = with_dim(tuple((h, inner) for h in groups))
+    return tuple(with_dim(((h, inner),)) for h in groups)
+
+
 # ---- the tables ------------------------------------------------------------------------------------
 for _f in ADDITIVE_FUNCS | PER_ELEMENT_FUNCS:
     register_function_rule(_f, lambda a, node: elementwise(a, node, "add"))
@@ -478,3 +530,6 @@ for _t in (torch.roll, "roll"):
 register_function_rule(F.pad, pad)
 register_function_rule(torch.concat, cat)
 register_function_rule(operator.getitem, getitem)
+for _t in (torch.chunk, "chunk", torch.split, "split"):
+    register_function_rule(_t, chunk)
+register_constraint("parts", lambda c, g, s, n, ap: None)  # any change; a norm over such units says why not
