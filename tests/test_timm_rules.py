@@ -325,3 +325,71 @@ def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss(init_values):
     with torch.no_grad():
         after = F.cross_entropy(model(held[0]), held[1]).item()
     assert after <= before + 1e-4
+
+
+# ---- EVA ------------------------------------------------------------------------------------------------------
+def _eva(dtype: torch.dtype = torch.float64, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=14, embed_dim=16,
+                          depth=2, num_heads=2, num_classes=3, **kw)
+    return _jitter(m, dtype)
+
+
+def _eva_images(seed: int) -> torch.Tensor:
+    return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_eva02_grows_whole_heads_with_its_stream_and_its_glu_ffn_exactly():
+    """EvaAttention reshapes its output to its input's width, so a new head is head_dim new stream channels; its
+    rotary embeddings act on each head's dims, so head_dim says why it does not grow; its FFN is a GLU (`chunk`)."""
+    model, x, fresh = _eva(), _eva_images(0), _eva_images(1)
+    graph = ff.analyze(model, (x,))
+    why = graph["blocks.0.attn.head_dim"].blocked
+    assert why is not None and "rotary embeddings" in why[1]
+    ref = _grow(model, x, {"patch_embed.proj": 8, "blocks.0.mlp.fc1": 4})  # one head more in every block
+    assert _drift(model, ref, fresh) < 1e-12
+    attn = model.blocks[1].attn
+    assert (attn.num_heads, attn.head_dim, attn.qkv.out_features) == (3, 8, 72)
+    assert (model.blocks[0].mlp.fc1.out_features, model.blocks[0].mlp.fc2.in_features) == (92, 46)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_eva_head_dim_grows_exactly_with_its_stream(fused, init_values):
+    """Without rotary embeddings `<attention>.head_dim` grows one dim in every head of both blocks (and the stream
+    by num_heads), through LayerScale gammas too; the scale follows the new head_dim."""
+    model = _eva(use_rot_pos_emb=False, qkv_fused=fused, init_values=init_values)
+    x, fresh = _eva_images(0), _eva_images(1)
+    ref = copy.deepcopy(model)
+    ff.widen(model, (x,), {"blocks.0.attn.head_dim": 3}, mode="zero")
+    assert _drift(model, ref, fresh) < 1e-12 and check_attrs(model) == []
+    for blk in model.blocks:
+        assert (blk.attn.num_heads, blk.attn.head_dim) == (2, 11) and blk.attn.scale == pytest.approx(11 ** -0.5)
+    assert model.patch_embed.proj.out_channels == 22
+
+
+def test_a_firefly_step_on_a_tiny_eva02_grows_its_stream_and_glu_and_keeps_the_held_out_loss():
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=14, embed_dim=16,
+                              depth=1, num_heads=2, num_classes=2)
+    x = torch.randn(64, 3, 28, 28) * 0.3
+    y = torch.arange(64) % 2
+    x[y == 1, 0, :14] += 1.0  # class 1: a bright red top half
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+    held = (x[48:], y[48:])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for xb, yb in data:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = F.cross_entropy(model(held[0]), held[1]).item()
+    report = make_grower("firefly", budget="ratio:0.5", seed=0).grow(model, data, F.cross_entropy,
+                                                                     example_inputs=(x[:4],))
+    assert {"patch_embed.proj", "blocks.0.mlp.fc1"} <= set(report.extra["pool"])  # the stream and the GLU
+    assert report.extra.get("skipped_groups", {}) == {} and check_attrs(model) == []
+    with torch.no_grad():
+        after = F.cross_entropy(model(held[0]), held[1]).item()
+    assert after <= before + 1e-4

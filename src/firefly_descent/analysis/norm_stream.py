@@ -202,12 +202,12 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
 def layer_scales(g: Any, model: nn.Module | None = None) -> dict[str, Member]:
     """Per producer module, the per-unit multiplier right after it (LayerScale's gamma on a branch's projection,
     `Member.scales`): a vector over the units, one entry each. The completion weights that producer's mean by it."""
-    producers = {m.module for m in g.members if m.role == "producer"}
+    producers = {m.module: m.inner for m in g.members if m.role == "producer"}
     out: dict[str, Member] = {}
     for m in g.members:
         if m.role != "elementwise" or m.kind != "multiplicative" or m.scales not in producers or m.per != 1:
             continue
-        if m.inner != 1 or m.scales in out:
+        if m.inner != producers[m.scales] or m.scales in out:  # one entry per position its producer writes
             continue
         if model is not None:
             owner, _, attr = m.tensor.rpartition(".")

@@ -12,6 +12,11 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
 * Swin's `WindowAttention`: the same, plus the relative position bias table, one column per head (a new head's
   column is any value: its output columns are zero). `num_heads` follows the table; head_dim (read from `qkv`
   with `-1`) grows on request, `scale` following it.
+* EVA's `EvaAttention`: its output is reshaped to its input's width, so like nn.MultiheadAttention its heads are
+  tied to the stream: whole heads grow the stream's group by blocks of head_dim, and `<attention>.head_dim` grows
+  one dim in every head with the stream (`torch_attention.defer_stream_head_dim`). Fused `qkv` with separate
+  q/k/v biases (k's a zero buffer) or unfused `q_proj`/`k_proj`/`v_proj`. Refused with the reason: `scale_norm`
+  and a `gate` (whole heads), rotary embeddings or `qk_norm` (head_dim). Its GLU FFN is a `chunk` (`shapeops`).
 * `Mlp` (the FFN, Mixer's token and channel MLPs), LayerNorm, `cls_token`/`pos_embed` are traced and need no
   rule: the residual stream reaches the LayerNorm completion (docs/architecture.md). Swin's patch merging
   (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts four copies of the channels side by side, so
@@ -21,19 +26,20 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch.fx as fx
 from torch import nn
 
-from .graph import Member
-from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections
-from .rules import LAYER_RULES, PassThroughRule, register_rule
+from .graph import Constraint, Member
+from .heads import Projection, _bias, _HeadsAttentionRule, follow_head_dim, fused_projections, head_dim_members
+from .rules import LAYER_RULES, LayerRule, PassThroughRule, register_rule
+from .torch_attention import StreamHeadDim, defer_stream_head_dim
 
 if TYPE_CHECKING:
-    import torch.fx as fx
-
     from .propagate import Propagation
 
 
@@ -143,12 +149,106 @@ class WindowAttentionRule(_HeadsAttentionRule):
         )
 
 
+class EvaAttentionRule(LayerRule):
+    """timm's `EvaAttention` (module docstring): heads x head_dim is the width of the stream it reads, so its q/k/v
+    rows, their biases and `proj`'s columns are members of the stream's group (whole heads, a `blocks`
+    constraint) and its head_dim group is derived from that stream once propagation is over."""
+
+    attrs = ("num_heads", "head_dim", "scale")
+    attention = True
+
+    @staticmethod
+    def _rows(m: nn.Module, name: str) -> list[tuple[str, str, int, str]]:
+        """(part, tensor, offset, module) of every q/k/v weight and bias along its rows."""
+        if m.qkv is not None:
+            width = m.qkv.out_features // 3
+            rows = [(part, f"{name}.qkv.weight", k * width, f"{name}.qkv")
+                    for k, part in enumerate(("query", "key", "value"))]
+            if m.q_bias is not None:
+                rows += [(part, f"{name}.{b}", 0, name) for part, b in (("query_bias", "q_bias"),
+                                                                        ("key_bias", "k_bias"), ("bias", "v_bias"))]
+            return rows
+        rows = []
+        for part, short in (("query", "q"), ("key", "k"), ("value", "v")):
+            lin = getattr(m, f"{short}_proj")
+            rows.append((part, f"{name}.{short}_proj.weight", 0, f"{name}.{short}_proj"))
+            if _bias(lin):
+                rows.append(({"query": "query_bias", "key": "key_bias"}.get(part, "bias"),
+                             f"{name}.{short}_proj.bias", 0, f"{name}.{short}_proj"))
+        return rows
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> Any:
+        x = node.args[0] if node.args else node.kwargs.get("x")
+        lay, s = a.layout_or_fixed(x)
+        out = a.fixed(len(a.shape(node)))
+        what = f"EvaAttention {name!r}"
+        a.block_layout(lay[:-1], "UnsupportedOpError", f"{what} mixes tokens of a grown dim")
+        for other in a.tensor_args(node):
+            if other is not x:
+                a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
+        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
+        dl = lay[-1]
+        why = None
+        if dl is None or len(dl) != 1 or dl[0][0] is None:
+            why = "reads a fixed-width or concatenated input"
+        elif not isinstance(m.norm, nn.Identity) or m.gate is not None:
+            why = "has scale_norm or a gate (over all heads' outputs together: new heads would change them)"
+        if why is not None:
+            a.block_layout([dl], "FrozenGroupError", f"{what} {why}")
+            a.block(head_dim, "FrozenGroupError", f"{what} grows head_dim only with its stream, and {why}")
+            return out
+        g = a.find(dl[0][0])
+        qkv = [(f"{name}.qkv.weight", f"{name}.qkv")] if m.qkv is not None else [
+            (f"{name}.{p}_proj.weight", f"{name}.{p}_proj") for p in "qkv"]
+        for tensor, module in qkv:  # they read the stream
+            a.members[g].append(Member(tensor, 1, "consumer", "weight", module))
+        rows = self._rows(m, name)
+        for part, tensor, offset, module in rows:  # and write heads x head_dim: the stream's width
+            a.members[g].append(Member(tensor, 0, "producer", "bias" if "bias" in part else "weight", module, offset))
+        proj = f"{name}.proj"
+        a.members[g].append(Member(f"{proj}.weight", 1, "consumer", "weight", proj))
+        a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        output, producers = _proj_output(m, name)[0], _proj_output(m, name)[2]  # its own group until the residual
+        written = a.new_group(m.proj.out_features, output)
+        a.members[written].extend(producers)
+        a.channel_dims[written].append((node.name, len(s) - 1))
+        out[-1] = ((written, 1),)
+        rope = node.args[1] if len(node.args) > 1 else node.kwargs.get("rope")
+        if isinstance(rope, fx.Node) or not (isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)):
+            a.block(head_dim, "FrozenGroupError", f"{what} does not grow head_dim: rotary embeddings or qk_norm act on "
+                    "each head's dims (new dims would change them)")
+            return out
+        members = head_dim_members([Projection("output", f"{proj}.weight", 1, proj, m.num_heads)], m.head_dim)
+        for part, tensor, offset, module in rows:
+            kind = {"value": "weight"}.get(part, part)
+            segment = Projection("value", tensor, 0, module, m.num_heads, offset)  # rows per head
+            members += [dataclasses.replace(mb, kind=kind) for mb in head_dim_members([segment], m.head_dim)]
+        a.members[head_dim].extend(members)
+        a.constraints[head_dim].append(Constraint("head_dim", name))
+        internal = frozenset({(tensor, 0) for _, tensor, _, _ in rows} | {(f"{proj}.weight", 1)})
+        defer_stream_head_dim(a, StreamHeadDim(head_dim, g, name, m.num_heads, node, internal))
+        return out
+
+    def _width(self, m: nn.Module) -> int:
+        return m.qkv.out_features // 3 if m.qkv is not None else m.q_proj.out_features
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        m.num_heads = self._width(m) // m.head_dim
+
+    def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
+        return follow_head_dim(self, m, old, new, set_attr, "head_dim", ("scale",))
+
+    def check(self, m: nn.Module) -> bool:
+        return self._width(m) == m.num_heads * m.head_dim == m.proj.in_features
+
+
 # (module, class, rule): looked up in sys.modules, so a timm version that lacks one skips it. DropPath (stochastic
 # depth) scales each sample by 0 or 1/keep in training: its units pass through (traced into, its per-sample mask,
 # `x.new_empty(shape)`, has no channel rule and would block the stream of any model trained with drop_path_rate).
 TIMM_RULES: tuple[tuple[str, str, Any], ...] = (
     ("timm.layers.attention", "Attention", TimmAttentionRule),
     ("timm.models.swin_transformer", "WindowAttention", WindowAttentionRule),
+    ("timm.models.eva", "EvaAttention", EvaAttentionRule),
     ("timm.layers.drop", "DropPath", PassThroughRule),
 )
 
