@@ -294,15 +294,12 @@ def test_rules_load_only_once_timm_is_imported():
 
 
 # ---- Firefly ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init_values", [None, 0.1])
-def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss(init_values):
-    """One budget over heads, the FFN and the stream, with and without LayerScale (`init_values`)."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
-                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2, init_values=init_values)
-    x = torch.randn(64, 3, 16, 16) * 0.3
+def _trained_on_red_tops(model: nn.Module, size: int) -> tuple[torch.Tensor, list, tuple, float]:
+    """A few Adam steps on a task a tiny model learns (class 1: a bright red top half); the images, the 3 training
+    batches, the held-out batch and its loss after training (eval mode)."""
+    x = torch.randn(64, 3, size, size) * 0.3
     y = torch.arange(64) % 2
-    x[y == 1, 0, :8] += 1.0  # class 1: a bright red top half
+    x[y == 1, 0, : size // 2] += 1.0
     data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
     held = (x[48:], y[48:])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -313,7 +310,16 @@ def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss(init_values):
             opt.step()
     model.eval()
     with torch.no_grad():
-        before = F.cross_entropy(model(held[0]), held[1]).item()
+        return x, data, held, F.cross_entropy(model(held[0]), held[1]).item()
+
+
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_a_firefly_step_on_a_tiny_vit_keeps_the_held_out_loss(init_values):
+    """One budget over heads, the FFN and the stream, with and without LayerScale (`init_values`)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                              depth=1, num_heads=2, mlp_ratio=2.0, num_classes=2, init_values=init_values)
+    x, data, held, before = _trained_on_red_tops(model, 16)
     grower = make_grower("firefly", budget="ratio:0.5", per_group=True, seed=0)
     report = grower.grow(model, data, F.cross_entropy, example_inputs=(x[:4],))
     pool = report.extra["pool"]
@@ -372,20 +378,7 @@ def test_a_firefly_step_on_a_tiny_eva02_grows_its_stream_and_glu_and_keeps_the_h
     torch.manual_seed(0)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=14, embed_dim=16,
                               depth=1, num_heads=2, num_classes=2)
-    x = torch.randn(64, 3, 28, 28) * 0.3
-    y = torch.arange(64) % 2
-    x[y == 1, 0, :14] += 1.0  # class 1: a bright red top half
-    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
-    held = (x[48:], y[48:])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for xb, yb in data:
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        before = F.cross_entropy(model(held[0]), held[1]).item()
+    x, data, held, before = _trained_on_red_tops(model, 28)
     report = make_grower("firefly", budget="ratio:0.5", seed=0).grow(model, data, F.cross_entropy,
                                                                      example_inputs=(x[:4],))
     assert {"patch_embed.proj", "blocks.0.mlp.fc1"} <= set(report.extra["pool"])  # the stream and the GLU
