@@ -385,12 +385,18 @@ def _family(name: str) -> torch.nn.Module:
         cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=V)
         return jitter(transformers.Qwen2ForCausalLM(cfg), torch.float64)
+    if name in ("qwen3", "gemma"):  # Qwen3: q_norm/k_norm per head; Gemma: norms multiply by 1 + weight
+        config = transformers.Qwen3Config if name == "qwen3" else transformers.GemmaConfig
+        cfg = config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=V)
+        cfg._attn_implementation = "eager"
+        return jitter(transformers.AutoModelForCausalLM.from_config(cfg), torch.float64)
     cfg = transformers.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=20, num_labels=3)
     return jitter(transformers.RobertaForSequenceClassification(cfg), torch.float64)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "roberta"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "roberta"])
 def test_more_families_grow_heads_head_dim_ffn_and_stream_exactly(family):
     model, x, fresh = _family(family), _ids(0) % (V - 3) + 3, _ids(1, 3) % (V - 3) + 3  # RoBERTa: 0-2 special
     if family == "roberta":
@@ -400,7 +406,12 @@ def test_more_families_grow_heads_head_dim_ffn_and_stream_exactly(family):
         attn, ffn = "model.layers.0.self_attn", "model.layers.1.mlp.gate_proj"
         stream, stream_tol = "model.embed_tokens", 1e-6  # the RMSNorm computes in float32
     before = _logits(model, fresh)
+    if family == "qwen3":  # its per-head norms over the head dims refuse head_dim, with the reason
+        with pytest.raises(ff.GrowthError, match="q_norm/k_norm normalise each head's dims"):
+            ff.widen(model, x, {f"{attn}.head_dim": 2}, mode="zero")
     for sizes, tol in (({f"{attn}.heads": 1}, 1e-12), ({f"{attn}.head_dim": 2}, 1e-12), ({ffn: 4}, 1e-12)):
+        if family == "qwen3" and "head_dim" in next(iter(sizes)):
+            continue
         ff.widen(model, x, sizes, mode="zero")
         assert (_logits(model, fresh) - before).abs().max().item() < tol, sizes
     if stream_tol is None:
@@ -412,6 +423,8 @@ def test_more_families_grow_heads_head_dim_ffn_and_stream_exactly(family):
         ff.widen(model, x, {stream: 4}, mode="zero")
     assert (_logits(model, fresh) - before).abs().max().item() < stream_tol
     assert check_attrs(model) == []
+    if family == "gemma":  # its norms multiply by 1 + weight: a new unit's gain is 1, its weight 0
+        assert model.model.norm.weight.shape[0] == 36 and model.model.norm.weight[32:].abs().max().item() == 0.0
 
 
 def test_bert_post_norm_stream_and_block_copies_are_refused_with_the_reason():

@@ -72,12 +72,15 @@ class LayerNormRule(LayerRule):
 class RMSNormRule(LayerNormRule):
     """nn.RMSNorm (and layers computing `weight * x / sqrt(mean(x^2) + eps)` with their epsilon in attribute
     `eps_attr`, e.g. transformers' LlamaRMSNorm): kept whole, its gain a norm member, constraint `rmsnorm`.
-    An epsilon of None (nn.RMSNorm's default) is the dtype's machine epsilon, set explicitly on growth."""
+    An epsilon of None (nn.RMSNorm's default) is the dtype's machine epsilon, set explicitly on growth.
+    `gain_offset`: the norm multiplies by `gain_offset + weight` (Gemma's `1 + weight`); the completion rescales
+    that sum."""
 
     constraint = "rmsnorm"
 
-    def __init__(self, eps_attr: str = "eps") -> None:
+    def __init__(self, eps_attr: str = "eps", gain_offset: float = 0.0) -> None:
         self.eps_attr = eps_attr
+        self.gain_offset = gain_offset
         self.attrs = ("normalized_shape", eps_attr)
 
     def norm_eps(self, m: nn.Module) -> tuple[str, float] | None:
@@ -284,9 +287,13 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
                     if m.module != c.module or m.role != "norm":
                         continue
                     t = grown.tensor(m.tensor)
-                    if m.kind == "norm_weight":
+                    if m.kind == "norm_weight":  # the gain is offset + weight (Gemma: 1 + weight)
+                        offset = getattr(rule_for(mod), "gain_offset", 0.0)
                         keep = torch.cat([grown.positions(m, "old"), grown.positions(m, "twin")]).flatten().to(t.device)
-                        t.index_copy_(m.dim, keep, t.index_select(m.dim, keep) * math.sqrt(factor))
+                        gains = (t.index_select(m.dim, keep) + offset) * math.sqrt(factor)
+                        t.index_copy_(m.dim, keep, gains - offset)
+                        if offset:  # a new unit's gain 1, as a fresh norm's
+                            t.index_fill_(m.dim, grown.positions(m, "new").flatten().to(t.device), 1.0 - offset)
                     elif m.kind == "norm_bias":
                         t.index_fill_(m.dim, grown.positions(m, "new").flatten().to(t.device), 0)
                 grown.set_attr(mod, attr, eps * factor)

@@ -103,10 +103,12 @@ if Conv1D is not None:
 # RMSNorms of model families: (modeling module, class, epsilon attribute). A family's modeling module costs
 # seconds to import, so its rule is registered once the user's code has loaded it (`register_loaded`, run by
 # every `analyze`).
-FAMILY_RMSNORMS = (
-    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon"),
-    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "variance_epsilon"),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "variance_epsilon"),
+FAMILY_RMSNORMS = (  # (..., gain offset: Gemma's norm multiplies by 1 + weight)
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "variance_epsilon", 0.0),
+    ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "variance_epsilon", 0.0),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "variance_epsilon", 0.0),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "variance_epsilon", 0.0),
+    ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "eps", 1.0),
 )
 
 
@@ -243,6 +245,15 @@ class LlamaAttentionRule(_HeadsAttentionRule):
         )
 
 
+class QkNormAttentionRule(LlamaAttentionRule):
+    """A Llama-shaped attention that normalises each head's queries and keys over their dims (Qwen3's `q_norm` and
+    `k_norm`, one gain of head_dim shared by the heads): whole heads grow as Llama's; head_dim would move those
+    norms' statistics, so it is refused with that reason."""
+
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        return "does not grow head_dim: its q_norm/k_norm normalise each head's dims (new dims would move them)"
+
+
 class BertSelfAttentionRule(_HeadsAttentionRule):
     """transformers' BertSelfAttention: `query`/`key`/`value` Linears viewed to heads of `attention_head_size`;
     its output is the heads side by side, so the heads group is its output's units (`attention_head_size` per
@@ -339,6 +350,10 @@ FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.mistral.modeling_mistral", "MistralRotaryEmbedding", RotaryEmbeddingRule),
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", LlamaAttentionRule),
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", QkNormAttentionRule),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.gemma.modeling_gemma", "GemmaAttention", LlamaAttentionRule),
+    ("transformers.models.gemma.modeling_gemma", "GemmaRotaryEmbedding", RotaryEmbeddingRule),
     ("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention", BertSelfAttentionRule),
     ("transformers.models.bert.modeling_bert", "BertLayer", PostNormBlockRule),
     ("transformers.models.bert.modeling_bert", "BertEmbeddings", PostNormBlockRule),
@@ -349,10 +364,10 @@ FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
 
 def register_loaded() -> None:
     """Register the family rules whose modeling module is loaded now."""
-    for module_name, cls_name, eps_attr in FAMILY_RMSNORMS:
+    for module_name, cls_name, eps_attr, offset in FAMILY_RMSNORMS:
         cls = getattr(sys.modules.get(module_name), cls_name, None)
         if isinstance(cls, type) and cls not in LAYER_RULES:
-            register_rule(cls, RMSNormRule(eps_attr))
+            register_rule(cls, RMSNormRule(eps_attr, offset))
     for module_name, cls_name, rule in FAMILY_ATTENTIONS:
         cls = getattr(sys.modules.get(module_name), cls_name, None)
         if isinstance(cls, type) and cls not in LAYER_RULES:
