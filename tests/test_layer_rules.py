@@ -494,3 +494,30 @@ def test_what_a_split_cannot_cut_says_why():
 
     why = ff.analyze(Literal(), x)["fc1"].blocked
     assert why is not None and "parts of a fixed size" in why[1]
+
+
+class ConvGLU(nn.Module):
+    """A conformer-style conv module: pointwise conv to 2C channels, GLU over them, depthwise conv, BatchNorm."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.pw1, self.glu = nn.Conv1d(4, 12, 1), nn.GLU(dim=1)
+        self.dw, self.bn, self.pw2 = nn.Conv1d(6, 6, 3, padding=1, groups=6), nn.BatchNorm1d(6), nn.Conv1d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.glu(self.pw1(x), dim=1) if self.functional else self.glu(self.pw1(x))
+        return self.pw2(torch.relu(self.bn(self.dw(h))))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_glu_grows_by_pairs_of_channels_through_a_depthwise_conv(functional):
+    torch.manual_seed(0)
+    model = randomize_norm_stats(ConvGLU(functional)).double().eval()
+    x = torch.randn(2, 4, 7, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    ff.widen(model, x, {"pw1": 2}, mode="zero")
+    ff.widen(model, x, {"pw1": 3}, mode="split")
+    assert (model.pw1.out_channels, model.dw.groups, model.pw2.in_channels) == (22, 11, 11)
+    assert check_attrs(model) == []
+    assert _check_preserved(model, ref, torch.randn(3, 4, 7, dtype=torch.float64), tol=1e-12) <= 1e-12

@@ -253,6 +253,13 @@ class UnflattenRule(LayerRule):
         return shapeops.reshape(a, node)
 
 
+class GLURule(LayerRule):
+    """nn.GLU: its input's two halves become one group of row pairs (`shapeops.glu`)."""
+
+    def propagate(self, a: Propagation, node: fx.Node, m: nn.GLU, name: str) -> Any:
+        return shapeops.glu(a, node, m.dim)
+
+
 class SoftmaxRule(LayerRule):
     def propagate(self, a: Propagation, node: fx.Node, m: nn.Softmax, name: str) -> Any:
         return shapeops.softmax_dim(a, node, node.args[0], m.dim)
@@ -287,6 +294,7 @@ register_rule(nn.GroupNorm, GroupNormRule())
 register_rule(nn.Flatten, FlattenRule())
 register_rule(nn.Unflatten, UnflattenRule())
 register_rule(nn.Softmax, SoftmaxRule())
+register_rule(nn.GLU, GLURule())
 register_rule(nn.LogSoftmax, SoftmaxRule())
 register_constraint("groupnorm", lambda c, g, s, n, ap: whole_blocks("normalised by GroupNorm", c, g, s, n, ap))
 register_constraint("conv_groups", lambda c, g, s, n, ap: whole_blocks("convolved by grouped conv", c, g, s, n, ap))

@@ -436,42 +436,60 @@ def getitem(a: Propagation, node: fx.Node) -> Any:
 
 def chunk(a: Propagation, node: fx.Node) -> Any:
     """`x.chunk(n, dim)` / `x.split(size, dim)` into equal parts. Along a grown dim the producer's units become one
-    group per part (part k's unit j at row k*W/n + j of the producer, which then holds the parts side by side):
-    a GLU's value and gate halves, multiplied back into one group whose unit is a pair of rows. Only a layer's
-    fresh output can be cut (one module's rows, read by nothing else). Dims not cut pass through every part."""
+    group per part (`cut`); dims not cut pass through every part."""
     x = node.args[0]
     metas = node.meta.get("tensor_meta")
     lay, s = a.layout_or_fixed(x)
     if not isinstance(metas, (tuple, list)) or s is None:
         return a.block_unknown(node, "a split into parts")
     dim = _arg(node, 2, "dim", 0) % len(s)
-    parts = [tuple(m.shape) for m in metas]
+    sizes = {tuple(m.shape)[dim] for m in metas}
+    why = None
+    if node.target in (torch.split, "split") and not isinstance(_arg(node, 1, "split_size"), fx.Node):
+        why = "into parts of a fixed size (x.chunk(n), or a size computed from the shape, follows growth)"
+    elif len(sizes) != 1:
+        why = "into unequal parts"
+    return tuple(cut(a, node, x, dim, len(metas), why))
+
+
+def glu(a: Propagation, node: fx.Node, dim: int | None = None) -> Any:
+    """`F.glu(x, dim)` / nn.GLU (`dim` given): the first half times the sigmoid of the second, one group of row
+    pairs (`cut`)."""
+    x = node.args[0]
+    _, s = a.layout_or_fixed(x)
+    if s is None:
+        return a.block_unknown(node, "glu")
+    dim = (_arg(node, 1, "dim", -1) if dim is None else dim) % len(s)
+    value, gate = cut(a, node, x, dim, 2)
+    return [unify(a, node, [(v, x, d), (g, x, d)], "mul") for d, (v, g) in enumerate(zip(value, gate))]
+
+
+def cut(a: Propagation, node: fx.Node, x: fx.Node, dim: int, n: int, why: str | None = None) -> list[Layout]:
+    """The layouts of `x` cut into `n` equal parts along `dim`. A grown dim can be cut only where it is a layer's
+    fresh output (one module's rows, read by the cut alone): its units become one group per part, part k's unit j
+    at row k*W/n + j of the producer, which then holds the parts side by side (a GLU's value and gate halves,
+    multiplied back into one group whose unit is a pair of rows). Otherwise (or given `why`) the dim is blocked."""
+    lay, _ = a.layout_or_fixed(x)
 
     def with_dim(dl: Any) -> Layout:
         return [*lay[:dim], dl, *lay[dim + 1 :]]
 
     if lay[dim] is None:
-        return tuple(with_dim(None) for _ in parts)
-    why = None
-    fixed = node.target in (torch.split, "split") and not isinstance(_arg(node, 1, "split_size"), fx.Node)
-    if fixed:  # a literal size stays what it was when the dim grows
-        why = "into parts of a fixed size (x.chunk(n), or a size computed from the shape, follows growth)"
-    elif len({p[dim] for p in parts}) != 1:
-        why = "into unequal parts"
-    elif len(lay[dim]) != 1 or lay[dim][0][0] is None:
+        return [with_dim(None) for _ in range(n)]
+    if why is None and (len(lay[dim]) != 1 or lay[dim][0][0] is None):
         why = "across several groups"
-    else:
+    elif why is None:
         g, inner = a.find(lay[dim][0][0]), lay[dim][0][1]
         members = a.members[g]
         readers = [u for u in x.users if u is not node and a.shape(u) is not None]  # not `x.shape[-1]`
-        if (a.widths[g] % len(parts) or readers or not members or len({m.module for m in members}) != 1
+        if (a.widths[g] % n or readers or not members or len({m.module for m in members}) != 1
                 or any(m.role != "producer" or m.per != 1 for m in members)):
             why = "through units other layers already share (only a layer's own output, read by the split alone)"
     if why is not None:
         a.block_layout([lay[dim]], "UnsupportedOpError", f"{source_of(node)} splits a grown dim {why}")
-        return tuple(with_dim(None) for _ in parts)
-    width = a.widths[g] // len(parts)
-    groups = [g] + [a.new_group(width, f"{a.names[g]}.part{k}") for k in range(1, len(parts))]
+        return [with_dim(None) for _ in range(n)]
+    width = a.widths[g] // n
+    groups = [g] + [a.new_group(width, f"{a.names[g]}.part{k}") for k in range(1, n)]
     for k, h in enumerate(groups):
         a.members[h] = [dataclasses.replace(m, offset=m.offset + k * width * m.inner) for m in members]
         a.producers[h] = list(a.producers[g])
@@ -480,7 +498,7 @@ def chunk(a: Propagation, node: fx.Node) -> Any:
     for h in groups:  # a unit is now a function of several rows: a norm's completion cannot make it the mean
         a.constraints[h].append(Constraint("parts", members[0].module))
     a.env[x] = with_dim(tuple((h, inner) for h in groups))
-    return tuple(with_dim(((h, inner),)) for h in groups)
+    return [with_dim(((h, inner),)) for h in groups]
 
 
 # ---- the tables ------------------------------------------------------------------------------------
@@ -532,4 +550,5 @@ register_function_rule(torch.concat, cat)
 register_function_rule(operator.getitem, getitem)
 for _t in (torch.chunk, "chunk", torch.split, "split"):
     register_function_rule(_t, chunk)
+register_function_rule(F.glu, glu)
 register_constraint("parts", lambda c, g, s, n, ap: None)  # any change; a norm over such units says why not
