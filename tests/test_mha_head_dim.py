@@ -257,3 +257,33 @@ def test_growers_leave_it_alone_unless_named_and_a_grown_model_reloads(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
     assert loaded.blocks[1].attn.head_dim == model.blocks[1].attn.head_dim and check_attrs(loaded) == []
+
+
+class CrossAttention(nn.Module):
+    """Tokens attend to a memory of another width (kdim = vdim = 6: separate q/k/v projection weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.ln, self.mem = nn.Embedding(11, 8), nn.LayerNorm(8), nn.Linear(5, 6)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h, mem = self.tok(tokens), torch.relu(self.mem(memory))
+        return self.out(h + self.attn(self.ln(h), mem, mem, need_weights=False)[0])
+
+
+def test_cross_attention_with_its_own_key_width_grows_heads_memory_and_head_dim_exactly():
+    torch.manual_seed(0)
+    model = _jitter(CrossAttention())
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randint(0, 11, (2, 4), generator=gen), torch.randn(2, 6, 5, dtype=torch.float64, generator=gen))
+    ref = copy.deepcopy(model)
+    ff.widen(model, x, {"tok": 4}, mode="zero")  # one head more (the stream, by head_dim)
+    ff.widen(model, x, {"mem": 3}, mode="zero")  # the memory: the key and value projections' columns
+    ff.widen(model, x, {"attn.head_dim": 2}, mode="zero")
+    m = model.attn
+    assert (m.embed_dim, m.num_heads, m.head_dim, m.kdim, m.vdim) == (18, 3, 6, 9, 9) and check_attrs(model) == []
+    assert tuple(m.k_proj_weight.shape) == (18, 9)
+    with torch.no_grad():
+        assert (model(*x) - ref(*x)).abs().max().item() < 1e-10

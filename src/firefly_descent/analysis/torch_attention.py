@@ -55,11 +55,16 @@ class MultiheadAttentionRule(LayerRule):
             a.block_layout(
                 lay[:-1], "UnsupportedOpError", f"nn.MultiheadAttention {name!r} mixes tokens of a grown dim"
             )
+        separate = not m._qkv_same_embed_dim  # kdim/vdim differ: q/k/v_proj_weight, read by their own inputs
         reason = None
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.in_proj_weight is None:
-            reason = "has separate q/k/v projections or bias_k/bias_v (register a rule for it)"
+        if m.bias_k is not None:
+            reason = "has bias_k/bias_v (register a rule for it)"
+        elif separate and len(layouts) == 3 and layouts[0][-1] is not None:
+            grown = [layouts[0][-1]]  # the query's stream; key and value are read as other groups
         elif grown and (len(grown) != len(layouts) or any(len(dl) != 1 for dl in grown)):
             reason = "reads a fixed-width or concatenated input"
+        if reason is None and grown and len(grown[0]) != 1:
+            reason = "reads a concatenated input"
         if reason is not None or not grown:
             if reason is not None:
                 a.block_layout(grown, "FrozenGroupError", f"nn.MultiheadAttention {name!r} {reason}")
@@ -72,10 +77,16 @@ class MultiheadAttentionRule(LayerRule):
         g = a.find(g)
         dl = ((g, 1),)
         e = m.embed_dim
-        a.add_members(dl, f"{name}.in_proj_weight", 1, "consumer", "weight", name)
-        for k in range(3):  # q, k, v rows: three blocks of embed_dim
-            a.members[g].append(Member(f"{name}.in_proj_weight", 0, "producer", "weight", name, k * e))
-            if m.in_proj_bias is not None:
+        rows = _row_tensors(m, name)
+        if separate:  # each projection reads its own input
+            for (tensor, _), lay in zip(rows, layouts):
+                a.add_members(lay[-1], tensor, 1, "consumer", "weight", name)
+        else:
+            a.add_members(dl, f"{name}.in_proj_weight", 1, "consumer", "weight", name)
+        for tensor, offset in rows:  # q, k, v rows: three blocks of embed_dim
+            a.members[g].append(Member(tensor, 0, "producer", "weight", name, offset))
+        if m.in_proj_bias is not None:
+            for k in range(3):
                 a.members[g].append(Member(f"{name}.in_proj_bias", 0, "producer", "bias", name, k * e))
         out = f"{name}.out_proj"
         a.members[g].append(Member(f"{out}.weight", 1, "consumer", "weight", out))
@@ -83,16 +94,19 @@ class MultiheadAttentionRule(LayerRule):
         if m.out_proj.bias is not None:
             a.members[g].append(Member(f"{out}.bias", 0, "producer", "bias", out))
         a.constraints[g].append(Constraint("blocks", name, m.head_dim))
-        a.members[head_dim].extend(head_dim_members(_projections(m, name), m.head_dim))
+        a.members[head_dim].extend(_head_dim_members(m, name))
         a.constraints[head_dim].append(Constraint("head_dim", name))
-        internal = frozenset({(f"{name}.in_proj_weight", 0), (f"{name}.in_proj_bias", 0), (f"{out}.weight", 1)})
+        internal = frozenset({(t, 0) for t, _ in rows} | {(f"{name}.in_proj_bias", 0), (f"{out}.weight", 1)})
         defer_stream_head_dim(a, StreamHeadDim(head_dim, g, name, m.num_heads, node, internal))
         outs[0][-1] = dl
         return tuple(outs) if multi else outs[0]
 
     def rederive(self, m: nn.MultiheadAttention, before: dict[str, Any]) -> None:
         m.embed_dim = m.out_proj.weight.shape[0]
-        m.kdim = m.vdim = m.embed_dim
+        if m._qkv_same_embed_dim:
+            m.kdim = m.vdim = m.embed_dim
+        else:
+            m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
         m.head_dim = before["head_dim"]
         m.num_heads = m.embed_dim // m.head_dim
 
@@ -100,22 +114,37 @@ class MultiheadAttentionRule(LayerRule):
         return follow_head_dim(self, m, old, new, set_attr)  # the module derives its scale from head_dim itself
 
     def check(self, m: nn.MultiheadAttention) -> bool:
-        w = m.in_proj_weight
-        return m.num_heads * m.head_dim == m.embed_dim and (
-            w is None or tuple(w.shape) == (3 * m.embed_dim, m.embed_dim)
-        )
+        e, w = m.embed_dim, m.in_proj_weight
+        if w is None:  # separate projections
+            shapes = [tuple(t.shape) for t in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)]
+            return m.num_heads * m.head_dim == e and shapes == [(e, e), (e, m.kdim), (e, m.vdim)]
+        return m.num_heads * m.head_dim == e and tuple(w.shape) == (3 * e, e)
 
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
 
 
-def _projections(m: nn.MultiheadAttention, name: str) -> list[Projection]:
-    """The packed q/k/v rows (three blocks of num_heads x head_dim) and the output projection's columns."""
-    e, heads = m.embed_dim, m.num_heads
-    bias = f"{name}.in_proj_bias" if m.in_proj_bias is not None else None
-    parts = [Projection(part, f"{name}.in_proj_weight", 0, name, heads, k * e, bias)
-             for k, part in enumerate(("query", "key", "value"))]
-    return parts + [Projection("output", f"{name}.out_proj.weight", 1, f"{name}.out_proj", heads)]
+def _row_tensors(m: nn.MultiheadAttention, name: str) -> list[tuple[str, int]]:
+    """(tensor, offset) of the q, k and v rows: three blocks of the packed in_proj_weight, or the separate
+    q/k/v_proj_weight when kdim or vdim differ from embed_dim."""
+    if m._qkv_same_embed_dim:
+        return [(f"{name}.in_proj_weight", k * m.embed_dim) for k in range(3)]
+    return [(f"{name}.{p}_proj_weight", 0) for p in "qkv"]
+
+
+def _head_dim_members(m: nn.MultiheadAttention, name: str) -> list[Member]:
+    """The q/k/v rows and biases cut per head (`heads.head_dim_members`) and the output projection's columns."""
+    heads, parts = m.num_heads, ("query", "key", "value")
+    projections = [Projection(part, tensor, 0, name, heads, offset) for part, (tensor, offset) in
+                   zip(parts, _row_tensors(m, name))]
+    members = head_dim_members(projections + [Projection("output", f"{name}.out_proj.weight", 1,
+                                                          f"{name}.out_proj", heads)], m.head_dim)
+    if m.in_proj_bias is not None:  # its own tensor, three blocks: the bias kinds of each part
+        kinds = {"query": "query_bias", "key": "key_bias", "weight": "bias"}
+        for k, part in enumerate(parts):
+            bias = Projection(part, f"{name}.in_proj_bias", 0, name, heads, k * m.embed_dim)
+            members += [dataclasses.replace(b, kind=kinds[b.kind]) for b in head_dim_members([bias], m.head_dim)]
+    return members
 
 
 @dataclasses.dataclass(frozen=True)
