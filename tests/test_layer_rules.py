@@ -521,3 +521,32 @@ def test_glu_grows_by_pairs_of_channels_through_a_depthwise_conv(functional):
     assert (model.pw1.out_channels, model.dw.groups, model.pw2.in_channels) == (22, 11, 11)
     assert check_attrs(model) == []
     assert _check_preserved(model, ref, torch.randn(3, 4, 7, dtype=torch.float64), tol=1e-12) <= 1e-12
+
+
+def test_firefly_candidates_on_a_glu_apply_as_the_over_grown_copy_computed():
+    """A GLU unit is a pair of fc1 rows: Firefly's new units and splits carry trained rows at both offsets, exact
+    when off, and the engine applies the kept ones as the over-grown copy computed them."""
+    from firefly_descent.budget import Candidate
+    from firefly_descent.methods import Firefly
+    from firefly_descent.methods.firefly.candidates import build_width_candidates
+
+    torch.manual_seed(0)
+    model = GLU().double().eval()
+    x, fresh = (torch.randn(4, 5, dtype=torch.float64),), torch.randn(6, 5, dtype=torch.float64)
+    graph = ff.analyze(model, *x)
+    init = {"split": 0.3, "new_in": 0.5, "new_out": 0.3}
+    cands = build_width_candidates(model, graph, [graph["fc1"]], {"fc1": 2}, True, x, init,
+                                   torch.Generator().manual_seed(0))
+    assert sorted(cands.new_in["fc1"]) == ["fc1.weight@0", "fc1.weight@6"]  # value and gate rows
+    cands.bank.alpha = 0.0
+    with torch.no_grad():
+        assert (cands.net(fresh) - model(fresh)).abs().max().item() < 1e-12
+    cands.bank.gates["new:fc1"][:] = 1.0
+    cands.bank.gates["split:fc1"][:2] = 1.0
+    with torch.no_grad():
+        target = cands.net(fresh)
+    assert (target - model(fresh)).abs().max().item() > 1e-3
+    kept = [Candidate(kind, "fc1", j, -1.0, 1.0) for kind in ("new", "split") for j in range(2)]
+    ff.apply(model, Firefly()._materialize(graph, cands, None, kept, x), example_inputs=x, verify=False)
+    with torch.no_grad():
+        assert (model(fresh) - target).abs().max().item() < 1e-10
