@@ -287,3 +287,18 @@ def test_cross_attention_with_its_own_key_width_grows_heads_memory_and_head_dim_
     assert tuple(m.k_proj_weight.shape) == (18, 9)
     with torch.no_grad():
         assert (model(*x) - ref(*x)).abs().max().item() < 1e-10
+
+
+def test_swin_last_stage_grows_whole_heads_with_their_bias_columns():
+    """A new head of torchvision's Swin is head_dim new stream channels: its bias table column is any value (the
+    head's output columns are zero), so the LayerNorm'd stream's completion does not refuse it."""
+    torch.manual_seed(0)
+    model = _jitter(FAMILIES["torchvision-swin"][0]())
+    x, fresh = _x((2, 3, 8, 8), 0), _x((2, 3, 8, 8), 1)
+    with torch.no_grad():
+        before = model(fresh)
+    ff.widen(model, x, {"features.2.reduction": 8}, mode="zero")
+    attn = model.features[3][0].attn
+    assert (attn.num_heads, attn.relative_position_bias_table.shape[1]) == (3, 3) and check_attrs(model) == []
+    with torch.no_grad():
+        assert (model(fresh) - before).abs().max().item() < 1e-10

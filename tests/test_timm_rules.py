@@ -386,3 +386,29 @@ def test_a_firefly_step_on_a_tiny_eva02_grows_its_stream_and_glu_and_keeps_the_h
     with torch.no_grad():
         after = F.cross_entropy(model(held[0]), held[1]).item()
     assert after <= before + 1e-4
+
+
+# ---- BEiT -----------------------------------------------------------------------------------------------------
+def _beit(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=16, embed_dim=16, depth=2,
+                          num_heads=2, num_classes=3, **kw)
+    return _jitter(m, torch.float64)
+
+
+def test_beit_grows_whole_heads_with_their_bias_columns_head_dim_and_ffn_exactly():
+    """BEiT's attention reshapes its output to its input's width (heads tied to the stream, as EVA's) and adds a
+    relative position bias with one column per head; it keeps no head_dim, only `scale`, which follows it."""
+    model, x, fresh = _beit(), _images(0, dtype=torch.float64), _images(1, dtype=torch.float64)
+    ref = _grow(model, x, {"patch_embed.proj": 8, "blocks.1.mlp.fc1": 4})  # a head more in every block
+    attn = model.blocks[1].attn
+    assert (attn.num_heads, attn.relative_position_bias_table.shape[1], attn.qkv.out_features) == (3, 3, 72)
+    ff.widen(model, (x,), {"blocks.0.attn.head_dim": 3}, mode="zero")
+    assert attn.scale == pytest.approx(11 ** -0.5) and attn.qkv.out_features == 99 and check_attrs(model) == []
+    assert _drift(model, ref, fresh) < 1e-12
+
+
+def test_beit_with_a_bias_shared_by_every_block_refuses_new_heads_with_the_reason():
+    graph = ff.analyze(_beit(use_shared_rel_pos_bias=True, use_rel_pos_bias=False), (_images(0, dtype=torch.float64),))
+    why = graph["patch_embed.proj"].blocked
+    assert why is not None and "shared by every block" in why[1] and graph["blocks.0.mlp.fc1"].growable

@@ -91,6 +91,12 @@ class RMSNormRule(LayerNormRule):
         return (self.eps_attr, float(eps))
 
 
+def _owned(module: str, owners: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `owners` or inside one (an attention's projections and tables: their new rows feed
+    no norm, the attention's own completion or zero output columns make them exact)."""
+    return any(module == o or module.startswith(o + ".") for o in owners)
+
+
 def _norm_splits_check(what: str) -> Any:
     def check(c: Constraint, group: Any, split_units: Any, new_count: int, approximate: bool) -> None:
         """New units are made exact by the completion; a split must duplicate every unit exactly once (a twin
@@ -174,9 +180,9 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
             inner = gains[0].inner  # positions per unit; every writer must write whole units of them
             # an attention whose head dims grow with the stream (nn.MultiheadAttention) writes its q/k/v rows one
             # dim per head: the head_dim completion makes those exact, not this one
-            heads = tuple(c.module for c in g.constraints if c.kind == "head_dim")
+            heads = tuple(c.module for c in g.constraints if c.kind in ("head_dim", "blocks"))
             writers = [m for m in g.members if (m.role == "producer" or (m.role, m.kind) == ("elementwise", "additive"))
-                       and not any(m.module == h or m.module.startswith(h + ".") for h in heads)]
+                       and not _owned(m.module, heads)]
             if size != g.width * inner or gains[0].offset != 0 or any(m.inner != inner for m in writers):
                 return (
                     f"group {g.name!r}: {what} {c.module!r} normalises {size} units, more than this group's "
@@ -184,12 +190,13 @@ def norm_stream_reason(what: str, centre: bool) -> Any:
                 )
         if centre:
             scaled = layer_scales(g, model)
+            tied = tuple(c.module for c in g.constraints if c.kind in ("head_dim", "blocks"))  # attention inside
             bad = [
                 m.tensor
                 for m in g.members
                 if (m.role == "elementwise" and m.kind != "additive" and m not in scaled.values())
                 or m.role == "passthrough"
-                or (m.role in ("producer", "elementwise") and m.per > 1)
+                or (m.role in ("producer", "elementwise") and m.per > 1 and not _owned(m.module, tied))
             ]
             if bad:
                 return (

@@ -12,8 +12,9 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
 * Swin's `WindowAttention`: the same, plus the relative position bias table, one column per head (a new head's
   column is any value: its output columns are zero). `num_heads` follows the table; head_dim (read from `qkv`
   with `-1`) grows on request, `scale` following it.
-* EVA's `EvaAttention`: its output is reshaped to its input's width, so like nn.MultiheadAttention its heads are
-  tied to the stream: whole heads grow the stream's group by blocks of head_dim, and `<attention>.head_dim` grows
+* EVA's `EvaAttention` and BEiT's `Attention` (`TiedHeadsAttentionRule`): the output is reshaped to the input's
+  width, so like nn.MultiheadAttention the heads are tied to the stream (BEiT's relative position bias table, one
+  column per head, follows them; a bias shared by every block refuses them): whole heads grow the stream's group by blocks of head_dim, and `<attention>.head_dim` grows
   one dim in every head with the stream (`torch_attention.defer_stream_head_dim`). Fused `qkv` with separate
   q/k/v biases (k's a zero buffer) or unfused `q_proj`/`k_proj`/`v_proj`. Refused with the reason: `scale_norm`
   and a `gate` (whole heads), rotary embeddings or `qk_norm` (head_dim). Its GLU FFN is a `chunk` (`shapeops`).
@@ -27,6 +28,7 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -149,13 +151,18 @@ class WindowAttentionRule(_HeadsAttentionRule):
         )
 
 
-class EvaAttentionRule(LayerRule):
-    """timm's `EvaAttention` (module docstring): heads x head_dim is the width of the stream it reads, so its q/k/v
-    rows, their biases and `proj`'s columns are members of the stream's group (whole heads, a `blocks`
-    constraint) and its head_dim group is derived from that stream once propagation is over."""
+class TiedHeadsAttentionRule(LayerRule):
+    """timm's `EvaAttention` and BEiT's `Attention` (module docstring): heads x head_dim is the width of the stream
+    they read, so their q/k/v rows, their biases, a relative position bias table (one column per head) and `proj`'s
+    columns are members of the stream's group (whole heads, a `blocks` constraint), and the head_dim group is derived
+    from that stream once propagation is over. BEiT keeps no `head_dim`: it is read from `scale` (head_dim**-0.5)."""
 
     attrs = ("num_heads", "head_dim", "scale")
     attention = True
+
+    @staticmethod
+    def _head_size(m: nn.Module) -> int:
+        return m.head_dim if hasattr(m, "head_dim") else round(m.scale**-2)
 
     @staticmethod
     def _rows(m: nn.Module, name: str) -> list[tuple[str, str, int, str]]:
@@ -181,18 +188,23 @@ class EvaAttentionRule(LayerRule):
         x = node.args[0] if node.args else node.kwargs.get("x")
         lay, s = a.layout_or_fixed(x)
         out = a.fixed(len(a.shape(node)))
-        what = f"EvaAttention {name!r}"
+        what = f"{type(m).__name__} {name!r}"
         a.block_layout(lay[:-1], "UnsupportedOpError", f"{what} mixes tokens of a grown dim")
         for other in a.tensor_args(node):
             if other is not x:
                 a.block_layout(a.layout(other), "UnsupportedOpError", f"{what} reads a grown mask or position input")
-        head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
+        hd, table = self._head_size(m), getattr(m, "relative_position_bias_table", None)
+        head_dim = a.new_group(hd, f"{name}.head_dim")
         dl = lay[-1]
+        rope = node.args[1] if len(node.args) > 1 else node.kwargs.get("rope", node.kwargs.get("shared_rel_pos_bias"))
+        shared = isinstance(rope, fx.Node) and "shared_rel_pos_bias" in inspect.signature(type(m).forward).parameters
         why = None
         if dl is None or len(dl) != 1 or dl[0][0] is None:
             why = "reads a fixed-width or concatenated input"
-        elif not isinstance(m.norm, nn.Identity) or m.gate is not None:
+        elif not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(m, "gate", None) is not None:
             why = "has scale_norm or a gate (over all heads' outputs together: new heads would change them)"
+        elif shared:
+            why = "reads a relative position bias shared by every block (one column per head of all blocks at once)"
         if why is not None:
             a.block_layout([dl], "FrozenGroupError", f"{what} {why}")
             a.block(head_dim, "FrozenGroupError", f"{what} grows head_dim only with its stream, and {why}")
@@ -207,39 +219,47 @@ class EvaAttentionRule(LayerRule):
             a.members[g].append(Member(tensor, 0, "producer", "bias" if "bias" in part else "weight", module, offset))
         proj = f"{name}.proj"
         a.members[g].append(Member(f"{proj}.weight", 1, "consumer", "weight", proj))
-        a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        if table is not None:  # one column per head: any value for a new head (its output columns are zero)
+            a.members[g].append(Member(f"{name}.relative_position_bias_table", 1, "elementwise", "additive", name, 0, 1,
+                                       hd))
+        a.constraints[g].append(Constraint("blocks", name, hd))
         output, producers = _proj_output(m, name)[0], _proj_output(m, name)[2]  # its own group until the residual
         written = a.new_group(m.proj.out_features, output)
         a.members[written].extend(producers)
         a.channel_dims[written].append((node.name, len(s) - 1))
         out[-1] = ((written, 1),)
-        rope = node.args[1] if len(node.args) > 1 else node.kwargs.get("rope")
-        if isinstance(rope, fx.Node) or not (isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)):
+        per_head = [getattr(m, n, None) for n in ("q_norm", "k_norm")]
+        if (isinstance(rope, fx.Node) and not shared) or any(n is not None and not isinstance(n, nn.Identity)
+                                                            for n in per_head):
             a.block(head_dim, "FrozenGroupError", f"{what} does not grow head_dim: rotary embeddings or qk_norm act on "
                     "each head's dims (new dims would change them)")
             return out
-        members = head_dim_members([Projection("output", f"{proj}.weight", 1, proj, m.num_heads)], m.head_dim)
+        members = head_dim_members([Projection("output", f"{proj}.weight", 1, proj, m.num_heads)], hd)
         for part, tensor, offset, module in rows:
             kind = {"value": "weight"}.get(part, part)
             segment = Projection("value", tensor, 0, module, m.num_heads, offset)  # rows per head
-            members += [dataclasses.replace(mb, kind=kind) for mb in head_dim_members([segment], m.head_dim)]
+            members += [dataclasses.replace(mb, kind=kind) for mb in head_dim_members([segment], hd)]
         a.members[head_dim].extend(members)
         a.constraints[head_dim].append(Constraint("head_dim", name))
-        internal = frozenset({(tensor, 0) for _, tensor, _, _ in rows} | {(f"{proj}.weight", 1)})
+        internal = frozenset({(tensor, 0) for _, tensor, _, _ in rows} | {(f"{proj}.weight", 1),
+                                                                         (f"{name}.relative_position_bias_table", 1)})
         defer_stream_head_dim(a, StreamHeadDim(head_dim, g, name, m.num_heads, node, internal))
         return out
 
     def _width(self, m: nn.Module) -> int:
-        return m.qkv.out_features // 3 if m.qkv is not None else m.q_proj.out_features
+        return m.qkv.out_features // 3 if getattr(m, "qkv", None) is not None else m.q_proj.out_features
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
-        m.num_heads = self._width(m) // m.head_dim
+        m.num_heads = self._width(m) // self._head_size(m)
 
     def set_head_dim(self, m: nn.Module, old: int, new: int, set_attr: Callable[[nn.Module, str, Any], None]) -> float:
-        return follow_head_dim(self, m, old, new, set_attr, "head_dim", ("scale",))
+        return follow_head_dim(self, m, old, new, set_attr, "head_dim" if hasattr(m, "head_dim") else None,
+                               ("scale",))
 
     def check(self, m: nn.Module) -> bool:
-        return self._width(m) == m.num_heads * m.head_dim == m.proj.in_features
+        table = getattr(m, "relative_position_bias_table", None)
+        heads_ok = table is None or table.shape[1] == m.num_heads
+        return heads_ok and self._width(m) == m.num_heads * self._head_size(m) == m.proj.in_features
 
 
 # (module, class, rule): looked up in sys.modules, so a timm version that lacks one skips it. DropPath (stochastic
@@ -248,7 +268,8 @@ class EvaAttentionRule(LayerRule):
 TIMM_RULES: tuple[tuple[str, str, Any], ...] = (
     ("timm.layers.attention", "Attention", TimmAttentionRule),
     ("timm.models.swin_transformer", "WindowAttention", WindowAttentionRule),
-    ("timm.models.eva", "EvaAttention", EvaAttentionRule),
+    ("timm.models.eva", "EvaAttention", TiedHeadsAttentionRule),
+    ("timm.models.beit", "Attention", TiedHeadsAttentionRule),
     ("timm.layers.drop", "DropPath", PassThroughRule),
 )
 
