@@ -14,10 +14,11 @@ every `analyze`; importing timm here would cost seconds of start-up to users wit
   with `-1`) grows on request, `scale` following it.
 * EVA's `EvaAttention` and BEiT's `Attention` (`TiedHeadsAttentionRule`): the output is reshaped to the input's
   width, so like nn.MultiheadAttention the heads are tied to the stream (BEiT's relative position bias table, one
-  column per head, follows them; a bias shared by every block refuses them): whole heads grow the stream's group by blocks of head_dim, and `<attention>.head_dim` grows
-  one dim in every head with the stream (`torch_attention.defer_stream_head_dim`). Fused `qkv` with separate
-  q/k/v biases (k's a zero buffer) or unfused `q_proj`/`k_proj`/`v_proj`. Refused with the reason: `scale_norm`
-  and a `gate` (whole heads), rotary embeddings or `qk_norm` (head_dim). Its GLU FFN is a `chunk` (`shapeops`).
+  column per head, follows them; a bias shared by every block refuses them): whole heads grow the stream's group
+  by blocks of head_dim, and `<attention>.head_dim` grows one dim in every head with the stream
+  (`torch_attention.defer_stream_head_dim`). Fused `qkv` with separate q/k/v biases (k's a zero buffer) or
+  unfused `q_proj`/`k_proj`/`v_proj`. Refused with the reason: `scale_norm` and a `gate` (whole heads), rotary
+  embeddings or `qk_norm` (head_dim). EVA's GLU FFN is a `chunk` (`shapeops`).
 * `Mlp` (the FFN, Mixer's token and channel MLPs), LayerNorm, `cls_token`/`pos_embed` are traced and need no
   rule: the residual stream reaches the LayerNorm completion (docs/architecture.md). Swin's patch merging
   (`reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`) puts four copies of the channels side by side, so
