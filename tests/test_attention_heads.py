@@ -439,3 +439,30 @@ def test_bert_post_norm_stream_and_block_copies_are_refused_with_the_reason():
     from firefly_descent.methods.firefly.depth_candidates import is_attention_block
 
     assert not is_attention_block(ff.analyze(model, x), model, "bert.encoder.layer.0")
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_clip_and_siglip_vision_attention_grow_heads_and_head_dim_exactly(family):
+    """Llama-shaped attentions with an `out_proj` and a `scale` (LlamaAttentionRule(out="out_proj"))."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config, model = {"clip": (transformers.CLIPVisionConfig, transformers.CLIPVisionModel),
+                     "siglip": (transformers.SiglipVisionConfig, transformers.SiglipVisionModel)}[family]
+    cfg = config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                 patch_size=8)
+    cfg._attn_implementation = "eager"
+    model = jitter(model(cfg), torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x, fresh = (torch.randn(n, 3, 16, 16, dtype=torch.float64, generator=gen) for n in (2, 3))
+
+    def out(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(pixel_values=fresh).last_hidden_state
+
+    before = out(model)
+    ff.widen(model, x, {"encoder.layers.0.self_attn.heads": 1}, mode="zero")
+    ff.widen(model, x, {"encoder.layers.1.self_attn.head_dim": 2}, mode="zero")
+    attn = model.get_submodule("encoder.layers.1.self_attn")
+    assert (attn.num_heads, attn.head_dim, attn.scale) == (2, 10, pytest.approx(10 ** -0.5))
+    assert model.get_submodule("encoder.layers.0.self_attn").num_heads == 3 and check_attrs(model) == []
+    assert (out(model) - before).abs().max().item() < 1e-12

@@ -189,9 +189,9 @@ class LlamaAttentionRule(_HeadsAttentionRule):
     the config's head counts are not per layer and are left alone (replay the growth history to rebuild a grown
     model). `rotary`: the module rotates q and k by frequencies set from head_dim."""
 
-    def __init__(self, rotary: bool = True) -> None:
-        self.rotary = rotary
-        self.attrs = ("num_attention_heads",)
+    def __init__(self, rotary: bool = True, out: str = "o_proj") -> None:
+        self.rotary, self.out = rotary, out  # `out`: the output projection's name (CLIP's and SigLIP's `out_proj`)
+        self.attrs = ("num_attention_heads", "num_heads")
 
     def rotary_inputs(self, node: fx.Node) -> list[fx.Node]:
         if not self.rotary:
@@ -208,11 +208,13 @@ class LlamaAttentionRule(_HeadsAttentionRule):
             proj = getattr(m, p)
             bias = f"{name}.{p}.bias" if _bias(proj) else None
             parts.append(Projection(part, f"{name}.{p}.weight", 0, f"{name}.{p}", proj.out_features // hd, 0, bias))
-        return parts + [Projection("output", f"{name}.o_proj.weight", 1, f"{name}.o_proj", m.q_proj.out_features // hd)]
+        out = f"{name}.{self.out}"
+        return parts + [Projection("output", f"{out}.weight", 1, out, m.q_proj.out_features // hd)]
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
-        if "num_attention_heads" in before:
-            m.num_attention_heads = m.q_proj.out_features // m.head_dim
+        for attr in ("num_attention_heads", "num_heads"):
+            if attr in before:
+                setattr(m, attr, m.q_proj.out_features // m.head_dim)
 
     def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
         return [(f"{name}.{p}.weight", 1, f"{name}.{p}") for p in ("q_proj", "k_proj", "v_proj")]
@@ -224,15 +226,16 @@ class LlamaAttentionRule(_HeadsAttentionRule):
             members.append(Member(f"{name}.{p}.weight", 0, "producer", "weight", f"{name}.{p}", 0, inner))
             if _bias(getattr(m, p)):
                 members.append(Member(f"{name}.{p}.bias", 0, "producer", "bias", f"{name}.{p}", 0, inner))
-        members.append(Member(f"{name}.o_proj.weight", 1, "consumer", "weight", f"{name}.o_proj", 0, groups * hd))
+        out = f"{name}.{self.out}"
+        members.append(Member(f"{out}.weight", 1, "consumer", "weight", out, 0, groups * hd))
         return m.k_proj.out_features // hd, members
 
     def output_members(self, m: nn.Module, name: str) -> tuple[str, int, list[Member]]:
-        o = f"{name}.o_proj"
+        o, proj = f"{name}.{self.out}", getattr(m, self.out)
         members = [Member(f"{o}.weight", 0, "producer", "weight", o)]
-        if _bias(m.o_proj):
+        if _bias(proj):
             members.append(Member(f"{o}.bias", 0, "producer", "bias", o))
-        return o, m.o_proj.out_features, members
+        return o, proj.out_features, members
 
     def check(self, m: nn.Module) -> bool:
         hd, groups = m.head_dim, getattr(m, "num_key_value_groups", 1)
@@ -241,7 +244,7 @@ class LlamaAttentionRule(_HeadsAttentionRule):
             kv % hd == 0
             and m.v_proj.out_features == kv
             and m.q_proj.out_features == groups * kv
-            and m.o_proj.in_features == m.q_proj.out_features
+            and getattr(m, self.out).in_features == m.q_proj.out_features
         )
 
 
@@ -354,6 +357,8 @@ FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", RotaryEmbeddingRule),
     ("transformers.models.gemma.modeling_gemma", "GemmaAttention", LlamaAttentionRule),
     ("transformers.models.gemma.modeling_gemma", "GemmaRotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.clip.modeling_clip", "CLIPAttention", lambda: LlamaAttentionRule(False, "out_proj")),
+    ("transformers.models.siglip.modeling_siglip", "SiglipAttention", lambda: LlamaAttentionRule(False, "out_proj")),
     ("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention", BertSelfAttentionRule),
     ("transformers.models.bert.modeling_bert", "BertLayer", PostNormBlockRule),
     ("transformers.models.bert.modeling_bert", "BertEmbeddings", PostNormBlockRule),
