@@ -466,3 +466,34 @@ def test_clip_and_siglip_vision_attention_grow_heads_and_head_dim_exactly(family
     assert (attn.num_heads, attn.head_dim, attn.scale) == (2, 10, pytest.approx(10 ** -0.5))
     assert model.get_submodule("encoder.layers.0.self_attn").num_heads == 3 and check_attrs(model) == []
     assert (out(model) - before).abs().max().item() < 1e-12
+
+
+def test_siglip_attention_pooling_head_grows_with_the_stream():
+    """SigLIP pools with an nn.MultiheadAttention whose query is a parameter (`probe`, repeated over the batch): the
+    probe follows the stream as an added member, so the stream (a head more in the pooling attention) and its
+    head_dim grow exactly."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            cfg = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=16, patch_size=8)
+            cfg._attn_implementation = "eager"
+            self.enc, self.fc = transformers.SiglipVisionModel(cfg), torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.enc(pixel_values=x).pooler_output)
+
+    model = jitter(Classifier(), torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x, fresh = (torch.randn(n, 3, 16, 16, dtype=torch.float64, generator=gen) for n in (2, 3))
+    with torch.no_grad():
+        before = model(fresh)
+    ff.widen(model, x, {"enc.embeddings.patch_embedding": 8}, mode="zero")
+    ff.widen(model, x, {"enc.head.attention.head_dim": 2}, mode="zero")
+    pool = model.enc.head.attention
+    assert (pool.num_heads, pool.head_dim, model.enc.head.probe.shape[-1]) == (3, 10, 30) and check_attrs(model) == []
+    with torch.no_grad():
+        assert (model(fresh) - before).abs().max().item() < 1e-12

@@ -112,6 +112,13 @@ def param_source(a: Propagation, src: Any, dim: int) -> tuple[str, int] | None:
                 return None
             dim, src = big_in[big_out.index(dim)], parent
             continue
+        if src.op == "call_method" and src.target == "repeat":  # copies along other dims (SigLIP's probe)
+            parent = src.args[0]
+            s_out, s_in = a.shape(src), a.shape(parent)
+            if s_out is None or s_in is None or len(s_out) != len(s_in) or s_out[dim] != s_in[dim]:
+                return None
+            src = parent
+            continue
         if src.op == "call_method" and src.target in _VIEW_METHODS:
             parent = src.args[0]
             s_out, s_in = a.shape(src), a.shape(parent)

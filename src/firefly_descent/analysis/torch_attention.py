@@ -25,6 +25,7 @@ from torch import nn
 from .graph import Constraint, Member
 from .heads import Projection, follow_head_dim, head_dim_members
 from .rules import LayerRule, register_rule
+from .shapeops import param_source
 
 _HEAD_DIM = "stream head_dim"
 _STREAM_CONSTRAINTS = ("layernorm", "rmsnorm")  # completions the head_dim completion runs after
@@ -49,6 +50,12 @@ class MultiheadAttentionRule(LayerRule):
         inputs = [x for x in (node.args[:3] or ()) if isinstance(x, fx.Node)]
         inputs += [node.kwargs[k] for k in ("query", "key", "value") if isinstance(node.kwargs.get(k), fx.Node)]
         head_dim = a.new_group(m.head_dim, f"{name}.head_dim")
+        # an input that is a parameter seen through expand/repeat (SigLIP's pooling probe as the query) follows the
+        # stream as an added member; any value of its new entries is exact, the projections' new columns are zero
+        probes = {x: param_source(a, x, len(a.shape(x)) - 1) for x in inputs if m._qkv_same_embed_dim
+                  and a.shape(x) is not None and a.layout_or_fixed(x)[0][-1] is None}
+        probes = {x: p for x, p in probes.items() if p is not None}
+        inputs = [x for x in inputs if x not in probes]
         layouts = [a.layout_or_fixed(x)[0] for x in inputs]
         grown = [lay[-1] for lay in layouts if lay[-1] is not None]
         for lay in layouts:  # only the embedding dim may carry units
@@ -94,6 +101,8 @@ class MultiheadAttentionRule(LayerRule):
         if m.out_proj.bias is not None:
             a.members[g].append(Member(f"{out}.bias", 0, "producer", "bias", out))
         a.constraints[g].append(Constraint("blocks", name, m.head_dim))
+        for tensor, dim in probes.values():
+            a.members[g].append(Member(tensor, dim, "elementwise", "additive", tensor.rpartition(".")[0]))
         a.members[head_dim].extend(_head_dim_members(m, name))
         a.constraints[head_dim].append(Constraint("head_dim", name))
         internal = frozenset({(t, 0) for t, _ in rows} | {(f"{name}.in_proj_bias", 0), (f"{out}.weight", 1)})
