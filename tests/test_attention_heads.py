@@ -497,3 +497,25 @@ def test_siglip_attention_pooling_head_grows_with_the_stream():
     assert (pool.num_heads, pool.head_dim, model.enc.head.probe.shape[-1]) == (3, 10, 30) and check_attrs(model) == []
     with torch.no_grad():
         assert (model(fresh) - before).abs().max().item() < 1e-12
+
+
+def test_phi3_grows_head_dim_its_glu_and_stream_exactly_and_says_why_not_heads():
+    """Phi-3: fused qkv_proj sliced by the config's head count (whole heads refused, with the reason), a GLU MLP
+    written with `chunk`, RMSNorm stream, rotary head_dim by pairs."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = jitter(transformers.AutoModelForCausalLM.from_config(cfg), torch.float64)
+    x, fresh = _ids(0), _ids(1, 3)
+    why = ff.analyze(model, x)["model.layers.0.self_attn.heads"].blocked
+    assert why is not None and "config's head count" in why[1]
+    before = _logits(model, fresh)
+    ff.widen(model, x, {"model.rotary_emb.head_dim": 2, "model.layers.0.mlp.gate_up_proj": 3}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < 1e-12
+    ff.widen(model, x, {"model.embed_tokens": 4}, mode="zero")
+    assert (_logits(model, fresh) - before).abs().max().item() < 1e-6  # the RMSNorm computes in float32
+    attn = model.model.layers[1].self_attn
+    assert attn.head_dim == 12 and attn.qkv_proj.out_features == 96 and check_attrs(model) == []

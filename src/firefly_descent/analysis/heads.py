@@ -161,6 +161,10 @@ class _HeadsAttentionRule(LayerRule):
         """Why this module's heads cannot grow (None: they can)."""
         return None
 
+    def heads_reason(self, m: nn.Module) -> str | None:
+        """Why this module's head count cannot grow while the rest of it can (None: it can)."""
+        return None
+
     def head_size(self, m: nn.Module) -> int:
         """The width of one head (`head_dim`)."""
         return m.head_dim
@@ -213,6 +217,9 @@ class _HeadsAttentionRule(LayerRule):
         count, members = self.heads_members(m, name)
         heads = a.new_group(count, f"{name}.heads")
         a.members[heads].extend(members)
+        fixed = self.heads_reason(m)
+        if fixed is not None:  # the stream and head_dim may still grow
+            a.block(heads, "FrozenGroupError", f"{what} {fixed}")
         unit = 2 if rotary else 1
         head_dim = a.new_group(self.head_size(m) // unit, f"{name}.head_dim")
         projections = self.head_dim_projections(a, node, m, name)

@@ -109,6 +109,7 @@ FAMILY_RMSNORMS = (  # (..., gain offset: Gemma's norm multiplies by 1 + weight)
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "variance_epsilon", 0.0),
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "variance_epsilon", 0.0),
     ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "eps", 1.0),
+    ("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "variance_epsilon", 0.0),
 )
 
 
@@ -257,6 +258,51 @@ class QkNormAttentionRule(LlamaAttentionRule):
         return "does not grow head_dim: its q_norm/k_norm normalise each head's dims (new dims would move them)"
 
 
+class Phi3AttentionRule(LlamaAttentionRule):
+    """Phi-3's attention: one fused `qkv_proj` (rows [query heads | key heads | value heads]) and `o_proj`. Its
+    forward slices the queries by the config's head count, shared by every layer, so whole heads are refused; the
+    stream and head_dim (by rotated pairs, with the rotary embedding) grow."""
+
+    def __init__(self) -> None:
+        super().__init__(rotary=True)
+
+    @staticmethod
+    def _shape(m: nn.Module) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head_dim)."""
+        return m.config.num_attention_heads, m.num_key_value_heads, m.head_dim
+
+    def heads_reason(self, m: nn.Module) -> str | None:
+        return "does not grow heads: its forward slices the queries by the config's head count, shared by all layers"
+
+    def stream_readers(self, m: nn.Module, name: str) -> list[tuple[str, int, str]]:
+        return [(f"{name}.qkv_proj.weight", 1, f"{name}.qkv_proj")]
+
+    def heads_members(self, m: nn.Module, name: str) -> tuple[int, list[Member]]:
+        h, kv, hd = self._shape(m)
+        qkv, groups = f"{name}.qkv_proj", h // kv
+        members = [Member(f"{qkv}.weight", 0, "producer", "weight", qkv, offset, inner)
+                   for offset, inner in ((0, groups * hd), (h * hd, hd), ((h + kv) * hd, hd))]
+        members.append(Member(f"{name}.o_proj.weight", 1, "consumer", "weight", f"{name}.o_proj", 0, groups * hd))
+        return kv, members
+
+    def head_dim_projections(self, a: Propagation, node: fx.Node, m: nn.Module, name: str) -> list[Projection] | str:
+        if not self.rotary_inputs(node):
+            return "does not grow head_dim: its rotary cos/sin (`position_embeddings`) are not among its inputs"
+        h, kv, hd = self._shape(m)
+        qkv = f"{name}.qkv_proj"
+        return [Projection("query", f"{qkv}.weight", 0, qkv, h, 0),
+                Projection("key", f"{qkv}.weight", 0, qkv, kv, h * hd),
+                Projection("value", f"{qkv}.weight", 0, qkv, kv, (h + kv) * hd),
+                Projection("output", f"{name}.o_proj.weight", 1, f"{name}.o_proj", h)]
+
+    def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
+        return None
+
+    def check(self, m: nn.Module) -> bool:
+        h, kv, hd = self._shape(m)
+        return m.qkv_proj.out_features == (h + 2 * kv) * hd and m.o_proj.in_features == h * hd
+
+
 class BertSelfAttentionRule(_HeadsAttentionRule):
     """transformers' BertSelfAttention: `query`/`key`/`value` Linears viewed to heads of `attention_head_size`;
     its output is the heads side by side, so the heads group is its output's units (`attention_head_size` per
@@ -357,6 +403,8 @@ FAMILY_ATTENTIONS: tuple[tuple[str, str, Any], ...] = (
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", RotaryEmbeddingRule),
     ("transformers.models.gemma.modeling_gemma", "GemmaAttention", LlamaAttentionRule),
     ("transformers.models.gemma.modeling_gemma", "GemmaRotaryEmbedding", RotaryEmbeddingRule),
+    ("transformers.models.phi3.modeling_phi3", "Phi3Attention", Phi3AttentionRule),
+    ("transformers.models.phi3.modeling_phi3", "Phi3RotaryEmbedding", RotaryEmbeddingRule),
     ("transformers.models.clip.modeling_clip", "CLIPAttention", lambda: LlamaAttentionRule(False, "out_proj")),
     ("transformers.models.siglip.modeling_siglip", "SiglipAttention", lambda: LlamaAttentionRule(False, "out_proj")),
     ("transformers.models.roberta.modeling_roberta", "RobertaSelfAttention", BertSelfAttentionRule),
