@@ -320,3 +320,72 @@ def test_matches_gromo():
         assert d["lambda_rel_err"] <= 1e-9 and d["fo_new_rel_err"] <= 1e-9 and d["fo_update_rel_err"] <= 1e-9
         assert d["max_angle_alpha"] <= 1e-6 and d["max_angle_omega"] <= 1e-6
         assert d["alpha_norm_rel_err"] <= 1e-9
+
+
+def _cnn1d(dtype=torch.float64, seed=0):
+    """The 1-d twin of `_cnn`: conv-BN-tanh-conv(stride 2, dilation 2)-tanh-flatten-linear on [N, 2, 12]."""
+    torch.manual_seed(seed)
+    body = [nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Tanh(),
+            nn.Conv1d(4, 5, 3, padding=2, stride=2, dilation=2), nn.Tanh()]
+    model = nn.Sequential(*body, nn.Flatten(1), nn.Linear(5 * 6, 3)).to(dtype)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _as_height_one(model1d):
+    """The same network with Conv2d (1, k) kernels and BatchNorm2d, run on [N, C, 1, L] inputs."""
+    c1, bn, c2, lin = model1d[0], model1d[1], model1d[3], model1d[6]
+    k1 = nn.Conv2d(2, 4, (1, 3), padding=(0, 1))
+    k2 = nn.Conv2d(4, 5, (1, 3), padding=(0, 2), stride=(1, 2), dilation=(1, 2))
+    b2 = nn.BatchNorm2d(4)
+    model = nn.Sequential(k1, b2, nn.Tanh(), k2, nn.Tanh(), nn.Flatten(1), nn.Linear(5 * 6, 3)).to(c1.weight.dtype)
+    with torch.no_grad():
+        for new, old in ((k1, c1), (k2, c2)):
+            new.weight.copy_(old.weight.unsqueeze(2))
+            new.bias.copy_(old.bias)
+        b2.load_state_dict(bn.state_dict())
+        model[6].load_state_dict(lin.state_dict())
+    return model
+
+
+def test_conv1d_is_the_height_one_conv2d():
+    """TINY grows Conv1d paths (k-wide and flatten consumers) exactly as the equivalent Conv2d with (1, k)
+    kernels on height-1 maps: same λ, same first-order values, same new weights and γ; the hooks' loss is the
+    engine-built model's; and the 1-d first-order prediction is the finite difference of the grown loss."""
+    model1d = _cnn1d()
+    data1d = _data((2, 12), bs=48)
+    model2d = _as_height_one(model1d)
+    data2d = [(x.unsqueeze(2), y) for x, y in data1d]
+    assert mean_loss(model2d, data2d, F.cross_entropy) == pytest.approx(
+        mean_loss(model1d, data1d, F.cross_entropy), abs=1e-12)
+    _, _, sol1 = _solve(model1d, data1d)
+    _, _, sol2 = _solve(model2d, data2d)
+    assert set(sol1) == set(sol2) == {"0", "3"}
+    for g in sol1:
+        a, b = sol1[g], sol2[g]
+        assert torch.allclose(a.lambdas, b.lambdas, rtol=1e-9, atol=1e-12), g
+        assert torch.allclose(a.first_order, b.first_order, rtol=1e-9, atol=1e-12), g
+        assert torch.allclose(a.alpha.abs(), b.alpha.abs(), rtol=1e-7, atol=1e-10), g
+        assert torch.allclose(a.omega.abs(), b.omega.abs(), rtol=1e-7, atol=1e-10), g
+        assert float(a.first_order.abs().max()) > 1e-6
+    for g in ("0", "3"):
+        grown1, grown2 = copy.deepcopy(model1d), copy.deepcopy(model2d)
+        r1 = TINY(budget="units:2", groups=[g], batches=None).grow(grown1, data1d, F.cross_entropy)
+        r2 = TINY(budget="units:2", groups=[g], batches=None).grow(grown2, data2d, F.cross_entropy)
+        assert r1.units_added == r2.units_added == {g: 2}
+        assert r1.extra["gamma"][g] == pytest.approx(r2.extra["gamma"][g], rel=1e-9) and r1.extra["gamma"][g] > 0
+        assert r1.loss_after == pytest.approx(r1.extra["line_loss"][g], abs=1e-10)  # hooks == engine
+        assert r1.loss_after == pytest.approx(r2.loss_after, abs=1e-10)
+        assert r1.loss_after < r1.loss_before - 1e-4
+        for (n1, p1), (n2, p2) in zip(grown1.named_parameters(), grown2.named_parameters()):
+            assert n1 == n2 and torch.allclose(p1, p2.reshape(p1.shape), atol=1e-10), n1
+    # the prediction is the derivative of the engine-grown loss (tanh: loss(γ) = loss(0) - γ²·fo + O(γ⁴))
+    gamma, g = 1e-3, "3"
+    k = int(torch.argmax(sol1[g].improvement))
+    grown = copy.deepcopy(model1d)
+    TINY(budget="units:1", groups=[g], batches=None, gamma=gamma, update_existing=False).grow(
+        grown, data1d, F.cross_entropy)
+    measured = (mean_loss(grown, data1d, F.cross_entropy) - mean_loss(model1d, data1d, F.cross_entropy)) / gamma**2
+    assert measured == pytest.approx(-float(sol1[g].first_order[k]), rel=1e-4)

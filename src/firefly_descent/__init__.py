@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
         widen,
     )
     from .exporting import export_model, load_export
+    from .methods import make_grower
     from .plan import GroupChange, NewBranch, NewLayer, NewUnits, Plan, Split
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ _LAZY: dict[str, str] = {
         ".engine",
     ),
     **dict.fromkeys(("export_model", "load_export"), ".exporting"),
+    "make_grower": ".methods",  # the growers by name (firefly, random, net2net, tiny, ...)
     **dict.fromkeys(("GroupChange", "NewBranch", "NewLayer", "NewUnits", "Plan", "Split"), ".plan"),
 }
 
@@ -99,6 +101,7 @@ __all__ = [
     "growth_history",
     "load",
     "load_export",
+    "make_grower",
     "new_norm_channels",
     "prepare_batchnorm",
     "refresh_batchnorm",

@@ -20,6 +20,7 @@ from ..base import as_inputs
 from ._common import Context
 from ._probe import layer_rule
 from ._tiny_closed_form import TinyGroup
+from ._tiny_paths import as_2d
 
 
 def new_weights(ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> dict[str, torch.Tensor]:
@@ -36,7 +37,8 @@ def new_weights(ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> dic
     if tp.kind == "linear":
         out["cw"] = om[:, :, 0].transpose(0, 1).to(cons.weight.dtype)  # [D_out, r]
     else:
-        out["cw"] = om.transpose(0, 1).reshape(om.shape[1], len(ks), *tp.kernel).to(cons.weight.dtype)
+        kernel = tp.kernel if tp.flatten else cons.weight.shape[2:]  # flattened: a full-map 2-d kernel
+        out["cw"] = om.transpose(0, 1).reshape(om.shape[1], len(ks), *kernel).to(cons.weight.dtype)
     return out
 
 
@@ -62,7 +64,7 @@ def _hooks(ctx: Context, tg: TinyGroup, ks: list[int], gamma: float, update_exis
     def cons_hook(_m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         a = state.pop("a")
         if tp.flatten:  # a dense consumer of the flattened map: a convolution over the whole map
-            extra = F.conv2d(a, w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
+            extra = F.conv2d(as_2d(a, tp), w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
         else:
             extra = cons_rule.run_with(cons, a, w["cw"], None)
         if delta is not None:

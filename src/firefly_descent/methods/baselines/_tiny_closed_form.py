@@ -18,7 +18,7 @@ from torch.nn import grad as nn_grad
 from ..base import as_inputs
 from ._common import Context
 from ._probe import Hooks, layer_rule, patches
-from ._tiny_paths import TinyPath
+from ._tiny_paths import TinyPath, as_2d
 
 
 @dataclass
@@ -119,14 +119,14 @@ def _maps(ctx: Context, tp: TinyPath, raw: tuple, dt: torch.dtype) -> tuple[torc
     """(B map [N, D_in, H, W], A map [N, C, H, W], V map [N, D_out, H', W']) of one group and batch in
     dtype `dt`, built one group at a time (the patch maps are the large tensors)."""
     x, a, g, nb = raw
-    a = a.to(dt)
+    a = as_2d(a.to(dt), tp)
     X = patches(ctx.model, tp.path, x).to(dt)  # [rows, D_in]
     v = -nb * g.to(dt)
     if tp.kind == "linear":
         return X[:, :, None, None], a.reshape(-1, a.shape[-1])[:, :, None, None], v.reshape(
             -1, v.shape[-1])[:, :, None, None]
     bmap = X.reshape(a.shape[0], a.shape[2], a.shape[3], -1).permute(0, 3, 1, 2)
-    return bmap, a, v[:, :, None, None] if tp.flatten else v
+    return bmap, a, v[:, :, None, None] if tp.flatten else as_2d(v, tp)
 
 
 def _consumer_input(ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
@@ -136,6 +136,8 @@ def _consumer_input(ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Ten
         amap = amap.reshape(-1, amap.shape[1])
     elif tp.flatten:
         amap = amap.flatten(1)
+    elif tp.spatial == 1:
+        amap = amap.squeeze(2)
     return layer_rule(cons).unfold_input(cons, amap)
 
 

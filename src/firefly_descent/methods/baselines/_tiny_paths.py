@@ -26,7 +26,9 @@ from .gradmax import slope_at_zero
 @dataclass
 class TinyPath:
     """One group TINY can grow: its unit path and consumer geometry (a Linear on [*, C] is "linear";
-    a Conv2d, or a Linear over the flattened [C, H, W] map, is "conv" with kernel/stride/padding/dilation)."""
+    a Conv1d/Conv2d, or a Linear over the flattened [C, L] or [C, H, W] map, is "conv" with
+    kernel/stride/padding/dilation). A 1-d map is handled as a 2-d one of height 1 (`as_2d`): geometry
+    (1, k), so the closed form has one code path."""
 
     path: UnitPath
     consumer: str
@@ -40,6 +42,7 @@ class TinyPath:
     flatten: bool = False  # Linear consumer of the flattened activation map (kernel = the map's size)
     bn_scale: float = 1.0  # fresh BatchNorm scale of a new channel, 1/sqrt(1+eps)
     slope: float = 1.0  # σ'(0⁺)
+    spatial: int = 2  # spatial dims of the activation map (1: [N, C, L], viewed as [N, C, 1, L])
 
     @property
     def name(self) -> str:
@@ -50,8 +53,16 @@ class TinyPath:
         return self.kernel[0] * self.kernel[1]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+def _pair(v: Any, fill: int = 1) -> tuple[int, int]:
+    """A 2-d geometry from a conv's 1- or 2-d one (a 1-d one gets `fill` as its height's value)."""
+    if not isinstance(v, (tuple, list)):
+        return (int(v), int(v))
+    return (int(v[0]), int(v[1])) if len(v) == 2 else (fill, int(v[0]))
+
+
+def as_2d(t: torch.Tensor, tp: TinyPath) -> torch.Tensor:
+    """A map of `tp`'s geometry as [N, C, H, W] (a 1-d map gets height 1)."""
+    return t.unsqueeze(2) if tp.spatial == 1 and t.dim() == 3 else t
 
 
 def tiny_paths(ctx: Context, name: str, group_names: list[str] | None) -> dict[str, TinyPath]:
@@ -88,8 +99,8 @@ def _tiny_path(ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None
         return f"its activation {p.act!r} is not 0 at 0", None
     prod = model.get_submodule(p.producer)
     geo = layer_rule(prod).conv_geometry(prod)
-    if geo is not None and len(geo["kernel"]) != 2:
-        return "its producer is not a dense layer or a 2-d convolution", None
+    if geo is not None and len(geo["kernel"]) not in (1, 2):
+        return "its producer is not a dense layer or a 1-d or 2-d convolution", None
     cons = [m for m in p.group.members if m.role == "consumer"]
     if len(cons) != 1 or cons[0].kind != "weight":
         return f"it has {len(cons)} consumer tensors (one consumer weight needed)", None
@@ -113,12 +124,13 @@ def _tiny_path(ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None
         if m.inner == 1:
             return None, TinyPath(kind="linear", **common)
         return None, TinyPath(kind="conv", flatten=True, **common)  # kernel set from the map in verify
-    if len(geo["kernel"]) != 2:
-        return f"its consumer is a {len(geo['kernel'])}-d convolution (dense or 2-d needed)", None
+    if len(geo["kernel"]) not in (1, 2):
+        return f"its consumer is a {len(geo['kernel'])}-d convolution (dense, 1-d or 2-d needed)", None
     if m.inner != 1 or mod.weight.shape[1] != p.group.width:
         return "its consumer reads other channels besides the group's units", None
     return None, TinyPath(kind="conv", kernel=_pair(geo["kernel"]), stride=_pair(geo["stride"]),
-                          padding=_pair(geo["padding"]), dilation=_pair(geo["dilation"]), **common)
+                          padding=_pair(geo["padding"], 0), dilation=_pair(geo["dilation"]),
+                          spatial=len(geo["kernel"]), **common)
 
 
 def _verify_consumers(ctx: Context, tps: dict[str, TinyPath], name: str) -> dict[str, str]:
@@ -160,12 +172,14 @@ def _verify_consumers(ctx: Context, tps: dict[str, TinyPath], name: str) -> dict
             if tp.kind == "linear":
                 ok = a.shape == inp.shape
             elif tp.flatten:
-                ok = a.dim() == 4 and inp.dim() == 2 and a.shape[0] == inp.shape[0] and a[0].numel() == inp.shape[1]
+                ok = a.dim() in (3, 4) and inp.dim() == 2 and a.shape[0] == inp.shape[0] and \
+                    a[0].numel() == inp.shape[1]
                 if ok:
-                    tp.kernel = (int(a.shape[2]), int(a.shape[3]))
+                    tp.spatial = a.dim() - 2
+                    tp.kernel = tuple(as_2d(a, tp).shape[2:])
                     a = a.flatten(1)
             else:
-                ok = a.shape == inp.shape and a.dim() == 4
+                ok = a.shape == inp.shape and a.dim() == 2 + tp.spatial
             if not ok or not torch.allclose(a, inp.reshape(a.shape), rtol=1e-5,
                                             atol=1e-6 * (1 + float(a.abs().max()))):
                 why = (f"its consumer {tp.consumer!r} does not read the activation {tp.path.act!r} directly "
@@ -181,6 +195,7 @@ def _plain_dense(ctx: Context, tp: TinyPath, amap: torch.Tensor) -> bool:
     """Whether the consumer's rule runs it on the flattened map as W·a (what the full-map convolution the
     line search uses for it computes), checked with a fixed test weight."""
     cons = ctx.model.get_submodule(tp.consumer)
+    amap = as_2d(amap, tp)
     w = torch.linspace(-1.0, 1.0, 2 * amap[0].numel(), dtype=amap.dtype, device=amap.device).reshape(2, -1)
     with torch.no_grad():
         dense = layer_rule(cons).run_with(cons, amap.flatten(1), w, None)

@@ -119,10 +119,10 @@ class Firefly(Grower):
             else:
                 groups.append(g)
         if not groups and self.config.candidates != "depth":
-            raise GrowthError(
-                "the model has no growable group without GroupNorm/grouped-conv constraints; "
-                "nothing for Firefly to grow"
-            )
+            others = [g.name for g in graph.growable()]
+            why = "; ".join(f"{name!r}: {skipped[name]}" for name in others) or "the model has no growable group"
+            hint = "; random and net2net can grow them" if others else ""
+            raise GrowthError(f"no group Firefly can grow ({why}){hint}")
         return groups
 
     def report_name(self) -> str:
