@@ -1,5 +1,6 @@
-"""What a newcomer hits, round three: the growers by name at the package's top level, and Firefly's refusal
-naming each group's own reason (it blamed GroupNorm on a model without one)."""
+"""What a newcomer hits, round three: the growers by name at the package's top level, Firefly's refusal
+naming each group's own reason (it blamed GroupNorm on a model without one), and `firefly export` taking
+`--out` as `train` and `report` do."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import firefly_descent as ff
+from firefly_descent.cli import main
 from firefly_descent.errors import GrowthError
 from firefly_descent.methods import make_grower
+from firefly_descent.train import train
 
 
 def test_make_grower_is_at_the_top_level():
@@ -43,3 +46,25 @@ def test_firefly_refusal_names_each_groups_reason():
     # and the hint is true: random growth grows that group
     report = ff.make_grower("random").grow(model, data, F.cross_entropy)
     assert report.outcome != "empty" and report.params_after > report.params_before
+
+
+def test_export_takes_out_like_train_and_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = {
+        "name": "round3",
+        "data": {"name": "digits", "batch_size": 256},
+        "model": {"name": "mlp", "kwargs": {"hidden": [4]}},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "seed": 0, "tensorboard": False},
+    }
+    train(cfg, run, progress=False)
+    assert main(["export", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), str(tmp_path / "b")]) == 0
+    a, b = ff.load_export(tmp_path / "a"), ff.load_export(tmp_path / "b")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    capsys.readouterr()
+    for args in ([], [str(tmp_path / "c"), "--out", str(tmp_path / "d")]):
+        assert main(["export", str(run), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "give the output folder once" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

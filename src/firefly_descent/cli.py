@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a checkpoint as model.safetensors + architecture.json + config.yaml")
     e.add_argument("checkpoint", type=Path, help="a checkpoint file, or a run directory (its newest checkpoint)")
-    e.add_argument("out_dir", type=Path)
+    e.add_argument("out_dir", type=Path, nargs="?", help="the folder to write (or --out, as train and report take)")
+    e.add_argument("--out", type=Path, default=None, dest="out_flag", metavar="OUT_DIR", help=argparse.SUPPRESS)
 
     add_search_parser(sub)
     return p
@@ -257,6 +258,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from firefly_descent.paths import check_output_dir
+
+    if (args.out_dir is None) == (args.out_flag is None):
+        print("error: export: give the output folder once: `firefly export RUN_DIR OUT_DIR` or --out OUT_DIR",
+              file=sys.stderr)
+        return 2
+    args.out_dir = args.out_dir or args.out_flag
 
     check_output_dir(args.out_dir, "export")  # before loading anything
     from firefly_descent.exporting import export_checkpoint
