@@ -1,6 +1,7 @@
 """What a newcomer hits, round three: the growers by name at the package's top level, Firefly's refusal
-naming each group's own reason (it blamed GroupNorm on a model without one), and `firefly export` taking
-`--out` as `train` and `report` do."""
+naming each group's own reason (it blamed GroupNorm on a model without one), Firefly growing a residual
+stream whose square layers both write and read it (it refused them), and `firefly export` taking `--out` as
+`train` and `report` do."""
 
 from __future__ import annotations
 
@@ -21,31 +22,105 @@ def test_make_grower_is_at_the_top_level():
     assert type(ff.make_grower("random")).__name__ == "RandomGrowth"
 
 
-class _SquareResidual(nn.Module):
-    """A residual stream whose only conv inside the loop maps the stream to itself (8 -> 8)."""
+class _GroupNormed(nn.Module):
+    """Every hidden group under a GroupNorm: nothing Firefly has candidates for."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+        self.a, self.norm, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.relu(self.a(x))
-        z = z + F.relu(self.b(z))
-        return self.head(z.mean((2, 3)))
+        return self.head(F.relu(self.norm(self.a(x))).mean((2, 3)))
 
 
 def test_firefly_refusal_names_each_groups_reason():
     torch.manual_seed(0)
-    model = _SquareResidual()
+    model = _GroupNormed()
     data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 2, (8,)))] * 4
     with pytest.raises(GrowthError) as err:
         ff.make_grower("firefly").grow(model, data, F.cross_entropy)
     msg = str(err.value)
-    assert "GroupNorm" not in msg and "'a': a tensor both produces and consumes it" in msg
-    assert "random and net2net can grow them" in msg and "\n" not in msg
-    # and the hint is true: random growth grows that group
-    report = ff.make_grower("random").grow(model, data, F.cross_entropy)
-    assert report.outcome != "empty" and report.params_after > report.params_before
+    assert "'a': a GroupNorm/grouped-conv constraint" in msg and "random and net2net can grow them" in msg
+    assert "\n" not in msg
+    report = ff.make_grower("random").grow(model, data, F.cross_entropy)  # and the hint is true
+    assert report.params_after > report.params_before
+
+
+class _SquareResidual(nn.Module):
+    """Residual streams whose convs (or Linears) inside the loop map the stream to itself: one tensor both
+    produces and consumes the group (Firefly refused such groups before)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.a, self.b, self.c, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+        else:
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8) if kind == "conv-bn" else nn.Identity()
+            self.c, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            z = torch.tanh(self.a(x))
+            z = z + F.gelu(self.b(z))
+            return self.head(F.relu(self.c(z)))
+        z = F.relu(self.a(x))
+        z = z + F.relu(self.bn(self.b(z)))
+        z = z + torch.tanh(self.c(z))
+        return self.head(z.mean((2, 3)))
+
+
+def _square_case(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _SquareResidual(kind).double().eval()
+    shape = (5,) if kind == "linear" else (3, 6, 6)
+    return model, torch.randn(4, *shape, dtype=torch.float64), torch.randn(7, *shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv-bn", "linear"])
+def test_firefly_candidates_on_a_square_layer_in_a_residual_loop_apply_as_scored(kind):
+    """The engine perturbs producer slices only, so the candidates of a group one tensor both writes and reads
+    are unambiguous: all off is f exactly, and a new unit and a split kept per group apply as the over-grown
+    copy computed them."""
+    from firefly_descent.budget import Candidate
+    from firefly_descent.methods import Firefly
+    from firefly_descent.methods.firefly.candidates import build_width_candidates
+
+    model, x, fresh = _square_case(kind)
+    graph = ff.analyze(model, x)
+    groups = graph.growable()
+    assert "a" in [g.name for g in groups]
+    init = {"split": 0.3, "new_in": 0.5, "new_out": 0.3}
+    cands = build_width_candidates(model, graph, groups, {g.name: 2 for g in groups}, True, (x,), init,
+                                   torch.Generator().manual_seed(0))
+    cands.bank.alpha = 0.0
+    with torch.no_grad():
+        assert (cands.net(fresh) - model(fresh)).abs().max().item() < 1e-12
+    kept = []
+    for g in groups:
+        cands.bank.gates[f"new:{g.name}"][0] = 1.0
+        cands.bank.gates[f"split:{g.name}"][1] = 1.0
+        kept += [Candidate("new", g.name, 0, -1.0, 1.0), Candidate("split", g.name, 1, -1.0, 1.0)]
+    with torch.no_grad():
+        target = cands.net(fresh)
+    assert (target - model(fresh)).abs().max().item() > 1e-2  # the candidates change the function
+    ff.apply(model, Firefly()._materialize(graph, cands, None, kept, (x,)), example_inputs=(x,), verify=False)
+    with torch.no_grad():
+        assert (model(fresh) - target).abs().max().item() < 1e-10
+
+
+def test_firefly_step_grows_the_residual_stream_of_square_layers():
+    model, _, _ = _square_case("conv-bn")
+    model = model.float().train()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 2, (16,), generator=g)) for _ in range(12)]
+    before = model.b.weight.shape
+    report = ff.make_grower("firefly", budget="units:3").grow(model, data, F.cross_entropy)
+    assert report.outcome in ("accepted", "shrunk"), report.safety
+    assert sum(report.units_added.values()) + sum(report.units_split.values()) == 3
+    assert model.b.weight.shape == (before[0] + 3, before[1] + 3, 3, 3) and model.c.weight.shape[:2] == (11, 11)
+    assert model(data[0][0]).shape == (16, 2)
 
 
 def test_export_takes_out_like_train_and_report(tmp_path, capsys):

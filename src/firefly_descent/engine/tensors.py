@@ -257,8 +257,8 @@ def _fill_new_units(new, old, dim, m, ch, unit_pos, slice_shape, done) -> None:
 
 
 def _perturb_splits(new, dim, m, ch, unit_pos, slice_shape, done, old) -> None:
-    if m.role == "consumer":  # directions are producer slices; a square conv that reads and writes the group
-        return  # (a growth-inserted block) keeps its consumer columns halved, not perturbed
+    if m.role == "consumer":  # directions are producer slices; a square layer that reads and writes the group
+        return  # (in a residual loop) keeps its consumer columns halved, not perturbed
     for si, s in enumerate(ch.splits):
         d = values_for(s.directions, m)
         if d is None or s.eps == 0:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...analysis.rules import completed_roles, completion_reason, is_residual
+from ...analysis.rules import completion_reason, is_residual
 from ...budget import (
     Budget,
     Candidate,
@@ -114,8 +114,6 @@ class Firefly(Grower):
                 skipped[g.name] = str(completion_reason(g, model))
             elif _tied(g, model):
                 skipped[g.name] = f"tensors {' and '.join(_tied(g, model))} are one (tied): no candidates on them"
-            elif _feeds_itself(g, model) and "producer" not in completed_roles(g):
-                skipped[g.name] = "a tensor both produces and consumes it (a square conv in a residual loop)"
             else:
                 groups.append(g)
         if not groups and self.config.candidates != "depth":
@@ -502,22 +500,6 @@ class Firefly(Grower):
         )
 
 
-def _feeds_itself(group: Any, model: nn.Module | None = None) -> bool:
-    """A tensor that both produces and consumes the group (a square conv inside a residual loop, as in
-    MobileNetV2 when a block's input and output widths agree): a plan keys split directions by tensor, so
-    Firefly leaves such groups alone rather than write an ambiguous direction. Blocks that growth inserted
-    (`Residual` bodies: a depthwise-separable block's pointwise conv) are the exception: the engine applies
-    directions to producer slices only, and the over-grown copy maps them through both dims, so the stage
-    they sit on keeps growing wider."""
-    dims: dict[str, set[int]] = {}
-    modules: dict[str, set[str]] = {}
-    for m in group.members:
-        if m.kind == "weight" and m.role in ("producer", "consumer"):
-            dims.setdefault(m.tensor, set()).add(m.dim)
-            modules.setdefault(m.tensor, set()).add(m.module)
-    return any(len(d) > 1 and not _inside_residual(model, modules[t]) for t, d in dims.items())
-
-
 def _tied(group: Any, model: nn.Module) -> list[str]:
     """Names of one tensor under two names among the group's members (an LM head tied to the embedding): the
     engine grows it once, but candidate perturbations are kept per name, so Firefly leaves the group alone."""
@@ -533,18 +515,6 @@ def _tied(group: Any, model: nn.Module) -> list[str]:
             if first != m.tensor:
                 return [first, m.tensor]
     return []
-
-
-def _inside_residual(model: nn.Module | None, names: set[str]) -> bool:
-    """Whether every module in `names` lies inside a `Residual` that growth inserted."""
-    if model is None:
-        return False
-    named = dict(model.named_modules())
-    for name in names:
-        parts = name.split(".")
-        if not any(is_residual(named.get(".".join(parts[:k]))) for k in range(1, len(parts))):
-            return False
-    return True
 
 
 @torch.no_grad()
