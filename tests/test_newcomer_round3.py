@@ -5,6 +5,8 @@ stream whose square layers both write and read it (it refused them), and `firefl
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,25 @@ def test_export_takes_out_like_train_and_report(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "give the output folder once" in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "says"),
+    [
+        ("cross_entropy", "loss_fn must be a callable loss(outputs, targets)"),
+        (lambda out: out.sum(), "TypeError"),
+        (lambda out, y: F.cross_entropy(out, y, reduction="none"), "only one element tensors"),
+        (lambda out, y: F.mse_loss(out, y.float()), "RuntimeError"),
+    ],
+)
+@pytest.mark.parametrize("method", ["firefly", "random", "tiny"])
+def test_a_loss_that_does_not_fit_is_one_line_before_anything_changes(loss_fn, says, method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(16, 5), torch.randint(0, 3, (16,)))] * 4
+    with pytest.raises(GrowthError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mse_loss's own broadcasting warning
+        ff.make_grower(method).grow(model, data, loss_fn)
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

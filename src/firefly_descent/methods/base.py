@@ -71,6 +71,19 @@ def example_from(batches: list[tuple[Any, Any]], example_inputs: Any, n: int = 4
     return tuple(t[:n] for t in as_inputs(batches[0][0]))
 
 
+def _first_loss(model: nn.Module, batches: list[Any], loss_fn: LossFn) -> float:
+    """`mean_loss` where a loss function that does not fit the data (wrong arity, a shape mismatch, a non-scalar
+    result) is said in one line, before the step has changed anything."""
+    try:
+        return mean_loss(model, batches, loss_fn)
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise GrowthError(
+            f"the loss before growth could not be computed ({type(e).__name__}: {first}); growth data must yield "
+            "(inputs, targets) and loss_fn(model(inputs), targets) must return a scalar tensor"
+        ) from e
+
+
 def mean_loss(model: nn.Module, batches: list[tuple[Any, Any]], loss_fn: LossFn) -> float:
     """Average loss over `batches` in eval mode (BatchNorm statistics frozen), no graph kept."""
     return heldout_loss(model, batches, loss_fn, train=False)
@@ -189,6 +202,11 @@ class Grower:
     ) -> Context:
         """Draw the decision's batches, settle BatchNorm on them, analyse the model, start the report,
         measure the loss before growth and seed the generator."""
+        if not callable(loss_fn):
+            raise GrowthError(
+                f"loss_fn must be a callable loss(outputs, targets) -> scalar tensor (e.g. "
+                f"torch.nn.functional.cross_entropy), not {type(loss_fn).__name__} {loss_fn!r:.40}"
+            )
         device = model_device(model)
         guard = Safeguard.parse(self.safeguard)
         epoch = self.epoch_batches or (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
@@ -204,7 +222,7 @@ class Grower:
         report = start_report(self.report_name(), model, graph, x, self.report_type)
         report.timings.update(timings)
         with Timer(report.timings, "eval"):
-            report.loss_before = mean_loss(model, loss_batches, loss_fn)
+            report.loss_before = _first_loss(model, loss_batches, loss_fn)
         gen = self.generator(model)
         return Context(model, loss_fn, device, batches, x, graph, groups, report, gen, data, skipped,
                              loss_batches, epoch, refreshed)
