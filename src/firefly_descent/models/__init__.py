@@ -10,8 +10,10 @@ takes `in_channels` (or `in_features`) and `num_classes`.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "available_models",
     "build_model",
     "depthwise_separable",
+    "import_builder",
     "model_spec",
     "register_model",
     "resnet18",
@@ -196,31 +199,66 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def import_builder(path: str) -> Callable[..., nn.Module]:
+    """The class or function named by an import path ``package.module:Name`` (``Name`` may be dotted).
+    A module not importable as is is looked for in the current directory too, as ``python -m`` would."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"model {path!r}: an import path is 'package.module:ClassOrFunction'")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0] or os.getcwd() in sys.path:
+            raise ValueError(f"model {path!r}: cannot import {module!r} ({e})") from None
+        sys.path.append(os.getcwd())
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e2:
+            raise ValueError(
+                f"model {path!r}: cannot import {module!r} ({e2}); put its folder on PYTHONPATH or run from it"
+            ) from None
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {path!r}: {module!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {path!r}: {attr!r} is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    key = _key(name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if ":" in name:
+        return import_builder(name.strip())
+    raise ValueError(f"unknown model {name!r}; available: {available_models()}, or your own as 'package.module:Class'")
+
+
 def build_model(name: str, **kw: Any) -> nn.Module:
-    """Build a reference model by name (case-insensitive, `_` ≡ `-`) with keyword options.
+    """Build a reference model by name (case-insensitive, `_` ≡ `-`), or a user's model by import path
+    (``my_nets:Net``: a class or function, called with the keyword options).
 
     Unknown names or options raise a `ValueError`/`TypeError` naming the valid ones,
     so config typos fail loudly instead of silently using defaults.
     """
-    key = _key(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
-    builder = _REGISTRY[key]
+    builder = _builder(name)
     params = inspect.signature(builder).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         bad = sorted(set(kw) - set(params))
         if bad:
-            raise TypeError(f"model {key!r} got unknown options {bad}; valid: {sorted(params)}")
-    return builder(**kw)
+            raise TypeError(f"model {name!r} got unknown options {bad}; valid: {sorted(params)}")
+    model = builder(**kw)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def model_spec(name: str) -> dict[str, Any]:
     """The keyword options of a model and their defaults (for `firefly models` listings and configs)."""
-    key = _key(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
     return {
         p.name: (None if p.default is inspect.Parameter.empty else p.default)
-        for p in inspect.signature(_REGISTRY[key]).parameters.values()
+        for p in inspect.signature(_builder(name)).parameters.values()
         if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }

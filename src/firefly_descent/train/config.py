@@ -75,7 +75,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A model from `firefly_descent.models` by name; shape keys are filled from the dataset."""
+    """A model from `firefly_descent.models` by name, or your own as an import path `package.module:Class`
+    (a class or function called with `kwargs`); shape keys it takes are filled from the dataset."""
 
     name: str = "mlp"
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -60,8 +60,13 @@ def build_model_for(cfg: Config, input_shape: tuple[int, ...], num_classes: int)
     name = cfg.model.name
     try:
         spec = model_spec(name)
-    except ValueError:
-        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(available_models())}") from None
+    except ValueError as e:
+        if ":" in name:  # an import path: say what failed
+            raise ConfigError(f"model.name: {' '.join(str(e).split())}") from None
+        raise ConfigError(
+            f"model.name: unknown model {name!r}; allowed: {', '.join(available_models())}, "
+            "or your own as 'package.module:Class'"
+        ) from None
     kw = dict(cfg.model.kwargs)
     if "num_classes" in spec and "num_classes" not in kw:
         kw["num_classes"] = int(num_classes)
