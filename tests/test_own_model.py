@@ -127,3 +127,19 @@ def test_import_path_errors_are_one_line(tmp_path, monkeypatch):
         build_model("my_nets:not_a_module")
     with pytest.raises(TypeError, match=r"unknown options \['depth'\]"):
         build_model("my_nets:Net", depth=3)
+
+
+def test_inspect_elsewhere_is_one_line_and_a_closed_pipe_is_no_traceback(project, tmp_path, monkeypatch):
+    res = firefly(tmp_path, "inspect", str(project / "run"))
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().count("\n") == 0 and "cannot rebuild the checkpoint's model" in res.stderr
+    # `firefly inspect RUN | head -1`: the reader has gone; the command ends quietly
+    from firefly_descent.cli import main
+
+    monkeypatch.chdir(project)
+    r, w = os.pipe()
+    os.close(r)
+    with os.fdopen(w, "w", buffering=1) as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["inspect", "run"]) == 0
+        monkeypatch.undo()

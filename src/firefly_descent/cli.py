@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("FIREFLY_DEBUG", "") not in ("", "0")
     try:
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:  # `firefly inspect RUN | head`: the reader left; no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if not os.environ.get("FIREFLY_LAUNCHED"):  # a worker of `--nproc`: the launcher says it once
             print("interrupted", file=sys.stderr)

@@ -140,7 +140,10 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 def rebuild_model(ckpt: dict[str, Any], map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The checkpoint's (possibly grown) model: constructor + `replay_history` + weights."""
     spec = ckpt["model"]
-    model = build_model(spec["name"], **spec["kwargs"])
+    try:
+        model = build_model(spec["name"], **spec["kwargs"])
+    except (ValueError, TypeError) as e:  # a user's model (import path) not importable here, or changed since
+        raise CheckpointError(f"cannot rebuild the checkpoint's model: {' '.join(str(e).split())}") from None
     history = ckpt.get("growth_history") or []
     if history:
         replay_history(model, history)
