@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .arrays import load_arrays
 from .cifar import load_cifar
 from .datasets import Augment, DatasetBundle, TensorDataset, channel_stats
 from .download import download_cache_dir, download_idx, install_debian_package
@@ -149,6 +150,7 @@ _REGISTRY: dict[str, _Spec] = {
         _load_cifar100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), default_augment="crop-flip"
     ),
     "imagefolder": _Spec(_load_imagefolder, auto_stats=True),
+    "arrays": _Spec(load_arrays, auto_stats=True),
     "mnist1d": _Spec(_ignore_root(make_mnist1d)),
     "digits": _Spec(_ignore_root(make_digits)),
     "teacher-student": _Spec(_ignore_root(make_teacher_student)),
@@ -161,6 +163,7 @@ _ALIASES = {
     "cifar-10": "cifar10",
     "cifar-100": "cifar100",
     "image-folder": "imagefolder",
+    "npz": "arrays",
     "mnist-1d": "mnist1d",
     "teacherstudent": "teacher-student",
     "spirals": "two-spirals",
