@@ -67,6 +67,11 @@ SLOW_TESTS = (
     "tests/test_darts.py::test_firefly_cell_growth_keeps_best_edges_and_lowers_the_loss",
     # Lightning DDP: two processes started by Lightning (~30 s); the single-process Lightning tests stay fast
     "tests/test_integration_lightning.py::test_ddp_two_cpu_processes_grow_identically",
+    # your own model by import path from the command line (subprocesses: train, resume, export, inspect); the
+    # in-process import-path tests stay fast
+    "tests/test_own_model.py::test_cli_trains_grows_and_exports_a_model_named_by_import_path",
+    "tests/test_own_model.py::test_a_run_of_an_import_path_model_resumes_to_the_same_weights",
+    "tests/test_own_model.py::test_inspect_elsewhere_is_one_line_and_a_closed_pipe_is_no_traceback",
 )
 
 
