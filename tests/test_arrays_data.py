@@ -95,3 +95,42 @@ def test_a_run_trains_and_grows_on_an_arrays_file(tmp_path):
     }
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["num_growths"] == 1 and summary["params"] > 0
+
+
+class _Bag(torch.nn.Module):
+    """A bag of token embeddings, then a hidden layer: the classic text classifier."""
+
+    def __init__(self, vocab: int = 12, dim: int = 8, hidden: int = 4, num_classes: int = 2) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.fc = torch.nn.Linear(dim, hidden)
+        self.out = torch.nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.emb(tokens).mean(1))))
+
+
+def test_integer_inputs_are_token_ids_and_a_text_classifier_grows(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 12, (400, 7), generator=g, dtype=torch.int32)
+    labels = (tokens == 3).any(1).long()
+    torch.save({"train_x": tokens[:300], "train_y": labels[:300], "test_x": tokens[300:], "test_y": labels[300:]},
+               tmp_path / "text.pt")
+    b = load_dataset("arrays", tmp_path / "text.pt")
+    assert b.meta["mean"] is None and b.train.inputs.dtype == torch.int64
+    x, _ = b.train[0]
+    assert x.dtype == torch.int64 and torch.equal(x, tokens[0].long())  # as they are: not scaled or normalised
+    from firefly_descent.models import register_model
+
+    register_model("test-token-bag", _Bag)
+    cfg = {
+        "name": "text",
+        "data": {"name": "arrays", "root": str(tmp_path / "text.pt"), "batch_size": 32},
+        "model": {"name": "test-token-bag"},
+        "optim": {"name": "adam", "lr": 0.02},
+        "growth": {"method": "firefly", "kwargs": {"budget": "units:3"}, "at": [2]},
+        "train": {"epochs": 4, "seed": 0, "tensorboard": False},
+    }
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["num_growths"] == 1 and summary["params"] > 142, summary  # 142 before growth
+    assert summary["final_test_acc"] > 0.75, summary  # the majority class is 0.55

@@ -1,10 +1,10 @@
 """Your own data as arrays in one file: a NumPy ``.npz`` (``np.savez``) or a ``torch.save`` file of tensors.
 
 The file holds ``train_x``, ``train_y``, ``test_x`` and ``test_y`` (or ``x_train`` ... as Keras names them),
-optionally ``num_classes`` and ``classes``. Inputs are ``(N, features)`` or ``(N, C, ...)``; uint8 inputs are
-images scaled to [0, 1] on access. Integer targets are class labels (``num_classes`` defaults to the largest
-label + 1); floating targets make a regression task. Normalisation statistics are computed from the training
-split, as for an ImageFolder tree.
+optionally ``num_classes`` and ``classes``. Inputs are ``(N, features)`` or ``(N, C, ...)``: uint8 inputs are
+images scaled to [0, 1] on access, other integer inputs token ids (int64, never normalised), the rest floats
+normalised with statistics of the training split (as for an ImageFolder tree). Integer targets are class
+labels (``num_classes`` defaults to the largest label + 1); floating targets make a regression task.
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ def load_arrays(root: Path | None) -> dict[str, Any]:
         raise DatasetError(f"{path}: train_x rows are {tuple(out['train_x'].shape[1:])}, test_x rows "
                            f"{tuple(out['test_x'].shape[1:])}")
     for key in ("train_x", "test_x"):
-        if out[key].dtype != torch.uint8:
-            out[key] = out[key].to(torch.float32)
+        x = out[key]
+        if x.is_floating_point() or x.dtype == torch.bool:
+            out[key] = x.to(torch.float32)
+        elif x.dtype != torch.uint8:  # integer: token ids for an embedding
+            out[key] = x.to(torch.int64)
     ys = (out["train_y"], out["test_y"])
     if all(not y.is_floating_point() and not y.is_complex() for y in ys):
         out["train_y"], out["test_y"] = (y.to(torch.int64).reshape(-1) for y in ys)

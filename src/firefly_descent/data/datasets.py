@@ -82,10 +82,16 @@ def channel_stats(inputs: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...],
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def is_token_ids(inputs: Tensor) -> bool:
+    """Integer inputs that are not uint8 images: indices (e.g. token ids) an embedding reads, never scaled."""
+    return not inputs.is_floating_point() and not inputs.is_complex() and inputs.dtype not in (torch.uint8, torch.bool)
+
+
 class TensorDataset(Dataset):
     """Inputs and targets held as whole tensors; yields ``(float input, target)`` pairs.
 
-    ``inputs`` are uint8 images ``(N, C, H, W)`` (scaled to [0, 1] on access) or float arrays.
+    ``inputs`` are uint8 images ``(N, C, H, W)`` (scaled to [0, 1] on access), float arrays, or integer indices
+    (token ids: passed as int64, never scaled, augmented or normalised).
     On access: scale, then ``augment`` (train split only), then per-channel ``(x - mean) / std``.
     ``targets`` are int64 class labels, or float regression targets.
     """
@@ -119,6 +125,8 @@ class TensorDataset(Dataset):
         return int(self.inputs.shape[0])
 
     def _transform(self, x: Tensor, augment: bool = True) -> Tensor:
+        if is_token_ids(x):  # integer inputs other than uint8 images: indices (tokens) for an embedding, as they are
+            return x.to(torch.int64)
         x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         if augment and self.augment is not None:
             x = self.augment(x)

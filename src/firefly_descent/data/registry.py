@@ -14,7 +14,7 @@ import torch
 
 from .arrays import load_arrays
 from .cifar import load_cifar
-from .datasets import Augment, DatasetBundle, TensorDataset, channel_stats
+from .datasets import Augment, DatasetBundle, TensorDataset, channel_stats, is_token_ids
 from .download import download_cache_dir, download_idx, install_debian_package
 from .errors import DatasetError, DatasetNotFoundError
 from .idx import IdxSpec, load_idx_dataset
@@ -295,7 +295,7 @@ def load_dataset(
 
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
-    if not normalize:
+    if not normalize or is_token_ids(train_x):  # token ids are indices, not values
         mean = std = None
     elif mean_kw is not None:
         mean, std = tuple(float(m) for m in mean_kw), tuple(float(s) for s in std_kw)
