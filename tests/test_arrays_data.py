@@ -134,3 +134,31 @@ def test_integer_inputs_are_token_ids_and_a_text_classifier_grows(tmp_path, monk
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["num_growths"] == 1 and summary["params"] > 142, summary  # 142 before growth
     assert summary["final_test_acc"] > 0.75, summary  # the majority class is 0.55
+
+
+def test_a_regression_run_reports_its_test_loss(tmp_path, monkeypatch):
+    from firefly_descent import report
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    torch.save({"train_x": x[:150], "train_y": x[:150, :1] * 2, "test_x": x[150:], "test_y": x[150:, :1] * 2},
+               tmp_path / "reg.pt")
+    cfg = {
+        "name": "reg",
+        "data": {"name": "arrays", "root": str(tmp_path / "reg.pt"), "batch_size": 32},
+        "model": {"name": "mlp", "kwargs": {"hidden": [4]}},
+        "optim": {"name": "adam", "lr": 0.01},
+        "growth": {"method": "random", "kwargs": {"budget": "units:2"}, "at": [1]},
+        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
+    }
+    summary = train(cfg, tmp_path / "run", progress=False)
+    import matplotlib.axes
+
+    labels: list[str] = []
+    real = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, text, *a, **k: labels.append(text)
+                        or real(ax, text, *a, **k))
+    report.make_report([tmp_path / "run"], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "final test loss" in md and f"{summary['final_test_loss']:.4f}" in md
+    assert labels[0] == "test loss"  # accuracy-vs-parameters plots the loss when no run has an accuracy

@@ -145,6 +145,10 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}%"
 
 
+def _loss(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
 def _int(v: int | None) -> str:
     return "–" if v is None else f"{int(v):,}"
 
@@ -161,6 +165,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "epochs",
         "final test acc",
         "best test acc",
+        "final test loss",
         "params",
         "FLOPs",
         "growths",
@@ -178,6 +183,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             _epochs(r),
             _pct(r["final_test_acc"]),
             _pct(r["best_test_acc"]),
+            _loss(r["final_test_loss"]),
             _int(r["params"]),
             _int(r["flops"]),
             str(r["growths"]),
@@ -203,21 +209,21 @@ def _plt() -> Any:
 def _plot_acc_vs_params(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    # classification runs plot accuracy; when no run has one (regression), the test loss
+    key = "test_acc" if any(row.get("test_acc") is not None for r in runs for row in r.metrics) else "test_loss"
+    scale = 100 if key == "test_acc" else 1
     for label, r in zip(labels, runs):
-        pts = [
-            (row["params"], row["test_acc"])
-            for row in r.metrics
-            if row.get("params") and row.get("test_acc") is not None
-        ]
+        pts = [(row["params"], row[key]) for row in r.metrics if row.get("params") and row.get(key) is not None]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        (line,) = ax.plot(xs, [100 * y for y in ys], marker=".", alpha=0.35, linewidth=1)
-        ax.scatter([xs[-1]], [100 * ys[-1]], color=line.get_color(), s=60, zorder=3, label=label)
+        (line,) = ax.plot(xs, [scale * y for y in ys], marker=".", alpha=0.35, linewidth=1)
+        ax.scatter([xs[-1]], [scale * ys[-1]], color=line.get_color(), s=60, zorder=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy vs parameters (dots: final; lines: per epoch)")
+    what = "test accuracy" if key == "test_acc" else "test loss"
+    ax.set_ylabel(what + (" (%)" if key == "test_acc" else ""))
+    ax.set_title(f"{what.capitalize()} vs parameters (dots: final; lines: per epoch)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
