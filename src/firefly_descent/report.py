@@ -275,6 +275,8 @@ def _plot_curves(runs: Sequence[RunData], labels: Sequence[str], path: Path) -> 
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("Accuracy (dashed vertical lines: growth)")
+    if not any(row.get("test_acc") is not None for r in runs for row in r.metrics):  # regression: no accuracy
+        ax_acc.text(0.5, 0.5, "no accuracy: regression runs", ha="center", va="center", transform=ax_acc.transAxes)
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
