@@ -143,3 +143,34 @@ def test_inspect_elsewhere_is_one_line_and_a_closed_pipe_is_no_traceback(project
         monkeypatch.setattr(sys, "stdout", closed)
         assert main(["inspect", "run"]) == 0
         monkeypatch.undo()
+
+
+def test_a_model_growth_cannot_read_is_refused_before_the_first_epoch(tmp_path, monkeypatch):
+    from firefly_descent.train import train
+    from firefly_descent.train.config import ConfigError
+
+    (tmp_path / "dyn_nets.py").write_text(textwrap.dedent(
+        """
+        import torch.nn as nn
+
+
+        class Net(nn.Module):
+            def __init__(self, in_channels=1, num_classes=10):
+                super().__init__()
+                self.c1, self.fc = nn.Conv2d(in_channels, 4, 3, padding=1), nn.Linear(4, num_classes)
+
+            def forward(self, x):
+                h = self.c1(x).relu()
+                if h.mean() > 0.1:
+                    h = h * 2
+                return self.fc(h.mean((2, 3)))
+        """
+    ))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "dyn_nets", raising=False)
+    cfg = {**CFG, "model": {"name": "dyn_nets:Net"}}
+    with pytest.raises(ConfigError, match=r"growth cannot analyse this model: .*branches on tensor values"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    static = {**cfg, "growth": {"method": "static"}, "train": {**CFG["train"], "epochs": 1}}
+    assert train(static, tmp_path / "static", progress=False)["epochs"] == 1  # without growth it trains

@@ -169,6 +169,17 @@ def _check_limits(cfg: Config, model: nn.Module, example_inputs: torch.Tensor) -
             raise ConfigError(f"growth.max_flops: {g.max_flops:,} is not above the initial model's {flops:,} FLOPs")
 
 
+def _check_analysable(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """A model growth cannot read (data-dependent control flow, a forward that fails on meta tensors) is refused
+    before the first epoch, not after it (the analysis traces a meta copy: the model is not touched)."""
+    from ..analysis import analyze
+
+    try:
+        analyze(model, example_inputs)
+    except GrowthError as e:
+        raise ConfigError(f"model.name: growth cannot analyse this model: {' '.join(str(e).split())}") from None
+
+
 def prepare(cfg: Config) -> RunSetup:
     """Seed, load data, build model and grower, check the budget; raise `ConfigError` on bad input.
 
@@ -200,6 +211,8 @@ def prepare(cfg: Config) -> RunSetup:
         )
     example_inputs = bundle.example_inputs(8).clone().to(device)
     _check_limits(cfg, model, example_inputs)
+    if cfg.growth.method != "static" and growth_epochs(cfg):
+        _check_analysable(model, example_inputs)
     notice = busy_notice(threads, t.threads) if device.type == "cpu" else None
     if notice:
         print(notice, file=sys.stderr, flush=True)
