@@ -174,3 +174,14 @@ def test_a_model_growth_cannot_read_is_refused_before_the_first_epoch(tmp_path, 
     assert not (tmp_path / "run").exists()
     static = {**cfg, "growth": {"method": "static"}, "train": {**CFG["train"], "epochs": 1}}
     assert train(static, tmp_path / "static", progress=False)["epochs"] == 1  # without growth it trains
+
+
+def test_a_model_with_nothing_to_grow_is_refused_before_the_first_epoch(tmp_path):
+    from firefly_descent.train import train
+    from firefly_descent.train.config import ConfigError
+
+    for method in ("firefly", "random"):
+        cfg = {**CFG, "model": {"name": "mlp", "kwargs": {"hidden": []}}, "growth": {**CFG["growth"], "method": method}}
+        with pytest.raises(ConfigError, match=r"nothing to grow \('classifier': its units reach the model output\)"):
+            train(cfg, tmp_path / method, progress=False)
+        assert not (tmp_path / method).exists()

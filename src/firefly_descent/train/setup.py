@@ -175,9 +175,16 @@ def _check_analysable(model: nn.Module, example_inputs: torch.Tensor) -> None:
     from ..analysis import analyze
 
     try:
-        analyze(model, example_inputs)
+        graph = analyze(model, example_inputs)
     except GrowthError as e:
         raise ConfigError(f"model.name: growth cannot analyse this model: {' '.join(str(e).split())}") from None
+    inner = [b for b in graph.boundaries.values() if b.group in graph.groups and not graph.groups[b.group].at_output]
+    if not graph.growable() and not inner:  # no unit to add and no place for a layer: every method would do nothing
+        why = "; ".join(f"{g.name!r}: {g.blocked[1]}" for g in list(graph.groups.values())[:3] if g.blocked)
+        raise ConfigError(
+            f"growth: this model has nothing to grow ({why or 'no group of units'}); give it a hidden layer, "
+            "or set growth.method: static"
+        )
 
 
 def prepare(cfg: Config) -> RunSetup:
