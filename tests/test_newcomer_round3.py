@@ -167,3 +167,28 @@ def test_a_loss_that_does_not_fit_is_one_line_before_anything_changes(loss_fn, s
         ff.make_grower(method).grow(model, data, loss_fn)
     assert says in str(err.value) and "\n" not in str(err.value)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_config_whose_method_can_grow_nothing_is_refused_before_the_first_epoch(tmp_path):
+    from firefly_descent.models import register_model
+    from firefly_descent.train.config import ConfigError
+
+    def groupnormed(in_channels: int = 1, num_classes: int = 2) -> nn.Module:
+        model = _GroupNormed()
+        model.a, model.head = nn.Conv2d(in_channels, 8, 3, padding=1), nn.Linear(8, num_classes)
+        return model
+
+    register_model("test-groupnormed", groupnormed)
+    cfg = {
+        "name": "gn",
+        "data": {"name": "digits", "batch_size": 128},
+        "model": {"name": "test-groupnormed"},
+        "growth": {"method": "firefly", "at": [1]},
+        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
+    }
+    with pytest.raises(ConfigError, match=r"growth.method: no group Firefly can grow \('a': a GroupNorm"):
+        train(cfg, tmp_path / "ff", progress=False)
+    assert not (tmp_path / "ff").exists()
+    named = {**cfg, "growth": {"method": "random", "kwargs": {"groups": ["nope"]}, "at": [1]}}
+    with pytest.raises(ConfigError, match="no group named 'nope'"):
+        train(named, tmp_path / "named", progress=False)

@@ -169,9 +169,10 @@ def _check_limits(cfg: Config, model: nn.Module, example_inputs: torch.Tensor) -
             raise ConfigError(f"growth.max_flops: {g.max_flops:,} is not above the initial model's {flops:,} FLOPs")
 
 
-def _check_analysable(model: nn.Module, example_inputs: torch.Tensor) -> None:
-    """A model growth cannot read (data-dependent control flow, a forward that fails on meta tensors) is refused
-    before the first epoch, not after it (the analysis traces a meta copy: the model is not touched)."""
+def _check_growable(model: nn.Module, example_inputs: torch.Tensor, grower: Any) -> None:
+    """A model growth cannot read (data-dependent control flow, a forward that fails on meta tensors), one with
+    nothing to grow, or one the method can grow nothing of is refused before the first epoch, not after it
+    (the analysis traces a meta copy: the model is not touched)."""
     from ..analysis import analyze
 
     try:
@@ -185,6 +186,12 @@ def _check_analysable(model: nn.Module, example_inputs: torch.Tensor) -> None:
             f"growth: this model has nothing to grow ({why or 'no group of units'}); give it a hidden layer, "
             "or set growth.method: static"
         )
+    select = getattr(grower, "select_groups", None)
+    if select is not None:
+        try:
+            select(graph, model, {})
+        except GrowthError as e:  # e.g. Firefly on groups it has no candidates for
+            raise ConfigError(f"growth.method: {' '.join(str(e).split())}") from None
 
 
 def prepare(cfg: Config) -> RunSetup:
@@ -219,7 +226,7 @@ def prepare(cfg: Config) -> RunSetup:
     example_inputs = bundle.example_inputs(8).clone().to(device)
     _check_limits(cfg, model, example_inputs)
     if cfg.growth.method != "static" and growth_epochs(cfg):
-        _check_analysable(model, example_inputs)
+        _check_growable(model, example_inputs, grower)
     notice = busy_notice(threads, t.threads) if device.type == "cpu" else None
     if notice:
         print(notice, file=sys.stderr, flush=True)
