@@ -176,7 +176,8 @@ def _check_growable(model: nn.Module, example_inputs: torch.Tensor, grower: Any)
     from ..analysis import analyze
 
     try:
-        graph = analyze(model, example_inputs)
+        with torch.random.fork_rng(devices=[]):  # a check: the run's random numbers are those it would draw without
+            graph = analyze(model, example_inputs)
     except GrowthError as e:
         raise ConfigError(f"model.name: growth cannot analyse this model: {' '.join(str(e).split())}") from None
     inner = [b for b in graph.boundaries.values() if b.group in graph.groups and not graph.groups[b.group].at_output]
