@@ -315,3 +315,45 @@ def test_a_norm_over_positions_its_writer_does_not_write_whole_stays_refused():
     positions, as nn.MultiheadAttention's head_dim, is completed over all of them)."""
     with pytest.raises(ff.ApproximationRequiredError, match="normalises 64 units"):
         ff.widen(_FlatNorm(), torch.randn(2, 3, 4, 4), {"c": 2}, mode="zero")
+
+
+class _ActOnStream(nn.Module):
+    """LayerNorm'd streams with an activation on their raw units: a residual writer through GELU
+    (`z + gelu(W LN z)`), or a stream that starts as `relu(embedding)`."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb, self.ln, self.sq = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+        self.ln2, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "writer":
+            z = self.emb(x)
+            z = z + F.gelu(self.sq(self.ln(z)))
+        else:
+            z = torch.relu(self.emb(x))
+            z = z + self.sq(self.ln(z))
+        return self.head(self.ln2(z))
+
+
+@pytest.mark.parametrize(("kind", "act"), [("writer", "gelu"), ("start", "relu")])
+def test_an_activation_on_a_normalised_streams_raw_units_refuses_new_units_with_the_reason(kind, act):
+    """The completion makes a new unit the mean of the old ones; an activation on the raw units breaks that (the
+    engine's check caught it as 'outputs moved', and random growth and Firefly failed with that). Now the
+    analysis says why, growers skip the group, and duplicating every unit stays exact."""
+    torch.manual_seed(0)
+    model = _ActOnStream(kind).double().eval()
+    x, fresh = torch.randn(4, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    g = ff.analyze(model, x)["emb"]
+    assert "nonlinear" in [c.kind for c in g.constraints]
+    with pytest.raises(ff.ApproximationRequiredError, match=f"an activation acts on its raw units \\({act} at"):
+        ff.widen(copy.deepcopy(model), x, {"emb": 2}, mode="zero")
+    dup = copy.deepcopy(model)
+    ff.widen(dup, x, {"emb": 8}, mode="split")  # every unit once: exact
+    assert _drift(dup, model, fresh) < 1e-12 and dup.emb.out_features == 16
+    data = [(torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(6)]
+    report = make_grower("random").grow(copy.deepcopy(model), data, F.cross_entropy)
+    assert report.outcome == "empty" and "an activation acts on its raw units" in report.extra["skipped_groups"]["emb"]
+    with pytest.raises(ff.GrowthError, match="an activation acts on its raw units"):
+        make_grower("firefly").grow(copy.deepcopy(model), data, F.cross_entropy)

@@ -20,7 +20,7 @@ from ..errors import ApproximationRequiredError
 from . import shapeops
 from .builtin_rules import input_layout, norm_members
 from .graph import Constraint, Member, member_key
-from .rules import GrownGroup, LayerRule, is_post_norm, register_constraint, register_rule, rule_for
+from .rules import GrownGroup, LayerRule, PassThroughRule, is_post_norm, register_constraint, register_rule, rule_for
 from .trace import source_of
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class LayerNormRule(LayerRule):
                 norm_members(a, normed[0], m, name, False)
                 for g in a.groups_in([normed[0]]):
                     a.constraints[g].append(Constraint(self.constraint, name))
+                flag_nonlinear_writes(a, node.args[0] if node.args else None, a.groups_in([normed[0]]), name)
         return list(lay)
 
     def rederive(self, m: nn.Module, before: dict[str, Any]) -> None:
@@ -89,6 +90,58 @@ class RMSNormRule(LayerNormRule):
             ref = getattr(m, "weight", None)
             eps = torch.finfo(ref.dtype if ref is not None else torch.get_default_dtype()).eps
         return (self.eps_attr, float(eps))
+
+
+def _activation_at(a: Propagation, n: fx.Node) -> Any:
+    """The registered element-wise activation node `n` computes (module, function or tensor method), or None."""
+    from .activations import ACTIVATIONS, activation_of, activation_of_function
+
+    if n.op == "call_module":
+        return activation_of(a.modules.get(str(n.target)))
+    if n.op == "call_function":
+        return activation_of_function(n.target)
+    if n.op == "call_method":
+        return next((act for act in ACTIVATIONS.values() if str(n.target) in act.methods), None)
+    return None
+
+
+def flag_nonlinear_writes(a: Propagation, start: Any, groups: set[int], norm: str) -> None:
+    """Walk back from a norm's input `start` along the raw values of `groups` to their writers (modules other
+    than pass-throughs stop the walk: their new rows are completed); an element-wise activation on the way
+    (`z + gelu(W z)`, a stream that starts as `relu(embedding)`) maps the mean of the old units to something else
+    than the mean of their images, so the group gets a `nonlinear` constraint and new units are refused with
+    that reason (`nonlinear_reason`); duplicating every unit stays exact."""
+    roots = {a.find(g) for g in groups}
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if not {a.find(g) for g in a.groups_in(a.env.get(n))} & roots:
+            continue
+        act = _activation_at(a, n)
+        if act is not None:
+            for g in roots:
+                a.constraints[g].append(Constraint("nonlinear", f"{act.name} at {source_of(n)} (before {norm})"))
+            return
+        if n.op == "call_module" and not isinstance(rule_for(a.modules.get(str(n.target))), PassThroughRule):
+            continue  # a writer (Linear, Conv, Embedding, another norm): the completion decides its new rows
+        stack.extend(n.all_input_nodes)
+
+
+def nonlinear_reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
+    """Why a normalised group with an activation on its raw values cannot take new units (`flag_nonlinear_writes`);
+    None when no norm completes the group (new units are then free there)."""
+    norms = [c for c in g.constraints if c.kind in ("layernorm", "rmsnorm")]
+    if not norms:
+        return None
+    return (
+        f"group {g.name!r} is normalised by {norms[0].module!r}, and an activation acts on its raw units "
+        f"({constraints[0].module}): a new unit that is the mean of the old ones before it is not their mean after "
+        "it, so no completion makes new units exact (duplicate every unit, or pass approximate=True)"
+    )
 
 
 def _owned(module: str, owners: tuple[str, ...]) -> bool:
@@ -344,6 +397,7 @@ def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
                 a.block_layout(normed, "UnsupportedOpError", f"layer_norm at {source_of(node)} has a computed {key}")
         for g in a.groups_in([normed[0]]):
             a.constraints[g].append(Constraint("layernorm", owner or node.name))
+        flag_nonlinear_writes(a, node.args[0], a.groups_in([normed[0]]), owner or node.name)
     return list(lay)
 
 
@@ -354,6 +408,11 @@ register_constraint(
     "across",
     lambda c, g, s, n, ap: None,  # new units are free there unless a norm completes the group (`across_reason`)
     reason=across_reason,
+)
+register_constraint(
+    "nonlinear",
+    lambda c, g, s, n, ap: None,  # new units are free there unless a norm completes the group (`nonlinear_reason`)
+    reason=nonlinear_reason,
 )
 register_constraint(
     "layernorm",

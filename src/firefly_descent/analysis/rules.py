@@ -329,9 +329,12 @@ def completion_reason(group: Group, model: nn.Module) -> str | None:
 
 def takes_new_units(group: Group) -> bool:
     """Whether new units fit every constraint of `group` exactly: none, whole blocks, a Linear along another dim
-    (`across`) or units made of several rows of one layer (`parts`, a GLU) — both free unless a norm completes the
-    group: its reason refuses — or a completion."""
-    return all(c.kind in ("blocks", "across", "parts") or c.kind in CONSTRAINT_COMPLETIONS for c in group.constraints)
+    (`across`), units made of several rows of one layer (`parts`, a GLU) or an activation on the raw units
+    (`nonlinear`) — free unless a norm completes the group: its reason refuses — or a completion."""
+    return all(
+        c.kind in ("blocks", "across", "parts", "nonlinear") or c.kind in CONSTRAINT_COMPLETIONS
+        for c in group.constraints
+    )
 
 
 def splits_whole_only(group: Group) -> bool:
