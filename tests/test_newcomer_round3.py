@@ -192,3 +192,13 @@ def test_a_config_whose_method_can_grow_nothing_is_refused_before_the_first_epoc
     named = {**cfg, "growth": {"method": "random", "kwargs": {"groups": ["nope"]}, "at": [1]}}
     with pytest.raises(ConfigError, match="no group named 'nope'"):
         train(named, tmp_path / "named", progress=False)
+
+
+def test_models_and_datasets_commands_list_names_and_options(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "vgg11" in out and "classifier='conv1x1'" in out and "'package.module:Class'" in out
+    assert "in_channels=" not in out  # shape options come from the dataset, not listed as settings
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "arrays" in out and "imagefolder      train_dir='train'" in out and "mnist1d" in out

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("configs", help="list the built-in named configs")
     c.add_argument("--show", metavar="NAME", default=None, help="print one named config's YAML")
 
+    sub.add_parser("models", help="list the built-in models and their options (model.name, model.kwargs)")
+    sub.add_parser("datasets", help="list the datasets and their options (data.name, data.kwargs)")
+
     r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
@@ -167,6 +170,35 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     width = max((len(n) for n in names), default=0)
     for name, desc in names.items():
         print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def _options(spec: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in spec.items() if k not in skip) or "(no options)"
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from firefly_descent.models import available_models, model_spec
+
+    names = available_models()
+    width = max(len(n) for n in names)
+    shape = ("in_channels", "in_features", "num_classes", "input_size")  # filled from the dataset
+    for name in names:
+        print(f"{name:<{width}}  {_options(model_spec(name), shape)}")
+    print("\nyour own: model.name 'package.module:Class' (a class or function; the shape options it takes, "
+          f"{', '.join(shape)}, come from the dataset)")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from firefly_descent.data.registry import available_datasets, dataset_options
+
+    names = available_datasets()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {_options(dataset_options(name))}")
+    print("\nevery dataset: data.root, train_subset, test_subset, val_fraction, batch_size, augment; "
+          "arrays reads your own .npz or torch.save file (train_x, train_y, test_x, test_y)")
     return 0
 
 
@@ -280,6 +312,8 @@ _COMMANDS = {
     "report": _cmd_report,
     "inspect": _cmd_inspect,
     "export": _cmd_export,
+    "models": _cmd_models,
+    "datasets": _cmd_datasets,
     "search": search_command,
 }
 

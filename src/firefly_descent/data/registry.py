@@ -176,6 +176,16 @@ def available_datasets() -> list[str]:
     return list(_REGISTRY)
 
 
+def dataset_options(name: str) -> dict[str, Any]:
+    """A dataset's own options (``data.kwargs``) and their defaults, for `firefly datasets`."""
+    params = inspect.signature(_REGISTRY[_canonical(name)].load).parameters
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in params.values()
+        if p.name != "root" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
 def _canonical(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
