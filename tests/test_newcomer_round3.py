@@ -186,7 +186,7 @@ def test_a_config_whose_method_can_grow_nothing_is_refused_before_the_first_epoc
         "growth": {"method": "firefly", "at": [1]},
         "train": {"epochs": 2, "seed": 0, "tensorboard": False},
     }
-    with pytest.raises(ConfigError, match=r"growth.method: no group Firefly can grow \('a': a GroupNorm"):
+    with pytest.raises(ConfigError, match=r"growth: no group Firefly can grow \('a': a GroupNorm"):
         train(cfg, tmp_path / "ff", progress=False)
     assert not (tmp_path / "ff").exists()
     named = {**cfg, "growth": {"method": "random", "kwargs": {"groups": ["nope"]}, "at": [1]}}

@@ -192,7 +192,7 @@ def _check_growable(model: nn.Module, example_inputs: torch.Tensor, grower: Any)
         try:
             select(graph, model, {})
         except GrowthError as e:  # e.g. Firefly on groups it has no candidates for
-            raise ConfigError(f"growth.method: {' '.join(str(e).split())}") from None
+            raise ConfigError(f"growth: {' '.join(str(e).split())}") from None
 
 
 def prepare(cfg: Config) -> RunSetup:
