@@ -202,3 +202,65 @@ def test_models_and_datasets_commands_list_names_and_options(capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "arrays" in out and "imagefolder      train_dir='train'" in out and "mnist1d" in out
+
+
+class _Gate(nn.Module):
+    """Branches on values: no graph can be captured through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.mean() > 0 else x
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gate = nn.Conv2d(1, 6, 3, padding=1), _Gate()
+        self.c2, self.bn, self.fc = nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate(F.relu(self.c1(x)))
+        return self.fc(F.relu(self.bn(self.c2(h))).mean((2, 3)))
+
+
+def test_exclude_makes_a_module_that_branches_on_values_opaque_as_the_error_advises():
+    """The refusal says 'wrap that part in a module passed to exclude='; that module's code could not run on the
+    analysis's meta tensors either, so exclusion failed too. An excluded module whose code cannot run on meta
+    tensors now runs once as the real module on zeros (eval mode, no gradients) for its output's shape."""
+    from firefly_descent.errors import DataDependentControlFlowError
+
+    torch.manual_seed(0)
+    model = _Gated().train()
+    x = torch.randn(4, 1, 6, 6)
+    with pytest.raises(DataDependentControlFlowError, match="exclude="):
+        ff.analyze(model, x)
+    graph = ff.analyze(model, x, exclude=["gate"])
+    assert [g.name for g in graph.growable()] == ["c2"] and "excluded" in graph["c1"].blocked[1]
+    assert model.training and model.gate.training  # the real module ran in eval mode, then was put back
+    data = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(8)]
+    report = ff.make_grower("firefly", exclude=["gate"], budget="units:2").grow(model, data, F.cross_entropy)
+    assert model.c2.out_channels == 7 and model.c1.out_channels == 6 and report.params_after > report.params_before
+    with pytest.raises(GrowthError, match="exclude must be a list of submodule names"):
+        ff.make_grower("random", exclude="gate")
+
+
+def test_a_config_names_the_modules_to_exclude(tmp_path):
+    from firefly_descent.models import register_model
+    from firefly_descent.train.config import ConfigError
+
+    def gated(in_channels: int = 1, num_classes: int = 3) -> nn.Module:
+        model = _Gated()
+        model.fc = nn.Linear(5, num_classes)
+        return model
+
+    register_model("test-gated", gated)
+    cfg = {
+        "name": "gated",
+        "data": {"name": "digits", "batch_size": 128},
+        "model": {"name": "test-gated"},
+        "growth": {"method": "firefly", "kwargs": {"budget": "units:2"}, "at": [1]},
+        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
+    }
+    with pytest.raises(ConfigError, match="wrap that part in a module named in growth.kwargs.exclude"):
+        train(cfg, tmp_path / "a", progress=False)
+    cfg["growth"]["kwargs"]["exclude"] = ["gate"]
+    assert train(cfg, tmp_path / "b", progress=False)["num_growths"] == 1

@@ -241,7 +241,7 @@ def trace_with_shapes(
     gm = fx.GraphModule(meta_model, graph)
     for node in gm.graph.nodes:
         node.meta.pop("_meta_value", None)
-    prop = ShapeProp(gm)
+    prop = _ShapeProp(gm, {name: model.get_submodule(name) for name in leaf_names or () if _has_submodule(model, name)})
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
             prop.propagate(*meta_inputs)
@@ -252,6 +252,49 @@ def trace_with_shapes(
             f"on meta tensors: {_one_line(cause)}"
         ) from None
     return gm
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+class _ShapeProp(ShapeProp):
+    """Shapes on meta tensors; an excluded module whose code cannot run on them (it branches on values) is run
+    once, in eval mode and without gradients, as the real module on zeros of its inputs' shapes (its output's
+    shape is all the analysis needs from an opaque module)."""
+
+    def __init__(self, gm: fx.GraphModule, originals: dict[str, nn.Module]) -> None:
+        super().__init__(gm)
+        self.originals = originals
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(target, args, kwargs)
+        except Exception:
+            real = self.originals.get(str(target))
+            if real is None:
+                raise
+        ref = next((t for t in real.parameters()), None)
+        device = ref.device if ref is not None and ref.device.type != "meta" else torch.device("cpu")
+
+        def zeros(t: Any) -> Any:
+            return torch.zeros(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t
+
+        def meta(t: Any) -> Any:
+            return torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t
+
+        was = real.training
+        real.eval()
+        try:
+            with torch.no_grad():
+                out = real(*torch.utils._pytree.tree_map(zeros, args), **torch.utils._pytree.tree_map(zeros, kwargs))
+        finally:
+            real.train(was)
+        return torch.utils._pytree.tree_map(meta, out)
 
 
 def _unwrapped_forward(model: nn.Module) -> nn.Module:

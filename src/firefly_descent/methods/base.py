@@ -163,6 +163,10 @@ class Grower:
     last_plan: Plan | None = None  # the plan of the last step (inspection, tests, logging)
     report_type: type[GrowthReport] = GrowthReport  # a method whose report carries fields of its own subclasses it
     example_samples: int = 4  # samples of the first batch used as example inputs when none are given
+    # submodules the analysis treats as opaque (`analyze(exclude=...)`): their units do not grow, and code inside
+    # them that cannot be traced (data-dependent control flow) no longer stops the analysis; `make_grower(...,
+    # exclude=[...])`, `growth.kwargs.exclude` in a config
+    exclude: list[str] | None = None
 
     def set_safeguard(self, **options: Any) -> Grower:
         """Override safeguard options, e.g. `grower.set_safeguard(amplitude="line-search")`."""
@@ -216,7 +220,7 @@ class Grower:
             batches, loss_batches = self.draw(data, device, n_batches)
             refreshed = settle_batchnorm(model, batches, guard)
             x = tuple(t.to(device) for t in example_from(batches, example_inputs, self.example_samples))
-            graph = analyze(model, x)
+            graph = analyze(model, x, exclude=self.exclude)
         skipped: dict[str, str] = {}
         groups = self.select_groups(graph, model, skipped)
         report = start_report(self.report_name(), model, graph, x, self.report_type)
@@ -306,7 +310,8 @@ def register_grower(name: str) -> Callable[[Callable[..., Grower]], Callable[...
 
 def make_grower(name: str, **kwargs: Any) -> Grower:
     """Build a registered grower by name, e.g. `make_grower("firefly", budget=0.35)`; `per_group=True` gives
-    every group its own budget pool, for any grower with a `Budget`."""
+    every group its own budget pool, for any grower with a `Budget`; `exclude=[names]` keeps those submodules
+    out of the analysis (opaque, not grown)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown grower {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[name]
@@ -315,9 +320,14 @@ def make_grower(name: str, **kwargs: Any) -> Grower:
     per_group = False
     if "per_group" in kwargs and "per_group" not in _parameters(cls):
         per_group = bool(kwargs.pop("per_group"))
+    exclude = kwargs.pop("exclude", None) if "exclude" not in _parameters(cls) else None
+    if exclude is not None and (isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude)):
+        raise GrowthError(f"exclude must be a list of submodule names, not {exclude!r}")
     grower = cls(**kwargs)
     if per_group:
         grower.use_group_pools()
+    if exclude is not None:
+        grower.exclude = list(exclude)
     if safety:
         grower.set_safeguard(**safety)
     return grower

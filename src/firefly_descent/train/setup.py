@@ -177,9 +177,10 @@ def _check_growable(model: nn.Module, example_inputs: torch.Tensor, grower: Any)
 
     try:
         with torch.random.fork_rng(devices=[]):  # a check: the run's random numbers are those it would draw without
-            graph = analyze(model, example_inputs)
+            graph = analyze(model, example_inputs, exclude=getattr(grower, "exclude", None))
     except GrowthError as e:
-        raise ConfigError(f"model.name: growth cannot analyse this model: {' '.join(str(e).split())}") from None
+        why = " ".join(str(e).split()).replace("passed to `exclude=`", "named in growth.kwargs.exclude")
+        raise ConfigError(f"model.name: growth cannot analyse this model: {why}") from None
     inner = [b for b in graph.boundaries.values() if b.group in graph.groups and not graph.groups[b.group].at_output]
     if not graph.growable() and not inner:  # no unit to add and no place for a layer: every method would do nothing
         why = "; ".join(f"{g.name!r}: {g.blocked[1]}" for g in list(graph.groups.values())[:3] if g.blocked)
