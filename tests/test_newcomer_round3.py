@@ -239,6 +239,9 @@ def test_exclude_makes_a_module_that_branches_on_values_opaque_as_the_error_advi
     data = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(8)]
     report = ff.make_grower("firefly", exclude=["gate"], budget="units:2").grow(model, data, F.cross_entropy)
     assert model.c2.out_channels == 7 and model.c1.out_channels == 6 and report.params_after > report.params_before
+    before = model.eval()(x)
+    ff.widen(model, x, {"c2": 2}, mode="split", exclude=["gate"])  # the library's shortcuts take it too
+    assert model.c2.out_channels == 9 and (model(x) - before).abs().max().item() < 1e-5
     with pytest.raises(GrowthError, match="exclude must be a list of submodule names"):
         ff.make_grower("random", exclude="gate")
 

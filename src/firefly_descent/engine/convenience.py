@@ -58,10 +58,12 @@ def widen(
     mode: str = "split",
     optimizer: torch.optim.Optimizer | None = None,
     approximate: bool = False,
+    exclude: list[str] | None = None,
 ) -> Plan:
     """Add k units to each named group: Net2Net splits (mode="split") or new units with random incoming
-    and zero outgoing weights (mode="zero"). The function is preserved; returns the applied plan."""
-    graph = analyze(model, example_inputs)
+    and zero outgoing weights (mode="zero"). The function is preserved; returns the applied plan. `exclude`: submodules
+    the analysis treats as opaque (`analyze(exclude=...)`)."""
+    graph = analyze(model, example_inputs, exclude=exclude)
     plan = plan_widen(graph, sizes, mode, approximate)
     if approximate:
         plan.function_preserving = False
@@ -109,10 +111,12 @@ def deepen(
     after: list[str],
     optimizer: torch.optim.Optimizer | None = None,
     kind: str = "residual",
+    exclude: list[str] | None = None,
 ) -> Plan:
     """Insert identity-at-init layers after the named modules: `z + 0·h(z)` (residual, default) or
-    Net2Net identity-initialised conv/linear + ReLU (kind="identity", needs non-negative inputs)."""
-    graph = analyze(model, example_inputs)
+    Net2Net identity-initialised conv/linear + ReLU (kind="identity", needs non-negative inputs). `exclude`: as
+    for `widen`."""
+    graph = analyze(model, example_inputs, exclude=exclude)
     plan = plan_deepen(graph, after, kind)
     apply(model, plan, optimizer, example_inputs)
     return plan
@@ -152,10 +156,14 @@ def plan_new_blocks(graph: GrowthGraph, model: nn.Module, after: list[str]) -> P
 
 
 def add_blocks(
-    model: nn.Module, example_inputs: Any, after: list[str], optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    after: list[str],
+    optimizer: torch.optim.Optimizer | None = None,
+    exclude: list[str] | None = None,
 ) -> Plan:
     """Grow depth by whole blocks: after each named (pre-norm residual) block insert a copy of it whose
     residual branches output zero, so the function is unchanged; returns the applied plan."""
-    plan = plan_new_blocks(analyze(model, example_inputs), model, after)
+    plan = plan_new_blocks(analyze(model, example_inputs, exclude=exclude), model, after)
     apply(model, plan, optimizer, example_inputs)
     return plan
