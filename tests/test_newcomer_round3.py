@@ -145,6 +145,14 @@ def test_export_takes_out_like_train_and_report(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "give the output folder once" in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    # an export holds a config.yaml but no checkpoints: resume must not train into it (it did: a run "killed before
+    # its first checkpoint" restarted there), and inspect says what the folder is
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    for command in ("resume", "inspect"):
+        assert main([command, str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is an export (architecture.json, model.safetensors), not a run directory" in err and "\n" not in err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
 
 
 @pytest.mark.parametrize(

@@ -157,13 +157,24 @@ def rebuild_model(ckpt: dict[str, Any], map_location: str | torch.device = "cpu"
     return model.to(map_location)
 
 
+def export_hint(path: Path) -> str | None:
+    """What to say when a folder given as a run directory is an export (`firefly export` writes
+    architecture.json, model.safetensors and config.yaml, and no checkpoints)."""
+    if not (path / "architecture.json").is_file():
+        return None
+    return (
+        f"{path} is an export (architecture.json, model.safetensors), not a run directory: load it with "
+        f"ff.load_export({str(path)!r}); to train its config again, firefly train {path / 'config.yaml'} --out NEW_DIR"
+    )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file (or a run directory's newest one) with ``weights_only=True``."""
     path = Path(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"{path}: no checkpoints in this run directory")
+            raise CheckpointError(export_hint(path) or f"{path}: no checkpoints in this run directory")
         path = latest
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")

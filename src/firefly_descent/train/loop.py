@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import list_checkpoints, load_checkpoint
+from .checkpoint import export_hint, list_checkpoints, load_checkpoint
 from .config import Config, config_from_dict, load_config
 from .distributed import runtime_for
 from .epochs import run_epochs
@@ -115,6 +115,9 @@ def _resume(run_dir: Path, progress: bool, callbacks: Sequence[Any] = ()) -> dic
     require_run_dir(run_dir)
     ckpt = latest_readable_checkpoint(run_dir)
     if ckpt is None:
+        hint = export_hint(run_dir)
+        if hint is not None:  # an export also holds a config.yaml: never train into it
+            raise CheckpointError(hint)
         if (run_dir / "config.yaml").is_file():  # killed during the first epoch: start over
             try:
                 raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
