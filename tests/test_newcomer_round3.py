@@ -273,5 +273,8 @@ def test_a_config_names_the_modules_to_exclude(tmp_path):
     }
     with pytest.raises(ConfigError, match="wrap that part in a module named in growth.kwargs.exclude"):
         train(cfg, tmp_path / "a", progress=False)
+    cfg["growth"]["kwargs"]["exclude"] = ["gat"]
+    with pytest.raises(ConfigError, match=r"growth.kwargs.exclude: _Gated has no submodule 'gat' \(did you mean"):
+        train(cfg, tmp_path / "typo", progress=False)
     cfg["growth"]["kwargs"]["exclude"] = ["gate"]
     assert train(cfg, tmp_path / "b", progress=False)["num_growths"] == 1

@@ -12,6 +12,7 @@ with the reason.
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -364,6 +365,11 @@ def analyze(
     """
     load_optional_rules()
     excluded = set(exclude or [])
+    unknown = sorted(excluded - {name for name, _ in model.named_modules()})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [n for n, _ in model.named_modules() if n], n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise GrowthError(f"exclude: {type(model).__name__} has no submodule {unknown[0]!r}{hint}")
     extra = leaf_types()
     gm = trace_with_shapes(model, example_inputs, extra_leaves=extra, leaf_names=excluded, is_leaf=is_leaf)
     a = Propagation(gm, excluded)

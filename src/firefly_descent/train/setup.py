@@ -180,6 +180,8 @@ def _check_growable(model: nn.Module, example_inputs: torch.Tensor, grower: Any)
             graph = analyze(model, example_inputs, exclude=getattr(grower, "exclude", None))
     except GrowthError as e:
         why = " ".join(str(e).split()).replace("passed to `exclude=`", "named in growth.kwargs.exclude")
+        if why.startswith("exclude:"):  # a name in growth.kwargs.exclude that the model does not have
+            raise ConfigError(f"growth.kwargs.{why}") from None
         raise ConfigError(f"model.name: growth cannot analyse this model: {why}") from None
     inner = [b for b in graph.boundaries.values() if b.group in graph.groups and not graph.groups[b.group].at_output]
     if not graph.growable() and not inner:  # no unit to add and no place for a layer: every method would do nothing
