@@ -177,6 +177,17 @@ def test_a_loss_that_does_not_fit_is_one_line_before_anything_changes(loss_fn, s
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+def _digits_run(model: str, growth: dict) -> dict:
+    """A two-epoch run of a registered model on the digits data."""
+    return {
+        "name": model,
+        "data": {"name": "digits", "batch_size": 128},
+        "model": {"name": model},
+        "growth": growth,
+        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
+    }
+
+
 def test_a_config_whose_method_can_grow_nothing_is_refused_before_the_first_epoch(tmp_path):
     from firefly_descent.models import register_model
     from firefly_descent.train.config import ConfigError
@@ -187,13 +198,7 @@ def test_a_config_whose_method_can_grow_nothing_is_refused_before_the_first_epoc
         return model
 
     register_model("test-groupnormed", groupnormed)
-    cfg = {
-        "name": "gn",
-        "data": {"name": "digits", "batch_size": 128},
-        "model": {"name": "test-groupnormed"},
-        "growth": {"method": "firefly", "at": [1]},
-        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
-    }
+    cfg = _digits_run("test-groupnormed", {"method": "firefly", "at": [1]})
     with pytest.raises(ConfigError, match=r"growth: no group Firefly can grow \('a': a GroupNorm"):
         train(cfg, tmp_path / "ff", progress=False)
     assert not (tmp_path / "ff").exists()
@@ -264,13 +269,7 @@ def test_a_config_names_the_modules_to_exclude(tmp_path):
         return model
 
     register_model("test-gated", gated)
-    cfg = {
-        "name": "gated",
-        "data": {"name": "digits", "batch_size": 128},
-        "model": {"name": "test-gated"},
-        "growth": {"method": "firefly", "kwargs": {"budget": "units:2"}, "at": [1]},
-        "train": {"epochs": 2, "seed": 0, "tensorboard": False},
-    }
+    cfg = _digits_run("test-gated", {"method": "firefly", "kwargs": {"budget": "units:2"}, "at": [1]})
     with pytest.raises(ConfigError, match="wrap that part in a module named in growth.kwargs.exclude"):
         train(cfg, tmp_path / "a", progress=False)
     cfg["growth"]["kwargs"]["exclude"] = ["gat"]

@@ -9,6 +9,7 @@ rescaled (`complete_norm_stream`); the constraints registered at the bottom tell
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,17 +132,25 @@ def flag_nonlinear_writes(a: Propagation, start: Any, groups: set[int], norm: st
         stack.extend(n.all_input_nodes)
 
 
-def nonlinear_reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
-    """Why a normalised group with an activation on its raw values cannot take new units (`flag_nonlinear_writes`);
-    None when no norm completes the group (new units are then free there)."""
-    norms = [c for c in g.constraints if c.kind in ("layernorm", "rmsnorm")]
-    if not norms:
-        return None
-    return (
-        f"group {g.name!r} is normalised by {norms[0].module!r}, and an activation acts on its raw units "
-        f"({constraints[0].module}): a new unit that is the mean of the old ones before it is not their mean after "
-        "it, so no completion makes new units exact (duplicate every unit, or pass approximate=True)"
+def when_normalised(why: Callable[[list[Constraint], Any, Constraint], str]) -> Any:
+    """A constraint's completion reason that holds only where a norm completes the group (`why(constraints, group,
+    norm)`); elsewhere new units are free, any value being exact there."""
+
+    def reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
+        norms = [c for c in g.constraints if c.kind in ("layernorm", "rmsnorm")]
+        return why(constraints, g, norms[0]) if norms else None
+
+    return reason
+
+
+# an activation on a normalised group's raw values (`flag_nonlinear_writes`)
+nonlinear_reason = when_normalised(
+    lambda cs, g, norm: (
+        f"group {g.name!r} is normalised by {norm.module!r}, and an activation acts on its raw units "
+        f"({cs[0].module}): a new unit that is the mean of the old ones before it is not their mean after it, so no "
+        "completion makes new units exact (duplicate every unit, or pass approximate=True)"
     )
+)
 
 
 def _owned(module: str, owners: tuple[str, ...]) -> bool:
@@ -361,20 +370,18 @@ def complete_norm_stream(what: str, centre: bool) -> Any:
     return complete
 
 
-def across_reason(constraints: list[Constraint], g: Any, model: nn.Module) -> str | None:
-    """A normalised stream whose units also pass along another dim of a Linear (MLP-Mixer's token-mixing MLP
-    maps each channel's tokens): a new channel, exactly zero after the norm, comes back into the stream as that
-    MLP's output on zeros, not as the mean of the old channels (LayerNorm) nor zero (RMSNorm with biases), and
-    no completion of the writers' slices reaches it. Other groups are free there (new units are any value)."""
-    norms = [c for c in g.constraints if c.kind in ("layernorm", "rmsnorm")]
-    if not norms:
-        return None
-    return (
-        f"group {g.name!r} is normalised by {norms[0].module!r}, and its units also pass along another dim of "
-        f"Linear {constraints[0].module!r} (token mixing): a new unit, zero after the norm, comes back into the "
+# a normalised stream whose units also pass along another dim of a Linear (MLP-Mixer's token-mixing MLP maps each
+# channel's tokens): a new channel, exactly zero after the norm, comes back into the stream as that MLP's output on
+# zeros, not as the mean of the old channels (LayerNorm) nor zero (RMSNorm with biases), and no completion of the
+# writers' slices reaches it
+across_reason = when_normalised(
+    lambda cs, g, norm: (
+        f"group {g.name!r} is normalised by {norm.module!r}, and its units also pass along another dim of "
+        f"Linear {cs[0].module!r} (token mixing): a new unit, zero after the norm, comes back into the "
         "stream as that layer's output on zeros, not the mean of the old units, so no completion makes it exact "
         "(grow the MLPs, duplicate every unit, or pass approximate=True)"
     )
+)
 
 
 def layer_norm_function(a: Propagation, node: fx.Node) -> Any:
