@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..base import as_inputs
 from ._common import Context
 from ._probe import layer_rule
 from ._tiny_closed_form import TinyGroup
-from ._tiny_paths import as_2d
+from ._tiny_paths import conv_nd
 
 
 def new_weights(ctx: Context, tg: TinyGroup, ks: list[int], gamma: float) -> dict[str, torch.Tensor]:
@@ -64,7 +63,7 @@ def _hooks(ctx: Context, tg: TinyGroup, ks: list[int], gamma: float, update_exis
     def cons_hook(_m: nn.Module, inp: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         a = state.pop("a")
         if tp.flatten:  # a dense consumer of the flattened map: a convolution over the whole map
-            extra = F.conv2d(as_2d(a, tp), w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
+            extra = conv_nd(tp.spatial)(a, w["cw"], None, tp.stride, tp.padding, tp.dilation).reshape(out.shape)
         else:
             extra = cons_rule.run_with(cons, a, w["cw"], None)
         if delta is not None:

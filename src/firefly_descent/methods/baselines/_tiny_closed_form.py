@@ -18,7 +18,7 @@ from torch.nn import grad as nn_grad
 from ..base import as_inputs
 from ._common import Context
 from ._probe import Hooks, layer_rule, patches
-from ._tiny_paths import TinyPath, as_2d
+from ._tiny_paths import TinyPath
 
 
 @dataclass
@@ -48,8 +48,9 @@ def _corr(bmap: torch.Tensor, v: torch.Tensor, tp: TinyPath) -> torch.Tensor:
     if tp.kind == "linear":
         return bmap.reshape(-1, bmap.shape[1]).transpose(0, 1) @ v.reshape(-1, v.shape[1])
     d_in, d_out = bmap.shape[1], v.shape[1]
-    w = nn_grad.conv2d_weight(bmap, (d_out, d_in, *tp.kernel), v, stride=tp.stride, padding=tp.padding,
-                              dilation=tp.dilation)  # [D_out, D_in, kh, kw]
+    conv_weight = (nn_grad.conv1d_weight, nn_grad.conv2d_weight, nn_grad.conv3d_weight)[len(tp.kernel) - 1]
+    w = conv_weight(bmap, (d_out, d_in, *tp.kernel), v, stride=tp.stride, padding=tp.padding,
+                    dilation=tp.dilation)  # [D_out, D_in, *kernel]
     return w.transpose(0, 1).reshape(d_in, d_out * tp.k)
 
 
@@ -59,8 +60,9 @@ def _offset_weight(shape: tuple[int, int], out: tuple[int, int], tp: TinyPath, l
         return torch.ones(1, 1, dtype=like.dtype, device=like.device)
     ones_out = torch.ones(1, 1, *out, dtype=like.dtype, device=like.device)
     ker = torch.ones(1, 1, *tp.kernel, dtype=like.dtype, device=like.device)
-    return nn_grad.conv2d_input((1, 1, *shape), ker, ones_out, stride=tp.stride, padding=tp.padding,
-                                dilation=tp.dilation)[0, 0]
+    conv_input = (nn_grad.conv1d_input, nn_grad.conv2d_input, nn_grad.conv3d_input)[len(tp.kernel) - 1]
+    return conv_input((1, 1, *shape), ker, ones_out, stride=tp.stride, padding=tp.padding,
+                      dilation=tp.dilation)[0, 0]
 
 
 def _sqrt_inv(S: torch.Tensor, rel: float) -> torch.Tensor:
@@ -119,14 +121,13 @@ def _maps(ctx: Context, tp: TinyPath, raw: tuple, dt: torch.dtype) -> tuple[torc
     """(B map [N, D_in, H, W], A map [N, C, H, W], V map [N, D_out, H', W']) of one group and batch in
     dtype `dt`, built one group at a time (the patch maps are the large tensors)."""
     x, a, g, nb = raw
-    a = as_2d(a.to(dt), tp)
+    a = a.to(dt)
     X = patches(ctx.model, tp.path, x).to(dt)  # [rows, D_in]
     v = -nb * g.to(dt)
     if tp.kind == "linear":
-        return X[:, :, None, None], a.reshape(-1, a.shape[-1])[:, :, None, None], v.reshape(
-            -1, v.shape[-1])[:, :, None, None]
-    bmap = X.reshape(a.shape[0], a.shape[2], a.shape[3], -1).permute(0, 3, 1, 2)
-    return bmap, a, v[:, :, None, None] if tp.flatten else as_2d(v, tp)
+        return X[:, :, None], a.reshape(-1, a.shape[-1])[:, :, None], v.reshape(-1, v.shape[-1])[:, :, None]
+    bmap = X.reshape(a.shape[0], *a.shape[2:], -1).movedim(-1, 1)
+    return bmap, a, v.reshape(*v.shape[:2], *([1] * (a.dim() - 2))) if tp.flatten else v
 
 
 def _consumer_input(ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Tensor:
@@ -136,8 +137,6 @@ def _consumer_input(ctx: Context, amap: torch.Tensor, tp: TinyPath) -> torch.Ten
         amap = amap.reshape(-1, amap.shape[1])
     elif tp.flatten:
         amap = amap.flatten(1)
-    elif tp.spatial == 1:
-        amap = amap.squeeze(2)
     return layer_rule(cons).unfold_input(cons, amap)
 
 
@@ -155,12 +154,12 @@ def closed_form(ctx: Context, tps: dict[str, TinyPath], batches: list[Any], stat
             bmap, amap, vmap = _maps(ctx, tp, raw, stat_dtype)
             A = _consumer_input(ctx, amap, tp)
             V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
-            w = _offset_weight((bmap.shape[2], bmap.shape[3]), (vmap.shape[2], vmap.shape[3]), tp, bmap)
+            w = _offset_weight(tuple(bmap.shape[2:]), tuple(vmap.shape[2:]), tp, bmap)
             Bw = bmap * w
             parts = {
                 "S_A": A.transpose(0, 1) @ A,
                 "M_A": A.transpose(0, 1) @ V,
-                "S_B": torch.einsum("ndhw,nehw->de", Bw, bmap),
+                "S_B": torch.einsum("nd...,ne...->de", Bw, bmap),
                 "N": _corr(bmap, vmap, tp),
             }
             for k, t in parts.items():
@@ -181,8 +180,7 @@ def closed_form(ctx: Context, tps: dict[str, TinyPath], batches: list[Any], stat
             A = _consumer_input(ctx, amap, tp)
             V = vmap.movedim(1, -1).reshape(-1, vmap.shape[1])
             Vp = V - A @ deltas[n]
-            shape = (vmap.shape[0], vmap.shape[2], vmap.shape[3], vmap.shape[1])
-            vpmap = Vp.reshape(shape).permute(0, 3, 1, 2)
+            vpmap = Vp.reshape(vmap.shape[0], *vmap.shape[2:], vmap.shape[1]).movedim(-1, 1)
             parts = {"N_proj": _corr(bmap, vpmap, tp), "R": A.transpose(0, 1) @ Vp}
             for k, t in parts.items():
                 s[k] = s[k] + t if k in s else t

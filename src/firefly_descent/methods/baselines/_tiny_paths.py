@@ -9,6 +9,7 @@ then numerically on one batch, and the group is skipped with its reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,23 +27,22 @@ from .gradmax import slope_at_zero
 @dataclass
 class TinyPath:
     """One group TINY can grow: its unit path and consumer geometry (a Linear on [*, C] is "linear";
-    a Conv1d/Conv2d, or a Linear over the flattened [C, L] or [C, H, W] map, is "conv" with
-    kernel/stride/padding/dilation). A 1-d map is handled as a 2-d one of height 1 (`as_2d`): geometry
-    (1, k), so the closed form has one code path."""
+    a Conv1d/2d/3d, or a Linear over the flattened [C, *spatial] map, is "conv" with kernel/stride/padding/
+    dilation, one entry per spatial dim)."""
 
     path: UnitPath
     consumer: str
     consumer_weight: str
     consumer_bias: bool
     kind: str  # "linear" | "conv"
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...] = (1,)
+    stride: tuple[int, ...] = (1,)
+    padding: tuple[int, ...] = (0,)
+    dilation: tuple[int, ...] = (1,)
     flatten: bool = False  # Linear consumer of the flattened activation map (kernel = the map's size)
     bn_scale: float = 1.0  # fresh BatchNorm scale of a new channel, 1/sqrt(1+eps)
     slope: float = 1.0  # σ'(0⁺)
-    spatial: int = 2  # spatial dims of the activation map (1: [N, C, L], viewed as [N, C, 1, L])
+    spatial: int = 1  # spatial dims of the activation map ([N, C, *spatial]); a linear path has one of size 1
 
     @property
     def name(self) -> str:
@@ -50,19 +50,16 @@ class TinyPath:
 
     @property
     def k(self) -> int:
-        return self.kernel[0] * self.kernel[1]
+        return math.prod(self.kernel)
 
 
-def _pair(v: Any, fill: int = 1) -> tuple[int, int]:
-    """A 2-d geometry from a conv's 1- or 2-d one (a 1-d one gets `fill` as its height's value)."""
-    if not isinstance(v, (tuple, list)):
-        return (int(v), int(v))
-    return (int(v[0]), int(v[1])) if len(v) == 2 else (fill, int(v[0]))
+def conv_nd(n: int) -> Callable[..., torch.Tensor]:
+    """F.conv1d, F.conv2d or F.conv3d for `n` spatial dims."""
+    return (F.conv1d, F.conv2d, F.conv3d)[n - 1]
 
 
-def as_2d(t: torch.Tensor, tp: TinyPath) -> torch.Tensor:
-    """A map of `tp`'s geometry as [N, C, H, W] (a 1-d map gets height 1)."""
-    return t.unsqueeze(2) if tp.spatial == 1 and t.dim() == 3 else t
+def _geometry(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
 def tiny_paths(ctx: Context, name: str, group_names: list[str] | None) -> dict[str, TinyPath]:
@@ -99,8 +96,8 @@ def _tiny_path(ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None
         return f"its activation {p.act!r} is not 0 at 0", None
     prod = model.get_submodule(p.producer)
     geo = layer_rule(prod).conv_geometry(prod)
-    if geo is not None and len(geo["kernel"]) not in (1, 2):
-        return "its producer is not a dense layer or a 1-d or 2-d convolution", None
+    if geo is not None and len(geo["kernel"]) not in (1, 2, 3):
+        return "its producer is not a dense layer or a 1-d, 2-d or 3-d convolution", None
     cons = [m for m in p.group.members if m.role == "consumer"]
     if len(cons) != 1 or cons[0].kind != "weight":
         return f"it has {len(cons)} consumer tensors (one consumer weight needed)", None
@@ -124,13 +121,14 @@ def _tiny_path(ctx: Context, p: UnitPath, ref: torch.Tensor) -> tuple[str | None
         if m.inner == 1:
             return None, TinyPath(kind="linear", **common)
         return None, TinyPath(kind="conv", flatten=True, **common)  # kernel set from the map in verify
-    if len(geo["kernel"]) not in (1, 2):
-        return f"its consumer is a {len(geo['kernel'])}-d convolution (dense, 1-d or 2-d needed)", None
+    n = len(geo["kernel"])
+    if n not in (1, 2, 3):
+        return f"its consumer is a {n}-d convolution (dense or 1-d to 3-d needed)", None
     if m.inner != 1 or mod.weight.shape[1] != p.group.width:
         return "its consumer reads other channels besides the group's units", None
-    return None, TinyPath(kind="conv", kernel=_pair(geo["kernel"]), stride=_pair(geo["stride"]),
-                          padding=_pair(geo["padding"], 0), dilation=_pair(geo["dilation"]),
-                          spatial=len(geo["kernel"]), **common)
+    return None, TinyPath(kind="conv", kernel=_geometry(geo["kernel"], n), stride=_geometry(geo["stride"], n),
+                          padding=_geometry(geo["padding"], n), dilation=_geometry(geo["dilation"], n),
+                          spatial=n, **common)
 
 
 def _verify_consumers(ctx: Context, tps: dict[str, TinyPath], name: str) -> dict[str, str]:
@@ -172,11 +170,12 @@ def _verify_consumers(ctx: Context, tps: dict[str, TinyPath], name: str) -> dict
             if tp.kind == "linear":
                 ok = a.shape == inp.shape
             elif tp.flatten:
-                ok = a.dim() in (3, 4) and inp.dim() == 2 and a.shape[0] == inp.shape[0] and \
+                ok = a.dim() in (3, 4, 5) and inp.dim() == 2 and a.shape[0] == inp.shape[0] and \
                     a[0].numel() == inp.shape[1]
-                if ok:
+                if ok:  # a full-map convolution: kernel = the map, one output position
                     tp.spatial = a.dim() - 2
-                    tp.kernel = tuple(as_2d(a, tp).shape[2:])
+                    tp.kernel = tuple(int(d) for d in a.shape[2:])
+                    tp.stride, tp.padding, tp.dilation = (1,) * tp.spatial, (0,) * tp.spatial, (1,) * tp.spatial
                     a = a.flatten(1)
             else:
                 ok = a.shape == inp.shape and a.dim() == 2 + tp.spatial
@@ -195,10 +194,9 @@ def _plain_dense(ctx: Context, tp: TinyPath, amap: torch.Tensor) -> bool:
     """Whether the consumer's rule runs it on the flattened map as W·a (what the full-map convolution the
     line search uses for it computes), checked with a fixed test weight."""
     cons = ctx.model.get_submodule(tp.consumer)
-    amap = as_2d(amap, tp)
     w = torch.linspace(-1.0, 1.0, 2 * amap[0].numel(), dtype=amap.dtype, device=amap.device).reshape(2, -1)
     with torch.no_grad():
         dense = layer_rule(cons).run_with(cons, amap.flatten(1), w, None)
-        conv = F.conv2d(amap, w.reshape(2, *amap.shape[1:])).flatten(1)
+        conv = conv_nd(amap.dim() - 2)(amap, w.reshape(2, *amap.shape[1:])).flatten(1)
     return dense.shape == conv.shape and torch.allclose(dense, conv, rtol=1e-4,
                                                         atol=1e-5 * (1 + float(conv.abs().max())))

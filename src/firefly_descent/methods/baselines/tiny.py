@@ -56,8 +56,8 @@ to ~1e-14 relative and the spans of α and ω to ~4e-8 rad on MLPs and a 3×3 co
 - `holdout` (default 0, GroMo's in-sample search) can keep the last growth batches out of the statistics to
   choose γ on data the neurons were not fitted to.
 
-Groups handled: a dense, 1-d or 2-d convolutional producer whose rule says how its input unfolds (Linear,
-ungrouped zero-padded Conv1d or Conv2d, a user's layer with such a rule), optional BatchNorm, an activation (module
+Groups handled: a dense or 1-d to 3-d convolutional producer whose rule says how its input unfolds (Linear,
+ungrouped zero-padded Conv1d/2d/3d, a user's layer with such a rule), optional BatchNorm, an activation (module
 or functional) with σ(0) = 0, and exactly one such consumer (or a dense consumer reading the flattened
 activation map, run as a full-map convolution) whose input *is* the activation output (checked
 numerically). Other groups (pooling or other ops between the activation and its consumer, residual-tied
